@@ -1,0 +1,40 @@
+"""Project-wide defaults: paths, the Pascal VOC 2012 classes and colours, normalisation, training defaults.
+
+Everything here is a default; `train.py` flags override it and checkpoints carry the values
+a model was trained with, so inference never has to read this file to interpret a model.
+"""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "input" / "voc_2012_segmentation_data"
+OUTPUT_DIR = ROOT / "outputs"
+
+# Pascal VOC 2012: 20 object classes plus background, in the official index order.
+CLASSES: list[str] = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+    "train", "tv/monitor",
+]
+# RGB colour of each class in the label PNGs (the standard VOC palette), same order as CLASSES.
+COLORS: list[tuple[int, int, int]] = [
+    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128),
+    (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0),
+    (128, 192, 0), (0, 64, 128),
+]
+# Object borders and "difficult" regions: excluded from the loss and from every metric.
+IGNORE_INDEX = 255
+IGNORE_COLORS: list[tuple[int, int, int]] = [(224, 224, 192)]
+
+# DINOv2 was trained on ImageNet-normalised inputs.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# Training defaults (the seed article's reference run: 20 epochs, 640x640 -> 644x644, batch 2).
+EPOCHS = 20
+BATCH_SIZE = 2
+IMG_SIZE = (640, 640)  # (width, height); rounded up to a multiple of the patch size (14)
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-2
+WORKERS = 4
+SEED = 42

@@ -1,0 +1,198 @@
+"""Images + colour masks -> (normalised image tensor, class-index mask) pairs, with augmentation.
+
+Layout of a dataset directory (Pascal VOC as distributed on Kaggle, or anything shaped like it):
+
+    <data-dir>/train_images/*.jpg   <data-dir>/train_labels/*.png
+    <data-dir>/valid_images/*.jpg   <data-dir>/valid_labels/*.png
+
+Images and masks are paired by file stem. Masks are RGB colour PNGs (palette-indexed VOC PNGs
+decode to the same colours); `ColorMap` turns colours into class indices and back.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import config
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SPLITS = ("train", "valid")
+
+Color = Sequence[int]
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder that cannot be used as it is; the message names it."""
+
+
+def _color_code(rgb: np.ndarray) -> np.ndarray:
+    """Pack `[..., 3]` uint8 RGB into one int32 per pixel so colours compare as integers."""
+    rgb = rgb.astype(np.int32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+class ColorMap:
+    """The one colour <-> class-index mapping used by training, inference and the notebook."""
+
+    def __init__(self, colors: Sequence[Color], ignore_colors: Sequence[Color] = (), ignore_index: int = config.IGNORE_INDEX):
+        if not 0 < len(colors) <= 254 or not len(colors) <= ignore_index <= 255:
+            raise ValueError(f"need 1..254 classes and an ignore index in [num_classes, 255]; got {len(colors)}, {ignore_index}")
+        self.colors = np.array(colors, dtype=np.uint8).reshape(-1, 3)
+        self.ignore_colors = np.array(ignore_colors, dtype=np.uint8).reshape(-1, 3)
+        self.ignore_index = ignore_index
+        codes = _color_code(np.concatenate([self.colors, self.ignore_colors]))
+        values = np.concatenate([np.arange(len(self.colors)), np.full(len(self.ignore_colors), ignore_index)])
+        if len(np.unique(codes)) != len(codes):
+            raise ValueError("the same colour is listed twice among the class and ignore colours")
+        order = np.argsort(codes)
+        self._codes, self._values = codes[order], values[order].astype(np.uint8)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.colors)
+
+    def encode(self, mask_rgb: np.ndarray, source: str | Path = "mask") -> np.ndarray:
+        """`[H, W, 3]` RGB colour mask -> `[H, W]` uint8 class indices (ignore colours -> ignore_index)."""
+        codes = _color_code(mask_rgb)
+        slot = np.searchsorted(self._codes, codes).clip(max=len(self._codes) - 1)
+        known = self._codes[slot] == codes
+        if not known.all():
+            unknown, counts = np.unique(codes[~known], return_counts=True)
+            listed = ", ".join(
+                f"({c >> 16 & 255},{c >> 8 & 255},{c & 255}) x{n}" for c, n in list(zip(unknown, counts))[:5]
+            )
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise DatasetError(f"{source}: colours not in the class palette (pixel counts): {listed}{more}")
+        return self._values[slot]
+
+    def decode(self, index: np.ndarray) -> np.ndarray:
+        """`[H, W]` class indices -> `[H, W, 3]` uint8 RGB; ignore pixels get the first ignore colour."""
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: self.num_classes] = self.colors
+        if len(self.ignore_colors):
+            lut[self.ignore_index] = self.ignore_colors[0]
+        return lut[index]
+
+
+def round_to_patch(imgsz: Sequence[int], patch_size: int = 14) -> tuple[int, int]:
+    """Round (width, height) up to multiples of the patch size (640 -> 644)."""
+    if len(imgsz) != 2 or min(imgsz) < 1:
+        raise ValueError(f"image size must be two positive integers W H, got {list(imgsz)}")
+    return tuple(math.ceil(side / patch_size) * patch_size for side in imgsz)  # type: ignore[return-value]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read any image file as `[H, W, 3]` uint8 RGB (grayscale and RGBA are converted)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"{path}: cannot be read as an image (missing, corrupt or unsupported format)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found")
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    if not files:
+        raise DatasetError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """`(image, mask)` paths of one split, paired by stem; an image without a mask (or the reverse) is an error."""
+    data_dir = Path(data_dir)
+    images = _files_by_stem(data_dir / f"{split}_images")
+    masks = _files_by_stem(data_dir / f"{split}_labels")
+    problems = [f"no mask for {images[s].name}" for s in sorted(images.keys() - masks.keys())]
+    problems += [f"no image for {masks[s].name}" for s in sorted(masks.keys() - images.keys())]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DatasetError(f"{data_dir}: {split} split has unpaired files: {shown}")
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
+    """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
+    width, height = imgsz
+    return A.Compose([
+        A.Resize(height, width),
+        A.HorizontalFlip(p=0.5),
+        A.RandomBrightnessContrast(p=0.2),
+        A.Rotate(limit=25, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=0.5),
+        A.Normalize(mean=config.MEAN, std=config.STD),
+    ])
+
+
+def eval_transform(imgsz: tuple[int, int]) -> A.Compose:
+    width, height = imgsz
+    return A.Compose([A.Resize(height, width), A.Normalize(mean=config.MEAN, std=config.STD)])
+
+
+class SegmentationDataset(Dataset):
+    """Yields `(image [3, H, W] float32, mask [H, W] int64)`; masks resize with nearest neighbour."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose):
+        self.pairs = pairs
+        self.color_map = color_map
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The untransformed RGB image and its class-index mask."""
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        mask = self.color_map.encode(read_image(mask_path), mask_path)
+        if image.shape[:2] != mask.shape[:2]:
+            raise DatasetError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load_pair(index)
+        out = self.transform(image=image, mask=mask)
+        image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
+
+
+def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], color_map: ColorMap) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """Train (augmented) and validation (resize only) datasets of `data_dir`."""
+    train = SegmentationDataset(find_pairs(data_dir, "train"), color_map, train_transform(imgsz, color_map.ignore_index))
+    valid = SegmentationDataset(find_pairs(data_dir, "valid"), color_map, eval_transform(imgsz))
+    return train, valid
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own, reproducible augmentation stream (derived from the loader's seed)."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(
+    dataset: SegmentationDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffling and augmentation are fixed by `seed`."""
+    if workers == 0 and hasattr(dataset.transform, "set_random_seed"):
+        dataset.transform.set_random_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )

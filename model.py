@@ -1,0 +1,224 @@
+"""DINOv2 backbone + linear segmentation head.
+
+The backbone comes from torch.hub (`facebookresearch/dinov2`, as in Meta's README) or from timm
+(the same architecture; builds offline with random weights, and loads Meta's official `.pth`).
+Either way it exposes one contract, `get_intermediate_layers(x, n=out_indices, reshape=True)`
+-> tuple of `[B, C, H/14, W/14]` patch-token maps, so the rest of the code never asks where it
+came from.
+
+Run `python model.py` to print a torchinfo summary of the model at 644x644.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_config import SIZES, BackboneSpec, get_backbone_spec
+
+# An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
+HUB_REPO = "facebookresearch/dinov2:main"
+SOURCES = ("hub", "timm")
+OFFLINE_HINT = (
+    "to run offline, either copy a torch.hub cache (TORCH_HOME, with hub/facebookresearch_dinov2_main "
+    "and hub/checkpoints/*.pth) from a machine with internet, or pass --source timm --weights "
+    "PATH/TO/dinov2_vits14_pretrain.pth, or use --source timm --no-pretrained for a random-init smoke run"
+)
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The backbone's code or weights could not be obtained (typically: no network, no cache)."""
+
+
+class TimmDinov2(nn.Module):
+    """Adapts timm's DINOv2 ViT to the torch.hub model's `get_intermediate_layers` contract."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, norm: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        # timm skips the final LayerNorm unless asked; the hub model applies it by default.
+        return tuple(self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm))
+
+
+def _load_hub(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+    try:
+        return torch.hub.load(HUB_REPO, spec.hub_name, pretrained=pretrained, trust_repo=True)
+    except Exception as err:  # URLError, HTTPError, RuntimeError("no internet ..."), ...
+        raise BackboneUnavailableError(
+            f"could not load {spec.hub_name} from torch.hub ({HUB_REPO}): {_first_line(err)}; {OFFLINE_HINT}"
+        ) from err
+
+
+def _load_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+    import timm
+
+    try:
+        vit = timm.create_model(spec.timm_name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
+    except Exception as err:  # huggingface_hub connection / not-found errors
+        raise BackboneUnavailableError(
+            f"could not load {spec.timm_name} from timm: {_first_line(err)}; {OFFLINE_HINT}"
+        ) from err
+    return TimmDinov2(vit)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_official_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a Meta-format DINOv2 state dict (e.g. `dinov2_vits14_pretrain.pth`) into either source."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({_first_line(err)})") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if isinstance(backbone, TimmDinov2):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, backbone.vit)
+        target = backbone.vit
+    else:
+        target = backbone
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: does not match the backbone architecture ({_first_line(err)})") from err
+
+
+def load_backbone(
+    size: str = "small",
+    registers: bool = False,
+    source: str = "hub",
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+) -> nn.Module:
+    """Build a DINOv2 backbone. Weights: `weights` file if given, else the source's pretrained ones
+    if `pretrained`, else random init (the architecture alone, e.g. for offline tests)."""
+    spec = get_backbone_spec(size, registers)
+    download = pretrained and weights is None
+    if source == "hub":
+        backbone = _load_hub(spec, download)
+    elif source == "timm":
+        backbone = _load_timm(spec, download)
+    else:
+        raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
+    if weights is not None:
+        load_official_weights(backbone, weights)
+    return backbone
+
+
+class LinearHead(nn.Module):
+    """BatchNorm + 1x1 conv over the concatenated patch features: DINOv2's linear probe ("BNHead")."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(features))
+
+
+class Dinov2Segmentation(nn.Module):
+    """DINOv2 features from four blocks, concatenated, classified per patch, upsampled to the image.
+
+    Any input size works: the image is zero-padded (after normalisation) to a multiple of the
+    patch size and the logits are cropped back, so the output is always `[B, num_classes, H, W]`.
+    With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
+    forward builds no autograd graph.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "small",
+        fine_tune: bool = False,
+        registers: bool = False,
+        source: str = "hub",
+        weights: str | Path | None = None,
+        pretrained: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        spec = get_backbone_spec(backbone, registers)
+        # What it takes to rebuild this architecture; stored in every checkpoint.
+        self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source}
+        self.patch_size = spec.patch_size
+        self.out_indices = list(spec.out_indices)
+        self.backbone = load_backbone(backbone, registers, source, weights, pretrained)
+        self.head = LinearHead(spec.head_in_channels, num_classes)
+        self.fine_tune = fine_tune
+        self.backbone.requires_grad_(fine_tune)
+        self.train()
+
+    def train(self, mode: bool = True) -> "Dinov2Segmentation":
+        super().train(mode)
+        if not self.fine_tune:
+            self.backbone.eval()
+        return self
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated `[B, 4C, ceil(H/14), ceil(W/14)]` patch features of normalised images."""
+        height, width = images.shape[-2:]
+        pad_h, pad_w = -height % self.patch_size, -width % self.patch_size
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
+            maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
+        return torch.cat(maps, dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        logits = self.head(self.extract_features(images))
+        padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        return logits[..., :height, :width]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Print a summary of the DINOv2 segmentation model.")
+    parser.add_argument("--backbone", default="small", choices=SIZES)
+    parser.add_argument("--registers", action="store_true", help="use the 4-register variant")
+    parser.add_argument("--source", default="hub", choices=SOURCES)
+    parser.add_argument("--weights", default=None, help="local DINOv2 backbone state dict (.pth)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline)")
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
+    parser.add_argument("--fine-tune", action="store_true")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    from torchinfo import summary
+
+    try:
+        model = Dinov2Segmentation(
+            args.num_classes, args.backbone, args.fine_tune, args.registers, args.source,
+            args.weights, pretrained=not args.no_pretrained,
+        )
+    except (BackboneUnavailableError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    model.eval()
+    width, height = args.imgsz
+    summary(model, input_size=(1, 3, height, width), depth=2, col_names=("input_size", "output_size", "num_params", "trainable"))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test runs offline: sockets are refused, backbones are random-init timm ViTs."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from make_sample_data import make_dataset  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail loudly if anything in-process tries to open a network connection."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """12 training and 5 validation VOC-format pairs of 120x90 (not multiples of 14)."""
+    return make_dataset(tmp_path_factory.mktemp("voc"), n_train=12, n_valid=5, size=(120, 90), seed=0)
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )

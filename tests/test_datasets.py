@@ -1,0 +1,106 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import config
+from datasets import (
+    ColorMap, DatasetError, SegmentationDataset, eval_transform, find_pairs, round_to_patch, train_transform,
+)
+
+
+@pytest.fixture
+def voc_map():
+    return ColorMap(config.COLORS, config.IGNORE_COLORS, config.IGNORE_INDEX)
+
+
+def test_voc_palette_encodes_every_class_and_void(voc_map):
+    mask = np.array([config.COLORS + [config.IGNORE_COLORS[0]]], dtype=np.uint8)  # 1 x 22 pixels
+    index = voc_map.encode(mask)
+    assert index.dtype == np.uint8
+    assert index.tolist() == [list(range(21)) + [255]]
+    assert config.CLASSES[index[0, 20]] == "tv/monitor" and tuple(mask[0, 20]) == (0, 64, 128)
+
+
+def test_decode_inverts_encode(voc_map):
+    rng = np.random.default_rng(0)
+    index = rng.choice(list(range(21)) + [255], size=(7, 9)).astype(np.uint8)
+    assert np.array_equal(voc_map.encode(voc_map.decode(index)), index)
+
+
+def test_unknown_colour_names_file_colour_and_count(voc_map):
+    mask = np.zeros((4, 4, 3), dtype=np.uint8)
+    mask[0, :3] = (1, 2, 3)
+    with pytest.raises(DatasetError, match=r"a\.png: colours not in the class palette.*\(1,2,3\) x3"):
+        voc_map.encode(mask, "a.png")
+
+
+def test_palette_png_decodes_to_the_same_classes(tmp_path, voc_map):
+    # Official VOC masks are palette ('P') PNGs with index 255 = void; OpenCV expands them to colours.
+    from PIL import Image
+
+    index = np.array([[0, 15, 255], [1, 20, 0]], dtype=np.uint8)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:21] = config.COLORS
+    palette[255] = config.IGNORE_COLORS[0]
+    img = Image.fromarray(index, mode="P")
+    img.putpalette(palette.flatten().tolist())
+    img.save(tmp_path / "m.png")
+    rgb = cv2.cvtColor(cv2.imread(str(tmp_path / "m.png")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(voc_map.encode(rgb), index)
+
+
+def test_duplicate_palette_colour_is_rejected():
+    with pytest.raises(ValueError, match="twice"):
+        ColorMap([(0, 0, 0), (1, 1, 1)], ignore_colors=[(1, 1, 1)])
+
+
+@pytest.mark.parametrize("size, expected", [((640, 640), (644, 644)), ((644, 518), (644, 518)), ((1, 15), (14, 28))])
+def test_round_to_patch(size, expected):
+    assert round_to_patch(size) == expected
+
+
+def test_pairs_by_stem_and_reports_unpaired(tiny_dataset, tmp_path):
+    pairs = find_pairs(tiny_dataset, "train")
+    assert len(pairs) == 12 and all(i.stem == m.stem and i.suffix == ".jpg" and m.suffix == ".png" for i, m in pairs)
+    for split in ("train_images", "train_labels"):
+        (tmp_path / split).mkdir()
+    cv2.imwrite(str(tmp_path / "train_images" / "a.jpg"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "train_images" / "b.jpg"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "train_labels" / "a.png"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "train_labels" / "c.png"), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DatasetError, match="no mask for b.jpg; no image for c.png"):
+        find_pairs(tmp_path, "train")
+    with pytest.raises(DatasetError, match="valid_images: folder not found"):
+        find_pairs(tmp_path, "valid")
+
+
+def test_dataset_item_is_normalised_tensor_and_index_mask(tiny_dataset, voc_map):
+    dataset = SegmentationDataset(find_pairs(tiny_dataset, "valid"), voc_map, eval_transform((126, 98)))
+    image, mask = dataset[0]
+    assert image.shape == (3, 98, 126) and image.dtype == torch.float32
+    assert mask.shape == (98, 126) and mask.dtype == torch.int64
+    assert -3 < image.mean() < 3 and image.std() > 0.1  # ImageNet-normalised, not 0..255
+    assert set(mask.unique().tolist()) <= set(range(21)) | {255}
+    assert 255 in mask.unique()  # the void outline survives resizing (nearest neighbour)
+
+
+def test_mismatched_image_and_mask_sizes_name_the_mask(tmp_path, voc_map):
+    cv2.imwrite(str(tmp_path / "x.jpg"), np.zeros((10, 12, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((10, 10, 3), np.uint8))
+    dataset = SegmentationDataset([(tmp_path / "x.jpg", tmp_path / "x.png")], voc_map, eval_transform((14, 14)))
+    with pytest.raises(DatasetError, match=r"x\.png: mask is 10x10 but its image x\.jpg is 12x10"):
+        dataset[0]
+
+
+def test_augmentation_fills_rotated_border_with_ignore_not_background():
+    transform = train_transform((56, 42), ignore_index=255)
+    transform.set_random_seed(0)
+    image = np.full((60, 80, 3), 128, np.uint8)
+    mask = np.ones((60, 80), np.uint8)  # every pixel class 1
+    seen = set()
+    for _ in range(20):
+        out = transform(image=image, mask=mask)
+        assert out["image"].shape == (42, 56, 3) and out["mask"].shape == (42, 56)
+        seen |= set(np.unique(out["mask"]).tolist())
+    assert seen == {1, 255}  # rotation happened at least once; its border is ignored, never class 0

@@ -1,0 +1,95 @@
+"""A real `train.py` run on a generated VOC-format dataset, and what a user does with its outputs."""
+import csv
+
+import pytest
+import torch
+
+import config
+from datasets import ColorMap, SegmentationDataset, eval_transform, find_pairs, make_loader
+from engine import validate
+from tests.conftest import run_script
+from utils import build_model_from_checkpoint, load_checkpoint
+
+OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run") / "transfer_learning"
+    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "120", "90",
+                        "--batch", "4", "--lr", "1e-3", "--out-dir", out_dir, *OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result.stdout
+
+
+def read_metrics(out_dir):
+    with open(out_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_three_epochs_lower_the_loss_and_write_every_artefact(trained_run):
+    out_dir, stdout = trained_run
+    for name in ("best_model_loss.pth", "best_model_iou.pth", "final_model.pth", "last.pth",
+                 "metrics.csv", "loss.png", "accuracy.png", "miou.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    assert not list(out_dir.glob("*.tmp"))  # no half-written files left behind
+    rows = read_metrics(out_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert "rounded up to 126 98" in stdout
+    assert stdout.count("Train Epoch Loss:") == 3 and "LR for next epoch:" in stdout
+    assert "Test mIOU:" in stdout
+
+
+def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_run):
+    out_dir, stdout = trained_run
+    rows = read_metrics(out_dir)
+    checkpoint = load_checkpoint(out_dir / "best_model_iou.pth")
+    best_epoch = max(rows, key=lambda r: r["valid_miou"])["epoch"]
+    assert checkpoint["epoch"] + 1 == best_epoch
+    info = checkpoint["model_info"]
+    assert info["classes"] == config.CLASSES and info["imgsz"] == [126, 98]
+    assert [tuple(c) for c in info["colors"]] == config.COLORS
+    assert set(checkpoint) >= {"model", "optimizer", "scheduler", "epoch", "metrics", "args"}
+    # The printed test mIoU is the best checkpoint re-evaluated on the validation split.
+    assert f"Test mIOU: {checkpoint['metrics']['valid_miou']:.4f}" in stdout
+
+
+def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(trained_run, tiny_dataset):
+    out_dir, _ = trained_run
+    checkpoint = load_checkpoint(out_dir / "best_model_iou.pth")
+    model_a = build_model_from_checkpoint(checkpoint)
+    model_b = build_model_from_checkpoint(load_checkpoint(out_dir / "best_model_iou.pth"))
+    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
+    valid_set = SegmentationDataset(find_pairs(tiny_dataset, "valid"), color_map, eval_transform((126, 98)))
+    with torch.no_grad():
+        assert torch.equal(model_a(valid_set[0][0][None]), model_b(valid_set[0][0][None]))
+    # The reloaded weights are the trained ones: they reproduce the validation metrics recorded at save time.
+    result = validate(model_a, make_loader(valid_set, 4, False, 0, 0), torch.device("cpu"), 21)
+    assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
+    assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
+
+
+def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
+    common = ("--data-dir", tiny_dataset, "--imgsz", "56", "42", "--batch", "4", "--out-dir", tmp_path, *OFFLINE)
+    first = run_script("train.py", "--epochs", "1", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_script("train.py", "--epochs", "2", "--resume", tmp_path / "last.pth", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "EPOCH: 1/2" not in resumed.stdout
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--data-dir", "/nonexistent/data"), "error: /nonexistent/data/train_images: folder not found"),
+    (("--device", "cuda:0"), "error: --device cuda:0: CUDA is not available"),
+    (("--imgsz", "8", "8"), "error: --imgsz 8 8: each side must be in [14, 4096]"),
+])
+def test_bad_input_is_one_line_error_and_nonzero_exit(tiny_dataset, tmp_path, flags, message):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path / "run", "--epochs", "1", *OFFLINE, *flags)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert not (tmp_path / "run" / "last.pth").exists()

@@ -1,0 +1,211 @@
+"""Train a linear segmentation head on DINOv2 features (frozen backbone), or fine-tune everything.
+
+    python train.py --epochs 20 --imgsz 640 640 --out-dir transfer_learning --batch 2
+    python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
+
+Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
+last.pth (for --resume), metrics.csv and loss/accuracy/miou PNG curves.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import config
+from datasets import ColorMap, DatasetError, build_datasets, make_loader, round_to_patch
+from engine import EpochResult, train_one_epoch, validate
+from model import SOURCES, BackboneUnavailableError, Dinov2Segmentation
+from model_config import PATCH_SIZE, SIZES
+from utils import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    save_checkpoint,
+    save_plots,
+    seed_everything,
+    select_device,
+    write_metrics_csv,
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/")
+    data.add_argument("--imgsz", type=int, nargs=2, default=config.IMG_SIZE, metavar=("W", "H"),
+                      help="training/validation size; rounded up to a multiple of 14 (640 -> 644)")
+    data.add_argument("--workers", type=int, default=config.WORKERS, help="DataLoader worker processes")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
+    model.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
+    model.add_argument("--source", default="hub", choices=SOURCES, help="torch.hub (Meta's code) or timm")
+    model.add_argument("--weights", default=None, metavar="PATH", help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth")
+    model.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
+    model.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=config.EPOCHS)
+    optim.add_argument("--batch", type=int, default=config.BATCH_SIZE, help="images per step")
+    optim.add_argument("--lr", type=float, default=config.LEARNING_RATE, help="AdamW learning rate")
+    optim.add_argument("--weight-decay", type=float, default=config.WEIGHT_DECAY)
+    optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
+                       help="epochs after which the LR is multiplied by --scheduler-gamma (MultiStepLR)")
+    optim.add_argument("--scheduler-gamma", type=float, default=0.1)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)")
+    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    run.add_argument("--seed", type=int, default=config.SEED)
+    run.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pth of an earlier run")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag values that would only fail later, with the flag's name in the message."""
+    for flag in ("epochs", "batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if min(args.imgsz) < PATCH_SIZE or max(args.imgsz) > 4096:
+        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: each side must be in [{PATCH_SIZE}, 4096]")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
+def model_info(model: Dinov2Segmentation, color_map: ColorMap, classes: list[str], imgsz: tuple[int, int]) -> dict[str, Any]:
+    """Everything inference needs to rebuild and interpret the model, without config.py."""
+    return {
+        "arch": dict(model.arch),
+        "classes": list(classes),
+        "colors": color_map.colors.tolist(),
+        "ignore_index": color_map.ignore_index,
+        "ignore_colors": color_map.ignore_colors.tolist(),
+        "imgsz": list(imgsz),
+        "mean": list(config.MEAN),
+        "std": list(config.STD),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """argparse values as plain Python types, so checkpoints load with weights_only=True."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def print_epoch(kind: str, result: EpochResult) -> None:
+    print(f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
+          f"{kind} Epoch mIOU: {result.miou:.4f}")
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    device = select_device(args.device)
+    seed_everything(args.seed)
+    imgsz = round_to_patch(args.imgsz, PATCH_SIZE)
+    if list(imgsz) != list(args.imgsz):
+        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
+    out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS, config.IGNORE_INDEX)
+    classes = list(config.CLASSES)
+    train_set, valid_set = build_datasets(args.data_dir, imgsz, color_map)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, args.batch, True, args.workers, args.seed, pin)
+    valid_loader = make_loader(valid_set, args.batch, False, args.workers, args.seed, pin)
+    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
+
+    model = Dinov2Segmentation(
+        color_map.num_classes, args.backbone, args.fine_tune, args.registers, args.source, args.weights,
+        pretrained=not args.no_pretrained,
+    ).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_params = sum(p.numel() for p in model.parameters())
+    print(f"{total_params:,} total parameters, {sum(p.numel() for p in trainable):,} trainable "
+          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}).")
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.scheduler_epochs or [], args.scheduler_gamma)
+    info = model_info(model, color_map, classes, imgsz)
+
+    start_epoch, history = 0, []
+    best_loss, best_miou = math.inf, -math.inf
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint["model_info"]["arch"] != info["arch"]:
+            raise ValueError(f"{args.resume}: checkpoint model {checkpoint['model_info']['arch']} differs from the flags' {info['arch']}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
+        best_loss, best_miou = checkpoint["best"]["loss"], checkpoint["best"]["miou"]
+        print(f"Resumed from {args.resume} at epoch {start_epoch + 1}.")
+
+    def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "metrics": metrics,
+            "best": {"loss": best_loss, "miou": best_miou},
+            "history": history,
+            "model_info": info,
+            "args": {k: _plain(v) for k, v in vars(args).items()},
+        }
+
+    for epoch in range(start_epoch, args.epochs):
+        print(f"EPOCH: {epoch + 1}/{args.epochs}")
+        started = time.perf_counter()
+        train_result = train_one_epoch(model, train_loader, optimizer, device, color_map.num_classes, color_map.ignore_index, epoch + 1)
+        valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index)
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        print_epoch("Train", train_result)
+        print_epoch("Valid", valid_result)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
+            "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+        }
+        history.append(row)
+        metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
+        if valid_result.loss < best_loss:
+            best_loss = valid_result.loss
+            print(f"Best validation loss: {best_loss:.4f}\nSaving best model for epoch: {epoch + 1}")
+            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_loss.pth")
+        if valid_result.miou > best_miou:
+            best_miou = valid_result.miou
+            print(f"Best validation IoU: {best_miou:.4f}\nSaving best model for epoch: {epoch + 1}")
+            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_iou.pth")
+        save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "last.pth")
+        write_metrics_csv(history, out_dir / "metrics.csv")
+        save_plots(history, out_dir)
+        print(f"LR for next epoch: {scheduler.get_last_lr()}  ({seconds:.1f} s)")
+        print("-" * 50)
+
+    save_checkpoint(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), out_dir / "final_model.pth")
+
+    best = load_checkpoint(out_dir / "best_model_iou.pth", map_location=device)
+    model.load_state_dict(best["model"])
+    test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test")
+    print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
+    print(f"Outputs in {out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (BackboneUnavailableError, DatasetError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

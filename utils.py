@@ -1,0 +1,112 @@
+"""Device choice, seeding, the checkpoint format, metric logs and plots: shared by train, infer and notebook."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda > mps > cpu; an explicit device that is not available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available on this machine (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename onto `path`: a crash leaves the old file, never half a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file): {str(err).splitlines()[0]}") from err
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_info" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by train.py (no 'model'/'model_info' entries)")
+    return checkpoint
+
+
+def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`)."""
+    from model import Dinov2Segmentation
+
+    arch = checkpoint["model_info"]["arch"]
+    model = Dinov2Segmentation(
+        arch["num_classes"], arch["backbone"], registers=arch["registers"], source=arch["source"], pretrained=False
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def save_plots(history: list[dict[str, float]], out_dir: str | Path) -> None:
+    """loss.png, accuracy.png and miou.png: train and validation curves per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    for key, label, filename in (("loss", "Loss", "loss.png"), ("pixacc", "Pixel accuracy", "accuracy.png"), ("miou", "mIoU", "miou.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label=f"Train {label.lower()}")
+        ax.plot(epochs, [row[f"valid_{key}"] for row in history], marker="o", label=f"Validation {label.lower()}")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        atomic_write(Path(out_dir) / filename, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
