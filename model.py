@@ -184,12 +184,19 @@ class Dinov2Segmentation(nn.Module):
             maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
         return torch.cat(maps, dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits `[B, num_classes, H, W]`, or at `output_size` (H, W): inference on a resized image
+        upsamples the token-grid logits straight to the original size, interpolating once."""
         height, width = images.shape[-2:]
         logits = self.head(self.extract_features(images))
         padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
-        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-        return logits[..., :height, :width]
+        if padded != (height, width):
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+            logits = logits[..., :height, :width]
+        target = tuple(output_size) if output_size is not None else (height, width)
+        if tuple(logits.shape[-2:]) != target:
+            logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
+        return logits
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -197,8 +197,11 @@ def main(args: argparse.Namespace) -> None:
 
     save_checkpoint(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), out_dir / "final_model.pth")
 
-    best = load_checkpoint(out_dir / "best_model_iou.pth", map_location=device)
-    model.load_state_dict(best["model"])
+    best_path = out_dir / "best_model_iou.pth"
+    if not best_path.exists():  # mIoU was nan every epoch (no labelled validation pixel)
+        best_path = out_dir / "final_model.pth"
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    print(f"Evaluating {best_path.name} on the validation split")
     test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test")
     print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
     print(f"Outputs in {out_dir}")

@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT))
 
 from make_sample_data import make_dataset  # noqa: E402
 
+# Flags for an offline train.py run: random-init timm backbone, data loaded in-process.
+OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
@@ -34,3 +37,13 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """A real 3-epoch train.py run on the tiny dataset: (run folder, its stdout)."""
+    out_dir = tmp_path_factory.mktemp("run") / "transfer_learning"
+    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "120", "90",
+                        "--batch", "4", "--lr", "1e-3", "--out-dir", out_dir, *OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result.stdout

@@ -43,7 +43,7 @@ def test_palette_png_decodes_to_the_same_classes(tmp_path, voc_map):
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[:21] = config.COLORS
     palette[255] = config.IGNORE_COLORS[0]
-    img = Image.fromarray(index, mode="P")
+    img = Image.fromarray(index)  # "L"; putpalette turns it into a "P" image
     img.putpalette(palette.flatten().tolist())
     img.save(tmp_path / "m.png")
     rgb = cv2.cvtColor(cv2.imread(str(tmp_path / "m.png")), cv2.COLOR_BGR2RGB)

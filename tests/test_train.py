@@ -7,19 +7,8 @@ import torch
 import config
 from datasets import ColorMap, SegmentationDataset, eval_transform, find_pairs, make_loader
 from engine import validate
-from tests.conftest import run_script
+from tests.conftest import OFFLINE, run_script
 from utils import build_model_from_checkpoint, load_checkpoint
-
-OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_dataset, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("run") / "transfer_learning"
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "120", "90",
-                        "--batch", "4", "--lr", "1e-3", "--out-dir", out_dir, *OFFLINE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir, result.stdout
 
 
 def read_metrics(out_dir):

@@ -1,0 +1,82 @@
+"""Segment every image in a folder (or one image) with a trained checkpoint.
+
+    python infer_image.py --input input/inference_data/images --model outputs/fine_tuning/best_model_iou.pth
+
+For each image writes, into --out-dir (default outputs/inference_results_image/):
+  <stem>.jpg       the image with the predicted classes blended in, their names and a legend
+  <stem>_mask.png  the raw prediction: a palette PNG whose pixel values are class indices
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import config
+from datasets import IMAGE_EXTENSIONS, DatasetError, read_image
+from inference import Predictor, add_inference_args, check_inference_args, indexed_png, render
+from model import BackboneUnavailableError
+from utils import atomic_write
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="an image folder or a single image file")
+    add_inference_args(parser, config.OUTPUT_DIR / "inference_results_image")
+    return parser
+
+
+def list_images(path: Path) -> list[Path]:
+    """The image files to process: the file itself, or the folder's images sorted by name."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return images
+
+
+def write_image(path: Path, image_rgb: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
+
+
+def main(args: argparse.Namespace) -> None:
+    check_inference_args(args)
+    images = list_images(Path(args.input))
+    predictor = Predictor(args.model, args.device, args.imgsz)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds, done = 0.0, 0
+    for path in tqdm(images, desc="Images", dynamic_ncols=True):
+        try:
+            image = read_image(path)
+        except DatasetError as err:
+            tqdm.write(f"warning: skipped {err}", file=sys.stderr)
+            continue
+        started = time.perf_counter()
+        mask = predictor.predict(image)
+        seconds += time.perf_counter() - started
+        done += 1
+        write_image(out_dir / f"{path.stem}.jpg", render(image, mask, predictor.classes, predictor.color_map, args.alpha))
+        atomic_write(out_dir / f"{path.stem}_mask.png", lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
+    if done == 0:
+        raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
+    print(f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
+          f"(prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), device {predictor.device}; results in {out_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (BackboneUnavailableError, DatasetError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

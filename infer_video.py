@@ -1,0 +1,118 @@
+"""Segment every frame of a video clip with a trained checkpoint.
+
+    python infer_video.py --input input/inference_data/videos/video_1.mp4 --model outputs/fine_tuning/best_model_iou.pth
+
+Writes outputs/inference_results_video/<name>.mp4 (or into --out-dir): the same size and frame rate
+as the input, each frame overlaid with the predicted classes, their names, a legend and the FPS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+import config
+from inference import Predictor, add_inference_args, check_inference_args, render
+from model import BackboneUnavailableError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="a video file OpenCV can read (mp4, avi, ...)")
+    add_inference_args(parser, config.OUTPUT_DIR / "inference_results_video")
+    parser.add_argument("--show", action="store_true", help="display frames while processing (needs a display)")
+    parser.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: the whole clip), for a quick preview")
+    return parser
+
+
+def open_video(path: Path) -> tuple[cv2.VideoCapture, float, tuple[int, int], int]:
+    """The capture, its fps (25 when the container does not say), (width, height) and frame count (0 = unknown)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise ValueError(f"{path}: cannot be opened as a video (corrupt or unsupported codec)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    return capture, fps if fps and fps > 0 else 25.0, size, max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+
+
+def show_frame(frame_bgr) -> bool:
+    """Display a frame; False when there is no GUI (headless OpenCV, no display) or the user pressed q."""
+    try:
+        cv2.imshow("DINOv2 segmentation", frame_bgr)
+        return cv2.waitKey(1) & 0xFF != ord("q")
+    except cv2.error:
+        tqdm.write("warning: --show needs a display and the GUI build of OpenCV (pip install opencv-python); not showing", file=sys.stderr)
+        return False
+
+
+def main(args: argparse.Namespace) -> None:
+    check_inference_args(args)
+    source = Path(args.input)
+    capture, fps, size, frame_count = open_video(source)
+    if args.max_frames > 0:
+        frame_count = min(frame_count, args.max_frames) if frame_count else args.max_frames
+    predictor = Predictor(args.model, args.device, args.imgsz)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{source.stem}.mp4"
+    tmp_path = out_dir / f".{source.stem}.partial.mp4"  # the container format follows the extension
+    writer = cv2.VideoWriter(str(tmp_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if not writer.isOpened():
+        raise OSError(f"{tmp_path}: OpenCV cannot write an mp4v video here")
+    show, written, seconds = args.show, 0, 0.0
+    progress = tqdm(total=frame_count or None, desc="Frames", dynamic_ncols=True)
+    try:
+        while not (args.max_frames > 0 and written >= args.max_frames):
+            ok, frame = capture.read()
+            if not ok:
+                break
+            image = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            started = time.perf_counter()
+            mask = predictor.predict(image)
+            elapsed = time.perf_counter() - started
+            seconds += elapsed
+            drawn = cv2.cvtColor(render(image, mask, predictor.classes, predictor.color_map, args.alpha), cv2.COLOR_RGB2BGR)
+            label = f"{1 / max(elapsed, 1e-9):.1f} FPS"
+            origin = (max(10, size[0] - 160), 30)
+            cv2.putText(drawn, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
+            cv2.putText(drawn, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
+            writer.write(drawn)
+            written += 1
+            progress.update()
+            if show:
+                show = show_frame(drawn)
+    finally:
+        # Whatever happened (end of clip, undecodable frame, Ctrl-C), close the file so it is playable.
+        progress.close()
+        capture.release()
+        writer.release()
+        if written:
+            os.replace(tmp_path, out_path)
+        else:
+            tmp_path.unlink(missing_ok=True)
+        if args.show:
+            try:
+                cv2.destroyAllWindows()
+            except cv2.error:
+                pass
+    if written == 0:
+        raise ValueError(f"{source}: no frame could be decoded")
+    if frame_count and written < frame_count:
+        print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
+              f"the output holds the frames before it", file=sys.stderr)
+    print(f"{written} frames, average {written / seconds:.2f} FPS (prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), "
+          f"device {predictor.device}; video saved to {out_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (BackboneUnavailableError, FileNotFoundError, ValueError, OSError) as err:
+        sys.exit(f"error: {err}")
