@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE_DATA ?= input/sample_voc
-# Offline (no torch.hub / HuggingFace): make demo DEMO_FLAGS="--source timm --no-pretrained"
+# Backbone source, see README "Offline use": e.g. DEMO_FLAGS="--source timm --weights dinov2_vits14_pretrain.pth",
+# DEMO_FLAGS="--hub-dir ../dinov2 --weights dinov2_vits14_pretrain.pth", or DEMO_FLAGS="--source timm --no-pretrained".
 DEMO_FLAGS ?=
 
 .PHONY: venv demo test clean-demo
@@ -13,6 +14,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install -r requirements-dev.txt
+	# Meta's DINOv2 model code for the offline torch.hub tests; its training-only pins are not needed.
+	$(BIN)/python -m pip install --no-deps dinov2==0.0.1.dev2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -23,11 +23,13 @@ from model_config import SIZES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
 HUB_REPO = "facebookresearch/dinov2:main"
-SOURCES = ("hub", "timm")
+SOURCES = ("hub", "timm", "local")  # local: a clone of the dinov2 repository (--hub-dir)
 OFFLINE_HINT = (
-    "to run offline, either copy a torch.hub cache (TORCH_HOME, with hub/facebookresearch_dinov2_main "
-    "and hub/checkpoints/*.pth) from a machine with internet, or pass --source timm --weights "
-    "PATH/TO/dinov2_vits14_pretrain.pth, or use --source timm --no-pretrained for a random-init smoke run"
+    "offline, use one of: (1) a complete torch.hub cache copied from a machine with internet "
+    "($TORCH_HOME/hub/facebookresearch_dinov2_main and hub/checkpoints/dinov2_*_pretrain.pth); "
+    "(2) --hub-dir PATH/TO/dinov2-clone with --weights PATH/TO/dinov2_vits14_pretrain.pth; "
+    "(3) --source timm --weights PATH/TO/dinov2_vits14_pretrain.pth "
+    "(--source timm --no-pretrained gives a random-init smoke run)"
 )
 
 
@@ -51,12 +53,22 @@ class TimmDinov2(nn.Module):
         return tuple(self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm))
 
 
-def _load_hub(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+def _load_hub(spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None) -> nn.Module:
+    """Meta's own model code: from GitHub through the torch.hub cache, or from a local clone."""
+    if hub_dir is not None:
+        if not (Path(hub_dir) / "hubconf.py").is_file():
+            raise BackboneUnavailableError(
+                f"{hub_dir}: not a torch.hub directory (no hubconf.py); "
+                "git clone https://github.com/facebookresearch/dinov2 there, or use --source hub/timm"
+            )
+        repo, where = str(hub_dir), "local"
+    else:
+        repo, where = HUB_REPO, "github"
     try:
-        return torch.hub.load(HUB_REPO, spec.hub_name, pretrained=pretrained, trust_repo=True)
+        return torch.hub.load(repo, spec.hub_name, source=where, pretrained=pretrained, trust_repo=True)
     except Exception as err:  # URLError, HTTPError, RuntimeError("no internet ..."), ...
         raise BackboneUnavailableError(
-            f"could not load {spec.hub_name} from torch.hub ({HUB_REPO}): {_first_line(err)}; {OFFLINE_HINT}"
+            f"could not load {spec.hub_name} from torch.hub ({repo}): {_first_line(err)}; {OFFLINE_HINT}"
         ) from err
 
 
@@ -77,8 +89,9 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def load_official_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a Meta-format DINOv2 state dict (e.g. `dinov2_vits14_pretrain.pth`) into either source."""
+def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A Meta-format DINOv2 backbone state dict from `path`: the released `dinov2_*_pretrain.pth`,
+    or the teacher backbone of a DINOv2 training checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: backbone weights file not found")
@@ -86,19 +99,63 @@ def load_official_weights(backbone: nn.Module, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: not a readable PyTorch state dict ({_first_line(err)})") from err
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    if isinstance(state, dict) and "model_info" in state:
+        raise ValueError(f"{path}: is a segmentation checkpoint from train.py, not backbone weights; "
+                         "use it with --resume or with infer_*.py --model")
+    if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
+        state = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(f"{path}: not a DINOv2 backbone state dict (no cls_token / pos_embed)")
+    return state
+
+
+def describe_official_weights(state: dict[str, torch.Tensor]) -> dict[str, int | bool]:
+    """Embed dim, depth and registers of a Meta-format state dict."""
+    blocks = set()
+    for key in state:
+        parts = key.split(".")
+        if parts[0] == "blocks" and len(parts) > 2:
+            # blocks.N.* normally; blocks.C.N.* when the model was built with block chunks
+            blocks.add(int(parts[2]) if parts[2].isdigit() else int(parts[1]))
+    return {"embed_dim": state["cls_token"].shape[-1], "depth": len(blocks), "registers": "register_tokens" in state}
+
+
+def check_weights_match(state: dict[str, torch.Tensor], spec: BackboneSpec, registers: bool, path: str | Path) -> None:
+    """A clear error naming the field when weights of one backbone are given for another."""
+    found = describe_official_weights(state)
+    if (found["embed_dim"], found["depth"]) != (spec.embed_dim, spec.depth):
+        sizes = [s for s in SIZES if (get_backbone_spec(s).embed_dim, get_backbone_spec(s).depth) == (found["embed_dim"], found["depth"])]
+        fix = f"; pass --backbone {sizes[0]}" if sizes else ""
+        raise ValueError(f"{path}: weights of a ViT with embed dim {found['embed_dim']} and {found['depth']} blocks, "
+                         f"but the model is {spec.hub_name} (embed dim {spec.embed_dim}, {spec.depth} blocks){fix}")
+    if found["registers"] != registers:
+        fix = "add --registers" if found["registers"] else "drop --registers"
+        raise ValueError(f"{path}: weights {'with' if found['registers'] else 'without'} register tokens "
+                         f"but the model is {spec.hub_name}; {fix}")
+
+
+def load_official_weights(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load Meta-format DINOv2 weights into a backbone of either source (timm converts the keys)."""
+    target = backbone
     if isinstance(backbone, TimmDinov2):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = checkpoint_filter_fn(state, backbone.vit)
-        target = backbone.vit
-    else:
-        target = backbone
+        state, target = checkpoint_filter_fn(state, backbone.vit), backbone.vit
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: does not match the backbone architecture ({_first_line(err)})") from err
+
+
+def hub_state_to_timm(state: dict[str, torch.Tensor], model: "Dinov2Segmentation") -> dict[str, torch.Tensor]:
+    """Convert a segmentation state dict with a hub (Meta-format) backbone to one for a timm backbone."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    converted = checkpoint_filter_fn(backbone, model.backbone.vit)
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return {**rest, **{f"{prefix}vit.{k}": v for k, v in converted.items()}}
 
 
 def load_backbone(
@@ -107,19 +164,27 @@ def load_backbone(
     source: str = "hub",
     weights: str | Path | None = None,
     pretrained: bool = True,
+    hub_dir: str | Path | None = None,
 ) -> nn.Module:
     """Build a DINOv2 backbone. Weights: `weights` file if given, else the source's pretrained ones
-    if `pretrained`, else random init (the architecture alone, e.g. for offline tests)."""
+    if `pretrained`, else random init (the architecture alone, e.g. for offline tests).
+    Sources: `hub` (torch.hub, GitHub + cache), `local` (a dinov2 clone at `hub_dir`), `timm`."""
     spec = get_backbone_spec(size, registers)
+    state = None
+    if weights is not None:  # read and check the file before building anything
+        state = read_official_weights(weights)
+        check_weights_match(state, spec, registers, weights)
     download = pretrained and weights is None
-    if source == "hub":
-        backbone = _load_hub(spec, download)
+    if source in ("hub", "local"):
+        if source == "local" and hub_dir is None:
+            raise ValueError("--source local needs --hub-dir PATH (a clone of facebookresearch/dinov2)")
+        backbone = _load_hub(spec, download, hub_dir if source == "local" else None)
     elif source == "timm":
         backbone = _load_timm(spec, download)
     else:
         raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
-    if weights is not None:
-        load_official_weights(backbone, weights)
+    if state is not None:
+        load_official_weights(backbone, state, weights)
     return backbone
 
 
@@ -153,6 +218,7 @@ class Dinov2Segmentation(nn.Module):
         source: str = "hub",
         weights: str | Path | None = None,
         pretrained: bool = True,
+        hub_dir: str | Path | None = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -162,7 +228,8 @@ class Dinov2Segmentation(nn.Module):
         self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source}
         self.patch_size = spec.patch_size
         self.out_indices = list(spec.out_indices)
-        self.backbone = load_backbone(backbone, registers, source, weights, pretrained)
+        self.hub_dir = str(hub_dir) if hub_dir is not None else None
+        self.backbone = load_backbone(backbone, registers, source, weights, pretrained, hub_dir)
         self.head = LinearHead(spec.head_in_channels, num_classes)
         self.fine_tune = fine_tune
         self.backbone.requires_grad_(fine_tune)
@@ -204,6 +271,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="small", choices=SIZES)
     parser.add_argument("--registers", action="store_true", help="use the 4-register variant")
     parser.add_argument("--source", default="hub", choices=SOURCES)
+    parser.add_argument("--hub-dir", default=None, help="local clone of facebookresearch/dinov2 (implies --source local)")
     parser.add_argument("--weights", default=None, help="local DINOv2 backbone state dict (.pth)")
     parser.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline)")
     parser.add_argument("--num-classes", type=int, default=21)
@@ -215,10 +283,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     from torchinfo import summary
 
+    if args.hub_dir:
+        args.source = "local"
     try:
         model = Dinov2Segmentation(
             args.num_classes, args.backbone, args.fine_tune, args.registers, args.source,
-            args.weights, pretrained=not args.no_pretrained,
+            args.weights, pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
         )
     except (BackboneUnavailableError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")

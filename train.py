@@ -44,7 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
     model.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
-    model.add_argument("--source", default="hub", choices=SOURCES, help="torch.hub (Meta's code) or timm")
+    model.add_argument("--source", default="hub", choices=SOURCES,
+                       help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir")
+    model.add_argument("--hub-dir", default=None, metavar="PATH",
+                       help="local clone of github.com/facebookresearch/dinov2 (implies --source local)")
     model.add_argument("--weights", default=None, metavar="PATH", help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth")
     model.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
     model.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
@@ -83,6 +86,7 @@ def model_info(model: Dinov2Segmentation, color_map: ColorMap, classes: list[str
     """Everything inference needs to rebuild and interpret the model, without config.py."""
     return {
         "arch": dict(model.arch),
+        "hub_dir": model.hub_dir,
         "classes": list(classes),
         "colors": color_map.colors.tolist(),
         "ignore_index": color_map.ignore_index,
@@ -91,6 +95,23 @@ def model_info(model: Dinov2Segmentation, color_map: ColorMap, classes: list[str
         "mean": list(config.MEAN),
         "std": list(config.STD),
     }
+
+
+def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, num_classes: int, path: str) -> None:
+    """The flags must describe the checkpoint's model; name the first field that differs."""
+    arch = checkpoint["model_info"]["arch"]
+    family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
+    fields = [
+        ("--backbone", arch["backbone"], args.backbone),
+        ("--registers", arch["registers"], args.registers),
+        ("number of classes", arch["num_classes"], num_classes),
+        ("--source", family[arch["source"]], family[args.source]),
+        ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
+    ]
+    for name, saved, given in fields:
+        if saved != given:
+            shown = arch["source"] if name == "--source" else saved
+            raise ValueError(f"{path}: checkpoint was trained with {name} {shown!r} but this run has {given!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -108,6 +129,8 @@ def print_epoch(kind: str, result: EpochResult) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.hub_dir:
+        args.source = "local"
     check_args(args)
     device = select_device(args.device)
     seed_everything(args.seed)
@@ -125,9 +148,12 @@ def main(args: argparse.Namespace) -> None:
     valid_loader = make_loader(valid_set, args.batch, False, args.workers, args.seed, pin)
     print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
 
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:  # a mismatch costs seconds, not a backbone download
+        check_resume_matches(resumed, args, color_map.num_classes, args.resume)
     model = Dinov2Segmentation(
         color_map.num_classes, args.backbone, args.fine_tune, args.registers, args.source, args.weights,
-        pretrained=not args.no_pretrained,
+        pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
     ).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.numel() for p in model.parameters())
@@ -136,18 +162,14 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.scheduler_epochs or [], args.scheduler_gamma)
     info = model_info(model, color_map, classes, imgsz)
-
     start_epoch, history = 0, []
     best_loss, best_miou = math.inf, -math.inf
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        if checkpoint["model_info"]["arch"] != info["arch"]:
-            raise ValueError(f"{args.resume}: checkpoint model {checkpoint['model_info']['arch']} differs from the flags' {info['arch']}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, history = checkpoint["epoch"] + 1, checkpoint["history"]
-        best_loss, best_miou = checkpoint["best"]["loss"], checkpoint["best"]["miou"]
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
+        best_loss, best_miou = resumed["best"]["loss"], resumed["best"]["miou"]
         print(f"Resumed from {args.resume} at epoch {start_epoch + 1}.")
 
     def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -71,14 +72,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`)."""
-    from model import Dinov2Segmentation
+    """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`).
 
-    arch = checkpoint["model_info"]["arch"]
-    model = Dinov2Segmentation(
-        arch["num_classes"], arch["backbone"], registers=arch["registers"], source=arch["source"], pretrained=False
-    )
-    model.load_state_dict(checkpoint["model"])
+    A model trained with Meta's hub code needs that code again; where it cannot be had (offline, no
+    cache, the --hub-dir clone gone), the same architecture is built with timm and the keys converted.
+    """
+    from model import BackboneUnavailableError, Dinov2Segmentation, hub_state_to_timm
+
+    info = checkpoint["model_info"]
+    arch = info["arch"]
+    common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False)
+    state = checkpoint["model"]
+    try:
+        model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+    except BackboneUnavailableError as err:
+        if arch["source"] == "timm":
+            raise
+        print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
+        model = Dinov2Segmentation(source="timm", **common)
+        state = hub_state_to_timm(state, model)
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

@@ -25,6 +25,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.fixture(autouse=True)
+def isolated_torch_home(tmp_path_factory, monkeypatch):
+    """Tests never see (or fill) the developer's real torch.hub cache; subprocesses inherit this."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """12 training and 5 validation VOC-format pairs of 120x90 (not multiples of 14)."""
