@@ -1,7 +1,15 @@
-"""The one train / validate loop, used by train.py (every epoch and the final test) and the notebook."""
+"""The one train / validate loop, used by train.py (every epoch and the final test), bench.py and the notebook.
+
+Batches come either from a DataLoader (images) or from a `FeatureCache` (backbone features of a
+frozen backbone, computed once): the loop, the loss and the metrics are the same code either way.
+"""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,37 +29,131 @@ class EpochResult:
 
 
 def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over non-ignored pixels, and their count. A batch with no valid pixel gives 0, not nan."""
+    """Mean cross-entropy over non-ignored pixels (in fp32 whatever the autocast dtype), and their count.
+    A batch with no valid pixel gives 0, not nan."""
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     valid = (target != ignore_index).sum()
     return loss_sum / valid.clamp(min=1), valid
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision for the model's forward when `amp_dtype` is set; a no-op otherwise."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+class FeatureCache:
+    """Backbone features (and masks) of a split, computed once and reused every epoch.
+
+    Valid only while the backbone is frozen and the split's transforms are deterministic: then an
+    epoch's backbone pass would recompute exactly the same tensors. Kept in RAM when they fit in
+    `memory_budget` bytes, else in a file-backed tensor under `disk_dir` (deleted by `close`).
+    """
+
+    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path):
+        self.name = name
+        self.memory_budget = memory_budget
+        self.disk_dir = Path(disk_dir)
+        self.features: torch.Tensor | None = None
+        self.masks: torch.Tensor | None = None
+        self.file: Path | None = None
+        self.ready = False
+
+    def _allocate(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> None:
+        feature_bytes = count * math.prod(feature_shape) * dtype.itemsize
+        total = feature_bytes + count * math.prod(mask_shape)
+        if total <= self.memory_budget:
+            self.features = torch.empty((count, *feature_shape), dtype=dtype)
+            where = "memory"
+        else:
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            self.file = self.disk_dir / f".{self.name}_features.cache"
+            self.file.unlink(missing_ok=True)
+            flat = torch.from_file(str(self.file), shared=True, size=count * math.prod(feature_shape), dtype=dtype)
+            self.features = flat.view(count, *feature_shape)
+            where = f"a file ({self.file}; memory budget {self.memory_budget / 1e9:.1f} GB)"
+        self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
+        shape = "x".join(map(str, feature_shape))
+        tqdm.write(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
+                   f"= {total / 1e9:.2f} GB in {where}")
+
+    @torch.no_grad()
+    def build(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        """One backbone pass over `loader` (which must not shuffle) filling the cache in dataset order."""
+        model.eval()
+        offset = 0
+        for images, masks in tqdm(loader, desc=f"Caching {self.name} features", leave=False, dynamic_ncols=True):
+            with autocast(device, amp_dtype):
+                features = model.extract_features(images.to(device, non_blocking=True))
+            if self.features is None:
+                store_dtype = amp_dtype or torch.float32  # the head would cast to the autocast dtype anyway
+                self._allocate(len(loader.dataset), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
+            self.features[offset: offset + len(images)] = features.to("cpu", self.features.dtype)
+            self.masks[offset: offset + len(images)] = masks.to(torch.uint8)
+            offset += len(images)
+        self.ready = True
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        count = len(self.features)
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+        for start in range(0, count, batch_size):
+            index = order[start: start + batch_size]
+            if not shuffle:  # contiguous slices: no gather copy
+                index = slice(start, start + len(index))
+            yield self.features[index].float(), self.masks[index].long()
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self.features) / batch_size)
+
+    def close(self) -> None:
+        self.features = self.masks = None
+        self.ready = False
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+
+
+def default_cache_budget() -> int:
+    """A quarter of the machine's RAM: the cache must leave room for the loaders and the model."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 1024**3
+
+
 def _run_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    total: int,
     device: torch.device,
     num_classes: int,
     ignore_index: int,
     optimizer: torch.optim.Optimizer | None,
     desc: str,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    from_features: bool,
 ) -> EpochResult:
     training = optimizer is not None
     model.train(training)
     confmat = ConfusionMatrix(num_classes, ignore_index)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     pixels_total = torch.zeros((), dtype=torch.int64, device=device)
-    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    progress = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
     with torch.set_grad_enabled(training):
-        for step, (images, masks) in enumerate(progress):
-            images = images.to(device, non_blocking=True)
+        for step, (inputs, masks) in enumerate(progress):
+            inputs = inputs.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
-            logits = model(images)
+            with autocast(device, amp_dtype):
+                logits = model.forward_head(inputs, masks.shape[-2:]) if from_features else model(inputs)
             loss, valid = pixel_cross_entropy(logits, masks, ignore_index)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None and scaler.is_enabled():
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
             loss_total += loss.detach() * valid
             pixels_total += valid
             confmat.update(masks, logits.detach().argmax(1))
@@ -74,14 +176,38 @@ def train_one_epoch(
     num_classes: int,
     ignore_index: int = 255,
     epoch: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    cache: FeatureCache | None = None,
+    generator: torch.Generator | None = None,
 ) -> EpochResult:
-    """One pass of AdamW/cross-entropy over the training split; metrics are of the augmented batches."""
-    return _run_epoch(model, loader, device, num_classes, ignore_index, optimizer, f"Train {epoch}")
+    """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
+    With a ready `cache`, the batches are cached features in an order drawn from `generator`."""
+    desc = f"Train {epoch}"
+    if cache is not None and cache.ready:
+        batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
+        return _run_epoch(model, batches, cache.num_batches(loader.batch_size), device, num_classes, ignore_index,
+                          optimizer, desc, amp_dtype, scaler, from_features=True)
+    return _run_epoch(model, loader, len(loader), device, num_classes, ignore_index, optimizer, desc, amp_dtype, scaler, False)
 
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, ignore_index: int = 255, desc: str = "Valid"
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    ignore_index: int = 255,
+    desc: str = "Valid",
+    amp_dtype: torch.dtype | None = None,
+    cache: FeatureCache | None = None,
 ) -> EpochResult:
-    """Loss, pixel accuracy and mIoU over the whole split (one confusion matrix, not per-batch means)."""
-    return _run_epoch(model, loader, device, num_classes, ignore_index, None, desc)
+    """Loss, pixel accuracy and mIoU over the whole split (one confusion matrix, not per-batch means).
+    With a `cache` (frozen backbone), the backbone runs once, the first time, and never again."""
+    if cache is None:
+        return _run_epoch(model, loader, len(loader), device, num_classes, ignore_index, None, desc, amp_dtype, None, False)
+    if not cache.ready:
+        cache.build(model, loader, device, amp_dtype)
+    batches = cache.batches(loader.batch_size)
+    return _run_epoch(model, batches, cache.num_batches(loader.batch_size), device, num_classes, ignore_index,
+                      None, desc, amp_dtype, None, from_features=True)

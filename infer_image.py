@@ -53,7 +53,7 @@ def write_image(path: Path, image_rgb: np.ndarray) -> None:
 def main(args: argparse.Namespace) -> None:
     check_inference_args(args)
     images = list_images(Path(args.input))
-    predictor = Predictor(args.model, args.device, args.imgsz)
+    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds, done = 0.0, 0

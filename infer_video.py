@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> None:
     capture, fps, size, frame_count = open_video(source)
     if args.max_frames > 0:
         frame_count = min(frame_count, args.max_frames) if frame_count else args.max_frames
-    predictor = Predictor(args.model, args.device, args.imgsz)
+    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{source.stem}.mp4"

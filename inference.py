@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from datasets import ColorMap, round_to_patch
-from utils import build_model_from_checkpoint, load_checkpoint, select_device
+from engine import autocast
+from utils import AMP_CHOICES, build_model_from_checkpoint, load_checkpoint, select_device, select_precision
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -25,8 +26,9 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 class Predictor:
     """Image (RGB uint8, any size) -> class indices (uint8, same size), with a model from a checkpoint."""
 
-    def __init__(self, checkpoint_path: str | Path, device: str = "auto", imgsz: Sequence[int] | None = None):
+    def __init__(self, checkpoint_path: str | Path, device: str = "auto", imgsz: Sequence[int] | None = None, amp: str = "auto"):
         self.device = select_device(device)
+        self.amp_dtype = select_precision(self.device, amp)
         checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
         info = checkpoint["model_info"]
         self.model = build_model_from_checkpoint(checkpoint, self.device)
@@ -44,7 +46,8 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, image: np.ndarray) -> torch.Tensor:
         """`[num_classes, H, W]` logits at the image's own size."""
-        return self.model(self.preprocess(image), output_size=image.shape[:2])[0]
+        with autocast(self.device, self.amp_dtype):
+            return self.model(self.preprocess(image), output_size=image.shape[:2])[0].float()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return self.logits(image).argmax(0).to(torch.uint8).cpu().numpy()
@@ -121,6 +124,7 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
                         help="prediction size (default: the size the model was trained at)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay, 0..1")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
 
 
 def check_inference_args(args: argparse.Namespace) -> None:

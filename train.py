@@ -18,17 +18,19 @@ from typing import Any
 import torch
 
 import config
-from datasets import ColorMap, DatasetError, build_datasets, make_loader, round_to_patch
-from engine import EpochResult, train_one_epoch, validate
+from datasets import ColorMap, DatasetError, build_datasets, eval_transform, make_loader, round_to_patch
+from engine import EpochResult, FeatureCache, default_cache_budget, train_one_epoch, validate
 from model import SOURCES, BackboneUnavailableError, Dinov2Segmentation
 from model_config import PATCH_SIZE, SIZES
 from utils import (
+    AMP_CHOICES,
     CHECKPOINT_FORMAT,
     load_checkpoint,
     save_checkpoint,
     save_plots,
     seed_everything,
     select_device,
+    select_precision,
     write_metrics_csv,
 )
 
@@ -60,6 +62,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
                        help="epochs after which the LR is multiplied by --scheduler-gamma (MultiStepLR)")
     optim.add_argument("--scheduler-gamma", type=float, default=0.1)
+    optim.add_argument("--backbone-lr", type=float, default=None,
+                       help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
+
+    speed = parser.add_argument_group("speed and memory")
+    speed.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on CPU/MPS")
+    speed.add_argument("--grad-checkpointing", action="store_true",
+                       help="with --fine-tune: recompute block activations in backward (much less memory, ~30%% slower)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)")
+    speed.add_argument("--no-val-cache", action="store_true",
+                       help="re-run a frozen backbone on the validation split every epoch instead of caching its features")
+    speed.add_argument("--cache-train-features", action="store_true",
+                       help="frozen backbone, no augmentation: compute training features once and train the head on them")
+    speed.add_argument("--cache-ram-gb", type=float, default=None,
+                       help="feature caches larger than this go to a file in the run folder (default: a quarter of RAM)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)")
@@ -78,8 +95,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if min(args.imgsz) < PATCH_SIZE or max(args.imgsz) > 4096:
         raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: each side must be in [{PATCH_SIZE}, 4096]")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
+        raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
+    if args.cache_train_features and args.fine_tune:
+        raise ValueError("--cache-train-features needs a frozen backbone; drop --fine-tune")
+    if args.grad_checkpointing and not args.fine_tune:
+        raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
 
 
 def model_info(model: Dinov2Segmentation, color_map: ColorMap, classes: list[str], imgsz: tuple[int, int]) -> dict[str, Any]:
@@ -155,12 +176,18 @@ def main(args: argparse.Namespace) -> None:
         color_map.num_classes, args.backbone, args.fine_tune, args.registers, args.source, args.weights,
         pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
     ).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total_params = sum(p.numel() for p in model.parameters())
-    print(f"{total_params:,} total parameters, {sum(p.numel() for p in trainable):,} trainable "
-          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}).")
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    if args.compile:
+        model.compile_backbone()
+    amp_dtype = select_precision(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.scheduler_epochs or [], args.scheduler_gamma)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
+          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
+          f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
     info = model_info(model, color_map, classes, imgsz)
     start_epoch, history = 0, []
     best_loss, best_miou = math.inf, -math.inf
@@ -168,9 +195,16 @@ def main(args: argparse.Namespace) -> None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed.get("scaler", {}))
         start_epoch, history = resumed["epoch"] + 1, resumed["history"]
         best_loss, best_miou = resumed["best"]["loss"], resumed["best"]["miou"]
         print(f"Resumed from {args.resume} at epoch {start_epoch + 1}.")
+
+    # A frozen backbone computes the same validation features every epoch: compute them once.
+    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
+    valid_cache = None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir)
+    train_cache = FeatureCache("train", budget, out_dir) if args.cache_train_features else None
+    shuffle = torch.Generator().manual_seed(args.seed)
 
     def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {
@@ -178,6 +212,7 @@ def main(args: argparse.Namespace) -> None:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": epoch,
             "metrics": metrics,
             "best": {"loss": best_loss, "miou": best_miou},
@@ -186,47 +221,68 @@ def main(args: argparse.Namespace) -> None:
             "args": {k: _plain(v) for k, v in vars(args).items()},
         }
 
-    for epoch in range(start_epoch, args.epochs):
-        print(f"EPOCH: {epoch + 1}/{args.epochs}")
-        started = time.perf_counter()
-        train_result = train_one_epoch(model, train_loader, optimizer, device, color_map.num_classes, color_map.ignore_index, epoch + 1)
-        valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index)
-        scheduler.step()
-        seconds = time.perf_counter() - started
-        print_epoch("Train", train_result)
-        print_epoch("Valid", valid_result)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
-            "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-        }
-        history.append(row)
-        metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
-        if valid_result.loss < best_loss:
-            best_loss = valid_result.loss
-            print(f"Best validation loss: {best_loss:.4f}\nSaving best model for epoch: {epoch + 1}")
-            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_loss.pth")
-        if valid_result.miou > best_miou:
-            best_miou = valid_result.miou
-            print(f"Best validation IoU: {best_miou:.4f}\nSaving best model for epoch: {epoch + 1}")
-            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_iou.pth")
-        save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "last.pth")
-        write_metrics_csv(history, out_dir / "metrics.csv")
-        save_plots(history, out_dir)
-        print(f"LR for next epoch: {scheduler.get_last_lr()}  ({seconds:.1f} s)")
-        print("-" * 50)
+    try:
+        if train_cache is not None:
+            print("Note: --cache-train-features trains on un-augmented images (features computed once).")
+            train_set.transform = eval_transform(imgsz)
+            train_cache.build(model, make_loader(train_set, args.batch, False, args.workers, args.seed, pin), device, amp_dtype)
+        for epoch in range(start_epoch, args.epochs):
+            print(f"EPOCH: {epoch + 1}/{args.epochs}")
+            started = time.perf_counter()
+            train_result = train_one_epoch(model, train_loader, optimizer, device, color_map.num_classes,
+                                           color_map.ignore_index, epoch + 1, amp_dtype, scaler, train_cache, shuffle)
+            valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index,
+                                    amp_dtype=amp_dtype, cache=valid_cache)
+            scheduler.step()
+            seconds = time.perf_counter() - started
+            print_epoch("Train", train_result)
+            print_epoch("Valid", valid_result)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
+                "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
+                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+            }
+            history.append(row)
+            metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
+            if valid_result.loss < best_loss:
+                best_loss = valid_result.loss
+                print(f"Best validation loss: {best_loss:.4f}\nSaving best model for epoch: {epoch + 1}")
+                save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_loss.pth")
+            if valid_result.miou > best_miou:
+                best_miou = valid_result.miou
+                print(f"Best validation IoU: {best_miou:.4f}\nSaving best model for epoch: {epoch + 1}")
+                save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_iou.pth")
+            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "last.pth")
+            write_metrics_csv(history, out_dir / "metrics.csv")
+            save_plots(history, out_dir)
+            print(f"LR for next epoch: {scheduler.get_last_lr()}  ({seconds:.1f} s)")
+            print("-" * 50)
 
-    save_checkpoint(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), out_dir / "final_model.pth")
+        save_checkpoint(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), out_dir / "final_model.pth")
 
-    best_path = out_dir / "best_model_iou.pth"
-    if not best_path.exists():  # mIoU was nan every epoch (no labelled validation pixel)
-        best_path = out_dir / "final_model.pth"
-    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    print(f"Evaluating {best_path.name} on the validation split")
-    test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test")
-    print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
-    print(f"Outputs in {out_dir}")
+        best_path = out_dir / "best_model_iou.pth"
+        if not best_path.exists():  # mIoU was nan every epoch (no labelled validation pixel)
+            best_path = out_dir / "final_model.pth"
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        print(f"Evaluating {best_path.name} on the validation split")
+        test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test",
+                        amp_dtype=amp_dtype, cache=valid_cache)
+        print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
+        print(f"Outputs in {out_dir}")
+    finally:
+        for cache in (valid_cache, train_cache):
+            if cache is not None:
+                cache.close()
+
+
+def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW over what trains: the head at --lr; with --fine-tune the backbone at --backbone-lr
+    (default --lr / 10), since a foundation model's features degrade at a freshly initialised head's rate."""
+    groups = [{"params": list(model.head.parameters()), "lr": args.lr}]
+    if args.fine_tune:
+        groups.append({"params": list(model.backbone.parameters()), "lr": args.backbone_lr or args.lr / 10})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 if __name__ == "__main__":

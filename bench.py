@@ -1,0 +1,264 @@
+"""Side-by-side speed and memory benchmark on a generated dataset, in one run.
+
+    python bench.py                       # ViT-S/14, random init, 644x644, CPU or GPU (auto)
+    python bench.py --weights dinov2_vits14_pretrain.pth --backbone small --device cuda
+
+1. Frozen-backbone training, seconds per epoch (train + validate): the seed article's loop (fp32,
+   the backbone re-run over the validation split every epoch) against ours (one engine, AMP where
+   it helps, validation features cached after the first epoch), and ours with training features
+   cached too (only valid without augmentation, so its metrics differ).
+2. Inference ms/image: our whole predict path (preprocess, forward, upsample, argmax) against a
+   bare backbone forward, the floor.
+3. Peak memory of one training step (frozen, fine-tune, fine-tune + gradient checkpointing), each
+   measured in a fresh process: RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import config
+from datasets import ColorMap, build_datasets, eval_transform, make_loader
+from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
+from inference import Predictor
+from make_sample_data import make_dataset
+from metrics import ConfusionMatrix
+from model import SOURCES, Dinov2Segmentation
+from model_config import SIZES
+from train import model_info
+from utils import save_checkpoint, select_device, select_precision
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="small", choices=SIZES)
+    parser.add_argument("--source", default="timm", choices=SOURCES)
+    parser.add_argument("--weights", default=None, help="real DINOv2 weights (default: random init)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="auto")
+    parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
+    parser.add_argument("--train-images", type=int, default=8)
+    parser.add_argument("--valid-images", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed inference repetitions")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "memory"))
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
+    return parser
+
+
+def build_model(args: argparse.Namespace, fine_tune: bool = False) -> Dinov2Segmentation:
+    torch.manual_seed(0)
+    return Dinov2Segmentation(21, args.backbone, fine_tune, source=args.source, weights=args.weights,
+                              pretrained=args.weights is not None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, optimizer, device) -> float:
+    """The seed article's loop: fp32, mean CE per batch, the backbone run over both splits every
+    epoch (its frozen backbone has requires_grad=False but no no_grad block). Returns validation
+    mIoU, computed over the whole split like ours so that the two columns compare training, not
+    metric definitions (the seed averaged per-batch mIoU)."""
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=config.IGNORE_INDEX)
+
+    def logits_of(images):
+        maps = model.backbone.get_intermediate_layers(images, n=model.out_indices, reshape=True)
+        return model.forward_head(torch.cat(maps, 1), images.shape[-2:])
+
+    model.train()
+    for images, masks in train_loader:
+        images, masks = images.to(device), masks.to(device)
+        loss = criterion(logits_of(images), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    confmat = ConfusionMatrix(21, config.IGNORE_INDEX)
+    with torch.no_grad():
+        for images, masks in valid_loader:
+            images, masks = images.to(device), masks.to(device)
+            logits = logits_of(images)
+            criterion(logits, masks)
+            confmat.update(masks, logits.argmax(1))
+    return confmat.compute().miou
+
+
+def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
+    imgsz = tuple(args.imgsz)
+    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
+    amp_dtype = select_precision(device, args.amp)
+    rows = []
+
+    def loaders():
+        train_set, valid_set = build_datasets(data_dir, imgsz, color_map)
+        pin = device.type == "cuda"
+        return (train_set, make_loader(train_set, args.batch, True, args.workers, 0, pin),
+                make_loader(valid_set, args.batch, False, args.workers, 0, pin))
+
+    # 1. seed-style baseline
+    model = build_model(args).to(device)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
+    _, train_loader, valid_loader = loaders()
+    times, miou = [], float("nan")
+    for _ in range(args.epochs):
+        sync(device)
+        start = time.perf_counter()
+        miou = seed_style_epoch(model, train_loader, valid_loader, optimizer, device)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    rows.append(("seed-style loop (fp32, no cache)", times, miou))
+
+    # 2. ours, as train.py runs it; 3. ours with the training features cached too (no augmentation)
+    for cache_train in (False, True):
+        model = build_model(args).to(device)
+        optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
+        train_set, train_loader, valid_loader = loaders()
+        valid_cache = FeatureCache("valid", 10**12, out_dir)
+        train_cache = FeatureCache("train", 10**12, out_dir) if cache_train else None
+        generator = torch.Generator().manual_seed(0)
+        times = []
+        for epoch in range(args.epochs):
+            sync(device)
+            start = time.perf_counter()
+            if train_cache is not None and not train_cache.ready:
+                train_set.transform = eval_transform(imgsz)
+                train_cache.build(model, make_loader(train_set, args.batch, False, args.workers, 0), device, amp_dtype)
+            train_one_epoch(model, train_loader, optimizer, device, 21, amp_dtype=amp_dtype, cache=train_cache, generator=generator)
+            result = validate(model, valid_loader, device, 21, amp_dtype=amp_dtype, cache=valid_cache)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        for cache in (valid_cache, train_cache):
+            if cache is not None:
+                cache.close()
+        name = "ours + cached train features (no augmentation)" if cache_train else "ours (train.py: cached validation features)"
+        rows.append((name, times, result.miou))
+
+    baseline = sum(rows[0][1])
+    lines = [f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | speed-up | valid mIoU |", "|---|---|---|---|---|"]
+    for name, times, miou in rows:
+        later = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+        lines.append(f"| {name} | {times[0]:.1f}, {later:.1f} | {sum(times):.1f} s | {baseline / sum(times):.2f}x | {miou:.4f} |")
+    return lines
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of `fn()` over `repeats` runs after one warm-up run."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    model = build_model(args)
+    checkpoint = out_dir / "bench_model.pth"
+    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
+    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, color_map, config.CLASSES, tuple(args.imgsz))}, checkpoint)
+    predictor = Predictor(checkpoint, str(device), args.imgsz, args.amp)
+    width, height = args.imgsz
+    image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    tensor = predictor.preprocess(image)
+    backbone = predictor.model.backbone
+
+    def bare():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=predictor.amp_dtype or torch.float32,
+                                                    enabled=predictor.amp_dtype is not None):
+            backbone.get_intermediate_layers(tensor, n=predictor.model.out_indices, reshape=True)
+
+    floor = timed(bare, args.repeats, device)
+    ours = timed(lambda: predictor.predict(image), args.repeats, device)
+    return ["| path | ms/image | ratio |", "|---|---|---|",
+            f"| bare backbone forward (floor) | {floor:.1f} | 1.00x |",
+            f"| predict (preprocess + forward + upsample + argmax) | {ours:.1f} | {ours / floor:.2f}x |"]
+
+
+def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    """One training step at --batch x --imgsz in this (fresh) process; peak memory in MB."""
+    device = select_device(args.device)
+    amp_dtype = select_precision(device, args.amp)
+    model = build_model(args, fine_tune=mode != "frozen").to(device)
+    if mode == "fine-tune+checkpointing":
+        model.set_grad_checkpointing()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    width, height = args.imgsz
+    images = torch.randn(args.batch, 3, height, width, device=device)
+    target = torch.randint(0, 21, (args.batch, height, width), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(2):  # the second step includes the optimizer state
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, _ = pixel_cross_entropy(model(images), target, 255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mb": peak, "step_mb": peak - before}
+
+
+def bench_memory(args: argparse.Namespace, device: torch.device) -> list[str]:
+    lines = ["| step | peak memory |", "|---|---|"]
+    for mode in ("frozen", "fine-tune", "fine-tune+checkpointing"):
+        command = [sys.executable, __file__, "--memory-probe", mode, "--backbone", args.backbone, "--source", args.source,
+                   "--device", str(device), "--amp", args.amp, "--batch", str(args.batch), "--imgsz", *map(str, args.imgsz)]
+        if args.weights:
+            command += ["--weights", args.weights]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines.append(f"| {mode} | failed: {result.stderr.strip().splitlines()[-1]} |")
+            continue
+        probe = json.loads(result.stdout.strip().splitlines()[-1])
+        what = "max_memory_allocated" if device.type == "cuda" else "process RSS"
+        extra = f" (step adds {probe['step_mb']:.0f} MB)" if "step_mb" in probe else ""
+        lines.append(f"| {mode} | {probe['peak_mb']:.0f} MB {what}{extra} |")
+    return lines
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args, args.memory_probe)))
+        return
+    device = select_device(args.device)
+    amp_dtype = select_precision(device, args.amp)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# bench: ViT-{args.backbone} ({args.source}, {'weights ' + args.weights if args.weights else 'random init'}), "
+          f"{args.imgsz[0]}x{args.imgsz[1]}, batch {args.batch}, {name}, "
+          f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, torch {torch.__version__}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "epochs" not in args.skip:
+            data_dir = make_dataset(tmp / "data", args.train_images, args.valid_images, size=(500, 375), seed=0)
+            print(f"## Frozen backbone, {args.train_images} train + {args.valid_images} valid images, {args.epochs} epochs\n")
+            print("\n".join(bench_epochs(args, device, data_dir, tmp)) + "\n", flush=True)
+        if "inference" not in args.skip:
+            print(f"## Inference at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
+            print("\n".join(bench_inference(args, device, tmp)) + "\n", flush=True)
+        if "memory" not in args.skip:
+            print(f"## Peak memory of a training step, batch {args.batch}\n")
+            print("\n".join(bench_memory(args, device)) + "\n")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,112 @@
+"""The speed features change how fast results come, never what they are."""
+import pytest
+import torch
+
+import config
+from datasets import ColorMap, build_datasets, make_loader
+from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
+from model import Dinov2Segmentation
+from tests.conftest import OFFLINE, run_script
+from train import build_optimizer, get_args_parser
+from utils import select_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def frozen_model():
+    torch.manual_seed(0)
+    return Dinov2Segmentation(21, "small", source="timm", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def loaders(tiny_dataset):
+    train_set, valid_set = build_datasets(tiny_dataset, (56, 42), ColorMap(config.COLORS, config.IGNORE_COLORS))
+    return make_loader(train_set, 4, True, 0, 0), make_loader(valid_set, 2, False, 0, 0)
+
+
+@pytest.mark.parametrize("budget", [10**10, 0], ids=["in-memory", "on-disk"])
+def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budget):
+    valid_loader = loaders[1]
+    uncached = validate(frozen_model, valid_loader, CPU, 21)
+    cache = FeatureCache("valid", budget, tmp_path)
+    first = validate(frozen_model, valid_loader, CPU, 21, cache=cache)  # builds the cache
+    assert cache.ready and (cache.file is not None) == (budget == 0)
+    again = validate(frozen_model, valid_loader, CPU, 21, cache=cache)  # backbone not run
+    for result in (first, again):
+        assert result.loss == pytest.approx(uncached.loss, rel=1e-6)
+        assert result.miou == pytest.approx(uncached.miou, abs=1e-9)
+        assert result.pixel_accuracy == pytest.approx(uncached.pixel_accuracy, abs=1e-9)
+    cache.close()
+    assert not list(tmp_path.iterdir())  # the disk cache is deleted
+
+
+def test_cached_epochs_do_not_run_the_backbone(frozen_model, loaders, tmp_path, monkeypatch):
+    cache = FeatureCache("valid", 10**10, tmp_path)
+    validate(frozen_model, loaders[1], CPU, 21, cache=cache)
+    monkeypatch.setattr(frozen_model, "extract_features", lambda *a: pytest.fail("backbone ran on a cached epoch"))
+    validate(frozen_model, loaders[1], CPU, 21, cache=cache)
+
+
+def test_training_from_cached_features_learns(frozen_model, loaders, tmp_path):
+    train_loader = loaders[0]
+    cache = FeatureCache("train", 10**10, tmp_path)
+    cache.build(frozen_model, make_loader(train_loader.dataset, 4, False, 0, 0), CPU, None)
+    optimizer = torch.optim.AdamW(frozen_model.head.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    losses = [train_one_epoch(frozen_model, train_loader, optimizer, CPU, 21, cache=cache, generator=generator).loss
+              for _ in range(4)]
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(frozen_model, loaders):
+    fp32 = validate(frozen_model, loaders[1], CPU, 21)
+    bf16 = validate(frozen_model, loaders[1], CPU, 21, amp_dtype=torch.bfloat16)
+    assert bf16.loss == pytest.approx(fp32.loss, rel=0.05)
+    model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    result = train_one_epoch(model, loaders[0], optimizer, CPU, 21, amp_dtype=torch.bfloat16)
+    assert torch.isfinite(torch.tensor(result.loss))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    images, target = torch.randn(2, 3, 42, 56), torch.randint(0, 21, (2, 42, 56))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False).train()
+        model.set_grad_checkpointing(checkpointing)
+        loss, _ = pixel_cross_entropy(model(images), target, 255)
+        loss.backward()
+        results.append((loss.detach(), model.backbone.vit.blocks[0].attn.qkv.weight.grad.clone()))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+
+
+def test_precision_choice():
+    assert select_precision(CPU, "auto") is None  # CPU autocast is slower than fp32 here
+    assert select_precision(CPU, "bf16") == torch.bfloat16
+    assert select_precision(CPU, "off") is None
+    with pytest.raises(ValueError, match="--amp fp16 needs a GPU"):
+        select_precision(CPU, "fp16")
+
+
+def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
+    model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False)
+    args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3"])
+    head, backbone = build_optimizer(model, args).param_groups
+    assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
+    assert len(backbone["params"]) == len(list(model.backbone.parameters()))
+    args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3", "--backbone-lr", "5e-6"])
+    assert build_optimizer(model, args).param_groups[1]["lr"] == 5e-6
+
+
+def test_train_py_with_cached_train_features(tiny_dataset, tmp_path):
+    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "56", "42", "--batch", "4",
+                        "--lr", "1e-2", "--cache-train-features", "--cache-ram-gb", "0", "--out-dir", tmp_path, *OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train feature cache: 12 images x 1536x3x4 float32" in result.stdout + result.stderr
+    assert "valid feature cache: 5 images" in result.stdout + result.stderr
+    assert not list(tmp_path.glob(".*cache"))  # disk caches removed at the end
