@@ -11,6 +11,7 @@ decode to the same colours); `ColorMap` turns colours into class indices and bac
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 import config
@@ -118,6 +120,33 @@ def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) as OpenCV will decode it (EXIF rotation applied), from the file header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+            width, height = height, width
+    return width, height
+
+
+def check_pairs(pairs: list[tuple[Path, Path]]) -> None:
+    """Fail before training on unreadable files and image/mask size mismatches (headers only: ~1 s for VOC)."""
+    problems = []
+    for image_path, mask_path in pairs:
+        sizes = []
+        for path in (image_path, mask_path):
+            try:
+                sizes.append(_header_size(path))
+            except (OSError, SyntaxError, ValueError) as err:
+                problems.append(f"{path}: not a readable image ({err.__class__.__name__})")
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            problems.append(f"{mask_path}: mask is {sizes[1][0]}x{sizes[1][1]} but its image {image_path.name} "
+                            f"is {sizes[0][0]}x{sizes[0][1]}")
+    if problems:
+        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+        raise DatasetError("; ".join(problems[:3]) + more)
+
+
 def train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
     """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
     width, height = imgsz
@@ -142,6 +171,10 @@ class SegmentationDataset(Dataset):
         self.pairs = pairs
         self.color_map = color_map
         self.transform = transform
+        # With a seed, sample i of epoch e is always augmented the same way, whichever worker loads
+        # it: runs repeat exactly and a resumed run continues as if never stopped.
+        self.seed: int | None = None
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -160,6 +193,8 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load_pair(index)
+        if self.seed is not None:
+            seed_augmentation(self.transform, self.seed, self.epoch, index)
         out = self.transform(image=image, mask=mask)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
@@ -167,32 +202,49 @@ class SegmentationDataset(Dataset):
 
 def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], color_map: ColorMap) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Train (augmented) and validation (resize only) datasets of `data_dir`."""
-    train = SegmentationDataset(find_pairs(data_dir, "train"), color_map, train_transform(imgsz, color_map.ignore_index))
-    valid = SegmentationDataset(find_pairs(data_dir, "valid"), color_map, eval_transform(imgsz))
+    train_pairs, valid_pairs = find_pairs(data_dir, "train"), find_pairs(data_dir, "valid")
+    check_pairs(train_pairs + valid_pairs)
+    train = SegmentationDataset(train_pairs, color_map, train_transform(imgsz, color_map.ignore_index))
+    valid = SegmentationDataset(valid_pairs, color_map, eval_transform(imgsz))
     return train, valid
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own, reproducible augmentation stream (derived from the loader's seed)."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+def seed_augmentation(transform: A.Compose, *key: int) -> None:
+    """Seed every transform of `transform` from `key`, each with its own stream.
+
+    (albumentations' `set_random_seed` gives all transforms the same seed, so their first draws
+    coincide: with p=0.5 flips and p=0.2 brightness changes, every brightness change would come
+    with a flip.)"""
+    children = np.random.SeedSequence(list(key)).spawn(len(transform.transforms) + 1)
+    for target, child in zip([transform, *transform.transforms], children):
+        target.random_generator = np.random.default_rng(child)
+        target.py_random = random.Random(int(child.generate_state(1)[0]))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def make_loader(
     dataset: SegmentationDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose shuffling and augmentation are fixed by `seed`."""
-    if workers == 0 and hasattr(dataset.transform, "set_random_seed"):
-        dataset.transform.set_random_seed(seed)
+    """A DataLoader whose order and augmentation depend only on (seed, epoch); call `set_epoch` per epoch.
+
+    Shuffled (training) loaders restart their workers every epoch so that the dataset's epoch
+    reaches them; validation loaders keep theirs."""
+    dataset.seed = seed
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0 and not shuffle,
+        generator=torch.Generator().manual_seed(epoch_seed(seed, 0)),
     )
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Make the next pass over `loader` the `epoch`-th: its shuffling and augmentation."""
+    loader.dataset.epoch = epoch
+    loader.generator.manual_seed(epoch_seed(loader.dataset.seed, epoch))

@@ -20,6 +20,10 @@ from tqdm import tqdm
 from metrics import ConfusionMatrix
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became nan/inf: training has diverged (too high a learning rate, fp16 overflow)."""
+
+
 @dataclass
 class EpochResult:
     loss: float  # mean cross-entropy over all valid pixels of the split
@@ -145,6 +149,8 @@ def _run_epoch(
             with autocast(device, amp_dtype):
                 logits = model.forward_head(inputs, masks.shape[-2:]) if from_features else model(inputs)
             loss, valid = pixel_cross_entropy(logits, masks, ignore_index)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{desc}, step {step + 1}/{total}: loss is {loss.item()}")
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None and scaler.is_enabled():

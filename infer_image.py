@@ -20,8 +20,7 @@ from tqdm import tqdm
 import config
 from datasets import IMAGE_EXTENSIONS, DatasetError, read_image
 from inference import Predictor, add_inference_args, check_inference_args, indexed_png, render
-from model import BackboneUnavailableError
-from utils import atomic_write
+from utils import atomic_write, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,7 +75,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (BackboneUnavailableError, DatasetError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main, get_args_parser())

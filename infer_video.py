@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import config
 from inference import Predictor, add_inference_args, check_inference_args, render
-from model import BackboneUnavailableError
+from utils import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (BackboneUnavailableError, FileNotFoundError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main, get_args_parser())

@@ -18,14 +18,15 @@ from typing import Any
 import torch
 
 import config
-from datasets import ColorMap, DatasetError, build_datasets, eval_transform, make_loader, round_to_patch
-from engine import EpochResult, FeatureCache, default_cache_budget, train_one_epoch, validate
-from model import SOURCES, BackboneUnavailableError, Dinov2Segmentation
+from datasets import ColorMap, build_datasets, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
+from engine import EpochResult, FeatureCache, NonFiniteLossError, default_cache_budget, train_one_epoch, validate
+from model import SOURCES, Dinov2Segmentation
 from model_config import PATCH_SIZE, SIZES
 from utils import (
     AMP_CHOICES,
     CHECKPOINT_FORMAT,
     load_checkpoint,
+    run_cli,
     save_checkpoint,
     save_plots,
     seed_everything,
@@ -164,6 +165,8 @@ def main(args: argparse.Namespace) -> None:
     color_map = ColorMap(config.COLORS, config.IGNORE_COLORS, config.IGNORE_INDEX)
     classes = list(config.CLASSES)
     train_set, valid_set = build_datasets(args.data_dir, imgsz, color_map)
+    if args.batch > len(train_set):
+        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, args.batch, True, args.workers, args.seed, pin)
     valid_loader = make_loader(valid_set, args.batch, False, args.workers, args.seed, pin)
@@ -204,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
     valid_cache = None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir)
     train_cache = FeatureCache("train", budget, out_dir) if args.cache_train_features else None
-    shuffle = torch.Generator().manual_seed(args.seed)
+    shuffle = torch.Generator()  # order of cached training features, reseeded every epoch
 
     def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {
@@ -229,6 +232,8 @@ def main(args: argparse.Namespace) -> None:
         for epoch in range(start_epoch, args.epochs):
             print(f"EPOCH: {epoch + 1}/{args.epochs}")
             started = time.perf_counter()
+            set_epoch(train_loader, epoch)
+            shuffle.manual_seed(epoch_seed(args.seed, epoch))
             train_result = train_one_epoch(model, train_loader, optimizer, device, color_map.num_classes,
                                            color_map.ignore_index, epoch + 1, amp_dtype, scaler, train_cache, shuffle)
             valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index,
@@ -270,6 +275,17 @@ def main(args: argparse.Namespace) -> None:
                         amp_dtype=amp_dtype, cache=valid_cache)
         print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
         print(f"Outputs in {out_dir}")
+    except NonFiniteLossError as err:
+        last = out_dir / "last.pth"
+        kept = f"{last} (epoch {len(history)}) is the last good checkpoint" if last.exists() else "no checkpoint was written"
+        raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
+    except KeyboardInterrupt:
+        command = sys.argv[1:]
+        if "--resume" in command:
+            del command[command.index("--resume"): command.index("--resume") + 2]
+        print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {len(history)}; continue with:\n"
+              f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
+        sys.exit(130)
     finally:
         for cache in (valid_cache, train_cache):
             if cache is not None:
@@ -286,7 +302,4 @@ def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torc
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (BackboneUnavailableError, DatasetError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main, get_args_parser())

@@ -1,13 +1,17 @@
 """Device choice, seeding, the checkpoint format, metric logs and plots: shared by train, infer and notebook."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,7 +84,28 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    """Write atomically; a Ctrl-C during the write is held back until the file is complete."""
+    try:
+        with deferred_interrupt():
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except OSError as err:
+        raise OSError(f"{path}: could not be written ({err.strerror or err}); the previous file is unchanged") from err
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: files being written get finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -117,7 +142,11 @@ def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device
         print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
         model = Dinov2Segmentation(source="timm", **common)
         state = hub_state_to_timm(state, model)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint weights do not fit the model its model_info describes ({arch}): "
+                         f"{str(err).splitlines()[0]}") from err
     return model.to(device).eval()
 
 
@@ -149,3 +178,23 @@ def save_plots(history: list[dict[str, float]], out_dir: str | Path) -> None:
         ax.legend()
         atomic_write(Path(out_dir) / filename, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line; errors raised in DataLoader workers arrive wrapped in a
+    traceback, of which the last line is the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Run a script's main: a user's mistake ends as one line on stderr and exit code 1, not a traceback."""
+    from model import BackboneUnavailableError
+
+    try:
+        main(parser.parse_args())
+    except (BackboneUnavailableError, ValueError, OSError, FloatingPointError) as err:
+        sys.exit(f"error: {one_line(err)}")

@@ -5,7 +5,8 @@ import torch
 
 import config
 from datasets import (
-    ColorMap, DatasetError, SegmentationDataset, eval_transform, find_pairs, round_to_patch, train_transform,
+    ColorMap, DatasetError, SegmentationDataset, eval_transform, find_pairs, round_to_patch, seed_augmentation,
+    train_transform,
 )
 
 
@@ -95,12 +96,38 @@ def test_mismatched_image_and_mask_sizes_name_the_mask(tmp_path, voc_map):
 
 def test_augmentation_fills_rotated_border_with_ignore_not_background():
     transform = train_transform((56, 42), ignore_index=255)
-    transform.set_random_seed(0)
     image = np.full((60, 80, 3), 128, np.uint8)
     mask = np.ones((60, 80), np.uint8)  # every pixel class 1
     seen = set()
-    for _ in range(20):
+    for index in range(20):
+        seed_augmentation(transform, 0, 0, index)
         out = transform(image=image, mask=mask)
         assert out["image"].shape == (42, 56, 3) and out["mask"].shape == (42, 56)
         seen |= set(np.unique(out["mask"]).tolist())
     assert seen == {1, 255}  # rotation happened at least once; its border is ignored, never class 0
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_dataset, voc_map):
+    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, train_transform((56, 42)))
+    dataset.seed = 3
+    first = [dataset[i][0] for i in range(6)]
+    assert all(torch.equal(a, dataset[i][0]) for i, a in enumerate(first))  # same epoch: same views
+    dataset.epoch = 1
+    assert any(not torch.equal(a, dataset[i][0]) for i, a in enumerate(first))  # next epoch: new views
+
+
+def test_augmentation_decisions_are_independent():
+    # albumentations' set_random_seed seeds every transform alike, so its flip and brightness draws
+    # coincide; ours must not: some brightness changes come without a flip.
+    import albumentations as A
+
+    transform = A.Compose([A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.2)])
+    image = np.tile(np.arange(8, dtype=np.uint8) * 20, (4, 1))[..., None].repeat(3, -1)
+    outcomes = set()
+    for seed in range(200):
+        seed_augmentation(transform, seed)
+        out = transform(image=image)["image"]
+        flipped = bool(out[0, -1, 0] < out[0, 0, 0])
+        changed = not (np.array_equal(out, image) or np.array_equal(out, image[:, ::-1]))
+        outcomes.add((flipped, changed))
+    assert outcomes == {(False, False), (True, False), (False, True), (True, True)}
