@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import config
-from datasets import ColorMap, build_datasets, eval_transform, make_loader
+from datasets import VOC, build_datasets, eval_transform, make_loader
 from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
 from inference import Predictor
 from make_sample_data import make_dataset
@@ -100,12 +100,11 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
 
 def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
     imgsz = tuple(args.imgsz)
-    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
     amp_dtype = select_precision(device, args.amp)
     rows = []
 
     def loaders():
-        train_set, valid_set = build_datasets(data_dir, imgsz, color_map)
+        train_set, valid_set = build_datasets(data_dir, imgsz, VOC)
         pin = device.type == "cuda"
         return (train_set, make_loader(train_set, args.batch, True, args.workers, 0, pin),
                 make_loader(valid_set, args.batch, False, args.workers, 0, pin))
@@ -172,8 +171,7 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
     model = build_model(args)
     checkpoint = out_dir / "bench_model.pth"
-    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
-    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, color_map, config.CLASSES, tuple(args.imgsz))}, checkpoint)
+    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
     predictor = Predictor(checkpoint, str(device), args.imgsz, args.amp)
     width, height = args.imgsz
     image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)

@@ -5,13 +5,24 @@ Layout of a dataset directory (Pascal VOC as distributed on Kaggle, or anything 
     <data-dir>/train_images/*.jpg   <data-dir>/train_labels/*.png
     <data-dir>/valid_images/*.jpg   <data-dir>/valid_labels/*.png
 
-Images and masks are paired by file stem. Masks are RGB colour PNGs (palette-indexed VOC PNGs
-decode to the same colours); `ColorMap` turns colours into class indices and back.
+Images and masks are paired by file stem. The classes and their colours come from
+`<data-dir>/classes.json` (or `--classes FILE`), else the Pascal VOC defaults of config.py:
+
+    {"classes": [{"name": "sky", "color": [128, 128, 128]}, ...],
+     "ignore_color": [0, 0, 0],         # or "ignore_colors": [[...], ...]; optional
+     "ignore_index": 255,               # value of ignored pixels in index masks; optional
+     "mask_format": "auto"}             # auto | color | index; optional
+
+Masks are read per file: RGB(A) colour PNGs and palette ('P') PNGs are mapped by colour through
+`ColorMap`; single-channel PNGs (8 or 16 bit) are index masks, pixel value = class index
+(`mask_format: "color"` reads them as gray colours instead, e.g. for 0/255 binary masks).
 """
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -74,6 +85,16 @@ class ColorMap:
             raise DatasetError(f"{source}: colours not in the class palette (pixel counts): {listed}{more}")
         return self._values[slot]
 
+    def check_indices(self, index: np.ndarray, source: str | Path = "mask") -> np.ndarray:
+        """An index mask as uint8 class indices; values that are neither a class nor the ignore index are an error."""
+        bad = (index >= self.num_classes) & (index != self.ignore_index)
+        if bad.any():
+            values, counts = np.unique(index[bad], return_counts=True)
+            listed = ", ".join(f"{v} x{n}" for v, n in list(zip(values, counts))[:5])
+            raise DatasetError(f"{source}: index mask values outside the {self.num_classes} classes and ignore index "
+                               f"{self.ignore_index} (pixel counts): {listed}")
+        return index.astype(np.uint8)
+
     def decode(self, index: np.ndarray) -> np.ndarray:
         """`[H, W]` class indices -> `[H, W, 3]` uint8 RGB; ignore pixels get the first ignore colour."""
         lut = np.zeros((256, 3), dtype=np.uint8)
@@ -81,6 +102,88 @@ class ColorMap:
         if len(self.ignore_colors):
             lut[self.ignore_index] = self.ignore_colors[0]
         return lut[index]
+
+
+MASK_FORMATS = ("auto", "color", "index")
+
+
+@dataclass
+class DatasetSpec:
+    """What a dataset's pixel values mean: class names, their colours, what to ignore."""
+
+    classes: list[str]
+    colors: list[tuple[int, int, int]]
+    ignore_colors: list[tuple[int, int, int]] = field(default_factory=list)
+    ignore_index: int = config.IGNORE_INDEX
+    mask_format: str = "auto"
+    source: str = "Pascal VOC defaults (config.py)"
+
+    def color_map(self) -> ColorMap:
+        return ColorMap(self.colors, self.ignore_colors, self.ignore_index)
+
+
+VOC = DatasetSpec(list(config.CLASSES), list(config.COLORS), list(config.IGNORE_COLORS))
+
+
+def _color(value, where: str) -> tuple[int, int, int]:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value)):
+        raise ValueError(f"{where} must be [r, g, b] with integers 0-255, got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
+
+
+def load_dataset_spec(data_dir: str | Path, classes_file: str | Path | None = None) -> DatasetSpec:
+    """The dataset description: `classes_file`, else `<data_dir>/classes.json`, else VOC."""
+    path = Path(classes_file) if classes_file else Path(data_dir) / "classes.json"
+    if not path.is_file():
+        if classes_file:
+            raise DatasetError(f"{path}: dataset description file not found")
+        return VOC
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: not a readable JSON file ({err})") from err
+    try:
+        if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list) or not raw["classes"]:
+            raise ValueError('"classes" must be a non-empty list of {"name": ..., "color": [r, g, b]}')
+        names, colors = [], []
+        for i, entry in enumerate(raw["classes"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or "color" not in entry:
+                raise ValueError(f'classes[{i}] must be {{"name": str, "color": [r, g, b]}}, got {entry!r}')
+            names.append(entry["name"])
+            colors.append(_color(entry["color"], f"classes[{i}].color"))
+        if "ignore_color" in raw and "ignore_colors" in raw:
+            raise ValueError('give "ignore_color" or "ignore_colors", not both')
+        ignore = [raw["ignore_color"]] if "ignore_color" in raw else raw.get("ignore_colors", [])
+        ignore_colors = [_color(c, "ignore colour") for c in ignore]
+        ignore_index = raw.get("ignore_index", config.IGNORE_INDEX)
+        if not isinstance(ignore_index, int) or not len(names) <= ignore_index <= 255:
+            raise ValueError(f'"ignore_index" must be an integer in [{len(names)}, 255], got {ignore_index!r}')
+        mask_format = raw.get("mask_format", "auto")
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f'"mask_format" must be one of {", ".join(MASK_FORMATS)}, got {mask_format!r}')
+        spec = DatasetSpec(names, colors, ignore_colors, ignore_index, mask_format, str(path))
+        spec.color_map()  # duplicate colours, class count
+    except ValueError as err:
+        raise DatasetError(f"{path}: {err}") from err
+    return spec
+
+
+def read_mask(path: str | Path, color_map: ColorMap, mask_format: str = "auto") -> np.ndarray:
+    """A mask file as `[H, W]` uint8 class indices, whatever its format (see the module docstring)."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # palette PNGs come back as BGR colours
+    if mask is None:
+        raise DatasetError(f"{path}: cannot be read as an image (missing, corrupt or unsupported format)")
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim == 2:
+        if mask_format == "color":
+            return color_map.encode(np.repeat(mask[..., None], 3, axis=2).astype(np.uint8), path)
+        return color_map.check_indices(mask, path)
+    if mask_format == "index":
+        raise DatasetError(f"{path}: a colour mask, but the dataset description says mask_format \"index\"")
+    if mask.dtype != np.uint8:
+        raise DatasetError(f"{path}: {mask.dtype} colour masks are not supported (use 8-bit RGB or palette PNGs)")
+    return color_map.encode(cv2.cvtColor(mask[..., :3], cv2.COLOR_BGR2RGB), path)
 
 
 def round_to_patch(imgsz: Sequence[int], patch_size: int = 14) -> tuple[int, int]:
@@ -167,10 +270,11 @@ def eval_transform(imgsz: tuple[int, int]) -> A.Compose:
 class SegmentationDataset(Dataset):
     """Yields `(image [3, H, W] float32, mask [H, W] int64)`; masks resize with nearest neighbour."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose):
+    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose, mask_format: str = "auto"):
         self.pairs = pairs
         self.color_map = color_map
         self.transform = transform
+        self.mask_format = mask_format
         # With a seed, sample i of epoch e is always augmented the same way, whichever worker loads
         # it: runs repeat exactly and a resumed run continues as if never stopped.
         self.seed: int | None = None
@@ -183,7 +287,7 @@ class SegmentationDataset(Dataset):
         """The untransformed RGB image and its class-index mask."""
         image_path, mask_path = self.pairs[index]
         image = read_image(image_path)
-        mask = self.color_map.encode(read_image(mask_path), mask_path)
+        mask = read_mask(mask_path, self.color_map, self.mask_format)
         if image.shape[:2] != mask.shape[:2]:
             raise DatasetError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} "
@@ -200,12 +304,13 @@ class SegmentationDataset(Dataset):
         return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
 
 
-def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], color_map: ColorMap) -> tuple[SegmentationDataset, SegmentationDataset]:
+def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Train (augmented) and validation (resize only) datasets of `data_dir`."""
     train_pairs, valid_pairs = find_pairs(data_dir, "train"), find_pairs(data_dir, "valid")
     check_pairs(train_pairs + valid_pairs)
-    train = SegmentationDataset(train_pairs, color_map, train_transform(imgsz, color_map.ignore_index))
-    valid = SegmentationDataset(valid_pairs, color_map, eval_transform(imgsz))
+    color_map = spec.color_map()
+    train = SegmentationDataset(train_pairs, color_map, train_transform(imgsz, color_map.ignore_index), spec.mask_format)
+    valid = SegmentationDataset(valid_pairs, color_map, eval_transform(imgsz), spec.mask_format)
     return train, valid
 
 

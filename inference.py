@@ -34,6 +34,7 @@ class Predictor:
         self.model = build_model_from_checkpoint(checkpoint, self.device)
         self.classes: list[str] = info["classes"]
         self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"])
+        self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
         self.imgsz = round_to_patch(imgsz or info["imgsz"], self.model.patch_size)
         self.mean = np.array(info["mean"], dtype=np.float32) * 255
         self.std = np.array(info["std"], dtype=np.float32) * 255
@@ -63,8 +64,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, color_map: ColorMap, alpha: flo
 
 
 def draw_class_names(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], min_fraction: float = 0.005,
-                     skip: Sequence[int] = (0,)) -> np.ndarray:
-    """Write each class's name at the most interior point of its region (regions < min_fraction skipped)."""
+                     skip: Sequence[int] = ()) -> np.ndarray:
+    """Write each class's name at the most interior point of its region (regions < min_fraction and
+    classes in `skip` left out)."""
     out = image.copy()
     scale = max(0.4, min(out.shape[:2]) / 900)
     for cls in np.unique(mask):
@@ -105,7 +107,8 @@ def draw_legend(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], col
 def render(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:
     """Overlay + class names + legend: what infer_image.py and infer_video.py write."""
     drawn = overlay(image, mask, color_map, alpha)
-    drawn = draw_class_names(drawn, mask, classes)
+    unblended = [i for i, color in enumerate(color_map.colors) if not color.any()]  # e.g. VOC background
+    drawn = draw_class_names(drawn, mask, classes, skip=unblended)
     return draw_legend(drawn, mask, classes, color_map)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import config
-from datasets import ColorMap, build_datasets, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
+from datasets import DatasetSpec, build_datasets, load_dataset_spec, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
 from engine import EpochResult, FeatureCache, NonFiniteLossError, default_cache_budget, train_one_epoch, validate
 from model import SOURCES, Dinov2Segmentation
 from model_config import PATCH_SIZE, SIZES
@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/")
+    data.add_argument("--classes", default=None, metavar="FILE",
+                      help="dataset description (JSON); default: <data-dir>/classes.json, else the VOC classes")
     data.add_argument("--imgsz", type=int, nargs=2, default=config.IMG_SIZE, metavar=("W", "H"),
                       help="training/validation size; rounded up to a multiple of 14 (640 -> 644)")
     data.add_argument("--workers", type=int, default=config.WORKERS, help="DataLoader worker processes")
@@ -104,15 +106,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
 
 
-def model_info(model: Dinov2Segmentation, color_map: ColorMap, classes: list[str], imgsz: tuple[int, int]) -> dict[str, Any]:
+def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int]) -> dict[str, Any]:
     """Everything inference needs to rebuild and interpret the model, without config.py."""
     return {
         "arch": dict(model.arch),
         "hub_dir": model.hub_dir,
-        "classes": list(classes),
-        "colors": color_map.colors.tolist(),
-        "ignore_index": color_map.ignore_index,
-        "ignore_colors": color_map.ignore_colors.tolist(),
+        "classes": list(spec.classes),
+        "colors": [list(c) for c in spec.colors],
+        "ignore_index": spec.ignore_index,
+        "ignore_colors": [list(c) for c in spec.ignore_colors],
+        "mask_format": spec.mask_format,
         "imgsz": list(imgsz),
         "mean": list(config.MEAN),
         "std": list(config.STD),
@@ -162,9 +165,10 @@ def main(args: argparse.Namespace) -> None:
     out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS, config.IGNORE_INDEX)
-    classes = list(config.CLASSES)
-    train_set, valid_set = build_datasets(args.data_dir, imgsz, color_map)
+    spec = load_dataset_spec(args.data_dir, args.classes)
+    color_map = spec.color_map()
+    print(f"{color_map.num_classes} classes from {spec.source}: {', '.join(spec.classes)}")
+    train_set, valid_set = build_datasets(args.data_dir, imgsz, spec)
     if args.batch > len(train_set):
         raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
     pin = device.type == "cuda"
@@ -191,7 +195,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
           f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
           f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
-    info = model_info(model, color_map, classes, imgsz)
+    info = model_info(model, spec, imgsz)
     start_epoch, history = 0, []
     best_loss, best_miou = math.inf, -math.inf
     if resumed is not None:
@@ -274,6 +278,7 @@ def main(args: argparse.Namespace) -> None:
         test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test",
                         amp_dtype=amp_dtype, cache=valid_cache)
         print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
+        print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(spec.classes, test.iou) if iou == iou))
         print(f"Outputs in {out_dir}")
     except NonFiniteLossError as err:
         last = out_dir / "last.pth"

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-import config
-from datasets import ColorMap, build_datasets, make_loader
+from datasets import build_datasets, make_loader
 from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, run_script
@@ -21,7 +20,7 @@ def frozen_model():
 
 @pytest.fixture(scope="module")
 def loaders(tiny_dataset):
-    train_set, valid_set = build_datasets(tiny_dataset, (56, 42), ColorMap(config.COLORS, config.IGNORE_COLORS))
+    train_set, valid_set = build_datasets(tiny_dataset, (56, 42))
     return make_loader(train_set, 4, True, 0, 0), make_loader(valid_set, 2, False, 0, 0)
 
 
