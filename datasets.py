@@ -30,6 +30,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+import torch.distributed
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -330,18 +331,42 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Indices rank, rank + world, ... of a dataset, in order and without padding: across ranks every
+    sample is seen exactly once (DistributedSampler pads with repeats, which would count twice)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(
     dataset: SegmentationDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on (seed, epoch); call `set_epoch` per epoch.
 
     Shuffled (training) loaders restart their workers every epoch so that the dataset's epoch
-    reaches them; validation loaders keep theirs."""
+    reaches them; validation loaders keep theirs. Under torchrun each process gets its share:
+    training through DistributedSampler (equal counts, so every rank takes the same number of
+    steps), evaluation through ShardSampler (exact counts)."""
     dataset.seed = seed
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if shuffle:
+            sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        else:
+            sampler = ShardSampler(len(dataset), rank, world)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0 and not shuffle,
@@ -353,3 +378,5 @@ def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
     """Make the next pass over `loader` the `epoch`-th: its shuffling and augmentation."""
     loader.dataset.epoch = epoch
     loader.generator.manual_seed(epoch_seed(loader.dataset.seed, epoch))
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from metrics import ConfusionMatrix
+from utils import all_reduce_sum, is_main_process, rank
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,34 +71,36 @@ class FeatureCache:
             where = "memory"
         else:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
-            self.file = self.disk_dir / f".{self.name}_features.cache"
+            self.file = self.disk_dir / f".{self.name}_features.rank{rank()}.cache"
             self.file.unlink(missing_ok=True)
             flat = torch.from_file(str(self.file), shared=True, size=count * math.prod(feature_shape), dtype=dtype)
             self.features = flat.view(count, *feature_shape)
             where = f"a file ({self.file}; memory budget {self.memory_budget / 1e9:.1f} GB)"
         self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
         shape = "x".join(map(str, feature_shape))
-        tqdm.write(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
+        print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
                    f"= {total / 1e9:.2f} GB in {where}")
 
     @torch.no_grad()
     def build(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> None:
-        """One backbone pass over `loader` (which must not shuffle) filling the cache in dataset order."""
+        """One backbone pass over `loader` (which must not shuffle) filling the cache in its order."""
+        model = getattr(model, "module", model)  # unwrap DistributedDataParallel
         model.eval()
         offset = 0
-        for images, masks in tqdm(loader, desc=f"Caching {self.name} features", leave=False, dynamic_ncols=True):
+        for images, masks in tqdm(loader, desc=f"Caching {self.name} features", leave=False, dynamic_ncols=True,
+                                  disable=not is_main_process()):
             with autocast(device, amp_dtype):
                 features = model.extract_features(images.to(device, non_blocking=True))
             if self.features is None:
                 store_dtype = amp_dtype or torch.float32  # the head would cast to the autocast dtype anyway
-                self._allocate(len(loader.dataset), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
+                self._allocate(len(loader.sampler), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
             self.features[offset: offset + len(images)] = features.to("cpu", self.features.dtype)
             self.masks[offset: offset + len(images)] = masks.to(torch.uint8)
             offset += len(images)
         self.ready = True
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.features)
+        count = len(self.features) if self.features is not None else 0
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         for start in range(0, count, batch_size):
             index = order[start: start + batch_size]
@@ -106,7 +109,7 @@ class FeatureCache:
             yield self.features[index].float(), self.masks[index].long()
 
     def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self.features) / batch_size)
+        return math.ceil((len(self.features) if self.features is not None else 0) / batch_size)
 
     def close(self) -> None:
         self.features = self.masks = None
@@ -141,13 +144,13 @@ def _run_epoch(
     confmat = ConfusionMatrix(num_classes, ignore_index)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     pixels_total = torch.zeros((), dtype=torch.int64, device=device)
-    progress = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    progress = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
     with torch.set_grad_enabled(training):
         for step, (inputs, masks) in enumerate(progress):
             inputs = inputs.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                logits = model.forward_head(inputs, masks.shape[-2:]) if from_features else model(inputs)
+                logits = model(features=inputs, image_size=masks.shape[-2:]) if from_features else model(inputs)
             loss, valid = pixel_cross_entropy(logits, masks, ignore_index)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"{desc}, step {step + 1}/{total}: loss is {loss.item()}")
@@ -165,6 +168,9 @@ def _run_epoch(
             confmat.update(masks, logits.detach().argmax(1))
             if step % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}")
+    # Under torchrun each rank saw its own share of the split: add the counts up.
+    confmat.reduce_from_all_processes(device)
+    all_reduce_sum(loss_total, pixels_total)
     scores = confmat.compute()
     return EpochResult(
         loss=(loss_total / pixels_total.clamp(min=1)).item(),

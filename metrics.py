@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed
 
 
 @dataclass
@@ -37,6 +38,13 @@ class ConfusionMatrix:
         if counts.numel() != n * n:
             raise ValueError(f"target holds class indices >= {n} that are not the ignore index {self.ignore_index}")
         self.mat += counts.reshape(n, n)
+
+    def reduce_from_all_processes(self, device: torch.device) -> None:
+        """Sum the counts of every rank (torchrun): each pixel of the split was seen by exactly one."""
+        if self.mat is None:
+            self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.mat)
 
     def reset(self) -> None:
         self.mat = None

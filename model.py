@@ -234,6 +234,8 @@ class Dinov2Segmentation(nn.Module):
         self.head = LinearHead(spec.head_in_channels, num_classes)
         self.fine_tune = fine_tune
         self.backbone.requires_grad_(fine_tune)
+        if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
+            self.backbone.mask_token.requires_grad_(False)
         self.train()
 
     def train(self, mode: bool = True) -> "Dinov2Segmentation":
@@ -268,10 +270,21 @@ class Dinov2Segmentation(nn.Module):
             logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
         return logits
 
-    def forward(self, images: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        output_size: Sequence[int] | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        image_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Logits `[B, num_classes, H, W]`, or at `output_size` (H, W): inference on a resized image
-        upsamples the token-grid logits straight to the original size, interpolating once."""
-        return self.forward_head(self.extract_features(images), images.shape[-2:], output_size)
+        upsamples the token-grid logits straight to the original size, interpolating once.
+        `features=` (of images of `image_size`) runs the head alone; it is a forward argument rather
+        than a separate method so that DistributedDataParallel sees the call."""
+        if features is None:
+            features, image_size = self.extract_features(images), images.shape[-2:]
+        return self.forward_head(features, image_size, output_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block's activations in the backward pass instead of storing

@@ -9,6 +9,7 @@ last.pth (for --resume), metrics.csv and loss/accuracy/miou PNG curves.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -25,13 +26,18 @@ from model_config import PATCH_SIZE, SIZES
 from utils import (
     AMP_CHOICES,
     CHECKPOINT_FORMAT,
+    atomic_write,
+    distributed,
+    init_distributed,
+    is_main_process,
     load_checkpoint,
     run_cli,
     save_checkpoint,
     save_plots,
     seed_everything,
-    select_device,
     select_precision,
+    sync_buffers,
+    world_size,
     write_metrics_csv,
 )
 
@@ -86,6 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=config.SEED)
     run.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pth of an earlier run")
+    run.add_argument("--dist-timeout", type=float, default=30, metavar="MIN",
+                     help="torchrun: minutes a process waits for a dead or stuck peer before failing")
     return parser
 
 
@@ -157,7 +165,9 @@ def main(args: argparse.Namespace) -> None:
     if args.hub_dir:
         args.source = "local"
     check_args(args)
-    device = select_device(args.device)
+    device = init_distributed(args.device, args.dist_timeout)
+    if args.cache_train_features and world_size() > 1:
+        raise ValueError("--cache-train-features is not supported under torchrun yet; run it in one process")
     seed_everything(args.seed)
     imgsz = round_to_patch(args.imgsz, PATCH_SIZE)
     if list(imgsz) != list(args.imgsz):
@@ -175,6 +185,9 @@ def main(args: argparse.Namespace) -> None:
     train_loader = make_loader(train_set, args.batch, True, args.workers, args.seed, pin)
     valid_loader = make_loader(valid_set, args.batch, False, args.workers, args.seed, pin)
     print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
+    if world_size() > 1:
+        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
+              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
 
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
@@ -196,6 +209,11 @@ def main(args: argparse.Namespace) -> None:
           f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
           f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
     info = model_info(model, spec, imgsz)
+    train_model = model
+    if world_size() > 1:
+        if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     start_epoch, history = 0, []
     best_loss, best_miou = math.inf, -math.inf
     if resumed is not None:
@@ -212,6 +230,10 @@ def main(args: argparse.Namespace) -> None:
     valid_cache = None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir)
     train_cache = FeatureCache("train", budget, out_dir) if args.cache_train_features else None
     shuffle = torch.Generator()  # order of cached training features, reseeded every epoch
+
+    def save(checkpoint: dict[str, Any], name: str) -> None:
+        if is_main_process():
+            save_checkpoint(checkpoint, out_dir / name)
 
     def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {
@@ -238,8 +260,9 @@ def main(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             set_epoch(train_loader, epoch)
             shuffle.manual_seed(epoch_seed(args.seed, epoch))
-            train_result = train_one_epoch(model, train_loader, optimizer, device, color_map.num_classes,
+            train_result = train_one_epoch(train_model, train_loader, optimizer, device, color_map.num_classes,
                                            color_map.ignore_index, epoch + 1, amp_dtype, scaler, train_cache, shuffle)
+            sync_buffers(model)  # every rank validates, and rank 0 saves, the same model
             valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index,
                                     amp_dtype=amp_dtype, cache=valid_cache)
             scheduler.step()
@@ -257,18 +280,21 @@ def main(args: argparse.Namespace) -> None:
             if valid_result.loss < best_loss:
                 best_loss = valid_result.loss
                 print(f"Best validation loss: {best_loss:.4f}\nSaving best model for epoch: {epoch + 1}")
-                save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_loss.pth")
+                save(checkpoint_dict(epoch, metrics), "best_model_loss.pth")
             if valid_result.miou > best_miou:
                 best_miou = valid_result.miou
                 print(f"Best validation IoU: {best_miou:.4f}\nSaving best model for epoch: {epoch + 1}")
-                save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "best_model_iou.pth")
-            save_checkpoint(checkpoint_dict(epoch, metrics), out_dir / "last.pth")
-            write_metrics_csv(history, out_dir / "metrics.csv")
-            save_plots(history, out_dir)
+                save(checkpoint_dict(epoch, metrics), "best_model_iou.pth")
+            save(checkpoint_dict(epoch, metrics), "last.pth")
+            if is_main_process():
+                write_metrics_csv(history, out_dir / "metrics.csv")
+                save_plots(history, out_dir)
             print(f"LR for next epoch: {scheduler.get_last_lr()}  ({seconds:.1f} s)")
             print("-" * 50)
 
-        save_checkpoint(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), out_dir / "final_model.pth")
+        save(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), "final_model.pth")
+        if distributed():
+            torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
 
         best_path = out_dir / "best_model_iou.pth"
         if not best_path.exists():  # mIoU was nan every epoch (no labelled validation pixel)
@@ -279,6 +305,10 @@ def main(args: argparse.Namespace) -> None:
                         amp_dtype=amp_dtype, cache=valid_cache)
         print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
         print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(spec.classes, test.iou) if iou == iou))
+        if is_main_process():
+            report = {"checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
+                      "iou": dict(zip(spec.classes, test.iou)), "processes": world_size()}
+            atomic_write(out_dir / "test_metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
         print(f"Outputs in {out_dir}")
     except NonFiniteLossError as err:
         last = out_dir / "last.pth"
