@@ -4,7 +4,8 @@
     python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
-last.pth (for --resume), metrics.csv and loss/accuracy/miou PNG curves.
+last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves and test_metrics.json.
+Runs under torchrun for several GPUs or machines (see README).
 """
 from __future__ import annotations
 
