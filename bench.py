@@ -29,7 +29,7 @@ import torch
 
 import config
 from datasets import VOC, build_datasets, eval_transform, make_loader
-from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
+from engine import FeatureCache, autocast, pixel_cross_entropy, train_one_epoch, validate
 from inference import Predictor
 from make_sample_data import make_dataset
 from metrics import ConfusionMatrix
@@ -179,8 +179,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
     backbone = predictor.model.backbone
 
     def bare():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=predictor.amp_dtype or torch.float32,
-                                                    enabled=predictor.amp_dtype is not None):
+        with torch.inference_mode(), autocast(device, predictor.amp_dtype):
             backbone.get_intermediate_layers(tensor, n=predictor.model.out_indices, reshape=True)
 
     floor = timed(bare, args.repeats, device)
@@ -205,7 +204,7 @@ def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):  # the second step includes the optimizer state
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             loss, _ = pixel_cross_entropy(model(images), target, 255)
         optimizer.zero_grad()
         loss.backward()

@@ -187,6 +187,15 @@ def read_mask(path: str | Path, color_map: ColorMap, mask_format: str = "auto") 
     return color_map.encode(cv2.cvtColor(mask[..., :3], cv2.COLOR_BGR2RGB), path)
 
 
+MAX_SIDE = 4096
+
+
+def check_imgsz(imgsz: Sequence[int], patch_size: int = 14) -> None:
+    """`--imgsz W H` must hold at least one patch per side and stay below absurd sizes."""
+    if min(imgsz) < patch_size or max(imgsz) > MAX_SIDE:
+        raise ValueError(f"--imgsz {imgsz[0]} {imgsz[1]}: each side must be in [{patch_size}, {MAX_SIDE}]")
+
+
 def round_to_patch(imgsz: Sequence[int], patch_size: int = 14) -> tuple[int, int]:
     """Round (width, height) up to multiples of the patch size (640 -> 644)."""
     if len(imgsz) != 2 or min(imgsz) < 1:
@@ -263,9 +272,10 @@ def train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_IN
     ])
 
 
-def eval_transform(imgsz: tuple[int, int]) -> A.Compose:
+def eval_transform(imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, std: Sequence[float] = config.STD) -> A.Compose:
+    """Resize + normalise: validation, feature caches and inference all preprocess with this."""
     width, height = imgsz
-    return A.Compose([A.Resize(height, width), A.Normalize(mean=config.MEAN, std=config.STD)])
+    return A.Compose([A.Resize(height, width), A.Normalize(mean=mean, std=std)])
 
 
 class SegmentationDataset(Dataset):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets import ColorMap, round_to_patch
+from datasets import ColorMap, check_imgsz, eval_transform, round_to_patch
 from engine import autocast
 from utils import AMP_CHOICES, build_model_from_checkpoint, load_checkpoint, select_device, select_precision
 
@@ -36,13 +36,11 @@ class Predictor:
         self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"])
         self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
         self.imgsz = round_to_patch(imgsz or info["imgsz"], self.model.patch_size)
-        self.mean = np.array(info["mean"], dtype=np.float32) * 255
-        self.std = np.array(info["std"], dtype=np.float32) * 255
+        self.transform = eval_transform(self.imgsz, info["mean"], info["std"])  # exactly as validation
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        resized = cv2.resize(image, self.imgsz, interpolation=cv2.INTER_LINEAR)
-        normalised = (resized.astype(np.float32) - self.mean) / self.std
-        return torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).to(self.device)
+        normalised = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1))).unsqueeze(0).to(self.device)
 
     @torch.inference_mode()
     def logits(self, image: np.ndarray) -> torch.Tensor:
@@ -133,5 +131,5 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
 def check_inference_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.imgsz is not None and (min(args.imgsz) < 14 or max(args.imgsz) > 4096):
-        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: each side must be in [14, 4096]")
+    if args.imgsz is not None:
+        check_imgsz(args.imgsz)

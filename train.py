@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import config
-from datasets import DatasetSpec, build_datasets, load_dataset_spec, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
+from datasets import DatasetSpec, build_datasets, check_imgsz, load_dataset_spec, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
 from engine import EpochResult, FeatureCache, NonFiniteLossError, default_cache_budget, train_one_epoch, validate
 from model import SOURCES, Dinov2Segmentation
 from model_config import PATCH_SIZE, SIZES
@@ -105,8 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if min(args.imgsz) < PATCH_SIZE or max(args.imgsz) > 4096:
-        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: each side must be in [{PATCH_SIZE}, 4096]")
+    check_imgsz(args.imgsz, PATCH_SIZE)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
         raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
     if args.cache_train_features and args.fine_tune:
