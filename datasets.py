@@ -30,11 +30,11 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.distributed
 from PIL import Image
 from torch.utils.data import Dataset
 
 import config
+from utils import distributed, rank, world_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "valid")
@@ -366,12 +366,11 @@ def make_loader(
     steps), evaluation through ShardSampler (exact counts)."""
     dataset.seed = seed
     sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if distributed():
         if shuffle:
-            sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+            sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=seed)
         else:
-            sampler = ShardSampler(len(dataset), rank, world)
+            sampler = ShardSampler(len(dataset), rank(), world_size())
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

@@ -79,7 +79,7 @@ class FeatureCache:
         self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
         shape = "x".join(map(str, feature_shape))
         print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
-                   f"= {total / 1e9:.2f} GB in {where}")
+              f"= {total / 1e9:.2f} GB in {where}")
 
     @torch.no_grad()
     def build(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> None:
@@ -99,8 +99,12 @@ class FeatureCache:
             offset += len(images)
         self.ready = True
 
+    def __len__(self) -> int:
+        """Cached samples (0 when this process's share of the split is empty)."""
+        return len(self.features) if self.features is not None else 0
+
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.features) if self.features is not None else 0
+        count = len(self)
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         for start in range(0, count, batch_size):
             index = order[start: start + batch_size]
@@ -109,7 +113,7 @@ class FeatureCache:
             yield self.features[index].float(), self.masks[index].long()
 
     def num_batches(self, batch_size: int) -> int:
-        return math.ceil((len(self.features) if self.features is not None else 0) / batch_size)
+        return math.ceil(len(self) / batch_size)
 
     def close(self) -> None:
         self.features = self.masks = None

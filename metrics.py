@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed
+
+from utils import all_reduce_sum
 
 
 @dataclass
@@ -43,8 +44,7 @@ class ConfusionMatrix:
         """Sum the counts of every rank (torchrun): each pixel of the split was seen by exactly one."""
         if self.mat is None:
             self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.mat)
+        all_reduce_sum(self.mat)
 
     def reset(self) -> None:
         self.mat = None

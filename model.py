@@ -11,7 +11,6 @@ Run `python model.py` to print a torchinfo summary of the model at 644x644.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -171,6 +170,8 @@ def load_backbone(
     if `pretrained`, else random init (the architecture alone, e.g. for offline tests).
     Sources: `hub` (torch.hub, GitHub + cache), `local` (a dinov2 clone at `hub_dir`), `timm`."""
     spec = get_backbone_spec(size, registers)
+    if hub_dir is not None:
+        source = "local"
     state = None
     if weights is not None:  # read and check the file before building anything
         state = read_official_weights(weights)
@@ -225,6 +226,8 @@ class Dinov2Segmentation(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         spec = get_backbone_spec(backbone, registers)
+        if hub_dir is not None:  # a local clone of the hub repository
+            source = "local"
         # What it takes to rebuild this architecture; stored in every checkpoint.
         self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source}
         self.patch_size = spec.patch_size
@@ -326,16 +329,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     from torchinfo import summary
 
-    if args.hub_dir:
-        args.source = "local"
-    try:
-        model = Dinov2Segmentation(
-            args.num_classes, args.backbone, args.fine_tune, args.registers, args.source,
-            args.weights, pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
-        )
-    except (BackboneUnavailableError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    model.eval()
+    model = Dinov2Segmentation(
+        args.num_classes, args.backbone, args.fine_tune, args.registers, args.source,
+        args.weights, pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
+    ).eval()
     width, height = args.imgsz
     summary(model, input_size=(1, 3, height, width), depth=2, col_names=("input_size", "output_size", "num_params", "trainable"))
 

@@ -162,8 +162,6 @@ def print_epoch(kind: str, result: EpochResult) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.hub_dir:
-        args.source = "local"
     check_args(args)
     device = init_distributed(args.device, args.dist_timeout)
     if args.cache_train_features and world_size() > 1:

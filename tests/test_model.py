@@ -1,3 +1,4 @@
+import sys
 import urllib.error
 
 import pytest
@@ -8,6 +9,7 @@ from engine import pixel_cross_entropy
 from model import BackboneUnavailableError, Dinov2Segmentation, load_backbone
 from model_config import SIZES, get_backbone_spec
 from tests.conftest import run_script
+from utils import run_cli
 
 
 def make_model(num_classes=21, fine_tune=False, seed=0):
@@ -82,8 +84,9 @@ def test_offline_hub_failure_is_one_clear_line(monkeypatch, capsys):
         load_backbone("small", source="hub")
     message = str(excinfo.value)
     assert "\n" not in message and "dinov2_vits14" in message and "--weights" in message
+    monkeypatch.setattr(sys, "argv", ["model.py"])
     with pytest.raises(SystemExit) as exit_info:  # `python model.py` turns it into a one-line exit
-        model_module.main(model_module.get_args_parser().parse_args([]))
+        run_cli(model_module.main, model_module.get_args_parser())
     assert str(exit_info.value).startswith("error: could not load dinov2_vits14 from torch.hub")
 
 
