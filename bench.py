@@ -104,7 +104,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
     rows = []
 
     def loaders():
-        train_set, valid_set = build_datasets(data_dir, imgsz, VOC)
+        train_set, valid_set, _ = build_datasets(data_dir, imgsz, VOC)
         pin = device.type == "cuda"
         return (train_set, make_loader(train_set, args.batch, True, args.workers, 0, pin),
                 make_loader(valid_set, args.batch, False, args.workers, 0, pin))

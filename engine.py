@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from metrics import ConfusionMatrix
-from utils import all_reduce_sum, is_main_process, rank
+from utils import all_reduce_sum, is_main_process, rank, temp_path
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,9 +71,7 @@ class FeatureCache:
             self.features = torch.empty((count, *feature_shape), dtype=dtype)
             where = "memory"
         else:
-            self.disk_dir.mkdir(parents=True, exist_ok=True)
-            self.file = self.disk_dir / f".{self.name}_features.rank{rank()}.cache"
-            self.file.unlink(missing_ok=True)
+            self.file = self._reserve_file(feature_bytes)
             flat = torch.from_file(str(self.file), shared=True, size=count * math.prod(feature_shape), dtype=dtype)
             self.features = flat.view(count, *feature_shape)
             where = f"a file ({self.file}; memory budget {self.memory_budget / 1e9:.1f} GB)"
@@ -80,6 +79,29 @@ class FeatureCache:
         shape = "x".join(map(str, feature_shape))
         print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
               f"= {total / 1e9:.2f} GB in {where}")
+
+    def _reserve_file(self, size: int) -> Path:
+        """A cache file with all `size` bytes allocated on disk up front. A sparse file would be
+        memory-mapped, and a full disk would then kill the process with SIGBUS mid-write (exit 135,
+        no message); reserving first turns that into an error before anything is computed."""
+        free = shutil.disk_usage(self.disk_dir if self.disk_dir.exists() else self.disk_dir.parent).free
+        hint = "free space, raise --cache-ram-gb, or use --no-val-cache (without --cache-train-features)"
+        if size > free:
+            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {size / 1e9:.2f} GB on disk but "
+                          f"{free / 1e9:.2f} GB are free; {hint}")
+        path = temp_path(self.disk_dir / f"{self.name}_features.rank{rank()}.cache")
+        try:
+            with open(path, "r+b") as handle:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(handle.fileno(), 0, size)
+                else:  # no fallocate (macOS): writing the zeros reserves the blocks too
+                    for _ in range(0, size, 1 << 24):
+                        handle.write(bytes(min(1 << 24, size - handle.tell())))
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise OSError(f"{path.parent}: the {self.name} feature cache ({size / 1e9:.2f} GB) could not be "
+                          f"reserved on disk ({err.strerror or err}); {hint}") from err
+        return path
 
     @torch.no_grad()
     def build(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> None:

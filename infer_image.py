@@ -18,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from datasets import IMAGE_EXTENSIONS, DatasetError, read_image
-from inference import Predictor, add_inference_args, check_inference_args, indexed_png, render
-from utils import atomic_write, run_cli
+from datasets import DatasetError, list_image_files, read_image
+from inference import Predictor, add_inference_args, check_inference_args, indexed_png, refuse_overwriting_inputs, render
+from cli import UserError, run_cli
+from utils import atomic_write, remove_stale_temp_files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,15 +32,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def list_images(path: Path) -> list[Path]:
-    """The image files to process: the file itself, or the folder's images sorted by name."""
+    """The image files to process: the file itself, or the folder's images sorted by name (hidden
+    files skipped; two files of one name, a.jpg and a.png, are an error: their results would collide)."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not images:
-        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-    return images
+    return list_image_files(path)
+
+
+def output_names(image_path: Path) -> tuple[str, str]:
+    """The overlay and the index-mask file names written for one image."""
+    return f"{image_path.stem}.jpg", f"{image_path.stem}_mask.png"
 
 
 def write_image(path: Path, image_rgb: np.ndarray) -> None:
@@ -52,9 +56,14 @@ def write_image(path: Path, image_rgb: np.ndarray) -> None:
 def main(args: argparse.Namespace) -> None:
     check_inference_args(args)
     images = list_images(Path(args.input))
-    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
     out_dir = Path(args.out_dir)
+    if Path(args.input).is_dir() and out_dir.resolve() == Path(args.input).resolve():
+        raise UserError(f"--out-dir {out_dir} is the input folder: results would be mixed with (and could replace) "
+                        "the images; choose another --out-dir")
+    refuse_overwriting_inputs([out_dir / name for path in images for name in output_names(path)], images)
+    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
     seconds, done = 0.0, 0
     for path in tqdm(images, desc="Images", dynamic_ncols=True):
         try:
@@ -66,8 +75,9 @@ def main(args: argparse.Namespace) -> None:
         mask = predictor.predict(image)
         seconds += time.perf_counter() - started
         done += 1
-        write_image(out_dir / f"{path.stem}.jpg", render(image, mask, predictor.classes, predictor.color_map, args.alpha))
-        atomic_write(out_dir / f"{path.stem}_mask.png", lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
+        drawn_name, mask_name = output_names(path)
+        write_image(out_dir / drawn_name, render(image, mask, predictor.classes, predictor.color_map, args.alpha))
+        atomic_write(out_dir / mask_name, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
     if done == 0:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
     print(f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "

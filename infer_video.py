@@ -17,8 +17,9 @@ import cv2
 from tqdm import tqdm
 
 import config
-from inference import Predictor, add_inference_args, check_inference_args, render
-from utils import run_cli
+from inference import Predictor, add_inference_args, check_inference_args, refuse_overwriting_inputs, render
+from cli import run_cli
+from utils import remove_stale_temp_files, temp_path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,16 +57,38 @@ def main(args: argparse.Namespace) -> None:
     check_inference_args(args)
     source = Path(args.input)
     capture, fps, size, frame_count = open_video(source)
-    if args.max_frames > 0:
-        frame_count = min(frame_count, args.max_frames) if frame_count else args.max_frames
-    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"{source.stem}.mp4"
-    tmp_path = out_dir / f".{source.stem}.partial.mp4"  # the container format follows the extension
-    writer = cv2.VideoWriter(str(tmp_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    try:
+        if args.max_frames > 0:
+            frame_count = min(frame_count, args.max_frames) if frame_count else args.max_frames
+        out_dir = Path(args.out_dir)
+        out_path = out_dir / f"{source.stem}.mp4"
+        refuse_overwriting_inputs([out_path], [source])
+        predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
+        remove_stale_temp_files(out_dir)
+        tmp_path = temp_path(out_path, suffix=".mp4")  # the container format follows the extension
+        try:
+            written, seconds = segment_video(capture, predictor, tmp_path, fps, size, frame_count, args)
+            verify_video(tmp_path, written, size)
+            os.replace(tmp_path, out_path)  # only a complete, playable file replaces an earlier result
+        except KeyboardInterrupt as err:
+            raise KeyboardInterrupt("; ".join(filter(None, (str(err), f"{out_path} was left as it was")))) from None
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    finally:
+        capture.release()
+    if frame_count and written < frame_count:
+        print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
+              f"the output holds the frames before it", file=sys.stderr)
+    print(f"{written} frames, average {written / seconds:.2f} FPS (prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), "
+          f"device {predictor.device}; video saved to {out_path}")
+
+
+def segment_video(capture: cv2.VideoCapture, predictor: Predictor, path: Path, fps: float, size: tuple[int, int],
+                  frame_count: int, args: argparse.Namespace) -> tuple[int, float]:
+    """Predict, draw and write every frame into `path`: (frames written, seconds spent predicting)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     if not writer.isOpened():
-        raise OSError(f"{tmp_path}: OpenCV cannot write an mp4v video here")
+        raise OSError(f"{path}: OpenCV cannot write an mp4v video here")
     show, written, seconds = args.show, 0, 0.0
     progress = tqdm(total=frame_count or None, desc="Frames", dynamic_ncols=True)
     try:
@@ -88,27 +111,38 @@ def main(args: argparse.Namespace) -> None:
             progress.update()
             if show:
                 show = show_frame(drawn)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped at frame {written + 1}") from None
     finally:
-        # Whatever happened (end of clip, undecodable frame, Ctrl-C), close the file so it is playable.
         progress.close()
-        capture.release()
-        writer.release()
-        if written:
-            os.replace(tmp_path, out_path)
-        else:
-            tmp_path.unlink(missing_ok=True)
+        writer.release()  # finishes the container
         if args.show:
             try:
                 cv2.destroyAllWindows()
             except cv2.error:
                 pass
     if written == 0:
-        raise ValueError(f"{source}: no frame could be decoded")
-    if frame_count and written < frame_count:
-        print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
-              f"the output holds the frames before it", file=sys.stderr)
-    print(f"{written} frames, average {written / seconds:.2f} FPS (prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), "
-          f"device {predictor.device}; video saved to {out_path}")
+        raise ValueError(f"{args.input}: no frame could be decoded")
+    return written, seconds
+
+
+def verify_video(path: Path, frames: int, size: tuple[int, int]) -> None:
+    """The written file must open, report `frames` frames and decode its last one: OpenCV's writer
+    drops frames silently when the disk is full and leaves a file no player can open."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        last_ok = False
+        if count == frames:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, frames - 1)
+            ok, frame = capture.read()
+            last_ok = ok and frame.shape[1::-1] == tuple(size)
+    finally:
+        capture.release()
+    if count != frames or not last_ok:
+        found = f"{count} of {frames} frames" if count != frames else "its last frame cannot be decoded"
+        raise OSError(f"{path.parent}: the video written there is incomplete ({found}; disk full?); "
+                      "any earlier result was left as it was")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
+from cli import UserError
 from datasets import ColorMap, check_imgsz, eval_transform, round_to_patch
 from engine import autocast
 from utils import AMP_CHOICES, build_model_from_checkpoint, load_checkpoint, select_device, select_precision
@@ -50,6 +51,14 @@ class Predictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return self.logits(image).argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """Outputs never replace an input file (an --out-dir that holds the inputs, a.jpg -> a.jpg)."""
+    sources = {Path(p).resolve() for p in inputs}
+    clash = next((out for out in outputs if Path(out).resolve() in sources), None)
+    if clash is not None:
+        raise UserError(f"{clash}: is an input and would be replaced by a result; choose another --out-dir")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:

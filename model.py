@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from cli import UserError, run_cli
 from model_config import SIZES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
@@ -33,7 +34,7 @@ OFFLINE_HINT = (
 )
 
 
-class BackboneUnavailableError(RuntimeError):
+class BackboneUnavailableError(UserError):
     """The backbone's code or weights could not be obtained (typically: no network, no cache)."""
 
 
@@ -199,6 +200,14 @@ class LinearHead(nn.Module):
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = features.shape
+        if self.training and batch * height * width == 1 and type(self.norm) is nn.BatchNorm2d:
+            # One value per channel (one image with a 1x1 token grid, e.g. a last batch of one at
+            # --imgsz 14) has no batch statistics: normalise it with the running ones instead of
+            # failing. SyncBatchNorm pools the values of every process and needs no such care.
+            norm = self.norm
+            normed = F.batch_norm(features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+            return self.classifier(normed)
         return self.classifier(self.norm(features))
 
 
@@ -338,6 +347,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from utils import run_cli
-
     run_cli(main, get_args_parser())

@@ -18,11 +18,11 @@ import argparse
 import os
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import config
+from utils import remove_stale_temp_files, temp_path
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_ROOT = "VOCdevkit/VOC2012"
@@ -94,8 +94,9 @@ def prepare(source_path: Path, out: Path, aug_masks: Path | None = None, log: Ca
         if not augmented:
             raise ValueError(f"{aug_masks}: no PNG masks outside the validation list")
         train_masks = {stem: ("aug", aug_masks / f"{stem}.png") for stem in augmented if source.has(f"JPEGImages/{stem}.jpg")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for stale in remove_stale_temp_files(out.parent):  # a conversion killed before: gigabytes of copies
+        log(f"Removed {stale.name}: the staging folder of a conversion that was killed")
+    staging = temp_path(out, directory=True)
     try:
         counts = {}
         for split, items in (("train", train_masks), ("valid", {s: ("voc", f"SegmentationClass/{s}.png") for s in valid})):
@@ -155,6 +156,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from utils import run_cli
+    from cli import run_cli
 
     run_cli(main, get_args_parser())

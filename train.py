@@ -10,8 +10,8 @@ Runs under torchrun for several GPUs or machines (see README).
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,25 +20,28 @@ from typing import Any
 import torch
 
 import config
+from cli import run_cli
 from datasets import DatasetSpec, build_datasets, check_imgsz, load_dataset_spec, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
 from engine import EpochResult, FeatureCache, NonFiniteLossError, default_cache_budget, train_one_epoch, validate
 from model import SOURCES, Dinov2Segmentation
 from model_config import PATCH_SIZE, SIZES
+from run_folder import RunFolderError, RunLock, claim_run_folder
 from utils import (
     AMP_CHOICES,
     CHECKPOINT_FORMAT,
-    atomic_write,
+    broadcast_object,
+    broadcast_state,
     distributed,
     init_distributed,
     is_main_process,
     load_checkpoint,
-    run_cli,
     save_checkpoint,
     save_plots,
     seed_everything,
     select_precision,
     sync_buffers,
     world_size,
+    write_json,
     write_metrics_csv,
 )
 
@@ -65,10 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=config.EPOCHS)
+    # None = not given: a fresh run takes the default, a resumed run its checkpoint's value (see resolve_schedule_flags).
+    optim.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {config.EPOCHS})")
     optim.add_argument("--batch", type=int, default=config.BATCH_SIZE, help="images per step")
-    optim.add_argument("--lr", type=float, default=config.LEARNING_RATE, help="AdamW learning rate")
-    optim.add_argument("--weight-decay", type=float, default=config.WEIGHT_DECAY)
+    optim.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {config.LEARNING_RATE})")
+    optim.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {config.WEIGHT_DECAY})")
     optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
                        help="epochs after which the LR is multiplied by --scheduler-gamma (MultiStepLR)")
     optim.add_argument("--scheduler-gamma", type=float, default=0.1)
@@ -92,10 +96,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)")
     run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=config.SEED)
-    run.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pth of an earlier run")
+    run.add_argument("--resume", default=None, metavar="CKPT",
+                     help="continue from a last.pth; --epochs/--lr/--backbone-lr/--weight-decay given with it override the checkpoint's")
+    run.add_argument("--exist-ok", action="store_true",
+                     help="start over in an --out-dir that holds another run (its files are deleted first)")
     run.add_argument("--dist-timeout", type=float, default=30, metavar="MIN",
                      help="torchrun: minutes a process waits for a dead or stuck peer before failing")
     return parser
+
+
+# Flags a resumed run may change; None in the parser means "not given".
+SCHEDULE_FLAGS = {"epochs": config.EPOCHS, "lr": config.LEARNING_RATE, "weight_decay": config.WEIGHT_DECAY, "backbone_lr": None}
+
+
+def resolve_schedule_flags(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """Fill the schedule flags that were not given: from the resumed checkpoint, else the defaults.
+    Returns the ones given with other values than the checkpoint's: (flag, old, new)."""
+    saved = resumed.get("args", {}) if resumed is not None else {}
+    changes = []
+    for name, default in SCHEDULE_FLAGS.items():
+        before = saved.get(name, default)
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, before)
+        elif resumed is not None and given != before:
+            changes.append((f"--{name.replace('_', '-')}", before, given))
+    return changes
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -130,9 +156,11 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
     }
 
 
-def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, num_classes: int, path: str) -> None:
-    """The flags must describe the checkpoint's model; name the first field that differs."""
-    arch = checkpoint["model_info"]["arch"]
+def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
+    """The flags and the dataset must describe the checkpoint's model; name the first field that differs."""
+    info = checkpoint["model_info"]
+    arch = info["arch"]
+    num_classes = len(spec.classes)
     family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
     fields = [
         ("--backbone", arch["backbone"], args.backbone),
@@ -145,6 +173,14 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, n
         if saved != given:
             shown = arch["source"] if name == "--source" else saved
             raise ValueError(f"{path}: checkpoint was trained with {name} {shown!r} but this run has {given!r}")
+    for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
+        saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
+        if (saved_name, saved_color) != (name, tuple(color)):
+            raise ValueError(f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
+                             f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with")
+    if info["ignore_index"] != spec.ignore_index:
+        raise ValueError(f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
+                         f"says {spec.ignore_index}")
 
 
 def _plain(value: Any) -> Any:
@@ -162,7 +198,12 @@ def print_epoch(kind: str, result: EpochResult) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    changes = resolve_schedule_flags(args, resumed)
     check_args(args)
+    if resumed is not None and resumed["epoch"] + 1 >= args.epochs:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {resumed['epoch'] + 1} epochs; "
+                         "give a larger --epochs to train on")
     device = init_distributed(args.device, args.dist_timeout)
     if args.cache_train_features and world_size() > 1:
         raise ValueError("--cache-train-features is not supported under torchrun yet; run it in one process")
@@ -171,12 +212,39 @@ def main(args: argparse.Namespace) -> None:
     if list(imgsz) != list(args.imgsz):
         print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
     out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = claim_folder(out_dir, args)
+    try:
+        train(args, resumed, changes, device, imgsz, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
+    """Rank 0 claims the run folder (run_folder.py); every rank gets its verdict."""
+    lock, refusal = None, None
+    if is_main_process():
+        try:
+            lock = claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok)
+        except RunFolderError as err:
+            refusal = str(err)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise RunFolderError(refusal)
+    return lock
+
+
+def train(args: argparse.Namespace, resumed: dict[str, Any] | None, changes: list[tuple[str, Any, Any]],
+          device: torch.device, imgsz: tuple[int, int], out_dir: Path) -> None:
     spec = load_dataset_spec(args.data_dir, args.classes)
+    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
+    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1))
+    spec = check.spec
+    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
+          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
+    for note in check.notes:
+        print(f"Note: {note}")
     color_map = spec.color_map()
-    print(f"{color_map.num_classes} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set = build_datasets(args.data_dir, imgsz, spec)
     if args.batch > len(train_set):
         raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
     pin = device.type == "cuda"
@@ -187,9 +255,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
               f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
 
-    resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
-        check_resume_matches(resumed, args, color_map.num_classes, args.resume)
+        check_resume_matches(resumed, args, spec, args.resume)
     model = Dinov2Segmentation(
         color_map.num_classes, args.backbone, args.fine_tune, args.registers, args.source, args.weights,
         pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
@@ -212,16 +279,20 @@ def main(args: argparse.Namespace) -> None:
         if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    start_epoch, history = 0, []
+    start_epoch, history, overrides = 0, [], []
     best_loss, best_miou = math.inf, -math.inf
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed.get("scaler", {}))
+        follow_schedule_flags(optimizer, scheduler, args)
+        restore_scaler(scaler, resumed.get("scaler", {}))
         start_epoch, history = resumed["epoch"] + 1, resumed["history"]
         best_loss, best_miou = resumed["best"]["loss"], resumed["best"]["miou"]
-        print(f"Resumed from {args.resume} at epoch {start_epoch + 1}.")
+        overrides = resumed.get("overrides", []) + [
+            {"epoch": start_epoch + 1, "flag": flag, "from": old, "to": new} for flag, old, new in changes]
+        print(f"Resumed from {args.resume} at epoch {start_epoch + 1}"
+              + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
 
     # A frozen backbone computes the same validation features every epoch: compute them once.
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
@@ -244,6 +315,7 @@ def main(args: argparse.Namespace) -> None:
             "metrics": metrics,
             "best": {"loss": best_loss, "miou": best_miou},
             "history": history,
+            "overrides": overrides,
             "model_info": info,
             "args": {k: _plain(v) for k, v in vars(args).items()},
         }
@@ -294,19 +366,16 @@ def main(args: argparse.Namespace) -> None:
         if distributed():
             torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
 
-        best_path = out_dir / "best_model_iou.pth"
-        if not best_path.exists():  # mIoU was nan every epoch (no labelled validation pixel)
-            best_path = out_dir / "final_model.pth"
-        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        best_path = load_best(model, out_dir, device)
         print(f"Evaluating {best_path.name} on the validation split")
         test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test",
                         amp_dtype=amp_dtype, cache=valid_cache)
         print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
         print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(spec.classes, test.iou) if iou == iou))
         if is_main_process():
-            report = {"checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
-                      "iou": dict(zip(spec.classes, test.iou)), "processes": world_size()}
-            atomic_write(out_dir / "test_metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+            write_json(out_dir / "test_metrics.json", {
+                "checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
+                "iou": dict(zip(spec.classes, test.iou)), "processes": world_size()})
         print(f"Outputs in {out_dir}")
     except NonFiniteLossError as err:
         last = out_dir / "last.pth"
@@ -325,12 +394,49 @@ def main(args: argparse.Namespace) -> None:
                 cache.close()
 
 
+def load_best(model: Dinov2Segmentation, out_dir: Path, device: torch.device) -> Path:
+    """Load this run's best-mIoU checkpoint (final_model.pth if mIoU never improved) into `model`.
+    Only rank 0 reads the file, which on machines without a shared filesystem only it has; the
+    weights reach the other ranks by broadcast."""
+    best_path = out_dir / "best_model_iou.pth"
+    if is_main_process():
+        if not best_path.exists():  # the run folder is this run's alone (run_folder.py): nothing stale here
+            best_path = out_dir / "final_model.pth"
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    broadcast_state(model)
+    return out_dir / broadcast_object(best_path.name)
+
+
+def base_lrs(args: argparse.Namespace) -> list[float]:
+    """Learning rate of each optimizer group: the head at --lr; with --fine-tune the backbone at
+    --backbone-lr (default --lr / 10), since a foundation model's features degrade at a freshly
+    initialised head's rate."""
+    return [args.lr] + ([args.backbone_lr or args.lr / 10] if args.fine_tune else [])
+
+
+def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
+                          args: argparse.Namespace) -> None:
+    """After restoring optimizer state: apply --lr/--backbone-lr/--weight-decay, so the schedule goes
+    on as if the run had started with them (a restored state would otherwise keep the old values)."""
+    decays = sum(count for milestone, count in scheduler.milestones.items() if milestone <= scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, base_lrs(args)):
+        group["lr"] = base * scheduler.gamma ** decays
+        group["initial_lr"] = base
+        group["weight_decay"] = args.weight_decay
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """fp16 loss-scaler state when both the checkpoint and this run use one: a bf16/fp32 run saved
+    an empty state, and a bf16/fp32 resume needs none."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
 def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW over what trains: the head at --lr; with --fine-tune the backbone at --backbone-lr
-    (default --lr / 10), since a foundation model's features degrade at a freshly initialised head's rate."""
-    groups = [{"params": list(model.head.parameters()), "lr": args.lr}]
-    if args.fine_tune:
-        groups.append({"params": list(model.backbone.parameters()), "lr": args.backbone_lr or args.lr / 10})
+    """AdamW over what trains, at `base_lrs`: the head, and with --fine-tune the backbone."""
+    parts = [model.head] + ([model.backbone] if args.fine_tune else [])
+    groups = [{"params": list(part.parameters()), "lr": lr} for part, lr in zip(parts, base_lrs(args))]
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 

@@ -1,12 +1,16 @@
 """Device choice, seeding, the checkpoint format, metric logs and plots: shared by train, infer and notebook."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
+import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -68,19 +72,80 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+TEMP_MARK = ".tmp-"  # .<name>.tmp-<host>-<pid>-<random>[suffix]: whose it is, so leftovers can be told apart
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]{8}(\.\w+)?$")
+
+
+def temp_path(path: str | Path, suffix: str = "", directory: bool = False) -> Path:
+    """A new hidden file (or folder) beside `path`, named after this host and process, so that
+    `remove_stale_temp_files` can tell a killed process's leftovers from a live one's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that processes of this host left behind when killed (kill -9, power
+    loss) in `folder`: ours by name, and only those whose process is gone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path`: a crash leaves the old file, never half a new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path(path)
     try:
-        write(tmp)
+        write(str(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every nan/inf float as None: JSON has no NaN (Python would write a bare `NaN`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Atomically write `value` as strict JSON (nan -> null)."""
+    text = json.dumps(json_ready(value), indent=1, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -180,36 +245,6 @@ def save_plots(history: list[dict[str, float]], out_dir: str | Path) -> None:
         plt.close(fig)
 
 
-def one_line(err: BaseException) -> str:
-    """The message of `err` on one line; errors raised in DataLoader workers arrive wrapped in a
-    traceback, of which the last line is the original message."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
-
-
-def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    """Run a script's main: a user's mistake ends as one line on stderr and exit code 1, not a traceback."""
-    from model import BackboneUnavailableError
-
-    try:
-        main(parser.parse_args())
-    except (BackboneUnavailableError, ValueError, OSError, FloatingPointError) as err:
-        where = f" (rank {rank()})" if distributed() else ""
-        sys.exit(f"error{where}: {one_line(err)}")
-    except RuntimeError as err:
-        if not distributed():
-            raise
-        # A peer that failed closes its connections: say so instead of a collective's traceback.
-        sys.exit(f"error (rank {rank()}): a collective operation failed, most likely because another process "
-                 f"failed first (see its error above): {one_line(err)[:300]}")
-    finally:
-        if distributed():
-            torch.distributed.destroy_process_group()
-
-
 # ---------------------------------------------------------------- distributed (torchrun + DDP)
 
 def distributed() -> bool:
@@ -264,3 +299,20 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     if distributed():
         for tensor in tensors:
             torch.distributed.all_reduce(tensor)
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a decision only rank 0 can make, e.g. about the run folder)."""
+    if not distributed():
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers: after rank 0 alone has read a checkpoint,
+    which on machines without a shared filesystem only rank 0 can."""
+    if distributed():
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)

@@ -37,6 +37,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("voc"), n_train=12, n_valid=5, size=(120, 90), seed=0)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (for files that killed processes left behind)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, capturing its output."""
     return subprocess.run(

@@ -1,5 +1,6 @@
 """Datasets other than VOC: description files, every mask format, VOC release conversion."""
 import json
+import socket
 import tarfile
 
 import cv2
@@ -10,7 +11,7 @@ from PIL import Image
 import config
 from datasets import VOC, ColorMap, DatasetError, load_dataset_spec, read_mask
 from make_sample_data import make_dataset
-from tests.conftest import OFFLINE, run_script
+from tests.conftest import OFFLINE, dead_pid, run_script
 from utils import load_checkpoint
 
 VOC_MAP = ColorMap(config.COLORS, config.IGNORE_COLORS)
@@ -126,8 +127,11 @@ def test_voc_tar_conversion(tmp_path):
     with tarfile.open(tmp_path / "VOCtrainval_11-May-2012.tar", "w") as tar:
         tar.add(devkit, arcname="VOCdevkit")
     out = tmp_path / "input" / "voc"
+    stale = tmp_path / "input" / f".voc.tmp-{socket.gethostname()}-{dead_pid()}-abcd1234"  # a conversion killed midway
+    (stale / "train_images").mkdir(parents=True)
     result = run_script("prepare_voc.py", "--source", tmp_path / "VOCtrainval_11-May-2012.tar", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Removed .voc.tmp-" in result.stdout
     assert "Wrote 3 training and 2 validation pairs" in result.stdout
     assert sorted(p.name for p in (out / "train_images").iterdir()) == ["2007_000001.jpg", "2007_000002.jpg", "2007_000003.jpg"]
     assert sorted(p.name for p in (out / "valid_labels").iterdir()) == ["2007_000004.png", "2007_000005.png"]

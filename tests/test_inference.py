@@ -63,7 +63,7 @@ def test_infer_image_on_a_folder_of_odd_sizes(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("make_input, message", [
     (lambda tmp: tmp / "missing", "no such file or folder"),
-    (lambda tmp: tmp, "no images"),
+    (lambda tmp: tmp, "no image files"),
 ])
 def test_infer_image_errors(checkpoint, tmp_path, make_input, message):
     result = run_script("infer_image.py", "--input", make_input(tmp_path), "--model", checkpoint, "--out-dir", tmp_path / "o")

@@ -9,7 +9,7 @@ from engine import pixel_cross_entropy
 from model import BackboneUnavailableError, Dinov2Segmentation, load_backbone
 from model_config import SIZES, get_backbone_spec
 from tests.conftest import run_script
-from utils import run_cli
+from cli import run_cli
 
 
 def make_model(num_classes=21, fine_tune=False, seed=0):

@@ -78,14 +78,25 @@ def test_truncated_mask_is_found_before_training(dataset, tmp_path):
     assert "EPOCH" not in result.stdout
 
 
-def test_unknown_mask_colour_names_file_colour_and_count(dataset, tmp_path):
-    # Found while decoding, inside a DataLoader worker: the error still arrives as one line.
+def test_unknown_mask_colour_in_validation_is_found_before_training(dataset, tmp_path):
     mask_path = dataset / "valid_labels" / "valid_0001.png"
     mask = cv2.imread(str(mask_path))
     mask[:2, :5] = (3, 2, 1)  # BGR on disk: RGB (1, 2, 3)
     cv2.imwrite(str(mask_path), mask)
     result = train_cli(dataset, tmp_path / "out", workers="1")
     assert_one_line_error(result, "valid_0001.png: colours not in the class palette", "(1,2,3) x10")
+    assert "EPOCH" not in result.stdout  # not after a whole training epoch
+
+
+def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
+    from datasets import VOC, SegmentationDataset, eval_transform, make_loader
+    from cli import one_line
+
+    pairs = [(dataset / "valid_images" / "valid_0000.jpg", dataset / "valid_labels" / "missing.png")]
+    loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, False, 1, 0)
+    with pytest.raises(Exception) as excinfo:
+        next(iter(loader))
+    assert one_line(excinfo.value) == f"{pairs[0][1]}: file not found"
 
 
 def test_grayscale_and_rgba_images_are_converted(dataset, tmp_path):
@@ -154,7 +165,7 @@ def test_nan_loss_names_the_step(tiny_dataset):
     from engine import NonFiniteLossError, train_one_epoch
     from model import Dinov2Segmentation
 
-    train_set, _ = build_datasets(tiny_dataset, (56, 42))
+    train_set, _, _ = build_datasets(tiny_dataset, (56, 42))
     model = Dinov2Segmentation(21, "small", source="timm", pretrained=False)
     with torch.no_grad():
         model.head.classifier.bias.fill_(float("nan"))

@@ -6,7 +6,7 @@ from datasets import build_datasets, make_loader
 from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, run_script
-from train import build_optimizer, get_args_parser
+from train import build_optimizer, get_args_parser, resolve_schedule_flags
 from utils import select_precision
 
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ def frozen_model():
 
 @pytest.fixture(scope="module")
 def loaders(tiny_dataset):
-    train_set, valid_set = build_datasets(tiny_dataset, (56, 42))
+    train_set, valid_set, _ = build_datasets(tiny_dataset, (56, 42))
     return make_loader(train_set, 4, True, 0, 0), make_loader(valid_set, 2, False, 0, 0)
 
 
@@ -95,10 +95,12 @@ def test_precision_choice():
 def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
     model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False)
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3"])
+    resolve_schedule_flags(args, resumed=None)  # flags not given take their defaults
     head, backbone = build_optimizer(model, args).param_groups
     assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
     assert len(backbone["params"]) == len(list(model.backbone.parameters()))
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3", "--backbone-lr", "5e-6"])
+    resolve_schedule_flags(args, resumed=None)
     assert build_optimizer(model, args).param_groups[1]["lr"] == 5e-6
 
 
