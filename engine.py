@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from metrics import ConfusionMatrix
-from utils import all_reduce_sum, is_main_process, rank, temp_path
+from utils import all_reduce_sum, format_bytes, is_main_process, rank, temp_path
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,21 +74,22 @@ class FeatureCache:
             self.file = self._reserve_file(feature_bytes)
             flat = torch.from_file(str(self.file), shared=True, size=count * math.prod(feature_shape), dtype=dtype)
             self.features = flat.view(count, *feature_shape)
-            where = f"a file ({self.file}; memory budget {self.memory_budget / 1e9:.1f} GB)"
+            where = f"a file ({self.file}; memory budget {format_bytes(self.memory_budget)})"
         self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
         shape = "x".join(map(str, feature_shape))
         print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
-              f"= {total / 1e9:.2f} GB in {where}")
+              f"= {format_bytes(total)} in {where}")
 
     def _reserve_file(self, size: int) -> Path:
         """A cache file with all `size` bytes allocated on disk up front. A sparse file would be
         memory-mapped, and a full disk would then kill the process with SIGBUS mid-write (exit 135,
         no message); reserving first turns that into an error before anything is computed."""
         free = shutil.disk_usage(self.disk_dir if self.disk_dir.exists() else self.disk_dir.parent).free
-        hint = "free space, raise --cache-ram-gb, or use --no-val-cache (without --cache-train-features)"
+        hint = "free space, raise --cache-ram-gb (to keep it in memory), or " + (
+            "use --no-val-cache" if self.name == "valid" else "drop --cache-train-features")
         if size > free:
-            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {size / 1e9:.2f} GB on disk but "
-                          f"{free / 1e9:.2f} GB are free; {hint}")
+            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {format_bytes(size)} on disk but "
+                          f"{format_bytes(free)} are free; {hint}")
         path = temp_path(self.disk_dir / f"{self.name}_features.rank{rank()}.cache")
         try:
             with open(path, "r+b") as handle:
@@ -99,7 +100,7 @@ class FeatureCache:
                         handle.write(bytes(min(1 << 24, size - handle.tell())))
         except OSError as err:
             path.unlink(missing_ok=True)
-            raise OSError(f"{path.parent}: the {self.name} feature cache ({size / 1e9:.2f} GB) could not be "
+            raise OSError(f"{path.parent}: the {self.name} feature cache ({format_bytes(size)}) could not be "
                           f"reserved on disk ({err.strerror or err}); {hint}") from err
         return path
 

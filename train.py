@@ -5,6 +5,8 @@
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
 last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves and test_metrics.json.
+A run owns that folder: another run's files there are refused unless --resume continues them or
+--exist-ok starts over, and a lock keeps a second run out while this one works (run_folder.py).
 Runs under torchrun for several GPUs or machines (see README).
 """
 from __future__ import annotations

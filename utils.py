@@ -131,6 +131,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def format_bytes(count: int) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks are sold and `df -H` prints)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
 def json_ready(value: Any) -> Any:
     """`value` with every nan/inf float as None: JSON has no NaN (Python would write a bare `NaN`)."""
     if isinstance(value, float) and not math.isfinite(value):

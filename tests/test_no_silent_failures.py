@@ -330,7 +330,7 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
 
     cache = engine.FeatureCache("valid", memory_budget=0, disk_dir=tmp_path)
     monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**9})())
-    with pytest.raises(OSError, match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; free space, raise --cache-ram-gb"):
+    with pytest.raises(OSError, match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; free space, raise --cache-ram-gb .*--no-val-cache"):
         cache._allocate(1000, (1000, 1000), torch.float32, (32, 32))  # refused before anything is allocated
     monkeypatch.undo()
 

@@ -1,0 +1,33 @@
+"""Checkpoints written by earlier code keep working: the format-1 fixture in tests/fixtures was
+written by the code of its time (the script beside it says how) and is never regenerated."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference import Predictor
+from tests.conftest import OFFLINE, run_script
+from tests.fixtures.make_checkpoint_v1 import write_dataset
+from utils import build_model_from_checkpoint, load_checkpoint
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OLD = FIXTURES / "checkpoint_v1.pth"
+
+
+def test_an_old_checkpoint_rebuilds_the_model_that_wrote_it():
+    expected = torch.load(FIXTURES / "checkpoint_v1_expected.pt", weights_only=True)
+    model = build_model_from_checkpoint(load_checkpoint(OLD))
+    with torch.no_grad():
+        logits = model(expected["input"])
+    assert torch.allclose(logits, expected["logits"], atol=1e-5)
+
+
+def test_an_old_checkpoint_predicts_and_resumes(tmp_path):
+    predictor = Predictor(OLD, device="cpu")
+    assert predictor.classes == ["background", "road", "car"]
+    assert predictor.predict(np.zeros((30, 50, 3), np.uint8)).shape == (30, 50)
+    data = write_dataset(tmp_path / "data")
+    result = run_script("train.py", "--data-dir", data, "--out-dir", tmp_path / "run", "--resume", OLD, "--epochs", "2",
+                        "--imgsz", "56", "42", "--batch", "2", *OFFLINE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stdout and "at epoch 2" in result.stdout
