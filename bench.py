@@ -28,22 +28,24 @@ import numpy as np
 import torch
 
 import config
+from checkpoint import model_info, save_checkpoint
+from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
 from datasets import VOC, build_datasets, eval_transform, make_loader
-from engine import FeatureCache, autocast, pixel_cross_entropy, train_one_epoch, validate
+from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
 from inference import Predictor
-from make_sample_data import make_dataset
+from synthetic import make_dataset
 from metrics import ConfusionMatrix
-from model import SOURCES, Dinov2Segmentation
-from model_config import SIZES
-from train import model_info
-from utils import save_checkpoint, select_device, select_precision
+from model import Dinov2Segmentation
+from runtime import autocast, select_device, select_precision
+
+NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloured
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="small", choices=SIZES)
-    parser.add_argument("--source", default="timm", choices=SOURCES)
-    parser.add_argument("--weights", default=None, help="real DINOv2 weights (default: random init)")
+    add_backbone_args(parser)
+    # Random init unless --weights names real DINOv2 weights: the timings do not depend on the values.
+    parser.set_defaults(source="timm", no_pretrained=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
@@ -60,8 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def build_model(args: argparse.Namespace, fine_tune: bool = False) -> Dinov2Segmentation:
     torch.manual_seed(0)
-    return Dinov2Segmentation(21, args.backbone, fine_tune, source=args.source, weights=args.weights,
-                              pretrained=args.weights is not None)
+    return Dinov2Segmentation(NUM_CLASSES, fine_tune=fine_tune, **backbone_kwargs(args))
 
 
 def sync(device: torch.device) -> None:
@@ -88,7 +89,7 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
         loss.backward()
         optimizer.step()
     model.eval()
-    confmat = ConfusionMatrix(21, config.IGNORE_INDEX)
+    confmat = ConfusionMatrix(NUM_CLASSES, config.IGNORE_INDEX)
     with torch.no_grad():
         for images, masks in valid_loader:
             images, masks = images.to(device), masks.to(device)
@@ -100,14 +101,14 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
 
 def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
     imgsz = tuple(args.imgsz)
-    amp_dtype = select_precision(device, args.amp)
+    settings = LoopSettings(device, NUM_CLASSES, config.IGNORE_INDEX, select_precision(device, args.amp))
     rows = []
 
     def loaders():
-        train_set, valid_set, _ = build_datasets(data_dir, imgsz, VOC)
+        train_set, valid_set, _ = build_datasets(data_dir, imgsz, VOC, seed=0)
         pin = device.type == "cuda"
-        return (train_set, make_loader(train_set, args.batch, True, args.workers, 0, pin),
-                make_loader(valid_set, args.batch, False, args.workers, 0, pin))
+        return (train_set, make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin),
+                make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin))
 
     # 1. seed-style baseline
     model = build_model(args).to(device)
@@ -136,9 +137,11 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
             start = time.perf_counter()
             if train_cache is not None and not train_cache.ready:
                 train_set.transform = eval_transform(imgsz)
-                train_cache.build(model, make_loader(train_set, args.batch, False, args.workers, 0), device, amp_dtype)
-            train_one_epoch(model, train_loader, optimizer, device, 21, amp_dtype=amp_dtype, cache=train_cache, generator=generator)
-            result = validate(model, valid_loader, device, 21, amp_dtype=amp_dtype, cache=valid_cache)
+                train_cache.build(model, make_loader(train_set, args.batch, shuffle=False, workers=args.workers), settings)
+            if not valid_cache.ready:
+                valid_cache.build(model, valid_loader, settings)
+            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
+            result = validate(model, valid_loader, settings, cache=valid_cache)
             sync(device)
             times.append(time.perf_counter() - start)
         for cache in (valid_cache, train_cache):
@@ -199,13 +202,13 @@ def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     width, height = args.imgsz
     images = torch.randn(args.batch, 3, height, width, device=device)
-    target = torch.randint(0, 21, (args.batch, height, width), device=device)
+    target = torch.randint(0, NUM_CLASSES, (args.batch, height, width), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):  # the second step includes the optimizer state
         with autocast(device, amp_dtype):
-            loss, _ = pixel_cross_entropy(model(images), target, 255)
+            loss, _ = pixel_cross_entropy(model(images), target, config.IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -218,10 +221,8 @@ def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
 def bench_memory(args: argparse.Namespace, device: torch.device) -> list[str]:
     lines = ["| step | peak memory |", "|---|---|"]
     for mode in ("frozen", "fine-tune", "fine-tune+checkpointing"):
-        command = [sys.executable, __file__, "--memory-probe", mode, "--backbone", args.backbone, "--source", args.source,
+        command = [sys.executable, __file__, "--memory-probe", mode, *backbone_argv(args),
                    "--device", str(device), "--amp", args.amp, "--batch", str(args.batch), "--imgsz", *map(str, args.imgsz)]
-        if args.weights:
-            command += ["--weights", args.weights]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             lines.append(f"| {mode} | failed: {result.stderr.strip().splitlines()[-1]} |")
@@ -258,4 +259,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -1,4 +1,5 @@
-"""How every script ends: a user's mistake as one `error:` line and exit 1, Ctrl-C as exit 130.
+"""What every script shares: how it ends (a user's mistake as one `error:` line and exit 1,
+Ctrl-C as exit 130) and the backbone flags.
 
 Exceptions that mean "the input or the environment is wrong, not the code" derive from
 `UserError`, defined here, in a module no script runs as `__main__`: a script that defines its
@@ -13,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from utils import distributed, rank
+from distributed import distributed, rank
+from model_config import SIZES, SOURCES
 
 
 class UserError(Exception):
@@ -68,3 +70,33 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
 
 def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a DINOv2 backbone and where it comes from (train, model, bench, ...)."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
+    group.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
+    group.add_argument("--source", default="hub", choices=SOURCES,
+                       help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir")
+    group.add_argument("--hub-dir", default=None, metavar="PATH",
+                       help="local clone of github.com/facebookresearch/dinov2 (implies --source local)")
+    group.add_argument("--weights", default=None, metavar="PATH",
+                       help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth")
+    group.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
+
+
+def backbone_kwargs(args: argparse.Namespace) -> dict:
+    """`add_backbone_args` flags as keyword arguments of `Dinov2Segmentation` / `load_backbone`."""
+    return {"backbone": args.backbone, "registers": args.registers, "source": args.source, "hub_dir": args.hub_dir,
+            "weights": args.weights, "pretrained": not args.no_pretrained}
+
+
+def backbone_argv(args: argparse.Namespace) -> list[str]:
+    """`add_backbone_args` flags back as command-line arguments, for a child process."""
+    argv = ["--backbone", args.backbone, "--source", args.source]
+    argv += ["--registers"] * args.registers + ["--no-pretrained"] * args.no_pretrained
+    for flag, value in (("--hub-dir", args.hub_dir), ("--weights", args.weights)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 import config
 from cli import UserError
-from utils import distributed, rank, world_size
+from distributed import distributed, rank, world_size
+from model_config import PATCH_SIZE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -324,13 +325,13 @@ def read_mask(path: str | Path, color_map: ColorMap, mask_format: str = "auto") 
 MAX_SIDE = 4096
 
 
-def check_imgsz(imgsz: Sequence[int], patch_size: int = 14) -> None:
+def check_imgsz(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> None:
     """`--imgsz W H` must hold at least one patch per side and stay below absurd sizes."""
     if min(imgsz) < patch_size or max(imgsz) > MAX_SIDE:
         raise ValueError(f"--imgsz {imgsz[0]} {imgsz[1]}: each side must be in [{patch_size}, {MAX_SIDE}]")
 
 
-def round_to_patch(imgsz: Sequence[int], patch_size: int = 14) -> tuple[int, int]:
+def round_to_patch(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[int, int]:
     """Round (width, height) up to multiples of the patch size (640 -> 644)."""
     if len(imgsz) != 2 or min(imgsz) < 1:
         raise ValueError(f"image size must be two positive integers W H, got {list(imgsz)}")
@@ -518,14 +519,15 @@ def eval_transform(imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, 
 class SegmentationDataset(Dataset):
     """Yields `(image [3, H, W] float32, mask [H, W] int64)`; masks resize with nearest neighbour."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose, mask_format: str = "auto"):
+    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose,
+                 mask_format: str = "auto", *, seed: int = config.SEED):
         self.pairs = pairs
         self.color_map = color_map
         self.transform = transform
         self.mask_format = mask_format
-        # With a seed, sample i of epoch e is always augmented the same way, whichever worker loads
-        # it: runs repeat exactly and a resumed run continues as if never stopped.
-        self.seed: int | None = None
+        # Sample i of epoch e is always augmented the same way, whichever worker loads it: runs
+        # repeat exactly and a resumed run continues as if never stopped (`set_epoch` moves e).
+        self.seed = seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -545,22 +547,21 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load_pair(index)
-        if self.seed is not None:
-            seed_augmentation(self.transform, self.seed, self.epoch, index)
+        seed_augmentation(self.transform, self.seed, self.epoch, index)
         out = self.transform(image=image, mask=mask)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
 
 
-def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC,
-                   threads: int = 2) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
+def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC, *, threads: int = 2,
+                   seed: int = config.SEED) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
     """Train (augmented) and validation (resize only) datasets of `data_dir`, after `check_dataset`
     has decoded every file; the check's spec (mask format decided) is the one the datasets use."""
     splits = {split: find_pairs(data_dir, split) for split in ("train", "valid")}
     check = check_dataset(splits, spec, threads)
     color_map, mask_format = check.spec.color_map(), check.spec.mask_format
-    train = SegmentationDataset(splits["train"], color_map, train_transform(imgsz, color_map.ignore_index), mask_format)
-    valid = SegmentationDataset(splits["valid"], color_map, eval_transform(imgsz), mask_format)
+    train = SegmentationDataset(splits["train"], color_map, train_transform(imgsz, color_map.ignore_index), mask_format, seed=seed)
+    valid = SegmentationDataset(splits["valid"], color_map, eval_transform(imgsz), mask_format, seed=seed)
     return train, valid, check
 
 
@@ -594,20 +595,19 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
-def make_loader(
-    dataset: SegmentationDataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False
-) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order and augmentation depend only on (seed, epoch); call `set_epoch` per epoch.
+def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool, workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and augmentation depend only on (dataset seed, epoch); call
+    `set_epoch` per epoch.
 
     Shuffled (training) loaders restart their workers every epoch so that the dataset's epoch
     reaches them; validation loaders keep theirs. Under torchrun each process gets its share:
     training through DistributedSampler (equal counts, so every rank takes the same number of
     steps), evaluation through ShardSampler (exact counts)."""
-    dataset.seed = seed
     sampler = None
     if distributed():
         if shuffle:
-            sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=seed)
+            sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=dataset.seed)
         else:
             sampler = ShardSampler(len(dataset), rank(), world_size())
     return torch.utils.data.DataLoader(
@@ -618,7 +618,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0 and not shuffle,
-        generator=torch.Generator().manual_seed(epoch_seed(seed, 0)),
+        generator=torch.Generator().manual_seed(epoch_seed(dataset.seed, 0)),
     )
 
 

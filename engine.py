@@ -1,7 +1,8 @@
 """The one train / validate loop, used by train.py (every epoch and the final test), bench.py and the notebook.
 
 Batches come either from a DataLoader (images) or from a `FeatureCache` (backbone features of a
-frozen backbone, computed once): the loop, the loss and the metrics are the same code either way.
+frozen backbone, computed once by an explicit `build` call): the loop, the loss and the metrics
+are the same code either way. `LoopSettings` carries what every pass needs besides model and data.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import config
+from distributed import all_reduce_sum, is_main_process, rank
+from files import format_bytes, temp_path
 from metrics import ConfusionMatrix
-from utils import all_reduce_sum, format_bytes, is_main_process, rank, temp_path
+from runtime import autocast
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,9 +46,14 @@ def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index
     return loss_sum / valid.clamp(min=1), valid
 
 
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed precision for the model's forward when `amp_dtype` is set; a no-op otherwise."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+@dataclass(frozen=True)
+class LoopSettings:
+    """What every pass over a split needs besides the model and the data."""
+
+    device: torch.device
+    num_classes: int
+    ignore_index: int = config.IGNORE_INDEX
+    amp_dtype: torch.dtype | None = None  # autocast dtype (runtime.select_precision), None = fp32
 
 
 class FeatureCache:
@@ -105,17 +114,17 @@ class FeatureCache:
         return path
 
     @torch.no_grad()
-    def build(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    def build(self, model: nn.Module, loader: DataLoader, settings: LoopSettings) -> None:
         """One backbone pass over `loader` (which must not shuffle) filling the cache in its order."""
         model = getattr(model, "module", model)  # unwrap DistributedDataParallel
         model.eval()
         offset = 0
         for images, masks in tqdm(loader, desc=f"Caching {self.name} features", leave=False, dynamic_ncols=True,
                                   disable=not is_main_process()):
-            with autocast(device, amp_dtype):
-                features = model.extract_features(images.to(device, non_blocking=True))
+            with autocast(settings.device, settings.amp_dtype):
+                features = model.extract_features(images.to(settings.device, non_blocking=True))
             if self.features is None:
-                store_dtype = amp_dtype or torch.float32  # the head would cast to the autocast dtype anyway
+                store_dtype = settings.amp_dtype or torch.float32  # the head would cast to the autocast dtype anyway
                 self._allocate(len(loader.sampler), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
             self.features[offset: offset + len(images)] = features.to("cpu", self.features.dtype)
             self.masks[offset: offset + len(images)] = masks.to(torch.uint8)
@@ -157,18 +166,18 @@ def _run_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     total: int,
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int,
-    optimizer: torch.optim.Optimizer | None,
+    settings: LoopSettings,
+    *,
     desc: str,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
     from_features: bool,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochResult:
+    """One pass: forward, loss, (with an optimizer) backward and step, and the split's metrics."""
     training = optimizer is not None
+    device = settings.device
     model.train(training)
-    confmat = ConfusionMatrix(num_classes, ignore_index)
+    confmat = ConfusionMatrix(settings.num_classes, settings.ignore_index)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     pixels_total = torch.zeros((), dtype=torch.int64, device=device)
     progress = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
@@ -176,20 +185,13 @@ def _run_epoch(
         for step, (inputs, masks) in enumerate(progress):
             inputs = inputs.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
+            with autocast(device, settings.amp_dtype):
                 logits = model(features=inputs, image_size=masks.shape[-2:]) if from_features else model(inputs)
-            loss, valid = pixel_cross_entropy(logits, masks, ignore_index)
+            loss, valid = pixel_cross_entropy(logits, masks, settings.ignore_index)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"{desc}, step {step + 1}/{total}: loss is {loss.item()}")
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None and scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                _step(loss, optimizer, scaler)
             loss_total += loss.detach() * valid
             pixels_total += valid
             confmat.update(masks, logits.detach().argmax(1))
@@ -207,46 +209,57 @@ def _run_epoch(
     )
 
 
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():  # fp16: scale the loss so small gradients survive
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int = 255,
+    settings: LoopSettings,
+    *,
     epoch: int = 0,
-    amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     cache: FeatureCache | None = None,
     generator: torch.Generator | None = None,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
-    With a ready `cache`, the batches are cached features in an order drawn from `generator`."""
+    With a built `cache`, the batches are its cached features in an order drawn from `generator`."""
     desc = f"Train {epoch}"
-    if cache is not None and cache.ready:
+    if cache is not None:
+        _require_built(cache)
         batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
-        return _run_epoch(model, batches, cache.num_batches(loader.batch_size), device, num_classes, ignore_index,
-                          optimizer, desc, amp_dtype, scaler, from_features=True)
-    return _run_epoch(model, loader, len(loader), device, num_classes, ignore_index, optimizer, desc, amp_dtype, scaler, False)
+        return _run_epoch(model, batches, cache.num_batches(loader.batch_size), settings, desc=desc, from_features=True,
+                          optimizer=optimizer, scaler=scaler)
+    return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False, optimizer=optimizer, scaler=scaler)
 
 
 @torch.no_grad()
 def validate(
     model: nn.Module,
     loader: DataLoader,
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int = 255,
+    settings: LoopSettings,
+    *,
     desc: str = "Valid",
-    amp_dtype: torch.dtype | None = None,
     cache: FeatureCache | None = None,
 ) -> EpochResult:
     """Loss, pixel accuracy and mIoU over the whole split (one confusion matrix, not per-batch means).
-    With a `cache` (frozen backbone), the backbone runs once, the first time, and never again."""
+    With a built `cache` (frozen backbone), the head runs on the cached features alone."""
     if cache is None:
-        return _run_epoch(model, loader, len(loader), device, num_classes, ignore_index, None, desc, amp_dtype, None, False)
+        return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False)
+    _require_built(cache)
+    return _run_epoch(model, cache.batches(loader.batch_size), cache.num_batches(loader.batch_size), settings,
+                      desc=desc, from_features=True)
+
+
+def _require_built(cache: FeatureCache) -> None:
     if not cache.ready:
-        cache.build(model, loader, device, amp_dtype)
-    batches = cache.batches(loader.batch_size)
-    return _run_epoch(model, batches, cache.num_batches(loader.batch_size), device, num_classes, ignore_index,
-                      None, desc, amp_dtype, None, from_features=True)
+        raise RuntimeError(f"the {cache.name} feature cache is empty: call its build() first")

@@ -21,7 +21,7 @@ import config
 from datasets import DatasetError, list_image_files, read_image
 from inference import Predictor, add_inference_args, check_inference_args, indexed_png, refuse_overwriting_inputs, render
 from cli import UserError, run_cli
-from utils import atomic_write, remove_stale_temp_files
+from files import atomic_write, remove_stale_temp_files
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from cli import UserError
 from datasets import ColorMap, check_imgsz, eval_transform, round_to_patch
-from engine import autocast
-from utils import AMP_CHOICES, build_model_from_checkpoint, load_checkpoint, select_device, select_precision
+from checkpoint import build_model_from_checkpoint, load_checkpoint
+from runtime import AMP_CHOICES, autocast, select_device, select_precision
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import all_reduce_sum
+import config
+from distributed import all_reduce_sum
 
 
 @dataclass
@@ -23,7 +24,7 @@ class SegmentationScores:
 class ConfusionMatrix:
     """`mat[t, p]` counts pixels of true class t predicted as p; ignored pixels are never counted."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = config.IGNORE_INDEX):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat: torch.Tensor | None = None
@@ -45,9 +46,6 @@ class ConfusionMatrix:
         if self.mat is None:
             self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64, device=device)
         all_reduce_sum(self.mat)
-
-    def reset(self) -> None:
-        self.mat = None
 
     def compute(self) -> SegmentationScores:
         mat = self.mat.double().cpu() if self.mat is not None else torch.zeros(self.num_classes, self.num_classes).double()

@@ -6,6 +6,8 @@ DINOv2 paper's multi-layer linear segmentation probe (the last four blocks).
 from dataclasses import dataclass
 
 PATCH_SIZE = 14
+# Where a backbone comes from (backbones.py): torch.hub, timm, or a local clone of the dinov2 repository.
+SOURCES = ("hub", "timm", "local")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from cli import UserError
-from utils import remove_stale_temp_files
+from files import remove_stale_temp_files
 
 try:
     import fcntl

@@ -12,40 +12,29 @@ Runs under torchrun for several GPUs or machines (see README).
 from __future__ import annotations
 
 import argparse
-import math
+import copy
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import config
-from cli import run_cli
-from datasets import DatasetSpec, build_datasets, check_imgsz, load_dataset_spec, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
-from engine import EpochResult, FeatureCache, NonFiniteLossError, default_cache_budget, train_one_epoch, validate
-from model import SOURCES, Dinov2Segmentation
-from model_config import PATCH_SIZE, SIZES
+from checkpoint import RunCheckpoints, load_checkpoint, model_info
+from cli import add_backbone_args, backbone_kwargs, run_cli
+from datasets import (DatasetSpec, build_datasets, check_imgsz, epoch_seed, eval_transform, load_dataset_spec, make_loader,
+                      round_to_patch, set_epoch)
+from distributed import broadcast_object, distributed, init_distributed, is_main_process, sync_buffers, world_size
+from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
+                    validate)
+from files import write_json
+from model import Dinov2Segmentation
+from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
-from utils import (
-    AMP_CHOICES,
-    CHECKPOINT_FORMAT,
-    broadcast_object,
-    broadcast_state,
-    distributed,
-    init_distributed,
-    is_main_process,
-    load_checkpoint,
-    save_checkpoint,
-    save_plots,
-    seed_everything,
-    select_precision,
-    sync_buffers,
-    world_size,
-    write_json,
-    write_metrics_csv,
-)
+from runtime import AMP_CHOICES, seed_everything, select_precision
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,16 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="training/validation size; rounded up to a multiple of 14 (640 -> 644)")
     data.add_argument("--workers", type=int, default=config.WORKERS, help="DataLoader worker processes")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
-    model.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
-    model.add_argument("--source", default="hub", choices=SOURCES,
-                       help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir")
-    model.add_argument("--hub-dir", default=None, metavar="PATH",
-                       help="local clone of github.com/facebookresearch/dinov2 (implies --source local)")
-    model.add_argument("--weights", default=None, metavar="PATH", help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth")
-    model.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
-    model.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
+    add_backbone_args(parser)
+    parser.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
 
     optim = parser.add_argument_group("optimisation")
     # None = not given: a fresh run takes the default, a resumed run its checkpoint's value (see resolve_schedule_flags).
@@ -126,36 +107,23 @@ def resolve_schedule_flags(args: argparse.Namespace, resumed: dict[str, Any] | N
     return changes
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, resumed: dict[str, Any] | None) -> None:
     """Reject flag values that would only fail later, with the flag's name in the message."""
     for flag in ("epochs", "batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    check_imgsz(args.imgsz, PATCH_SIZE)
+    check_imgsz(args.imgsz)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
         raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
     if args.cache_train_features and args.fine_tune:
         raise ValueError("--cache-train-features needs a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
-
-
-def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int]) -> dict[str, Any]:
-    """Everything inference needs to rebuild and interpret the model, without config.py."""
-    return {
-        "arch": dict(model.arch),
-        "hub_dir": model.hub_dir,
-        "classes": list(spec.classes),
-        "colors": [list(c) for c in spec.colors],
-        "ignore_index": spec.ignore_index,
-        "ignore_colors": [list(c) for c in spec.ignore_colors],
-        "mask_format": spec.mask_format,
-        "imgsz": list(imgsz),
-        "mean": list(config.MEAN),
-        "std": list(config.STD),
-    }
+    if resumed is not None and resumed["epoch"] + 1 >= args.epochs:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {resumed['epoch'] + 1} epochs; "
+                         "give a larger --epochs to train on")
 
 
 def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
@@ -199,24 +167,59 @@ def print_epoch(kind: str, result: EpochResult) -> None:
           f"{kind} Epoch mIOU: {result.miou:.4f}")
 
 
+@dataclass
+class Run:
+    """Everything one training run is made of, built by `build_run`."""
+
+    args: argparse.Namespace
+    out_dir: Path
+    imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
+    spec: DatasetSpec
+    settings: LoopSettings
+    train_loader: torch.utils.data.DataLoader
+    valid_loader: torch.utils.data.DataLoader
+    model: Dinov2Segmentation
+    train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: torch.amp.GradScaler
+    checkpoints: RunCheckpoints
+    valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
+    train_cache: FeatureCache | None = None  # --cache-train-features
+
+    def close(self) -> None:
+        for cache in (self.valid_cache, self.train_cache):
+            if cache is not None:
+                cache.close()
+
+
 def main(args: argparse.Namespace) -> None:
     resumed = load_checkpoint(args.resume) if args.resume else None
     changes = resolve_schedule_flags(args, resumed)
-    check_args(args)
-    if resumed is not None and resumed["epoch"] + 1 >= args.epochs:
-        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {resumed['epoch'] + 1} epochs; "
-                         "give a larger --epochs to train on")
+    check_args(args, resumed)
     device = init_distributed(args.device, args.dist_timeout)
     if args.cache_train_features and world_size() > 1:
         raise ValueError("--cache-train-features is not supported under torchrun yet; run it in one process")
     seed_everything(args.seed)
-    imgsz = round_to_patch(args.imgsz, PATCH_SIZE)
-    if list(imgsz) != list(args.imgsz):
-        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
     out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
     lock = claim_folder(out_dir, args)
     try:
-        train(args, resumed, changes, device, imgsz, out_dir)
+        run = build_run(args, device, out_dir, resumed)
+        try:
+            if resumed is not None:
+                restore(run, resumed, changes)
+            fit(run)
+            final_evaluation(run)
+        except NonFiniteLossError as err:
+            last = out_dir / "last.pth"
+            kept = (f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint" if last.exists()
+                    else "no checkpoint was written")
+            raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
+        except KeyboardInterrupt:
+            print_resume_hint(out_dir, run.checkpoints.epochs_done)
+            sys.exit(130)
+        finally:
+            run.close()
     finally:
         if lock is not None:
             lock.release()
@@ -236,177 +239,146 @@ def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
     return lock
 
 
-def train(args: argparse.Namespace, resumed: dict[str, Any] | None, changes: list[tuple[str, Any, Any]],
-          device: torch.device, imgsz: tuple[int, int], out_dir: Path) -> None:
-    spec = load_dataset_spec(args.data_dir, args.classes)
-    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1))
-    spec = check.spec
-    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
-          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
-    for note in check.notes:
-        print(f"Note: {note}")
-    color_map = spec.color_map()
-    if args.batch > len(train_set):
-        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, args.batch, True, args.workers, args.seed, pin)
-    valid_loader = make_loader(valid_set, args.batch, False, args.workers, args.seed, pin)
-    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
-    if world_size() > 1:
-        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
-              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
-
+def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, resumed: dict[str, Any] | None) -> Run:
+    """Data (checked), model, optimizer, schedule, caches and checkpoint files of a run."""
+    imgsz = round_to_patch(args.imgsz)
+    if list(imgsz) != list(args.imgsz):
+        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
+    spec, train_loader, valid_loader = build_data(args, imgsz, device)
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
-    model = Dinov2Segmentation(
-        color_map.num_classes, args.backbone, args.fine_tune, args.registers, args.source, args.weights,
-        pretrained=not args.no_pretrained, hub_dir=args.hub_dir,
-    ).to(device)
+    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, **backbone_kwargs(args)).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     if args.compile:
         model.compile_backbone()
     amp_dtype = select_precision(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.scheduler_epochs or [], args.scheduler_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
           f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
           f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
-    info = model_info(model, spec, imgsz)
-    train_model = model
-    if world_size() > 1:
-        if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    start_epoch, history, overrides = 0, [], []
-    best_loss, best_miou = math.inf, -math.inf
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        follow_schedule_flags(optimizer, scheduler, args)
-        restore_scaler(scaler, resumed.get("scaler", {}))
-        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
-        best_loss, best_miou = resumed["best"]["loss"], resumed["best"]["miou"]
-        overrides = resumed.get("overrides", []) + [
-            {"epoch": start_epoch + 1, "flag": flag, "from": old, "to": new} for flag, old, new in changes]
-        print(f"Resumed from {args.resume} at epoch {start_epoch + 1}"
-              + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
-
-    # A frozen backbone computes the same validation features every epoch: compute them once.
+    checkpoints = RunCheckpoints(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items()})
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
-    valid_cache = None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir)
-    train_cache = FeatureCache("train", budget, out_dir) if args.cache_train_features else None
+    return Run(
+        args=args, out_dir=out_dir, imgsz=imgsz, spec=spec,
+        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
+        train_loader=train_loader, valid_loader=valid_loader,
+        model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        checkpoints=checkpoints,
+        valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir),
+        train_cache=FeatureCache("train", budget, out_dir) if args.cache_train_features else None,
+    )
+
+
+def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
+               ) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The dataset description (mask format decided by the full check) and the two loaders."""
+    spec = load_dataset_spec(args.data_dir, args.classes)
+    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
+    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1), seed=args.seed)
+    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
+          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
+    for note in check.notes:
+        print(f"Note: {note}")
+    if args.batch > len(train_set):
+        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin)
+    valid_loader = make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin)
+    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
+    if world_size() > 1:
+        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
+              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
+    return check.spec, train_loader, valid_loader
+
+
+def distribute(model: Dinov2Segmentation, device: torch.device) -> torch.nn.Module:
+    """Under torchrun: the model wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs)."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
+    """Continue `resumed`: weights, optimizer, schedule, scaler and history; flags given now win."""
+    run.model.load_state_dict(resumed["model"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.scheduler.load_state_dict(resumed["scheduler"])
+    follow_schedule_flags(run.optimizer, run.scheduler, run.args)
+    restore_scaler(run.scaler, resumed.get("scaler", {}))
+    start = resumed["epoch"] + 2
+    run.checkpoints.restore(resumed, [{"epoch": start, "flag": flag, "from": old, "to": new} for flag, old, new in changes])
+    print(f"Resumed from {run.args.resume} at epoch {start}" + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
+
+
+def fit(run: Run) -> None:
+    """Train from the epoch after the last recorded one to --epochs, recording each (RunCheckpoints)."""
+    args, settings = run.args, run.settings
+    if run.train_cache is not None:
+        print("Note: --cache-train-features trains on un-augmented images (features computed once).")
+        cache_set = copy.copy(run.train_loader.dataset)
+        cache_set.transform = eval_transform(run.imgsz)
+        run.train_cache.build(run.model, make_loader(cache_set, args.batch, shuffle=False, workers=args.workers), settings)
     shuffle = torch.Generator()  # order of cached training features, reseeded every epoch
-
-    def save(checkpoint: dict[str, Any], name: str) -> None:
-        if is_main_process():
-            save_checkpoint(checkpoint, out_dir / name)
-
-    def checkpoint_dict(epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "metrics": metrics,
-            "best": {"loss": best_loss, "miou": best_miou},
-            "history": history,
-            "overrides": overrides,
-            "model_info": info,
-            "args": {k: _plain(v) for k, v in vars(args).items()},
-        }
-
-    try:
-        if train_cache is not None:
-            print("Note: --cache-train-features trains on un-augmented images (features computed once).")
-            train_set.transform = eval_transform(imgsz)
-            train_cache.build(model, make_loader(train_set, args.batch, False, args.workers, args.seed, pin), device, amp_dtype)
-        for epoch in range(start_epoch, args.epochs):
-            print(f"EPOCH: {epoch + 1}/{args.epochs}")
-            started = time.perf_counter()
-            set_epoch(train_loader, epoch)
-            shuffle.manual_seed(epoch_seed(args.seed, epoch))
-            train_result = train_one_epoch(train_model, train_loader, optimizer, device, color_map.num_classes,
-                                           color_map.ignore_index, epoch + 1, amp_dtype, scaler, train_cache, shuffle)
-            sync_buffers(model)  # every rank validates, and rank 0 saves, the same model
-            valid_result = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index,
-                                    amp_dtype=amp_dtype, cache=valid_cache)
-            scheduler.step()
-            seconds = time.perf_counter() - started
-            print_epoch("Train", train_result)
-            print_epoch("Valid", valid_result)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
-                "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
-                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-            }
-            history.append(row)
-            metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
-            if valid_result.loss < best_loss:
-                best_loss = valid_result.loss
-                print(f"Best validation loss: {best_loss:.4f}\nSaving best model for epoch: {epoch + 1}")
-                save(checkpoint_dict(epoch, metrics), "best_model_loss.pth")
-            if valid_result.miou > best_miou:
-                best_miou = valid_result.miou
-                print(f"Best validation IoU: {best_miou:.4f}\nSaving best model for epoch: {epoch + 1}")
-                save(checkpoint_dict(epoch, metrics), "best_model_iou.pth")
-            save(checkpoint_dict(epoch, metrics), "last.pth")
-            if is_main_process():
-                write_metrics_csv(history, out_dir / "metrics.csv")
-                save_plots(history, out_dir)
-            print(f"LR for next epoch: {scheduler.get_last_lr()}  ({seconds:.1f} s)")
-            print("-" * 50)
-
-        save(checkpoint_dict(args.epochs - 1, history[-1] if history else {}), "final_model.pth")
-        if distributed():
-            torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
-
-        best_path = load_best(model, out_dir, device)
-        print(f"Evaluating {best_path.name} on the validation split")
-        test = validate(model, valid_loader, device, color_map.num_classes, color_map.ignore_index, desc="Test",
-                        amp_dtype=amp_dtype, cache=valid_cache)
-        print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
-        print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(spec.classes, test.iou) if iou == iou))
-        if is_main_process():
-            write_json(out_dir / "test_metrics.json", {
-                "checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
-                "iou": dict(zip(spec.classes, test.iou)), "processes": world_size()})
-        print(f"Outputs in {out_dir}")
-    except NonFiniteLossError as err:
-        last = out_dir / "last.pth"
-        kept = f"{last} (epoch {len(history)}) is the last good checkpoint" if last.exists() else "no checkpoint was written"
-        raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
-    except KeyboardInterrupt:
-        command = sys.argv[1:]
-        if "--resume" in command:
-            del command[command.index("--resume"): command.index("--resume") + 2]
-        print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {len(history)}; continue with:\n"
-              f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        for cache in (valid_cache, train_cache):
-            if cache is not None:
-                cache.close()
+    for epoch in range(run.checkpoints.epochs_done, args.epochs):
+        print(f"EPOCH: {epoch + 1}/{args.epochs}")
+        started = time.perf_counter()
+        set_epoch(run.train_loader, epoch)
+        shuffle.manual_seed(epoch_seed(args.seed, epoch))
+        train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
+                                       scaler=run.scaler, cache=run.train_cache, generator=shuffle)
+        sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
+        valid_result = validate_split(run, "Valid")
+        run.scheduler.step()
+        seconds = time.perf_counter() - started
+        print_epoch("Train", train_result)
+        print_epoch("Valid", valid_result)
+        run.checkpoints.end_epoch({
+            "epoch": epoch + 1,
+            "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
+            "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
+            "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
+        })
+        print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
+        print("-" * 50)
+    run.checkpoints.save_final(args.epochs)
 
 
-def load_best(model: Dinov2Segmentation, out_dir: Path, device: torch.device) -> Path:
-    """Load this run's best-mIoU checkpoint (final_model.pth if mIoU never improved) into `model`.
-    Only rank 0 reads the file, which on machines without a shared filesystem only it has; the
-    weights reach the other ranks by broadcast."""
-    best_path = out_dir / "best_model_iou.pth"
+def validate_split(run: Run, desc: str) -> EpochResult:
+    """The validation split's metrics; a frozen backbone's features are computed on the first call only."""
+    if run.valid_cache is not None and not run.valid_cache.ready:
+        run.valid_cache.build(run.model, run.valid_loader, run.settings)
+    return validate(run.model, run.valid_loader, run.settings, desc=desc, cache=run.valid_cache)
+
+
+def final_evaluation(run: Run) -> None:
+    """The best-mIoU checkpoint on the validation split again: printed, and test_metrics.json."""
+    if distributed():
+        torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
+    best_path = run.checkpoints.load_best(run.settings.device)
+    print(f"Evaluating {best_path.name} on the validation split")
+    test = validate_split(run, "Test")
+    print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
+    print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(run.spec.classes, test.iou) if iou == iou))
     if is_main_process():
-        if not best_path.exists():  # the run folder is this run's alone (run_folder.py): nothing stale here
-            best_path = out_dir / "final_model.pth"
-        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-    broadcast_state(model)
-    return out_dir / broadcast_object(best_path.name)
+        write_json(run.out_dir / "test_metrics.json", {
+            "checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
+            "iou": dict(zip(run.spec.classes, test.iou)), "processes": world_size()})
+    print(f"Outputs in {run.out_dir}")
+
+
+def print_resume_hint(out_dir: Path, epochs_done: int) -> None:
+    command = sys.argv[1:]
+    if "--resume" in command:
+        del command[command.index("--resume"): command.index("--resume") + 2]
+    print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {epochs_done}; continue with:\n"
+          f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
 
 
 def base_lrs(args: argparse.Namespace) -> list[float]:

@@ -10,9 +10,9 @@ from PIL import Image
 
 import config
 from datasets import VOC, ColorMap, DatasetError, load_dataset_spec, read_mask
-from make_sample_data import make_dataset
+from synthetic import make_dataset
 from tests.conftest import OFFLINE, dead_pid, run_script
-from utils import load_checkpoint
+from checkpoint import load_checkpoint
 
 VOC_MAP = ColorMap(config.COLORS, config.IGNORE_COLORS)
 INDEX = np.array([[0, 15, 255, 3], [20, 0, 1, 255]], dtype=np.uint8)

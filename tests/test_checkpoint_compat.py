@@ -8,7 +8,7 @@ import torch
 from inference import Predictor
 from tests.conftest import OFFLINE, run_script
 from tests.fixtures.make_checkpoint_v1 import write_dataset
-from utils import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD = FIXTURES / "checkpoint_v1.pth"

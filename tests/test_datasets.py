@@ -108,8 +108,7 @@ def test_augmentation_fills_rotated_border_with_ignore_not_background():
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_dataset, voc_map):
-    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, train_transform((56, 42)))
-    dataset.seed = 3
+    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, train_transform((56, 42)), seed=3)
     first = [dataset[i][0] for i in range(6)]
     assert all(torch.equal(a, dataset[i][0]) for i, a in enumerate(first))  # same epoch: same views
     dataset.epoch = 1

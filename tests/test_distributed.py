@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from datasets import ShardSampler, build_datasets, load_dataset_spec, make_loader
-from engine import validate
-from make_sample_data import make_dataset
+from engine import LoopSettings, validate
+from synthetic import make_dataset
 from tests.conftest import ROOT
-from utils import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, load_checkpoint
 
 FLAGS = ("--imgsz", "56", "42", "--batch", "2", "--lr", "1e-3", "--source", "timm", "--no-pretrained", "--workers", "0")
 
@@ -51,7 +51,7 @@ def test_two_processes_report_what_one_process_measures(two_process_run, uneven_
     assert report["processes"] == 2
     model = build_model_from_checkpoint(load_checkpoint(out / report["checkpoint"]))
     _, valid_set, _ = build_datasets(uneven_dataset, (56, 42), load_dataset_spec(uneven_dataset))
-    single = validate(model, make_loader(valid_set, 2, False, 0, 0), torch.device("cpu"), 21)
+    single = validate(model, make_loader(valid_set, 2, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
     assert report["miou"] == pytest.approx(single.miou, abs=1e-12)  # same confusion matrix, no double counting
     assert report["pixel_accuracy"] == pytest.approx(single.pixel_accuracy, abs=1e-12)
     assert report["loss"] == pytest.approx(single.loss, rel=1e-6)  # fp32 per-batch sums, other batch groupings
@@ -92,7 +92,7 @@ RANK_ONE_FAILS = '''
 import sys, argparse, torch
 sys.path.insert(0, sys.argv[1])
 from cli import run_cli
-from utils import all_reduce_sum, init_distributed, rank
+from distributed import all_reduce_sum, init_distributed, rank
 
 def main(args):
     init_distributed("cpu", 0.5)

@@ -6,7 +6,8 @@ import torch
 
 import model as model_module
 from engine import pixel_cross_entropy
-from model import BackboneUnavailableError, Dinov2Segmentation, load_backbone
+from backbones import BackboneUnavailableError, load_backbone
+from model import Dinov2Segmentation
 from model_config import SIZES, get_backbone_spec
 from tests.conftest import run_script
 from cli import run_cli
@@ -14,7 +15,7 @@ from cli import run_cli
 
 def make_model(num_classes=21, fine_tune=False, seed=0):
     torch.manual_seed(seed)
-    return Dinov2Segmentation(num_classes, "small", fine_tune=fine_tune, source="timm", pretrained=False)
+    return Dinov2Segmentation(num_classes, fine_tune=fine_tune, source="timm", pretrained=False)
 
 
 @pytest.mark.parametrize("num_classes, height, width", [(21, 112, 112), (3, 98, 154), (11, 90, 120), (1, 33, 17)])

@@ -17,13 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
-from datasets import (DatasetError, ColorMap, build_datasets, check_dataset, find_pairs, list_image_files,
+from datasets import (DatasetError, ColorMap, build_datasets, find_pairs, list_image_files,
                       load_dataset_spec, parse_dataset_spec, read_image, read_mask)
-from make_sample_data import make_dataset
-from run_folder import RunLock
+from synthetic import make_dataset
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
-from utils import json_ready, load_checkpoint, remove_stale_temp_files
+from checkpoint import load_checkpoint
+from files import json_ready, remove_stale_temp_files
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
-from make_sample_data import make_dataset
+from synthetic import make_dataset
 from tests.conftest import OFFLINE, ROOT, run_script
-from utils import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
 
@@ -93,7 +93,7 @@ def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
     from cli import one_line
 
     pairs = [(dataset / "valid_images" / "valid_0000.jpg", dataset / "valid_labels" / "missing.png")]
-    loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, False, 1, 0)
+    loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, shuffle=False, workers=1)
     with pytest.raises(Exception) as excinfo:
         next(iter(loader))
     assert one_line(excinfo.value) == f"{pairs[0][1]}: file not found"
@@ -162,16 +162,17 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 def test_nan_loss_names_the_step(tiny_dataset):
     from datasets import build_datasets, make_loader
-    from engine import NonFiniteLossError, train_one_epoch
+    from engine import LoopSettings, NonFiniteLossError, train_one_epoch
     from model import Dinov2Segmentation
 
     train_set, _, _ = build_datasets(tiny_dataset, (56, 42))
-    model = Dinov2Segmentation(21, "small", source="timm", pretrained=False)
+    model = Dinov2Segmentation(21, source="timm", pretrained=False)
     with torch.no_grad():
         model.head.classifier.bias.fill_(float("nan"))
     optimizer = torch.optim.AdamW(model.head.parameters())
     with pytest.raises(NonFiniteLossError, match="Train 3, step 1/3: loss is nan"):
-        train_one_epoch(model, make_loader(train_set, 4, True, 0, 0), optimizer, torch.device("cpu"), 21, epoch=3)
+        train_one_epoch(model, make_loader(train_set, 4, shuffle=True, workers=0), optimizer,
+                        LoopSettings(torch.device("cpu"), num_classes=21), epoch=3)
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, t
     real_epoch = train.train_one_epoch
 
     def diverge_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:  # the epoch argument
+        if kwargs["epoch"] == 2:
             raise NonFiniteLossError("Train 2, step 1/2: loss is nan")
         return real_epoch(*args, **kwargs)
 

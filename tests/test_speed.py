@@ -3,35 +3,38 @@ import pytest
 import torch
 
 from datasets import build_datasets, make_loader
-from engine import FeatureCache, pixel_cross_entropy, train_one_epoch, validate
+from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, run_script
 from train import build_optimizer, get_args_parser, resolve_schedule_flags
-from utils import select_precision
+from runtime import select_precision
 
 CPU = torch.device("cpu")
+FP32 = LoopSettings(CPU, num_classes=21)
+BF16 = LoopSettings(CPU, num_classes=21, amp_dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
 def frozen_model():
     torch.manual_seed(0)
-    return Dinov2Segmentation(21, "small", source="timm", pretrained=False)
+    return Dinov2Segmentation(21, source="timm", pretrained=False)
 
 
 @pytest.fixture(scope="module")
 def loaders(tiny_dataset):
     train_set, valid_set, _ = build_datasets(tiny_dataset, (56, 42))
-    return make_loader(train_set, 4, True, 0, 0), make_loader(valid_set, 2, False, 0, 0)
+    return make_loader(train_set, 4, shuffle=True, workers=0), make_loader(valid_set, 2, shuffle=False, workers=0)
 
 
 @pytest.mark.parametrize("budget", [10**10, 0], ids=["in-memory", "on-disk"])
 def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budget):
     valid_loader = loaders[1]
-    uncached = validate(frozen_model, valid_loader, CPU, 21)
+    uncached = validate(frozen_model, valid_loader, FP32)
     cache = FeatureCache("valid", budget, tmp_path)
-    first = validate(frozen_model, valid_loader, CPU, 21, cache=cache)  # builds the cache
+    cache.build(frozen_model, valid_loader, FP32)
     assert cache.ready and (cache.file is not None) == (budget == 0)
-    again = validate(frozen_model, valid_loader, CPU, 21, cache=cache)  # backbone not run
+    first = validate(frozen_model, valid_loader, FP32, cache=cache)
+    again = validate(frozen_model, valid_loader, FP32, cache=cache)
     for result in (first, again):
         assert result.loss == pytest.approx(uncached.loss, rel=1e-6)
         assert result.miou == pytest.approx(uncached.miou, abs=1e-9)
@@ -42,29 +45,34 @@ def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budg
 
 def test_cached_epochs_do_not_run_the_backbone(frozen_model, loaders, tmp_path, monkeypatch):
     cache = FeatureCache("valid", 10**10, tmp_path)
-    validate(frozen_model, loaders[1], CPU, 21, cache=cache)
+    cache.build(frozen_model, loaders[1], FP32)
     monkeypatch.setattr(frozen_model, "extract_features", lambda *a: pytest.fail("backbone ran on a cached epoch"))
-    validate(frozen_model, loaders[1], CPU, 21, cache=cache)
+    validate(frozen_model, loaders[1], FP32, cache=cache)
+
+
+def test_an_unbuilt_cache_is_an_error_not_a_silent_build(frozen_model, loaders, tmp_path):
+    with pytest.raises(RuntimeError, match="the valid feature cache is empty: call its build"):
+        validate(frozen_model, loaders[1], FP32, cache=FeatureCache("valid", 10**10, tmp_path))
 
 
 def test_training_from_cached_features_learns(frozen_model, loaders, tmp_path):
     train_loader = loaders[0]
     cache = FeatureCache("train", 10**10, tmp_path)
-    cache.build(frozen_model, make_loader(train_loader.dataset, 4, False, 0, 0), CPU, None)
+    cache.build(frozen_model, make_loader(train_loader.dataset, 4, shuffle=False, workers=0), FP32)
     optimizer = torch.optim.AdamW(frozen_model.head.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    losses = [train_one_epoch(frozen_model, train_loader, optimizer, CPU, 21, cache=cache, generator=generator).loss
+    losses = [train_one_epoch(frozen_model, train_loader, optimizer, FP32, cache=cache, generator=generator).loss
               for _ in range(4)]
     assert losses[-1] < losses[0]
 
 
 def test_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(frozen_model, loaders):
-    fp32 = validate(frozen_model, loaders[1], CPU, 21)
-    bf16 = validate(frozen_model, loaders[1], CPU, 21, amp_dtype=torch.bfloat16)
+    fp32 = validate(frozen_model, loaders[1], FP32)
+    bf16 = validate(frozen_model, loaders[1], BF16)
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.05)
-    model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False)
+    model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    result = train_one_epoch(model, loaders[0], optimizer, CPU, 21, amp_dtype=torch.bfloat16)
+    result = train_one_epoch(model, loaders[0], optimizer, BF16)
     assert torch.isfinite(torch.tensor(result.loss))
 
 
@@ -74,7 +82,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False).train()
+        model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False).train()
         model.set_grad_checkpointing(checkpointing)
         loss, _ = pixel_cross_entropy(model(images), target, 255)
         loss.backward()
@@ -93,7 +101,7 @@ def test_precision_choice():
 
 
 def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
-    model = Dinov2Segmentation(21, "small", fine_tune=True, source="timm", pretrained=False)
+    model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False)
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3"])
     resolve_schedule_flags(args, resumed=None)  # flags not given take their defaults
     head, backbone = build_optimizer(model, args).param_groups

@@ -6,9 +6,9 @@ import torch
 
 import config
 from datasets import ColorMap, SegmentationDataset, eval_transform, find_pairs, make_loader
-from engine import validate
+from engine import LoopSettings, validate
 from tests.conftest import OFFLINE, run_script
-from utils import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, load_checkpoint
 
 
 def read_metrics(out_dir):
@@ -54,7 +54,7 @@ def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(tra
     with torch.no_grad():
         assert torch.equal(model_a(valid_set[0][0][None]), model_b(valid_set[0][0][None]))
     # The reloaded weights are the trained ones: they reproduce the validation metrics recorded at save time.
-    result = validate(model_a, make_loader(valid_set, 4, False, 0, 0), torch.device("cpu"), 21)
+    result = validate(model_a, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
     assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
     assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
 

@@ -1,0 +1,187 @@
+"""Every way of obtaining a DINOv2 backbone, behind one contract.
+
+Sources: torch.hub (`facebookresearch/dinov2`, Meta's own code, from GitHub through the hub
+cache), a local clone of that repository (`--hub-dir`), or timm (the same architecture; builds
+offline with random weights and loads Meta's official `.pth` through timm's key converter).
+Whatever the source, the backbone answers `get_intermediate_layers(x, n=out_indices,
+reshape=True)` with a tuple of `[B, C, H/14, W/14]` patch-token maps, so the rest of the code
+never asks where it came from. The size table (names, widths, tapped layers) is model_config.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cli import UserError
+from model_config import SIZES, SOURCES, BackboneSpec, get_backbone_spec
+
+# An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
+HUB_REPO = "facebookresearch/dinov2:main"
+OFFLINE_HINT = (
+    "offline, use one of: (1) a complete torch.hub cache copied from a machine with internet "
+    "($TORCH_HOME/hub/facebookresearch_dinov2_main and hub/checkpoints/dinov2_*_pretrain.pth); "
+    "(2) --hub-dir PATH/TO/dinov2-clone with --weights PATH/TO/dinov2_vits14_pretrain.pth; "
+    "(3) --source timm --weights PATH/TO/dinov2_vits14_pretrain.pth "
+    "(--source timm --no-pretrained gives a random-init smoke run)"
+)
+
+
+class BackboneUnavailableError(UserError):
+    """The backbone's code or weights could not be obtained (typically: no network, no cache)."""
+
+
+class TimmDinov2(nn.Module):
+    """Adapts timm's DINOv2 ViT to the torch.hub model's `get_intermediate_layers` contract."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, norm: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        # timm skips the final LayerNorm unless asked; the hub model applies it by default.
+        return tuple(self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm))
+
+
+def _load_hub(spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None) -> nn.Module:
+    """Meta's own model code: from GitHub through the torch.hub cache, or from a local clone."""
+    if hub_dir is not None:
+        if not (Path(hub_dir) / "hubconf.py").is_file():
+            raise BackboneUnavailableError(
+                f"{hub_dir}: not a torch.hub directory (no hubconf.py); "
+                "git clone https://github.com/facebookresearch/dinov2 there, or use --source hub/timm"
+            )
+        repo, where = str(hub_dir), "local"
+    else:
+        repo, where = HUB_REPO, "github"
+    try:
+        return torch.hub.load(repo, spec.hub_name, source=where, pretrained=pretrained, trust_repo=True)
+    except Exception as err:  # URLError, HTTPError, RuntimeError("no internet ..."), ...
+        raise BackboneUnavailableError(
+            f"could not load {spec.hub_name} from torch.hub ({repo}): {_first_line(err)}; {OFFLINE_HINT}"
+        ) from err
+
+
+def _load_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+    import timm
+
+    try:
+        vit = timm.create_model(spec.timm_name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
+    except Exception as err:  # huggingface_hub connection / not-found errors
+        raise BackboneUnavailableError(
+            f"could not load {spec.timm_name} from timm: {_first_line(err)}; {OFFLINE_HINT}"
+        ) from err
+    return TimmDinov2(vit)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A Meta-format DINOv2 backbone state dict from `path`: the released `dinov2_*_pretrain.pth`,
+    or the teacher backbone of a DINOv2 training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({_first_line(err)})") from err
+    if isinstance(state, dict) and "model_info" in state:
+        raise ValueError(f"{path}: is a segmentation checkpoint from train.py, not backbone weights; "
+                         "use it with --resume or with infer_*.py --model")
+    if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
+        state = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(f"{path}: not a DINOv2 backbone state dict (no cls_token / pos_embed)")
+    return state
+
+
+def describe_official_weights(state: dict[str, torch.Tensor]) -> dict[str, int | bool]:
+    """Embed dim, depth and registers of a Meta-format state dict."""
+    blocks = set()
+    for key in state:
+        parts = key.split(".")
+        if parts[0] == "blocks" and len(parts) > 2:
+            # blocks.N.* normally; blocks.C.N.* when the model was built with block chunks
+            blocks.add(int(parts[2]) if parts[2].isdigit() else int(parts[1]))
+    return {"embed_dim": state["cls_token"].shape[-1], "depth": len(blocks), "registers": "register_tokens" in state}
+
+
+def check_weights_match(state: dict[str, torch.Tensor], spec: BackboneSpec, registers: bool, path: str | Path) -> None:
+    """A clear error naming the field when weights of one backbone are given for another."""
+    found = describe_official_weights(state)
+    if (found["embed_dim"], found["depth"]) != (spec.embed_dim, spec.depth):
+        sizes = [s for s in SIZES if (get_backbone_spec(s).embed_dim, get_backbone_spec(s).depth) == (found["embed_dim"], found["depth"])]
+        fix = f"; pass --backbone {sizes[0]}" if sizes else ""
+        raise ValueError(f"{path}: weights of a ViT with embed dim {found['embed_dim']} and {found['depth']} blocks, "
+                         f"but the model is {spec.hub_name} (embed dim {spec.embed_dim}, {spec.depth} blocks){fix}")
+    if found["registers"] != registers:
+        fix = "add --registers" if found["registers"] else "drop --registers"
+        raise ValueError(f"{path}: weights {'with' if found['registers'] else 'without'} register tokens "
+                         f"but the model is {spec.hub_name}; {fix}")
+
+
+def load_official_weights(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load Meta-format DINOv2 weights into a backbone of either source (timm converts the keys)."""
+    target = backbone
+    if isinstance(backbone, TimmDinov2):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state, target = checkpoint_filter_fn(state, backbone.vit), backbone.vit
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: does not match the backbone architecture ({_first_line(err)})") from err
+
+
+def hub_state_to_timm(state: dict[str, torch.Tensor], timm_backbone: TimmDinov2) -> dict[str, torch.Tensor]:
+    """Convert a segmentation state dict with a hub (Meta-format) backbone to one for a timm backbone."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    converted = checkpoint_filter_fn(backbone, timm_backbone.vit)
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return {**rest, **{f"{prefix}vit.{k}": v for k, v in converted.items()}}
+
+
+def load_backbone(
+    size: str = "small",
+    *,
+    registers: bool = False,
+    source: str = "hub",
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    hub_dir: str | Path | None = None,
+) -> nn.Module:
+    """Build a DINOv2 backbone. Weights: `weights` file if given, else the source's pretrained ones
+    if `pretrained`, else random init (the architecture alone, e.g. for offline tests).
+    Sources: `hub` (torch.hub, GitHub + cache), `local` (a dinov2 clone at `hub_dir`), `timm`."""
+    spec = get_backbone_spec(size, registers)
+    if hub_dir is not None:
+        source = "local"
+    state = None
+    if weights is not None:  # read and check the file before building anything
+        state = read_official_weights(weights)
+        check_weights_match(state, spec, registers, weights)
+    download = pretrained and weights is None
+    if source in ("hub", "local"):
+        if source == "local" and hub_dir is None:
+            raise ValueError("--source local needs --hub-dir PATH (a clone of facebookresearch/dinov2)")
+        backbone = _load_hub(spec, download, hub_dir if source == "local" else None)
+    elif source == "timm":
+        backbone = _load_timm(spec, download)
+    else:
+        raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
+    if state is not None:
+        load_official_weights(backbone, state, weights)
+    return backbone

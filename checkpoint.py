@@ -1,0 +1,172 @@
+"""The checkpoint format: what train.py saves, loading it safely, and rebuilding a model from it alone.
+
+A checkpoint is a plain dict: `format`, `model` (state dict), `optimizer`, `scheduler`, `scaler`,
+`epoch`, `metrics`, `best`, `history`, `overrides`, `args`, and `model_info` (`model_info` below:
+all that inference needs). Inference needs only `model` and `model_info`.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import config
+from backbones import BackboneUnavailableError, hub_state_to_timm
+from datasets import DatasetSpec
+from distributed import broadcast_object, broadcast_state, is_main_process
+from files import atomic_write, deferred_interrupt
+from model import Dinov2Segmentation
+from reports import save_plots, write_metrics_csv
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int]) -> dict[str, Any]:
+    """Everything inference needs to rebuild and interpret the model, without config.py."""
+    return {
+        "arch": dict(model.arch),
+        "hub_dir": model.hub_dir,
+        "classes": list(spec.classes),
+        "colors": [list(c) for c in spec.colors],
+        "ignore_index": spec.ignore_index,
+        "ignore_colors": [list(c) for c in spec.ignore_colors],
+        "mask_format": spec.mask_format,
+        "imgsz": list(imgsz),
+        "mean": list(config.MEAN),
+        "std": list(config.STD),
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Write atomically; a Ctrl-C during the write is held back until the file is complete."""
+    try:
+        with deferred_interrupt():
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except OSError as err:
+        raise OSError(f"{path}: could not be written ({err.strerror or err}); the previous file is unchanged") from err
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file): {str(err).splitlines()[0]}") from err
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_info" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by train.py (no 'model'/'model_info' entries)")
+    return checkpoint
+
+
+def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`).
+
+    A model trained with Meta's hub code needs that code again; where it cannot be had (offline, no
+    cache, the --hub-dir clone gone), the same architecture is built with timm and the keys converted.
+    """
+    info = checkpoint["model_info"]
+    arch = info["arch"]
+    common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False)
+    state = checkpoint["model"]
+    try:
+        model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+    except BackboneUnavailableError as err:
+        if arch["source"] == "timm":
+            raise
+        print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
+        model = Dinov2Segmentation(source="timm", **common)
+        state = hub_state_to_timm(state, model.backbone)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint weights do not fit the model its model_info describes ({arch}): "
+                         f"{str(err).splitlines()[0]}") from err
+    return model.to(device).eval()
+
+
+class RunCheckpoints:
+    """The checkpoint files of a training run and the state they carry between epochs.
+
+    Owns `best_model_loss.pth`, `best_model_iou.pth` (the epochs with the best validation loss /
+    mIoU), `last.pth` (every epoch, for --resume) and `final_model.pth`, plus `metrics.csv` and the
+    curves; keeps the history, the best metrics and the flags changed on resume. Only rank 0 writes.
+    """
+
+    def __init__(self, out_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                 info: dict[str, Any], args: dict[str, Any]):
+        self.out_dir = out_dir
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.info, self.args = info, args
+        self.history: list[dict[str, float]] = []
+        self.best = {"loss": math.inf, "miou": -math.inf}
+        self.overrides: list[dict[str, Any]] = []
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def restore(self, checkpoint: dict[str, Any], overrides: list[dict[str, Any]] = ()) -> None:
+        """Continue a checkpoint's run: its history, best metrics and earlier overrides (+ `overrides`)."""
+        self.history = list(checkpoint["history"])
+        self.best = dict(checkpoint["best"])
+        self.overrides = list(checkpoint.get("overrides", [])) + list(overrides)
+
+    def state(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "metrics": metrics,
+            "best": dict(self.best),
+            "history": self.history,
+            "overrides": self.overrides,
+            "model_info": self.info,
+            "args": self.args,
+        }
+
+    def end_epoch(self, row: dict[str, float]) -> None:
+        """Record an epoch (a metrics.csv row): best checkpoints when improved, last.pth, CSV and curves."""
+        self.history.append(row)
+        epoch = row["epoch"] - 1
+        metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
+        if row["valid_loss"] < self.best["loss"]:
+            self.best["loss"] = row["valid_loss"]
+            print(f"Best validation loss: {self.best['loss']:.4f}\nSaving best model for epoch: {epoch + 1}")
+            self._save(self.state(epoch, metrics), "best_model_loss.pth")
+        if row["valid_miou"] > self.best["miou"]:
+            self.best["miou"] = row["valid_miou"]
+            print(f"Best validation IoU: {self.best['miou']:.4f}\nSaving best model for epoch: {epoch + 1}")
+            self._save(self.state(epoch, metrics), "best_model_iou.pth")
+        self._save(self.state(epoch, metrics), "last.pth")
+        if is_main_process():
+            write_metrics_csv(self.history, self.out_dir / "metrics.csv")
+            save_plots(self.history, self.out_dir)
+
+    def save_final(self, epochs: int) -> None:
+        self._save(self.state(epochs - 1, self.history[-1] if self.history else {}), "final_model.pth")
+
+    def load_best(self, device: torch.device) -> Path:
+        """Load this run's best-mIoU checkpoint (final_model.pth if mIoU never improved) into the model.
+        Only rank 0 reads the file, which on machines without a shared filesystem only it has; the
+        weights reach the other ranks by broadcast."""
+        best_path = self.out_dir / "best_model_iou.pth"
+        if is_main_process():
+            if not best_path.exists():  # the run folder is this run's alone (run_folder.py): nothing stale here
+                best_path = self.out_dir / "final_model.pth"
+            self.model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+        broadcast_state(self.model)
+        return self.out_dir / broadcast_object(best_path.name)
+
+    def _save(self, checkpoint: dict[str, Any], name: str) -> None:
+        if is_main_process():
+            save_checkpoint(checkpoint, self.out_dir / name)

@@ -1,0 +1,122 @@
+"""Writing files safely: atomic replacement, temporary names that say whose they are, strict JSON.
+
+A crash, kill -9 or full disk must never leave half a file where a whole one was expected;
+and what a killed process left behind must be recognisable as such, to be cleaned up later."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+_UMASK = os.umask(0)  # read once: temporary files get the permissions a plain open() would give
+os.umask(_UMASK)
+
+TEMP_MARK = ".tmp-"  # .<name>.tmp-<host>-<pid>-<random>[suffix]: whose it is, so leftovers can be told apart
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]{8}(\.\w+)?$")
+
+
+def temp_path(path: str | Path, suffix: str = "", directory: bool = False) -> Path:
+    """A new hidden file (or folder) beside `path`, named after this host and process, so that
+    `remove_stale_temp_files` can tell a killed process's leftovers from a live one's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that processes of this host left behind when killed (kill -9, power
+    loss) in `folder`: ours by name, and only those whose process is gone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename onto `path`: a crash leaves the old file, never half a new one."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: files being written get finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every nan/inf float as None: JSON has no NaN (Python would write a bare `NaN`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Atomically write `value` as strict JSON (nan -> null)."""
+    text = json.dumps(json_ready(value), indent=1, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def format_bytes(count: int) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks are sold and `df -H` prints)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
