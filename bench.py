@@ -30,13 +30,14 @@ import torch
 import config
 from checkpoint import model_info, save_checkpoint
 from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
-from datasets import VOC, build_datasets, eval_transform, make_loader
+from datasets import build_datasets, eval_transform, make_loader
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
 from inference import Predictor
-from synthetic import make_dataset
+from labels import VOC
 from metrics import ConfusionMatrix
 from model import Dinov2Segmentation
 from runtime import autocast, select_device, select_precision
+from synthetic import make_dataset
 
 NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloured
 

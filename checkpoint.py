@@ -15,12 +15,11 @@ import torch
 
 import config
 from backbones import BackboneUnavailableError, hub_state_to_timm
-from datasets import DatasetSpec
 from distributed import broadcast_object, broadcast_state, is_main_process
 from files import atomic_write, deferred_interrupt
+from labels import DatasetSpec
 from model import Dinov2Segmentation
 from reports import save_plots, write_metrics_csv
-
 
 CHECKPOINT_FORMAT = 1
 

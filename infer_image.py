@@ -18,10 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from datasets import DatasetError, list_image_files, read_image
-from inference import Predictor, add_inference_args, check_inference_args, indexed_png, refuse_overwriting_inputs, render
 from cli import UserError, run_cli
 from files import atomic_write, remove_stale_temp_files
+from image_files import DatasetError, list_image_files, read_image
+from inference import (Predictor, add_inference_args, check_inference_args, indexed_png, refuse_overwriting_inputs,
+                       render)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,9 +17,9 @@ import cv2
 from tqdm import tqdm
 
 import config
-from inference import Predictor, add_inference_args, check_inference_args, refuse_overwriting_inputs, render
 from cli import run_cli
 from files import remove_stale_temp_files, temp_path
+from inference import Predictor, add_inference_args, check_inference_args, refuse_overwriting_inputs, render
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import UserError
-from datasets import ColorMap, check_imgsz, eval_transform, round_to_patch
 from checkpoint import build_model_from_checkpoint, load_checkpoint
+from cli import UserError
+from datasets import check_imgsz, eval_transform, round_to_patch
+from labels import ColorMap
 from runtime import AMP_CHOICES, autocast, select_device, select_precision
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX

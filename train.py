@@ -25,12 +25,12 @@ import torch
 import config
 from checkpoint import RunCheckpoints, load_checkpoint, model_info
 from cli import add_backbone_args, backbone_kwargs, run_cli
-from datasets import (DatasetSpec, build_datasets, check_imgsz, epoch_seed, eval_transform, load_dataset_spec, make_loader,
-                      round_to_patch, set_epoch)
+from datasets import build_datasets, check_imgsz, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
 from distributed import broadcast_object, distributed, init_distributed, is_main_process, sync_buffers, world_size
 from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
                     validate)
 from files import write_json
+from labels import DatasetSpec, load_dataset_spec
 from model import Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 import config
-from datasets import VOC, ColorMap, DatasetError, load_dataset_spec, read_mask
+from checkpoint import load_checkpoint
+from image_files import DatasetError
+from labels import VOC, ColorMap, load_dataset_spec, read_mask
 from synthetic import make_dataset
 from tests.conftest import OFFLINE, dead_pid, run_script
-from checkpoint import load_checkpoint
 
 VOC_MAP = ColorMap(config.COLORS, config.IGNORE_COLORS)
 INDEX = np.array([[0, 15, 255, 3], [20, 0, 1, 255]], dtype=np.uint8)

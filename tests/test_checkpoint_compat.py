@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import build_model_from_checkpoint, load_checkpoint
 from inference import Predictor
 from tests.conftest import OFFLINE, run_script
 from tests.fixtures.make_checkpoint_v1 import write_dataset
-from checkpoint import build_model_from_checkpoint, load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD = FIXTURES / "checkpoint_v1.pth"

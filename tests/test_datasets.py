@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import config
-from datasets import (
-    ColorMap, DatasetError, SegmentationDataset, eval_transform, find_pairs, round_to_patch, seed_augmentation,
-    train_transform,
-)
+from datasets import SegmentationDataset, eval_transform, find_pairs, round_to_patch, seed_augmentation, train_transform
+from image_files import DatasetError
+from labels import ColorMap
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ import cv2
 import pytest
 import torch
 
-from datasets import ShardSampler, build_datasets, load_dataset_spec, make_loader
+from checkpoint import build_model_from_checkpoint, load_checkpoint
+from datasets import ShardSampler, build_datasets, make_loader
 from engine import LoopSettings, validate
+from labels import load_dataset_spec
 from synthetic import make_dataset
 from tests.conftest import ROOT
-from checkpoint import build_model_from_checkpoint, load_checkpoint
 
 FLAGS = ("--imgsz", "56", "42", "--batch", "2", "--lr", "1e-3", "--source", "timm", "--no-pretrained", "--workers", "0")
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import model as model_module
-from engine import pixel_cross_entropy
 from backbones import BackboneUnavailableError, load_backbone
+from cli import run_cli
+from engine import pixel_cross_entropy
 from model import Dinov2Segmentation
 from model_config import SIZES, get_backbone_spec
 from tests.conftest import run_script
-from cli import run_cli
 
 
 def make_model(num_classes=21, fine_tune=False, seed=0):

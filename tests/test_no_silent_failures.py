@@ -17,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import (DatasetError, ColorMap, build_datasets, find_pairs, list_image_files,
-                      load_dataset_spec, parse_dataset_spec, read_image, read_mask)
+from checkpoint import load_checkpoint
+from datasets import build_datasets, find_pairs
+from files import json_ready, remove_stale_temp_files
+from image_files import DatasetError, list_image_files, read_image
+from labels import ColorMap, load_dataset_spec, parse_dataset_spec, read_mask
 from synthetic import make_dataset
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
-from checkpoint import load_checkpoint
-from files import json_ready, remove_stale_temp_files
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint, save_checkpoint
 from synthetic import make_dataset
 from tests.conftest import OFFLINE, ROOT, run_script
-from checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
 
@@ -89,8 +89,9 @@ def test_unknown_mask_colour_in_validation_is_found_before_training(dataset, tmp
 
 
 def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
-    from datasets import VOC, SegmentationDataset, eval_transform, make_loader
     from cli import one_line
+    from datasets import SegmentationDataset, eval_transform, make_loader
+    from labels import VOC
 
     pairs = [(dataset / "valid_images" / "valid_0000.jpg", dataset / "valid_labels" / "missing.png")]
     loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, shuffle=False, workers=1)

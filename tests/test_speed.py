@@ -5,9 +5,9 @@ import torch
 from datasets import build_datasets, make_loader
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
 from model import Dinov2Segmentation
+from runtime import select_precision
 from tests.conftest import OFFLINE, run_script
 from train import build_optimizer, get_args_parser, resolve_schedule_flags
-from runtime import select_precision
 
 CPU = torch.device("cpu")
 FP32 = LoopSettings(CPU, num_classes=21)

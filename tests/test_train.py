@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import config
-from datasets import ColorMap, SegmentationDataset, eval_transform, find_pairs, make_loader
-from engine import LoopSettings, validate
-from tests.conftest import OFFLINE, run_script
 from checkpoint import build_model_from_checkpoint, load_checkpoint
+from datasets import SegmentationDataset, eval_transform, find_pairs, make_loader
+from engine import LoopSettings, validate
+from labels import ColorMap
+from tests.conftest import OFFLINE, run_script
 
 
 def read_metrics(out_dir):

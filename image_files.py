@@ -1,0 +1,124 @@
+"""Reading image and mask files, by one rule for both: decoded completely, with PIL, EXIF
+orientation applied (as photo viewers and annotation tools show them).
+
+`verify_image` additionally decodes JPEGs with libjpeg-turbo in strict mode, because PIL and
+OpenCV turn corrupt data into grey or garbled pixels with at most a warning on stderr.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps
+
+from cli import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset file or folder that cannot be used as it is; the message names it."""
+
+
+def _load(path: str | Path) -> Image.Image:
+    """Decode the whole file now: a truncated or corrupt file fails here, with its name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: file not found") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(_unreadable(path, err)) from err
+
+
+def _unreadable(path: str | Path, err: BaseException) -> str:
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return f"{path}: not a readable image ({err.__class__.__name__}{': ' + detail if detail else ''})"
+
+
+def verify_image(path: str | Path) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of an image file whose every byte decodes cleanly.
+
+    JPEGs go through libjpeg-turbo in strict mode (simplejpeg): PIL and OpenCV decode a file with
+    corrupt entropy data or a missing end as grey or garbled pixels with at most a warning on stderr."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            size, orientation = image.size, _orientation(image)
+            if data[:3] == b"\xff\xd8\xff":
+                simplejpeg.decode_jpeg(data, strict=True)
+            else:
+                image.load()
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: file not found") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(_unreadable(path, err)) from err
+    return size[0], size[1], orientation
+
+
+ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(0x0112, 1)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The one decoding rule for images and masks alike: fully decoded, EXIF orientation applied
+    (as image viewers and annotation tools show the file)."""
+    image = _load(path)
+    return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read any image file as `[H, W, 3]` uint8 RGB (grayscale and RGBA are converted)."""
+    image = open_image(path)
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as err:  # a mode PIL cannot convert, e.g. 32-bit float TIFF
+        raise DatasetError(f"{path}: {image.mode} images cannot be converted to RGB ({err})") from err
+
+
+COLOR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")
+
+
+GRAY_MODES = ("L", "LA", "1", "I;16", "I;16L", "I;16B", "I")
+
+
+def mask_pixels(path: str | Path) -> np.ndarray:
+    """A mask's raw pixels: `[H, W, 3]` uint8 colours (RGB, RGBA, palette) or `[H, W]` values (single channel)."""
+    image = open_image(path)
+    if image.mode in COLOR_MODES:
+        return np.asarray(image.convert("RGB"))
+    if image.mode in ("L", "LA", "1"):  # bilevel "1" masks become 0/255
+        return np.asarray(image.convert("L"))
+    if image.mode in GRAY_MODES:
+        pixels = np.asarray(image)
+        if pixels.min() < 0:
+            raise DatasetError(f"{path}: negative mask values")
+        return pixels
+    raise DatasetError(f"{path}: {image.mode} masks are not supported (use RGB, palette or single-channel PNGs)")
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """A folder's image files sorted by name, one per stem (outputs and masks are named by stem).
+    Hidden files (.DS_Store, macOS's ._photo.jpg) are skipped; two files of one stem are an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found")
+    files = [p for p in sorted(folder.iterdir())
+             if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise DatasetError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path.name)
+    clashes = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise DatasetError(f"{folder}: files share a name, so one would shadow the other: {'; '.join(clashes[:3])}{more}; "
+                           "keep one file per name")
+    return files
