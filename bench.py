@@ -32,7 +32,7 @@ from checkpoint import model_info, save_checkpoint
 from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
 from datasets import build_datasets, eval_transform, make_loader
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
-from inference import Predictor
+from inference import InferenceMode, Predictor, preprocess, window_grid
 from labels import VOC
 from metrics import ConfusionMatrix
 from model import Dinov2Segmentation
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed inference repetitions")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "memory"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory"))
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -176,10 +176,10 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
     model = build_model(args)
     checkpoint = out_dir / "bench_model.pth"
     save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
-    predictor = Predictor(checkpoint, str(device), args.imgsz, args.amp)
+    predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, InferenceMode(imgsz=tuple(args.imgsz)))
     width, height = args.imgsz
     image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    tensor = predictor.preprocess(image)
+    tensor = preprocess(image, (height, width), config.MEAN, config.STD).to(device)
     backbone = predictor.model.backbone
 
     def bare():
@@ -191,6 +191,24 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
     return ["| path | ms/image | ratio |", "|---|---|---|",
             f"| bare backbone forward (floor) | {floor:.1f} | 1.00x |",
             f"| predict (preprocess + forward + upsample + argmax) | {ours:.1f} | {ours / floor:.2f}x |"]
+
+
+def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    """ms/image of each inference mode on one 500x375 image (a typical VOC size), median of --repeats."""
+    checkpoint = out_dir / "bench_modes.pth"
+    model = build_model(args)
+    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
+    image = np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)
+    modes = [InferenceMode(imgsz=tuple(args.imgsz)), InferenceMode(native=True), InferenceMode("slide"),
+             InferenceMode("slide", scales=(0.75, 1.0, 1.25), flip=True)]
+    lines = ["| mode | forwards | ms/image |", "|---|---|---|"]
+    for mode in modes:
+        predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, mode)
+        forwards = sum(len(window_grid(*mode.pass_size(375, 500, scale), mode.crop, mode.stride)) if mode.mode == "slide" else 1
+                       for scale in mode.scales) * (2 if mode.flip else 1)
+        ms = timed(lambda: predictor.scores(image), args.repeats, device)
+        lines.append(f"| {mode.describe()} | {forwards} | {ms:.0f} |")
+    return lines
 
 
 def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
@@ -254,6 +272,9 @@ def main(args: argparse.Namespace) -> None:
         if "inference" not in args.skip:
             print(f"## Inference at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
             print("\n".join(bench_inference(args, device, tmp)) + "\n", flush=True)
+        if "modes" not in args.skip:
+            print(f"## Inference modes on a 500x375 image (median of {args.repeats})\n")
+            print("\n".join(bench_modes(args, device, tmp)) + "\n", flush=True)
         if "memory" not in args.skip:
             print(f"## Peak memory of a training step, batch {args.batch}\n")
             print("\n".join(bench_memory(args, device)) + "\n")

@@ -46,15 +46,20 @@ def round_to_patch(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[
 
 
 def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """`(image, mask)` paths of one split, paired by stem; an image without a mask (or the reverse) is an error."""
+    """`(image, mask)` paths of one split, `<data_dir>/<split>_images` with `<split>_labels`."""
     data_dir = Path(data_dir)
-    images = {p.stem: p for p in list_image_files(data_dir / f"{split}_images")}
-    masks = {p.stem: p for p in list_image_files(data_dir / f"{split}_labels")}
+    return pair_folders(data_dir / f"{split}_images", data_dir / f"{split}_labels", f"{data_dir}: {split} split")
+
+
+def pair_folders(images_dir: Path, labels_dir: Path, what: str) -> list[tuple[Path, Path]]:
+    """Images and masks paired by file stem; an image without a mask (or the reverse) is an error."""
+    images = {p.stem: p for p in list_image_files(images_dir)}
+    masks = {p.stem: p for p in list_image_files(labels_dir)}
     problems = [f"no mask for {images[s].name}" for s in sorted(images.keys() - masks.keys())]
     problems += [f"no image for {masks[s].name}" for s in sorted(masks.keys() - images.keys())]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DatasetError(f"{data_dir}: {split} split has unpaired files: {shown}")
+        raise DatasetError(f"{what} has unpaired files: {shown}")
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
@@ -111,6 +116,21 @@ class SegmentationDataset(Dataset):
         out = self.transform(image=image, mask=mask)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
+
+
+class PairDataset(Dataset):
+    """`(image [H, W, 3] uint8 RGB, mask [H, W] uint8 class indices)` at the files' own resolution,
+    unaugmented: what full-resolution evaluation scores against."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, mask_format: str = "auto"):
+        self.pairs, self.color_map, self.mask_format = pairs, color_map, mask_format
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = self.pairs[index]
+        return read_image(image_path), read_mask(mask_path, self.color_map, self.mask_format)
 
 
 def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC, *, threads: int = 2,

@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 _UMASK = os.umask(0)  # read once: temporary files get the permissions a plain open() would give
 os.umask(_UMASK)
@@ -120,3 +120,11 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} B"
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """Outputs never replace an input file (an --out-dir that holds the inputs, a.jpg -> a.jpg)."""
+    sources = {Path(p).resolve() for p in inputs}
+    clash = next((out for out in outputs if Path(out).resolve() in sources), None)
+    if clash is not None:
+        raise ValueError(f"{clash}: is an input and would be replaced by a result; choose another --out-dir")

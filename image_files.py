@@ -77,7 +77,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read any image file as `[H, W, 3]` uint8 RGB (grayscale and RGBA are converted)."""
     image = open_image(path)
     try:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy (np.asarray would be a read-only view)
     except ValueError as err:  # a mode PIL cannot convert, e.g. 32-bit float TIFF
         raise DatasetError(f"{path}: {image.mode} images cannot be converted to RGB ({err})") from err
 
@@ -92,7 +92,7 @@ def mask_pixels(path: str | Path) -> np.ndarray:
     """A mask's raw pixels: `[H, W, 3]` uint8 colours (RGB, RGBA, palette) or `[H, W]` values (single channel)."""
     image = open_image(path)
     if image.mode in COLOR_MODES:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy (np.asarray would be a read-only view)
     if image.mode in ("L", "LA", "1"):  # bilevel "1" masks become 0/255
         return np.asarray(image.convert("L"))
     if image.mode in GRAY_MODES:

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 import config
 from cli import UserError, run_cli
-from files import atomic_write, remove_stale_temp_files
+from drawing import indexed_png, render
+from files import atomic_write, refuse_overwriting_inputs, remove_stale_temp_files
 from image_files import DatasetError, list_image_files, read_image
-from inference import (Predictor, add_inference_args, check_inference_args, indexed_png, refuse_overwriting_inputs,
-                       render)
+from inference import Predictor, add_inference_args, check_inference_args, mode_from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--out-dir {out_dir} is the input folder: results would be mixed with (and could replace) "
                         "the images; choose another --out-dir")
     refuse_overwriting_inputs([out_dir / name for path in images for name in output_names(path)], images)
-    predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
+    predictor = Predictor.from_checkpoint(args.model, args.device, args.amp, mode_from_args(args))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
     seconds, done = 0.0, 0
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> None:
     if done == 0:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
     print(f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
-          f"(prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), device {predictor.device}; results in {out_dir}")
+          f"({predictor.mode.describe()}), device {predictor.device}; results in {out_dir}")
 
 
 if __name__ == "__main__":

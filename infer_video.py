@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 import config
 from cli import run_cli
-from files import remove_stale_temp_files, temp_path
-from inference import Predictor, add_inference_args, check_inference_args, refuse_overwriting_inputs, render
+from drawing import render
+from files import refuse_overwriting_inputs, remove_stale_temp_files, temp_path
+from inference import Predictor, add_inference_args, check_inference_args, mode_from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
         out_dir = Path(args.out_dir)
         out_path = out_dir / f"{source.stem}.mp4"
         refuse_overwriting_inputs([out_path], [source])
-        predictor = Predictor(args.model, args.device, args.imgsz, args.amp)
+        predictor = Predictor.from_checkpoint(args.model, args.device, args.amp, mode_from_args(args))
         remove_stale_temp_files(out_dir)
         tmp_path = temp_path(out_path, suffix=".mp4")  # the container format follows the extension
         try:
@@ -79,7 +80,7 @@ def main(args: argparse.Namespace) -> None:
     if frame_count and written < frame_count:
         print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
               f"the output holds the frames before it", file=sys.stderr)
-    print(f"{written} frames, average {written / seconds:.2f} FPS (prediction at {predictor.imgsz[0]}x{predictor.imgsz[1]}), "
+    print(f"{written} frames, average {written / seconds:.2f} FPS ({predictor.mode.describe()}), "
           f"device {predictor.device}; video saved to {out_path}")
 
 

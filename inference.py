@@ -1,145 +1,221 @@
-"""Prediction and drawing shared by infer_image.py, infer_video.py and the notebook.
+"""The one prediction path: an RGB image of any size -> class scores at that size.
 
-`Predictor` rebuilds a trained model from its checkpoint alone (classes, colours, image size and
-normalisation travel inside it) and turns an RGB image of any size into a class-index mask of the
-same size. The drawing helpers render that mask for people: a colour overlay, class names at their
-regions, a legend, and an indexed PNG with the dataset's palette.
+Used by evaluate.py, train.py's final evaluation, infer_image.py, infer_video.py, bench.py and the
+notebook. `InferenceMode` says how:
+
+- `whole`: one forward of the image resized to `imgsz` (by default the training size; None: the
+  image's own size), logits upsampled to the original size;
+- `slide` (the DINOv2/mmsegmentation evaluation protocol): the short side resized to
+  `short_side`, `crop`-sized windows every `stride` pixels, overlapping logits averaged, the
+  result upsampled to the original size;
+- `scales` x `flip`: test-time augmentation with either mode, the softmax probabilities of every
+  pass averaged at the original size (the DINOv2 paper's "+ms" evaluation).
+
+Every pass produces logits at its own input size and is resized to the original size once, so a
+single window covering the whole image is exactly `whole` at that size.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import UserError
 from datasets import check_imgsz, eval_transform, round_to_patch
 from labels import ColorMap
+from model_config import PATCH_SIZE
 from runtime import AMP_CHOICES, autocast, select_device, select_precision
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
+MODES = ("whole", "slide")
+
+
+@dataclass(frozen=True)
+class InferenceMode:
+    """How a prediction is made (see the module docstring)."""
+
+    mode: str = "whole"
+    imgsz: tuple[int, int] | None = None  # whole: (W, H) every image is resized to (Predictor: the training size)
+    native: bool = False  # whole: each image at its own size instead
+    short_side: int = 512  # slide: the short side is resized to this
+    crop: int = 518  # slide: window side
+    stride: int = 341  # slide: window step
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
+        if self.mode == "slide" and not 0 < self.stride <= self.crop:
+            raise ValueError(f"--stride {self.stride} must be in [1, --crop {self.crop}] (windows must overlap or touch)")
+        if self.mode == "slide" and min(self.crop, self.short_side) < PATCH_SIZE:
+            raise ValueError(f"--crop and --short-side must be at least the patch size {PATCH_SIZE}")
+
+    @property
+    def passes(self) -> int:
+        return len(self.scales) * (2 if self.flip else 1)
+
+    def describe(self) -> str:
+        if self.mode == "whole":
+            base = "whole at each image's own size" if self.native or not self.imgsz else f"whole at {self.imgsz[0]}x{self.imgsz[1]}"
+        else:
+            base = f"slide (short side {self.short_side}, crop {self.crop}, stride {self.stride})"
+        tta = f", scales {' '.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""
+        return base + tta + (", + flip" if self.flip else "")
+
+    def pass_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        """(height, width) the image is resized to for one pass at `scale`."""
+        if self.mode == "slide":
+            factor = self.short_side * scale / min(height, width)
+        elif self.imgsz is not None and not self.native:
+            return max(PATCH_SIZE, round(self.imgsz[1] * scale)), max(PATCH_SIZE, round(self.imgsz[0] * scale))
+        else:
+            factor = scale
+        return max(PATCH_SIZE, round(height * factor)), max(PATCH_SIZE, round(width * factor))
+
+
+def window_grid(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of the sliding windows; the last row/column is flush with the edge,
+    and an image smaller than a window is one window of its own size (as in mmsegmentation)."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for row in range(rows):
+        for col in range(cols):
+            top, left = min(row * stride, max(height - crop, 0)), min(col * stride, max(width - crop, 0))
+            windows.append((top, min(top + crop, height), left, min(left + crop, width)))
+    return windows
+
+
+def slide_logits(model: torch.nn.Module, images: torch.Tensor, crop: int, stride: int, batch: int = 4) -> torch.Tensor:
+    """Logits of `images` [1, 3, H, W] from overlapping windows, averaged where they overlap."""
+    height, width = images.shape[-2:]
+    windows = window_grid(height, width, crop, stride)
+    total, count = None, images.new_zeros((1, 1, height, width))
+    for start in range(0, len(windows), batch):  # windows of one image share a size: batch them
+        group = windows[start: start + batch]
+        logits = model(torch.cat([images[..., t:b, l:r] for t, b, l, r in group]))
+        if total is None:
+            total = images.new_zeros((1, logits.shape[1], height, width), dtype=logits.dtype)
+        for (top, bottom, left, right), window in zip(group, logits):
+            total[0, :, top:bottom, left:right] += window
+            count[..., top:bottom, left:right] += 1
+    return total / count
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, mode: InferenceMode, *, mean: Sequence[float],
+            std: Sequence[float], device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`[num_classes, H, W]` scores for an RGB uint8 image: logits for a single pass, else the mean
+    softmax probability of all passes (either way, argmax is the prediction)."""
+    height, width = image.shape[:2]
+    total = None
+    for scale in mode.scales:
+        size = mode.pass_size(height, width, scale)
+        images = preprocess(image, size, mean, std).to(device)
+        for flipped in (False, True) if mode.flip else (False,):
+            inputs = images.flip(-1) if flipped else images
+            with autocast(device, amp_dtype):
+                logits = model(inputs) if mode.mode == "whole" else slide_logits(model, inputs, mode.crop, mode.stride)
+            logits = logits.float().flip(-1) if flipped else logits.float()
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+            if mode.passes == 1:
+                return logits
+            probabilities = logits.softmax(0)
+            total = probabilities if total is None else total.add_(probabilities)
+    return total / mode.passes
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An RGB uint8 image resized to `size` (H, W) and normalised, as validation does: `[1, 3, H, W]`."""
+    normalised = eval_transform((size[1], size[0]), mean, std)(image=image)["image"]
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1))).unsqueeze(0)
 
 
 class Predictor:
-    """Image (RGB uint8, any size) -> class indices (uint8, same size), with a model from a checkpoint."""
+    """A model with what interpreting it needs (classes, colours, normalisation) and an `InferenceMode`."""
 
-    def __init__(self, checkpoint_path: str | Path, device: str = "auto", imgsz: Sequence[int] | None = None, amp: str = "auto"):
-        self.device = select_device(device)
-        self.amp_dtype = select_precision(self.device, amp)
-        checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-        info = checkpoint["model_info"]
-        self.model = build_model_from_checkpoint(checkpoint, self.device)
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, mode: InferenceMode | None = None):
+        self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
         self.classes: list[str] = info["classes"]
         self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"])
         self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
-        self.imgsz = round_to_patch(imgsz or info["imgsz"], self.model.patch_size)
-        self.transform = eval_transform(self.imgsz, info["mean"], info["std"])  # exactly as validation
+        mode = mode or InferenceMode()
+        if mode.imgsz is None:
+            mode = replace(mode, imgsz=round_to_patch(info["imgsz"]))  # default: the training size
+        self.mode = mode
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        normalised = self.transform(image=image)["image"]
-        return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1))).unsqueeze(0).to(self.device)
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", amp: str = "auto",
+                        mode: InferenceMode | None = None) -> "Predictor":
+        """Rebuild the model from a checkpoint alone (classes, colours, size and normalisation travel in it)."""
+        device = select_device(device)
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        model = build_model_from_checkpoint(checkpoint, device)
+        return cls(model, checkpoint["model_info"], device=device, amp_dtype=select_precision(device, amp), mode=mode)
+
+    @property
+    def imgsz(self) -> tuple[int, int]:
+        return self.mode.imgsz
 
     @torch.inference_mode()
-    def logits(self, image: np.ndarray) -> torch.Tensor:
-        """`[num_classes, H, W]` logits at the image's own size."""
-        with autocast(self.device, self.amp_dtype):
-            return self.model(self.preprocess(image), output_size=image.shape[:2])[0].float()
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """`[num_classes, H, W]` scores at the image's own size (see `segment`)."""
+        self.model.eval()
+        return segment(self.model, image, self.mode, mean=self.info["mean"], std=self.info["std"],
+                       device=self.device, amp_dtype=self.amp_dtype)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        return self.logits(image).argmax(0).to(torch.uint8).cpu().numpy()
+        """Class indices (uint8) of an RGB uint8 image, at its own size."""
+        return self.scores(image).argmax(0).to(torch.uint8).cpu().numpy()
 
 
-def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
-    """Outputs never replace an input file (an --out-dir that holds the inputs, a.jpg -> a.jpg)."""
-    sources = {Path(p).resolve() for p in inputs}
-    clash = next((out for out in outputs if Path(out).resolve() in sources), None)
-    if clash is not None:
-        raise UserError(f"{clash}: is an input and would be replaced by a result; choose another --out-dir")
+def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True) -> None:
+    """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode and has
+    no --imgsz/--native here: its final evaluation predicts at the training size."""
+    group = parser.add_argument_group("inference mode")
+    group.add_argument(flag, dest="mode", default="whole", choices=MODES,
+                       help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)")
+    if sizes:
+        group.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
+                           help="whole: the size images are resized to (default: the size the model was trained at)")
+        group.add_argument("--native", action="store_true",
+                           help="whole: one forward at each image's own size (rounded up to 14)")
+    group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
+    group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
+    group.add_argument("--stride", type=int, default=341, help="slide: window step (default 341)")
+    group.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                       help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)")
+    group.add_argument("--flip", action="store_true", help="test-time horizontal flip (softmax-averaged)")
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:
-    """Blend the class colours into the image; classes coloured black (VOC background) stay unblended."""
-    colors = color_map.decode(mask)
-    blended = cv2.addWeighted(image, 1 - alpha, colors, alpha, 0)
-    keep = ~colors.any(axis=-1)
-    blended[keep] = image[keep]
-    return blended
-
-
-def draw_class_names(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], min_fraction: float = 0.005,
-                     skip: Sequence[int] = ()) -> np.ndarray:
-    """Write each class's name at the most interior point of its region (regions < min_fraction and
-    classes in `skip` left out)."""
-    out = image.copy()
-    scale = max(0.4, min(out.shape[:2]) / 900)
-    for cls in np.unique(mask):
-        if cls in skip or cls >= len(classes) or (mask == cls).mean() < min_fraction:
-            continue
-        region = np.pad((mask == cls).astype(np.uint8), 1)  # pad: the image edge counts as a border
-        distance = cv2.distanceTransform(region, cv2.DIST_L2, 3)[1:-1, 1:-1]
-        y, x = np.unravel_index(distance.argmax(), distance.shape)
-        text = classes[cls]
-        (w, h), _ = cv2.getTextSize(text, FONT, scale, 1)
-        origin = (int(np.clip(x - w // 2, 0, max(0, out.shape[1] - w))), int(np.clip(y + h // 2, h, out.shape[0] - 1)))
-        cv2.putText(out, text, origin, FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, text, origin, FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    return out
-
-
-def draw_legend(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], color_map: ColorMap) -> np.ndarray:
-    """A small top-left legend: a swatch and the name of each class present in the mask."""
-    out = image.copy()
-    present = [int(c) for c in np.unique(mask) if c < len(classes)]
-    if not present:
-        return out
-    scale = max(0.35, min(out.shape[:2]) / 1200)
-    line = int(22 * scale / 0.5)
-    width = max(cv2.getTextSize(classes[c], FONT, scale, 1)[0][0] for c in present) + line + 12
-    height = line * len(present) + 8
-    panel = out[:height, :width]
-    panel[:] = (panel * 0.4).astype(np.uint8)  # darken behind the legend for contrast
-    for row, cls in enumerate(present):
-        top = 4 + row * line
-        color = tuple(int(v) for v in color_map.colors[cls])
-        cv2.rectangle(out, (4, top + 2), (4 + line - 6, top + line - 4), color, thickness=-1)
-        cv2.rectangle(out, (4, top + 2), (4 + line - 6, top + line - 4), (255, 255, 255), thickness=1)
-        cv2.putText(out, classes[cls], (line + 4, top + line - 6), FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    return out
-
-
-def render(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:
-    """Overlay + class names + legend: what infer_image.py and infer_video.py write."""
-    drawn = overlay(image, mask, color_map, alpha)
-    unblended = [i for i, color in enumerate(color_map.colors) if not color.any()]  # e.g. VOC background
-    drawn = draw_class_names(drawn, mask, classes, skip=unblended)
-    return draw_legend(drawn, mask, classes, color_map)
-
-
-def indexed_png(mask: np.ndarray, color_map: ColorMap) -> Image.Image:
-    """The raw prediction as a palette PNG: pixel value = class index, shown in the dataset's colours."""
-    image = Image.fromarray(mask.astype(np.uint8))  # mode "L"; putpalette makes it "P"
-    image.putpalette(color_map.decode(np.arange(256, dtype=np.uint8)).flatten().tolist())
-    return image
+def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> InferenceMode:
+    """The `add_mode_args` flags as an `InferenceMode` (with `sizes=False`: whole mode at the training size)."""
+    imgsz, native = (args.imgsz, args.native) if sizes else (None, False)
+    if imgsz is not None:
+        check_imgsz(imgsz)
+        if native:
+            raise ValueError("--imgsz and --native exclude each other")
+        imgsz = tuple(round_to_patch(imgsz))
+    return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
 
 
 def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
     """The flags infer_image.py and infer_video.py share."""
     parser.add_argument("--model", required=True, help="checkpoint written by train.py, e.g. best_model_iou.pth")
     parser.add_argument("--out-dir", default=str(default_out_dir))
-    parser.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
-                        help="prediction size (default: the size the model was trained at)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay, 0..1")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
+    add_mode_args(parser)
 
 
 def check_inference_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.imgsz is not None:
-        check_imgsz(args.imgsz)

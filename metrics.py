@@ -6,7 +6,7 @@ accumulating pixel counts over the split and computing the ratios once is the st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,10 @@ class SegmentationScores:
     pixel_accuracy: float  # correct pixels / valid (non-ignored) pixels
     miou: float  # mean IoU over classes present in ground truth or prediction
     iou: list[float]  # per class; nan for a class in neither ground truth nor prediction
+    mean_class_accuracy: float = float("nan")  # mean over classes present in the ground truth of their recall
+    fwiou: float = float("nan")  # frequency-weighted IoU: IoU weighted by each class's share of the ground truth
+    class_accuracy: list[float] = field(default_factory=list)  # per class recall; nan where absent from the ground truth
+    pixel_share: list[float] = field(default_factory=list)  # per class share of the valid ground-truth pixels
 
 
 class ConfusionMatrix:
@@ -51,11 +55,59 @@ class ConfusionMatrix:
         mat = self.mat.double().cpu() if self.mat is not None else torch.zeros(self.num_classes, self.num_classes).double()
         correct = mat.diag()
         total = mat.sum()
-        union = mat.sum(0) + mat.sum(1) - correct  # predicted + true - intersection
+        truth = mat.sum(1)
+        union = mat.sum(0) + truth - correct  # predicted + true - intersection
         iou = correct / union  # 0/0 -> nan for classes seen nowhere
+        accuracy = correct / truth  # nan for classes absent from the ground truth
         present = union > 0
+        share = truth / total if total > 0 else torch.full_like(truth, float("nan"))
         return SegmentationScores(
             pixel_accuracy=(correct.sum() / total).item() if total > 0 else float("nan"),
             miou=iou[present].mean().item() if present.any() else float("nan"),
             iou=iou.tolist(),
+            mean_class_accuracy=accuracy[truth > 0].mean().item() if (truth > 0).any() else float("nan"),
+            fwiou=(share[truth > 0] * iou[truth > 0]).sum().item() if total > 0 else float("nan"),
+            class_accuracy=accuracy.tolist(),
+            pixel_share=share.tolist(),
         )
+
+
+class SeedStyleIoU:
+    """The mIoU that seed-article-style training loops print, for comparison with ours.
+
+    Per batch: IoU of every class = intersection / (union + eps) over the batch's pixels, so a
+    class absent from the batch counts as 0; the batch's mIoU is the mean over all classes; the
+    reported figure is the mean over batches (the ESPNet `IOUEval` of DebuggerCafe's segmentation
+    code, without its off-by-one batch count). It depends on the batch size and on how many
+    classes a batch holds: a batch cannot score above (classes present) / (all classes)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = config.IGNORE_INDEX, batch_images: int = 2):
+        self.num_classes, self.ignore_index, self.batch_images = num_classes, ignore_index, batch_images
+        self.batch = ConfusionMatrix(num_classes, ignore_index)
+        self.in_batch = 0
+        self.total = torch.zeros(2, dtype=torch.float64)  # sum of batch mIoUs, number of batches
+
+    def update(self, target: torch.Tensor, prediction: torch.Tensor) -> None:
+        """One image (or one batch of images of one size); a batch closes every `batch_images` images."""
+        self.batch.update(target, prediction)
+        self.in_batch += target.shape[0] if target.dim() == 3 else 1
+        if self.in_batch >= self.batch_images:
+            self._close_batch()
+
+    def _close_batch(self) -> None:
+        mat = self.batch.mat.double().cpu()
+        inter = mat.diag()
+        union = mat.sum(0) + mat.sum(1) - inter
+        self.total += torch.tensor([(inter / (union + _EPS)).mean().item(), 1.0], dtype=torch.float64)
+        self.batch, self.in_batch = ConfusionMatrix(self.num_classes, self.ignore_index), 0
+
+    def compute(self, device: torch.device | str = "cpu") -> float:
+        """Mean over all batches (of every rank under torchrun); a last, partial batch counts as one."""
+        if self.in_batch:
+            self._close_batch()
+        total = self.total.to(device)
+        all_reduce_sum(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+_EPS = float(torch.finfo(torch.float64).eps)  # numpy's np.spacing(1), as the seed-style loops use

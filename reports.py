@@ -1,4 +1,4 @@
-"""A run's metric log: metrics.csv and the loss / pixel accuracy / mIoU curves."""
+"""Metric logs and figures: metrics.csv, the loss / pixel accuracy / mIoU curves, confusion matrices."""
 from __future__ import annotations
 
 import csv
@@ -35,3 +35,28 @@ def save_plots(history: list[dict[str, float]], out_dir: str | Path) -> None:
         ax.legend()
         atomic_write(Path(out_dir) / filename, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
+
+
+def save_confusion_matrix(matrix, classes: list[str], path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix (row = true class, each row sums to 1) with class names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    rows = counts.sum(1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    side = max(5.0, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "confusion matrix (rows normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

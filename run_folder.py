@@ -27,7 +27,8 @@ except ImportError:  # Windows: no lockf; runs are then not guarded against each
 
 # Everything train.py writes into a run folder.
 RUN_FILES = ("last.pth", "best_model_loss.pth", "best_model_iou.pth", "final_model.pth", "metrics.csv",
-             "test_metrics.json", "loss.png", "accuracy.png", "miou.png")
+             "best_validation.json", "test_metrics.json", "loss.png", "accuracy.png", "miou.png")
+# test_metrics.json: the name of best_validation.json before it was computed at original resolution
 LOCK_NAME = ".lock"
 
 

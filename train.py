@@ -4,7 +4,8 @@
     python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
-last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves and test_metrics.json.
+last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the
+training size) and best_validation.json (the best checkpoint at original resolution).
 A run owns that folder: another run's files there are refused unless --resume continues them or
 --exist-ok starts over, and a lock keeps a second run out while this one works (run_folder.py).
 Runs under torchrun for several GPUs or machines (see README).
@@ -29,7 +30,9 @@ from datasets import build_datasets, check_imgsz, epoch_seed, eval_transform, ma
 from distributed import broadcast_object, distributed, init_distributed, is_main_process, sync_buffers, world_size
 from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
                     validate)
+from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
+from inference import Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
 from model import Dinov2Segmentation
 from model_config import PATCH_SIZE
@@ -61,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--scheduler-gamma", type=float, default=0.1)
     optim.add_argument("--backbone-lr", type=float, default=None,
                        help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
+
+    add_mode_args(parser, flag="--eval-mode", sizes=False)
 
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--amp", default="auto", choices=AMP_CHOICES,
@@ -358,18 +363,20 @@ def validate_split(run: Run, desc: str) -> EpochResult:
 
 
 def final_evaluation(run: Run) -> None:
-    """The best-mIoU checkpoint on the validation split again: printed, and test_metrics.json."""
+    """The best-mIoU checkpoint scored on the validation split at each image's original resolution
+    (the per-epoch figures are at the training size): printed, and best_validation.json."""
     if distributed():
         torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
     best_path = run.checkpoints.load_best(run.settings.device)
-    print(f"Evaluating {best_path.name} on the validation split")
-    test = validate_split(run, "Test")
-    print(f"Test Loss: {test.loss:.4f}\nTest Pixel Accuracy: {test.pixel_accuracy:.4f}\nTest mIOU: {test.miou:.4f}")
-    print("Per-class IoU: " + ", ".join(f"{name} {iou:.4f}" for name, iou in zip(run.spec.classes, test.iou) if iou == iou))
+    predictor = Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
+                          mode=mode_from_args(run.args, sizes=False))
+    print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
+    result = evaluate_pairs(predictor, run.valid_loader.dataset.pairs, workers=run.args.workers, desc="Validate best")
+    for line in report_lines(result, run.spec.classes):
+        print(line)
     if is_main_process():
-        write_json(run.out_dir / "test_metrics.json", {
-            "checkpoint": best_path.name, "loss": test.loss, "pixel_accuracy": test.pixel_accuracy, "miou": test.miou,
-            "iou": dict(zip(run.spec.classes, test.iou)), "processes": world_size()})
+        write_json(run.out_dir / "best_validation.json", report_json(
+            result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()))
     print(f"Outputs in {run.out_dir}")
 
 

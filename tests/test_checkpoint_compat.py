@@ -23,7 +23,7 @@ def test_an_old_checkpoint_rebuilds_the_model_that_wrote_it():
 
 
 def test_an_old_checkpoint_predicts_and_resumes(tmp_path):
-    predictor = Predictor(OLD, device="cpu")
+    predictor = Predictor.from_checkpoint(OLD, device="cpu")
     assert predictor.classes == ["background", "road", "car"]
     assert predictor.predict(np.zeros((30, 50, 3), np.uint8)).shape == (30, 50)
     data = write_dataset(tmp_path / "data")

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from datasets import ShardSampler, build_datasets, make_loader
+from datasets import ShardSampler, build_datasets, find_pairs, make_loader
 from engine import LoopSettings, validate
+from evaluation import evaluate_pairs
+from inference import Predictor
 from labels import load_dataset_spec
 from synthetic import make_dataset
 from tests.conftest import ROOT
@@ -48,16 +50,21 @@ def test_shards_cover_every_sample_exactly_once(size, world):
 
 def test_two_processes_report_what_one_process_measures(two_process_run, uneven_dataset):
     out, _ = two_process_run
-    report = json.loads((out / "test_metrics.json").read_text())
+    report = json.loads((out / "best_validation.json").read_text())
     assert report["processes"] == 2
-    model = build_model_from_checkpoint(load_checkpoint(out / report["checkpoint"]))
-    _, valid_set, _ = build_datasets(uneven_dataset, (56, 42), load_dataset_spec(uneven_dataset))
-    single = validate(model, make_loader(valid_set, 2, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
-    assert report["miou"] == pytest.approx(single.miou, abs=1e-12)  # same confusion matrix, no double counting
+    checkpoint = load_checkpoint(out / report["checkpoint"])
+    predictor = Predictor(build_model_from_checkpoint(checkpoint), checkpoint["model_info"], device=torch.device("cpu"))
+    single = evaluate_pairs(predictor, find_pairs(uneven_dataset, "valid")).scores
+    # The final validation at original resolution: the same confusion matrix, nothing counted twice.
+    assert report["miou"] == pytest.approx(single.miou, abs=1e-12)
     assert report["pixel_accuracy"] == pytest.approx(single.pixel_accuracy, abs=1e-12)
-    assert report["loss"] == pytest.approx(single.loss, rel=1e-6)  # fp32 per-batch sums, other batch groupings
     # JSON has no NaN: a class absent from the split is null
     assert [math.nan if v is None else v for v in report["iou"].values()] == pytest.approx(single.iou, nan_ok=True)
+    # The per-epoch validation (training size, DDP loop) recorded in the checkpoint: the same too.
+    _, valid_set, _ = build_datasets(uneven_dataset, (56, 42), load_dataset_spec(uneven_dataset))
+    epoch = validate(predictor.model, make_loader(valid_set, 2, shuffle=False), LoopSettings(torch.device("cpu"), 21))
+    assert checkpoint["metrics"]["valid_miou"] == pytest.approx(epoch.miou, abs=1e-12)
+    assert checkpoint["metrics"]["valid_loss"] == pytest.approx(epoch.loss, rel=1e-6)  # fp32 sums, other groupings
 
 
 def test_only_rank_zero_prints_and_writes(two_process_run):
@@ -66,7 +73,7 @@ def test_only_rank_zero_prints_and_writes(two_process_run):
     assert "2 processes x batch 2 = global batch 4 per step (gloo)" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "best_model_iou.pth", "best_model_loss.pth", "final_model.pth", "last.pth", "metrics.csv",
-        "loss.png", "accuracy.png", "miou.png", "test_metrics.json"])
+        "loss.png", "accuracy.png", "miou.png", "best_validation.json"])
 
 
 def test_all_ranks_resume_from_the_same_checkpoint(two_process_run, uneven_dataset, tmp_path):
@@ -136,5 +143,5 @@ def test_two_machines_without_a_shared_filesystem(uneven_dataset, tmp_path):
     results = [node.communicate(timeout=300) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, results):
         assert node.returncode == 0, stderr[-3000:]
-    assert json.loads((tmp_path / "node0" / "test_metrics.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "node0" / "best_validation.json").read_text())["processes"] == 2
     assert not (tmp_path / "node1").exists()  # nothing was written on the second machine

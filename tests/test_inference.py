@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference import Predictor, indexed_png, overlay
+from drawing import indexed_png, overlay
+from inference import Predictor
 from tests.conftest import ROOT, run_script
 
 
@@ -14,7 +15,7 @@ def checkpoint(trained_run):
 
 
 def test_predictor_returns_a_mask_of_the_original_size(checkpoint):
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     assert predictor.imgsz == (126, 98) and len(predictor.classes) == 21
     for height, width in ((333, 517), (17, 1000), (98, 126)):
         image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
@@ -23,7 +24,7 @@ def test_predictor_returns_a_mask_of_the_original_size(checkpoint):
 
 
 def test_indexed_png_stores_class_indices_with_the_palette(checkpoint, tmp_path):
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     mask = np.array([[0, 1, 15], [20, 255, 0]], dtype=np.uint8)
     indexed_png(mask, predictor.color_map).save(tmp_path / "m.png")
     loaded = Image.open(tmp_path / "m.png")
@@ -33,7 +34,7 @@ def test_indexed_png_stores_class_indices_with_the_palette(checkpoint, tmp_path)
 
 
 def test_overlay_leaves_background_pixels_untouched(checkpoint):
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     image = np.full((4, 4, 3), 100, np.uint8)
     mask = np.zeros((4, 4), np.uint8)
     mask[0, 0] = 15
@@ -129,10 +130,21 @@ def test_notebook_executes_headless(trained_run, tiny_dataset):
     notebook = nbformat.read(ROOT / "notebooks" / "visualize.ipynb", as_version=4)
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     parameters.source = (f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
-                         f"NUM_SAMPLES = 2\nDEVICE = 'cpu'")
+                         f"NUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True")
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # samples, curves, predictions, IoU bars
     assert any("mIoU" in o.get("text", "") for o in outputs)
+
+
+@pytest.mark.parametrize("mode", [("--native", "--flip"), ("--mode", "slide", "--short-side", "42", "--crop", "42",
+                                                            "--stride", "28", "--scales", "1.0", "1.5", "--flip")])
+def test_infer_image_in_every_inference_mode(checkpoint, tmp_path, mode):
+    cv2.imwrite(str(tmp_path / "odd.jpg"), np.random.default_rng(3).integers(0, 255, (45, 61, 3), dtype=np.uint8))
+    result = run_script("infer_image.py", "--input", tmp_path / "odd.jpg", "--model", checkpoint, "--out-dir", tmp_path / "o",
+                        "--device", "cpu", *mode)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tmp_path / "o" / "odd_mask.png").size == (61, 45)
+    assert ("+ flip" in result.stdout) and (("slide" in result.stdout) == ("slide" in mode))

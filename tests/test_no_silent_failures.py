@@ -187,7 +187,7 @@ def test_a_validation_split_without_labelled_pixels_stops_before_training(datase
 
 def test_json_reports_write_null_for_undefined_numbers(trained_run):
     assert json_ready({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
-    text = (trained_run[0] / "test_metrics.json").read_text()
+    text = (trained_run[0] / "best_validation.json").read_text()
     report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert None in report["iou"].values()  # classes absent from the tiny split
 

@@ -1,5 +1,6 @@
 """A real `train.py` run on a generated VOC-format dataset, and what a user does with its outputs."""
 import csv
+import json
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_three_epochs_lower_the_loss_and_write_every_artefact(trained_run):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert "rounded up to 126 98" in stdout
     assert stdout.count("Train Epoch Loss:") == 3 and "LR for next epoch:" in stdout
-    assert "Test mIOU:" in stdout
+    assert "Validating best_model_iou.pth at original resolution (whole at 126x98)" in stdout
 
 
 def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_run):
@@ -41,8 +42,21 @@ def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_
     assert info["classes"] == config.CLASSES and info["imgsz"] == [126, 98]
     assert [tuple(c) for c in info["colors"]] == config.COLORS
     assert set(checkpoint) >= {"model", "optimizer", "scheduler", "epoch", "metrics", "args"}
-    # The printed test mIoU is the best checkpoint re-evaluated on the validation split.
-    assert f"Test mIOU: {checkpoint['metrics']['valid_miou']:.4f}" in stdout
+
+
+
+def test_final_validation_is_what_evaluate_py_measures(trained_run, tiny_dataset, tmp_path):
+    # train.py's last figure: the best checkpoint on the validation split at original resolution,
+    # by the same code as evaluate.py (the per-epoch figures are at the training size).
+    out_dir, stdout = trained_run
+    final = json.loads((out_dir / "best_validation.json").read_text())
+    result = run_script("evaluate.py", "--model", out_dir / "best_model_iou.pth", "--data-dir", tiny_dataset,
+                        "--out-dir", tmp_path, "--workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "eval_best_model_iou_valid.json").read_text())
+    assert final["checkpoint"] == "best_model_iou.pth" and final["images"] == evaluated["images"] == 5
+    assert final["miou"] == pytest.approx(evaluated["miou"], abs=1e-12)
+    assert f"mIoU {final['miou']:.4f}" in stdout
 
 
 def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(trained_run, tiny_dataset):

@@ -1,0 +1,93 @@
+"""Score a checkpoint on a split at each image's original resolution, as papers report segmentation.
+
+    python evaluate.py --model outputs/transfer_learning/best_model_iou.pth --split valid
+    python evaluate.py --model ... --mode slide --scales 0.75 1.0 1.25 --flip     # the DINOv2 paper's "+ms"
+    python evaluate.py --model ... --images DIR --labels DIR                      # any folder pair
+
+Prints pixel accuracy, mIoU, mean class accuracy, frequency-weighted IoU and a per-class table
+(and, with --seed-metric, the seed article's per-batch mIoU on the same predictions); writes
+eval_<checkpoint>_<split>.json and confusion_<checkpoint>_<split>.png next to the checkpoint (or
+into --out-dir). Runs under torchrun: each process scores a shard, counts are all-reduced.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import config
+from checkpoint import load_checkpoint
+from cli import run_cli
+from data_check import check_dataset
+from datasets import find_pairs, pair_folders
+from distributed import init_distributed, is_main_process
+from evaluation import evaluate_pairs, report_json, report_lines
+from files import write_json
+from inference import Predictor, add_mode_args, mode_from_args
+from labels import DatasetSpec
+from reports import save_confusion_matrix
+from runtime import AMP_CHOICES
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint written by train.py")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root laid out like the training data")
+    data.add_argument("--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)")
+    data.add_argument("--images", default=None, metavar="DIR", help="score this image folder instead (with --labels)")
+    data.add_argument("--labels", default=None, metavar="DIR", help="the masks of --images, paired by file stem")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    add_mode_args(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", default=None, help="where eval_*.json and confusion_*.png go (default: beside the checkpoint)")
+    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
+    run.add_argument("--seed-metric", action="store_true",
+                     help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches")
+    run.add_argument("--seed-batch", type=int, default=2, help="images per batch of --seed-metric (the seed trained with 2)")
+    return parser
+
+
+def split_pairs(args: argparse.Namespace) -> tuple[str, list[tuple[Path, Path]]]:
+    """(name, pairs) of the split to score: --images with --labels, else <data-dir>/<split>_{images,labels}."""
+    if (args.images is None) != (args.labels is None):
+        raise ValueError("--images and --labels go together")
+    if args.images is None:
+        return args.split, find_pairs(args.data_dir, args.split)
+    images = Path(args.images)
+    return images.name, pair_folders(images, Path(args.labels), f"{images} with {args.labels}")
+
+
+def main(args: argparse.Namespace) -> None:
+    mode = mode_from_args(args)
+    if args.workers < 0 or args.seed_batch < 1:
+        raise ValueError("--workers must be >= 0 and --seed-batch >= 1")
+    device = init_distributed(args.device)
+    split, pairs = split_pairs(args)
+    info = load_checkpoint(args.model)["model_info"]
+    spec = DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
+                       info["ignore_index"], info.get("mask_format", "auto"), source=f"{args.model} (model_info)")
+    check = check_dataset({split: pairs}, spec)
+    print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
+    predictor = Predictor.from_checkpoint(args.model, str(device), args.amp, mode)
+    print(f"Scoring {Path(args.model).name} on {split} ({len(pairs)} images) at original resolution; "
+          f"{predictor.mode.describe()}; device {predictor.device}")
+    result = evaluate_pairs(predictor, pairs, workers=args.workers, seed_batch=args.seed_batch)
+    for line in report_lines(result, predictor.classes):
+        print(line)
+    if args.seed_metric:
+        print(f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
+              f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}")
+    if is_main_process():
+        out_dir = Path(args.out_dir) if args.out_dir else Path(args.model).parent
+        name = f"{Path(args.model).stem}_{split}"
+        write_json(out_dir / f"eval_{name}.json", report_json(
+            result, predictor.classes, checkpoint=str(args.model), split=split, mode=predictor.mode.describe(),
+            seed_batch=args.seed_batch))
+        save_confusion_matrix(result.confusion, predictor.classes, out_dir / f"confusion_{name}.png",
+                              f"{Path(args.model).name} on {split}: mIoU {result.scores.miou:.3f}")
+        print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
