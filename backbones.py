@@ -9,10 +9,13 @@ never asks where it came from. The size table (names, widths, tapped layers) is 
 """
 from __future__ import annotations
 
+import math
+import types
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cli import UserError
@@ -34,19 +37,52 @@ class BackboneUnavailableError(UserError):
 
 
 class TimmDinov2(nn.Module):
-    """Adapts timm's DINOv2 ViT to the torch.hub model's `get_intermediate_layers` contract."""
+    """Adapts timm's DINOv2 ViT to the torch.hub model's `get_intermediate_layers` contract, and to
+    its features: the position embeddings are interpolated as Meta's code does (see
+    `official_pos_embed`), so both sources give the same features at every input size."""
 
     def __init__(self, vit: nn.Module):
         super().__init__()
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.patch_size: int = vit.patch_embed.patch_size[0]
+        vit._pos_embed = types.MethodType(official_pos_embed, vit)  # an instance attribute: the state dict is unchanged
 
     def get_intermediate_layers(
         self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, norm: bool = True
     ) -> tuple[torch.Tensor, ...]:
         # timm skips the final LayerNorm unless asked; the hub model applies it by default.
         return tuple(self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm))
+
+
+# DinoVisionTransformer.interpolate_pos_encoding of facebookresearch/dinov2 (hub models:
+# interpolate_offset=0.1, interpolate_antialias=False): bicubic, scale factor (grid + 0.1) / 37 per
+# axis, in float32, and no interpolation at all at the 37 x 37 grid of 518 x 518 inputs. timm
+# resamples to a target size instead, which gave 0.43 % different features at 644^2 and 2.65 % at
+# 224^2 (measured); Meta's heads, and ours, are trained on the hub's features.
+POS_EMBED_OFFSET = 0.1
+
+
+def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Replacement for timm's `VisionTransformer._pos_embed` (x: `[B, H, W, C]` patch embeddings with
+    dynamic_img_size): Meta's interpolation, then timm's own prefix-token handling."""
+    batch, height, width, dim = x.shape
+    prefix_count = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos = vit.pos_embed.float()
+    prefix, patch = pos[:, :prefix_count], pos[:, prefix_count:]
+    side = int(math.sqrt(patch.shape[1]))
+    if (height, width) != (side, side):
+        patch = F.interpolate(patch.reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
+                              scale_factor=((height + POS_EMBED_OFFSET) / side, (width + POS_EMBED_OFFSET) / side))
+        patch = patch.permute(0, 2, 3, 1).reshape(1, height * width, dim)
+    pos_embed = torch.cat([prefix, patch], dim=1).to(x.dtype)
+    x = x.view(batch, -1, dim)
+    tokens = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    if vit.no_embed_class:  # register models: prefix tokens carry no position embedding here
+        x = torch.cat(tokens + [x + pos_embed], dim=1)
+    else:
+        x = torch.cat(tokens + [x], dim=1) + pos_embed
+    return vit.pos_drop(x)
 
 
 def _load_hub(spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None) -> nn.Module:

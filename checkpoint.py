@@ -71,7 +71,8 @@ def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device
     """
     info = checkpoint["model_info"]
     arch = info["arch"]
-    common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False)
+    common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False,
+                  head_layers=arch.get("head_layers", 4), padding=arch.get("padding", "bottom_right"))  # older: 4, bottom_right
     state = checkpoint["model"]
     try:
         model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)

@@ -15,14 +15,13 @@ import argparse
 from pathlib import Path
 
 import config
-from checkpoint import load_checkpoint
 from cli import run_cli
 from data_check import check_dataset
 from datasets import find_pairs, pair_folders
 from distributed import init_distributed, is_main_process
 from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
-from inference import Predictor, add_mode_args, mode_from_args
+from inference import add_model_args, add_mode_args, load_predictor, mode_from_args
 from labels import DatasetSpec
 from reports import save_confusion_matrix
 from runtime import AMP_CHOICES
@@ -30,7 +29,7 @@ from runtime import AMP_CHOICES
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint written by train.py")
+    add_model_args(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root laid out like the training data")
     data.add_argument("--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)")
@@ -64,13 +63,14 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("--workers must be >= 0 and --seed-batch >= 1")
     device = init_distributed(args.device)
     split, pairs = split_pairs(args)
-    info = load_checkpoint(args.model)["model_info"]
+    predictor = load_predictor(args, str(device), mode)
+    name = Path(args.model).stem if args.model else Path(args.head_weights).stem
+    info = predictor.info
     spec = DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
-                       info["ignore_index"], info.get("mask_format", "auto"), source=f"{args.model} (model_info)")
+                       info["ignore_index"], info.get("mask_format", "auto"), source=f"{name} (model_info)")
     check = check_dataset({split: pairs}, spec)
     print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
-    predictor = Predictor.from_checkpoint(args.model, str(device), args.amp, mode)
-    print(f"Scoring {Path(args.model).name} on {split} ({len(pairs)} images) at original resolution; "
+    print(f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "
           f"{predictor.mode.describe()}; device {predictor.device}")
     result = evaluate_pairs(predictor, pairs, workers=args.workers, seed_batch=args.seed_batch)
     for line in report_lines(result, predictor.classes):
@@ -79,13 +79,13 @@ def main(args: argparse.Namespace) -> None:
         print(f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
               f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}")
     if is_main_process():
-        out_dir = Path(args.out_dir) if args.out_dir else Path(args.model).parent
-        name = f"{Path(args.model).stem}_{split}"
+        out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
+        name = f"{name}_{split}"
         write_json(out_dir / f"eval_{name}.json", report_json(
-            result, predictor.classes, checkpoint=str(args.model), split=split, mode=predictor.mode.describe(),
-            seed_batch=args.seed_batch))
+            result, predictor.classes, checkpoint=str(args.model or args.head_weights), split=split,
+            mode=predictor.mode.describe(), seed_batch=args.seed_batch))
         save_confusion_matrix(result.confusion, predictor.classes, out_dir / f"confusion_{name}.png",
-                              f"{Path(args.model).name} on {split}: mIoU {result.scores.miou:.3f}")
+                              f"{name}: mIoU {result.scores.miou:.3f}")
         print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
 
 

@@ -22,7 +22,7 @@ from cli import UserError, run_cli
 from drawing import indexed_png, render
 from files import atomic_write, refuse_overwriting_inputs, remove_stale_temp_files
 from image_files import DatasetError, list_image_files, read_image
-from inference import Predictor, add_inference_args, check_inference_args, mode_from_args
+from inference import add_inference_args, check_inference_args, load_predictor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--out-dir {out_dir} is the input folder: results would be mixed with (and could replace) "
                         "the images; choose another --out-dir")
     refuse_overwriting_inputs([out_dir / name for path in images for name in output_names(path)], images)
-    predictor = Predictor.from_checkpoint(args.model, args.device, args.amp, mode_from_args(args))
+    predictor = load_predictor(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
     seconds, done = 0.0, 0

@@ -20,7 +20,7 @@ import config
 from cli import run_cli
 from drawing import render
 from files import refuse_overwriting_inputs, remove_stale_temp_files, temp_path
-from inference import Predictor, add_inference_args, check_inference_args, mode_from_args
+from inference import Predictor, add_inference_args, check_inference_args, load_predictor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
         out_dir = Path(args.out_dir)
         out_path = out_dir / f"{source.stem}.mp4"
         refuse_overwriting_inputs([out_path], [source])
-        predictor = Predictor.from_checkpoint(args.model, args.device, args.amp, mode_from_args(args))
+        predictor = load_predictor(args)
         remove_stale_temp_files(out_dir)
         tmp_path = temp_path(out_path, suffix=".mp4")  # the container format follows the extension
         try:

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
+from cli import add_backbone_args, backbone_kwargs
 from datasets import check_imgsz, eval_transform, round_to_patch
 from labels import ColorMap
+from model import HEAD_LAYERS
 from model_config import PATCH_SIZE
 from runtime import AMP_CHOICES, autocast, select_device, select_precision
 
@@ -144,7 +146,7 @@ class Predictor:
                  amp_dtype: torch.dtype | None = None, mode: InferenceMode | None = None):
         self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
         self.classes: list[str] = info["classes"]
-        self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"])
+        self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
         self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
         mode = mode or InferenceMode()
         if mode.imgsz is None:
@@ -206,9 +208,34 @@ def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> Inference
     return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Where the model comes from: a checkpoint of ours, or Meta's released head on a backbone."""
+    parser.add_argument("--model", default=None, help="checkpoint written by train.py, e.g. best_model_iou.pth")
+    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
+                        help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
+                             "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")
+    parser.add_argument("--head-layers", type=int, default=None, choices=HEAD_LAYERS,
+                        help="with --head-weights: check the head reads this many blocks (default: what the file says)")
+    add_backbone_args(parser)
+
+
+def load_predictor(args: argparse.Namespace, device: str | None = None, mode: InferenceMode | None = None) -> Predictor:
+    """The `add_model_args` flags as a `Predictor`."""
+    if (args.model is None) == (args.head_weights is None):
+        raise ValueError("give --model CKPT (a model trained here) or --head-weights NAME|FILE (Meta's released head)")
+    mode = mode or mode_from_args(args)
+    if args.model is not None:
+        return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
+    from heads import model_with_head
+
+    target = select_device(device or args.device)
+    model, info = model_with_head(args.head_weights, head_layers=args.head_layers, **backbone_kwargs(args))
+    return Predictor(model.to(target), info, device=target, amp_dtype=select_precision(target, args.amp), mode=mode)
+
+
 def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
     """The flags infer_image.py and infer_video.py share."""
-    parser.add_argument("--model", required=True, help="checkpoint written by train.py, e.g. best_model_iou.pth")
+    add_model_args(parser)
     parser.add_argument("--out-dir", default=str(default_out_dir))
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay, 0..1")

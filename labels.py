@@ -35,7 +35,8 @@ def _color_code(rgb: np.ndarray) -> np.ndarray:
 class ColorMap:
     """The one colour <-> class-index mapping used by training, inference and the notebook."""
 
-    def __init__(self, colors: Sequence[Color], ignore_colors: Sequence[Color] = (), ignore_index: int = config.IGNORE_INDEX):
+    def __init__(self, colors: Sequence[Color], ignore_colors: Sequence[Color] = (), ignore_index: int = config.IGNORE_INDEX,
+                 *, shared_colors: bool = False):
         if not 0 < len(colors) <= 254 or not len(colors) <= ignore_index <= 255:
             raise ValueError(f"need 1..254 classes and an ignore index in [num_classes, 255]; got {len(colors)}, {ignore_index}")
         self.colors = np.array(colors, dtype=np.uint8).reshape(-1, 3)
@@ -43,10 +44,12 @@ class ColorMap:
         self.ignore_index = ignore_index
         codes = _color_code(np.concatenate([self.colors, self.ignore_colors]))
         values = np.concatenate([np.arange(len(self.colors)), np.full(len(self.ignore_colors), ignore_index)])
-        if len(np.unique(codes)) != len(codes):
+        unique, first, counts = np.unique(codes, return_index=True, return_counts=True)
+        if (counts > 1).any() and not shared_colors:
             raise ValueError("the same colour is listed twice among the class and ignore colours")
-        order = np.argsort(codes)
-        self._codes, self._values = codes[order], values[order].astype(np.uint8)
+        # shared_colors (a palette only drawn, e.g. ADE20K's): a colour of two classes cannot be decoded
+        self._shared = set(unique[counts > 1].tolist())
+        self._codes, self._values = unique, values[first].astype(np.uint8)
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +67,8 @@ class ColorMap:
             )
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise DatasetError(f"{source}: colours not in the class palette (pixel counts): {listed}{more}")
+        if self._shared and np.isin(codes, list(self._shared)).any():
+            raise DatasetError(f"{source}: a colour shared by two classes of the palette; use index masks")
         return self._values[slot]
 
     def check_indices(self, index: np.ndarray, source: str | Path = "mask") -> np.ndarray:

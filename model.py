@@ -39,11 +39,21 @@ class LinearHead(nn.Module):
         return self.classifier(self.norm(features))
 
 
+HEAD_LAYERS = (1, 4)  # 1: the last block (the paper's "lin" head); 4: the last four (its "+ms" head input)
+PADDINGS = ("bottom_right", "center")
+
+
 class Dinov2Segmentation(nn.Module):
-    """DINOv2 features from four blocks, concatenated, classified per patch, upsampled to the image.
+    """DINOv2 features from the last `head_layers` blocks, concatenated, classified per patch,
+    upsampled to the image.
 
     Any input size works: the image is zero-padded (after normalisation) to a multiple of the
-    patch size and the logits are cropped back, so the output is always `[B, num_classes, H, W]`.
+    patch size, so the output is always `[B, num_classes, H, W]`. Two paddings, stored with the
+    model: `bottom_right` (this project's own models) pads right and bottom and crops the logits
+    back; `center` is Meta's evaluation code for its released heads (`CenterPadding` in
+    dinov2/hub/utils.py, applied as a forward pre-hook on the backbone; mmseg's EncoderDecoder
+    then resizes the padded grid's logits straight to the unpadded image size, bilinear,
+    align_corners=False), which those heads were trained with.
     With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
     forward builds no autograd graph.
     """
@@ -59,21 +69,28 @@ class Dinov2Segmentation(nn.Module):
         weights: str | Path | None = None,
         pretrained: bool = True,
         fine_tune: bool = False,
+        head_layers: int = 4,
+        padding: str = "bottom_right",
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if head_layers not in HEAD_LAYERS or padding not in PADDINGS:
+            raise ValueError(f"--head-layers must be one of {HEAD_LAYERS} and padding one of {PADDINGS}; "
+                             f"got {head_layers}, {padding!r}")
         spec = get_backbone_spec(backbone, registers)
         if hub_dir is not None:  # a local clone of the hub repository
             source = "local"
         # What it takes to rebuild this architecture; stored in every checkpoint.
-        self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source}
+        self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source,
+                     "head_layers": head_layers, "padding": padding}
         self.patch_size = spec.patch_size
-        self.out_indices = list(spec.out_indices)
+        self.padding = padding
+        self.out_indices = list(spec.out_indices[-head_layers:])
         self.hub_dir = str(hub_dir) if hub_dir is not None else None
         self.backbone = load_backbone(backbone, registers=registers, source=source, weights=weights,
                                       pretrained=pretrained, hub_dir=hub_dir)
-        self.head = LinearHead(spec.head_in_channels, num_classes)
+        self.head = LinearHead(spec.embed_dim * head_layers, num_classes)
         self.fine_tune = fine_tune
         self.backbone.requires_grad_(fine_tune)
         if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
@@ -86,12 +103,19 @@ class Dinov2Segmentation(nn.Module):
             self.backbone.eval()
         return self
 
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated `[B, 4C, ceil(H/14), ceil(W/14)]` patch features of normalised images."""
-        height, width = images.shape[-2:]
+    def _pads(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero padding up to multiples of the patch size."""
         pad_h, pad_w = -height % self.patch_size, -width % self.patch_size
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
+        if self.padding == "center":  # CenterPadding._get_pad: the smaller half first
+            return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+        return 0, pad_w, 0, pad_h
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated `[B, layers x C, ceil(H/14), ceil(W/14)]` patch features of normalised images
+        (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
+        pads = self._pads(*images.shape[-2:])
+        if any(pads):
+            images = F.pad(images, pads)
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
         return torch.cat(maps, dim=1)
@@ -104,7 +128,7 @@ class Dinov2Segmentation(nn.Module):
         height, width = image_size
         logits = self.head(features)
         padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
-        if padded != (height, width):
+        if padded != (height, width) and self.padding == "bottom_right":
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
             logits = logits[..., :height, :width]
         target = tuple(output_size) if output_size is not None else (height, width)

@@ -34,7 +34,7 @@ from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
 from inference import Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
-from model import Dinov2Segmentation
+from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
 from runtime import AMP_CHOICES, seed_everything, select_precision
@@ -52,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_backbone_args(parser)
     parser.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
+    parser.add_argument("--head-layers", type=int, default=4, choices=HEAD_LAYERS,
+                        help="blocks the linear head reads: 4 = the last four (default, the paper's +ms head), 1 = the last (its lin head)")
 
     optim = parser.add_argument_group("optimisation")
     # None = not given: a fresh run takes the default, a resumed run its checkpoint's value (see resolve_schedule_flags).
@@ -143,6 +145,7 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
         ("number of classes", arch["num_classes"], num_classes),
         ("--source", family[arch["source"]], family[args.source]),
         ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
+        ("--head-layers", arch.get("head_layers", 4), args.head_layers),
     ]
     for name, saved, given in fields:
         if saved != given:
@@ -252,7 +255,8 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
-    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, **backbone_kwargs(args)).to(device)
+    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
+                               **backbone_kwargs(args)).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     if args.compile:

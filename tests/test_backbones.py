@@ -87,6 +87,17 @@ def test_official_weights_give_the_same_features_from_every_source(hub_dir, meta
         torch.testing.assert_close(timm_map, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("height, width", [(224, 224), (644, 644), (224, 308), (98, 126), (518, 518)])
+def test_timm_features_equal_the_hub_features_at_every_size(meta_backbone, meta_weights, height, width):
+    # Meta's code interpolates the position embeddings its own way; the timm source must match it
+    # (heads are trained on hub features, and hub-trained checkpoints are rebuilt with timm offline).
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(2))
+    via_timm = load_backbone("small", source="timm", weights=meta_weights)
+    for ref, timm_map in zip(features(meta_backbone, images), features(via_timm, images)):
+        relative = ((timm_map - ref).norm() / ref.norm()).item()
+        assert relative <= 1e-5, f"{height}x{width}: {relative:.2e}"
+
+
 def test_complete_hub_cache_loads_pretrained_weights_without_network(hub_dir, meta_weights, meta_backbone, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     shutil.copytree(hub_dir, tmp_path / "hub" / "facebookresearch_dinov2_main")
