@@ -24,7 +24,7 @@ $(SAMPLE_DATA): | venv
 	$(BIN)/python make_sample_data.py --out $(SAMPLE_DATA) --train 24 --valid 8
 
 demo: venv $(SAMPLE_DATA)
-	$(BIN)/python train.py --data-dir $(SAMPLE_DATA) --epochs 3 --imgsz 224 224 --batch 4 --lr 1e-3 --workers 2 --out-dir demo $(DEMO_FLAGS)
+	$(BIN)/python train.py --data-dir $(SAMPLE_DATA) --epochs 3 --imgsz 224 224 --batch 4 --lr 1e-3 --workers 2 --out-dir demo --exist-ok $(DEMO_FLAGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +172,7 @@ def _run_epoch(
     from_features: bool,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """One pass: forward, loss, (with an optimizer) backward and step, and the split's metrics."""
     training = optimizer is not None
@@ -192,6 +193,8 @@ def _run_epoch(
                 raise NonFiniteLossError(f"{desc}, step {step + 1}/{total}: loss is {loss.item()}")
             if training:
                 _step(loss, optimizer, scaler)
+                if after_step is not None:  # a per-step learning-rate schedule
+                    after_step()
             loss_total += loss.detach() * valid
             pixels_total += valid
             confmat.update(masks, logits.detach().argmax(1))
@@ -230,16 +233,19 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     cache: FeatureCache | None = None,
     generator: torch.Generator | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
-    With a built `cache`, the batches are its cached features in an order drawn from `generator`."""
+    With a built `cache`, the batches are its cached features in an order drawn from `generator`.
+    `after_step` runs after every optimizer step (a per-step learning-rate schedule)."""
     desc = f"Train {epoch}"
     if cache is not None:
         _require_built(cache)
         batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
         return _run_epoch(model, batches, cache.num_batches(loader.batch_size), settings, desc=desc, from_features=True,
-                          optimizer=optimizer, scaler=scaler)
-    return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False, optimizer=optimizer, scaler=scaler)
+                          optimizer=optimizer, scaler=scaler, after_step=after_step)
+    return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False, optimizer=optimizer,
+                      scaler=scaler, after_step=after_step)
 
 
 @torch.no_grad()

@@ -32,12 +32,14 @@ from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError,
                     validate)
 from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
+from heads import check_head_fits, head_state, read_head_file
 from inference import Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
 from runtime import AMP_CHOICES, seed_everything, select_precision
+from schedules import SCHEDULERS, StepSchedule, build_scheduler, current_factor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
     parser.add_argument("--head-layers", type=int, default=4, choices=HEAD_LAYERS,
                         help="blocks the linear head reads: 4 = the last four (default, the paper's +ms head), 1 = the last (its lin head)")
+    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
+                        help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)")
 
     optim = parser.add_argument_group("optimisation")
     # None = not given: a fresh run takes the default, a resumed run its checkpoint's value (see resolve_schedule_flags).
@@ -61,9 +65,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--batch", type=int, default=config.BATCH_SIZE, help="images per step")
     optim.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {config.LEARNING_RATE})")
     optim.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {config.WEIGHT_DECAY})")
+    optim.add_argument("--scheduler", default="multistep", choices=SCHEDULERS,
+                       help="multistep: --scheduler-epochs milestones (default, the seed's); poly / cosine: decay per step")
     optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
-                       help="epochs after which the LR is multiplied by --scheduler-gamma (MultiStepLR)")
+                       help="multistep: epochs after which the LR is multiplied by --scheduler-gamma")
     optim.add_argument("--scheduler-gamma", type=float, default=0.1)
+    optim.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                       help="poly / cosine: linear warmup over the first N optimizer steps (the paper: 1500)")
     optim.add_argument("--backbone-lr", type=float, default=None,
                        help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
 
@@ -119,8 +127,8 @@ def check_args(args: argparse.Namespace, resumed: dict[str, Any] | None) -> None
     for flag in ("epochs", "batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.workers < 0 or args.warmup_steps < 0:
+        raise ValueError(f"--workers and --warmup-steps must be >= 0, got {args.workers}, {args.warmup_steps}")
     check_imgsz(args.imgsz)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
         raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
@@ -146,6 +154,7 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
         ("--source", family[arch["source"]], family[args.source]),
         ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
         ("--head-layers", arch.get("head_layers", 4), args.head_layers),
+        ("--scheduler", checkpoint.get("args", {}).get("scheduler", "multistep"), args.scheduler),
     ]
     for name, saved, given in fields:
         if saved != given:
@@ -189,7 +198,7 @@ class Run:
     model: Dinov2Segmentation
     train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
     optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped per epoch (multistep) or per optimizer step
     scaler: torch.amp.GradScaler
     checkpoints: RunCheckpoints
     valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
@@ -255,15 +264,22 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
+    # Meta's heads were trained with their centred padding; a resumed run keeps whatever it had.
+    padding = (resumed["model_info"]["arch"].get("padding", "bottom_right") if resumed is not None
+               else "center" if args.head_weights else "bottom_right")
     model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
-                               **backbone_kwargs(args)).to(device)
+                               padding=padding, **backbone_kwargs(args))
+    if args.head_weights and resumed is None:
+        load_released_head(model, args, spec)
+    model.to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     if args.compile:
         model.compile_backbone()
     amp_dtype = select_precision(device, args.amp)
     optimizer = build_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.scheduler_epochs or [], args.scheduler_gamma)
+    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=args.epochs * len(train_loader),
+                                warmup_steps=args.warmup_steps, milestones=args.scheduler_epochs, gamma=args.scheduler_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
@@ -305,6 +321,18 @@ def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.d
     return check.spec, train_loader, valid_loader
 
 
+def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec: DatasetSpec) -> None:
+    """Initialise the head from Meta's released one (heads.py): same blocks, same classes."""
+    head = head_state(read_head_file(args.head_weights, args.backbone, args.registers), args.head_weights)
+    check_head_fits(head, args.backbone, args.registers, args.head_layers, args.head_weights)
+    classes = head["classifier.weight"].shape[0]
+    if classes != len(spec.classes):
+        raise ValueError(f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
+                         f"{len(spec.classes)}; it can only start a run on data with its classes, in its order")
+    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
+    print(f"Head initialised from {args.head_weights} ({classes} classes, {args.head_layers} block(s), centred padding)")
+
+
 def distribute(model: Dinov2Segmentation, device: torch.device) -> torch.nn.Module:
     """Under torchrun: the model wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs)."""
     if world_size() == 1:
@@ -340,11 +368,14 @@ def fit(run: Run) -> None:
         started = time.perf_counter()
         set_epoch(run.train_loader, epoch)
         shuffle.manual_seed(epoch_seed(args.seed, epoch))
+        per_step = isinstance(run.scheduler, StepSchedule)
         train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
-                                       scaler=run.scaler, cache=run.train_cache, generator=shuffle)
+                                       scaler=run.scaler, cache=run.train_cache, generator=shuffle,
+                                       after_step=run.scheduler.step if per_step else None)
         sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
         valid_result = validate_split(run, "Valid")
-        run.scheduler.step()
+        if not per_step:
+            run.scheduler.step()
         seconds = time.perf_counter() - started
         print_epoch("Train", train_result)
         print_epoch("Valid", valid_result)
@@ -399,13 +430,13 @@ def base_lrs(args: argparse.Namespace) -> list[float]:
     return [args.lr] + ([args.backbone_lr or args.lr / 10] if args.fine_tune else [])
 
 
-def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
+def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                           args: argparse.Namespace) -> None:
     """After restoring optimizer state: apply --lr/--backbone-lr/--weight-decay, so the schedule goes
     on as if the run had started with them (a restored state would otherwise keep the old values)."""
-    decays = sum(count for milestone, count in scheduler.milestones.items() if milestone <= scheduler.last_epoch)
+    factor = current_factor(scheduler)
     for group, base in zip(optimizer.param_groups, base_lrs(args)):
-        group["lr"] = base * scheduler.gamma ** decays
+        group["lr"] = base * factor
         group["initial_lr"] = base
         group["weight_decay"] = args.weight_decay
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]

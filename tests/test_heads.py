@@ -113,3 +113,15 @@ def test_a_one_block_head_trains_end_to_end(tiny_dataset, tmp_path):
     checkpoint = torch.load(tmp_path / "best_model_iou.pth", weights_only=True)
     assert checkpoint["model_info"]["arch"]["head_layers"] == 1
     assert checkpoint["model"]["head.classifier.weight"].shape == (21, 384, 1, 1)
+
+
+def test_training_can_start_from_a_released_head(tiny_dataset, tmp_path):
+    mmseg_head_file(tmp_path / "voc_ms.pth", 1536, 21)
+    flags = ("--data-dir", tiny_dataset, "--epochs", "1", "--imgsz", "56", "42", "--batch", "4", *OFFLINE)
+    result = run_script("train.py", *flags, "--out-dir", tmp_path / "run", "--head-weights", tmp_path / "voc_ms.pth")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Head initialised from" in result.stdout
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model_info"]["arch"]["padding"] == "center"
+    mmseg_head_file(tmp_path / "ade.pth", 1536, 150)
+    wrong = run_script("train.py", *flags, "--out-dir", tmp_path / "run2", "--head-weights", tmp_path / "ade.pth")
+    assert wrong.returncode == 1 and "the head predicts 150 classes but Pascal VOC defaults" in wrong.stderr

@@ -1,0 +1,54 @@
+"""Learning-rate schedules: the seed's epoch milestones, or per-step poly / cosine decay after a
+linear warmup (the DINOv2 paper's segmentation recipe: poly, power 1, 1500 warmup steps).
+
+The warmup follows mmcv's `linear` warmup, which Meta's mmseg configs use: during the first
+`warmup` steps the decayed rate is scaled by 1 - (1 - 1e-6) (1 - step / warmup), from a
+millionth of it up to all of it."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULERS = ("multistep", "poly", "cosine")
+WARMUP_RATIO = 1e-6  # mmcv's warmup_ratio in Meta's segmentation configs
+
+
+def lr_factor(kind: str, step: int, total: int, warmup: int = 0, power: float = 1.0) -> float:
+    """The multiple of the base learning rate at optimizer step `step` of `total`."""
+    progress = min(step, total) / max(total, 1)
+    factor = (1 - progress) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        factor *= 1 - (1 - WARMUP_RATIO) * (1 - step / warmup)
+    return factor
+
+
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A per-step poly or cosine schedule with warmup; `step()` after every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
+        self.kind, self.total_steps, self.warmup_steps = kind, total_steps, warmup_steps
+        super().__init__(optimizer, lambda step: lr_factor(kind, step, total_steps, warmup_steps))
+
+    def factor(self) -> float:
+        return lr_factor(self.kind, self.last_epoch, self.total_steps, self.warmup_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, total_steps: int, warmup_steps: int = 0,
+                    milestones: list[int] | None = None, gamma: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+    """`multistep`: MultiStepLR over epochs (step it once per epoch); `poly`/`cosine`: `StepSchedule`."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"--scheduler {kind}: choose one of {', '.join(SCHEDULERS)}")
+    if kind == "multistep":
+        if warmup_steps:
+            raise ValueError("--warmup-steps needs --scheduler poly or cosine (multistep changes the rate per epoch)")
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones or [], gamma)
+    return StepSchedule(optimizer, kind, total_steps, warmup_steps)
+
+
+def current_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The multiple of the base rate that `scheduler` applies now (after a resume, for new base rates)."""
+    if isinstance(scheduler, StepSchedule):
+        return scheduler.factor()
+    decays = sum(count for milestone, count in scheduler.milestones.items() if milestone <= scheduler.last_epoch)
+    return scheduler.gamma ** decays
