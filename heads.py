@@ -103,13 +103,19 @@ def check_head_fits(head: dict[str, torch.Tensor], backbone: str, registers: boo
     return layers
 
 
+def read_checked_head(path_or_name: str | Path, backbone: str, registers: bool,
+                      head_layers: int | None) -> tuple[dict[str, torch.Tensor], int]:
+    """A released head's `LinearHead` state and the number of blocks it reads, checked against the backbone."""
+    head = head_state(read_head_file(path_or_name, backbone, registers), str(path_or_name))
+    return head, check_head_fits(head, backbone, registers, head_layers, str(path_or_name))
+
+
 def model_with_head(path_or_name: str | Path, *, backbone: str = "small", registers: bool = False,
                     head_layers: int | None = None, **backbone_kwargs) -> tuple[Dinov2Segmentation, dict[str, Any]]:
     """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
     palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count."""
     where = str(path_or_name)
-    head = head_state(read_head_file(path_or_name, backbone, registers), where)
-    layers = check_head_fits(head, backbone, registers, head_layers, where)
+    head, layers = read_checked_head(path_or_name, backbone, registers, head_layers)
     num_classes = head["classifier.weight"].shape[0]
     if num_classes not in SPEC_BY_CLASSES:
         raise HeadWeightsError(f"{where}: a head for {num_classes} classes, neither VOC 2012 (21) nor ADE20K (150)")

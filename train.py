@@ -32,7 +32,7 @@ from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError,
                     validate)
 from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
-from heads import check_head_fits, head_state, read_head_file
+from heads import read_checked_head
 from inference import Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
 from model import HEAD_LAYERS, Dinov2Segmentation
@@ -323,8 +323,7 @@ def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.d
 
 def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec: DatasetSpec) -> None:
     """Initialise the head from Meta's released one (heads.py): same blocks, same classes."""
-    head = head_state(read_head_file(args.head_weights, args.backbone, args.registers), args.head_weights)
-    check_head_fits(head, args.backbone, args.registers, args.head_layers, args.head_weights)
+    head, _ = read_checked_head(args.head_weights, args.backbone, args.registers, args.head_layers)
     classes = head["classifier.weight"].shape[0]
     if classes != len(spec.classes):
         raise ValueError(f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
