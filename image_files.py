@@ -6,8 +6,10 @@ OpenCV turn corrupt data into grey or garbled pixels with at most a warning on s
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import simplejpeg
@@ -22,21 +24,23 @@ class DatasetError(UserError, ValueError):
     """A dataset file or folder that cannot be used as it is; the message names it."""
 
 
-def _load(path: str | Path) -> Image.Image:
-    """Decode the whole file now: a truncated or corrupt file fails here, with its name."""
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """Any failure to read or decode `path` becomes one DatasetError naming the file."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        yield
     except FileNotFoundError as err:
         raise DatasetError(f"{path}: file not found") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(_unreadable(path, err)) from err
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise DatasetError(f"{path}: not a readable image ({err.__class__.__name__}{': ' + detail if detail else ''})") from err
 
 
-def _unreadable(path: str | Path, err: BaseException) -> str:
-    detail = str(err).splitlines()[0] if str(err) else ""
-    return f"{path}: not a readable image ({err.__class__.__name__}{': ' + detail if detail else ''})"
+def _load(path: str | Path) -> Image.Image:
+    """Decode the whole file now: a truncated or corrupt file fails here, with its name."""
+    with _reading(path), Image.open(path) as image:
+        image.load()
+        return image
 
 
 def verify_image(path: str | Path) -> tuple[int, int, int]:
@@ -44,7 +48,7 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
 
     JPEGs go through libjpeg-turbo in strict mode (simplejpeg): PIL and OpenCV decode a file with
     corrupt entropy data or a missing end as grey or garbled pixels with at most a warning on stderr."""
-    try:
+    with _reading(path):
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             size, orientation = image.size, _orientation(image)
@@ -52,10 +56,6 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
                 simplejpeg.decode_jpeg(data, strict=True)
             else:
                 image.load()
-    except FileNotFoundError as err:
-        raise DatasetError(f"{path}: file not found") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(_unreadable(path, err)) from err
     return size[0], size[1], orientation
 
 
