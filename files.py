@@ -28,14 +28,18 @@ _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]{8}(\
 
 def temp_path(path: str | Path, suffix: str = "", directory: bool = False) -> Path:
     """A new hidden file (or folder) beside `path`, named after this host and process, so that
-    `remove_stale_temp_files` can tell a killed process's leftovers from a live one's."""
+    `remove_stale_temp_files` can tell a killed process's leftovers from a live one's. It has the
+    permissions a plain open() (or mkdir) would give: it becomes the result when renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+        return Path(tmp)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600
     return Path(tmp)
 
 
@@ -74,7 +78,6 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = temp_path(path)
     try:
         write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

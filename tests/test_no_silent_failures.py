@@ -218,6 +218,17 @@ def write_video(path, frames, size=(64, 48)):
     writer.release()
 
 
+def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
+    # written under a private temporary name, then renamed: the result must not stay owner-only (0600)
+    write_video(tmp_path / "clip.mp4", 2)
+    result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", checkpoint, "--out-dir", tmp_path / "out",
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out" / "clip.mp4").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", 3)
     before = (tmp_path / "clip.mp4").read_bytes()
