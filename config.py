@@ -85,3 +85,17 @@ LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
 WORKERS = 4
 SEED = 42
+
+# The defaults of each `train.py --recipe`. "seed": the reference article's run (above). "paper":
+# the DINOv2 paper's linear-head protocol, as in Meta's mmseg configs (dinov2_vits14_voc2012_linear
+# _config.py and siblings): AdamW lr 1e-3 / weight decay 1e-4, poly decay (power 1) after a
+# 1500-step linear warmup, 40k steps of batch 16 on 518x518 crops (augmentations.py), evaluated
+# with sliding windows. Flags given on the command line win; a resumed run keeps its checkpoint's.
+RECIPES: dict[str, dict[str, object]] = {
+    "seed": {"epochs": EPOCHS, "steps": None, "batch": BATCH_SIZE, "imgsz": list(IMG_SIZE), "lr": LEARNING_RATE,
+             "backbone_lr": None, "weight_decay": WEIGHT_DECAY, "scheduler": "multistep", "warmup_steps": 0,
+             "mode": "whole"},
+    "paper": {"epochs": None, "steps": 40000, "batch": 16, "imgsz": [518, 518], "lr": 1e-3,
+              "backbone_lr": None, "weight_decay": 1e-4, "scheduler": "poly", "warmup_steps": 1500,
+              "mode": "slide"},
+}

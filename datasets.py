@@ -12,17 +12,16 @@ training, data_check.py.
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Sequence
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 import config
+from augmentations import seed_augmentation, train_transform
 from data_check import DatasetCheck, check_dataset
 from distributed import distributed, rank, world_size
 from image_files import DatasetError, list_image_files, read_image
@@ -61,18 +60,6 @@ def pair_folders(images_dir: Path, labels_dir: Path, what: str) -> list[tuple[Pa
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise DatasetError(f"{what} has unpaired files: {shown}")
     return [(images[s], masks[s]) for s in sorted(images)]
-
-
-def train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
-    """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
-    width, height = imgsz
-    return A.Compose([
-        A.Resize(height, width),
-        A.HorizontalFlip(p=0.5),
-        A.RandomBrightnessContrast(p=0.2),
-        A.Rotate(limit=25, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=0.5),
-        A.Normalize(mean=config.MEAN, std=config.STD),
-    ])
 
 
 def eval_transform(imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, std: Sequence[float] = config.STD) -> A.Compose:
@@ -134,27 +121,16 @@ class PairDataset(Dataset):
 
 
 def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC, *, threads: int = 2,
-                   seed: int = config.SEED) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
-    """Train (augmented) and validation (resize only) datasets of `data_dir`, after `check_dataset`
-    has decoded every file; the check's spec (mask format decided) is the one the datasets use."""
+                   seed: int = config.SEED, recipe: str = "seed") -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
+    """Train (augmented by `recipe`, augmentations.py) and validation (resize only) datasets of
+    `data_dir`, after `check_dataset` has decoded every file; the check's spec (mask format decided)
+    is the one the datasets use."""
     splits = {split: find_pairs(data_dir, split) for split in ("train", "valid")}
     check = check_dataset(splits, spec, threads)
     color_map, mask_format = check.spec.color_map(), check.spec.mask_format
-    train = SegmentationDataset(splits["train"], color_map, train_transform(imgsz, color_map.ignore_index), mask_format, seed=seed)
+    train = SegmentationDataset(splits["train"], color_map, train_transform(recipe, imgsz, color_map.ignore_index), mask_format, seed=seed)
     valid = SegmentationDataset(splits["valid"], color_map, eval_transform(imgsz), mask_format, seed=seed)
     return train, valid, check
-
-
-def seed_augmentation(transform: A.Compose, *key: int) -> None:
-    """Seed every transform of `transform` from `key`, each with its own stream.
-
-    (albumentations' `set_random_seed` gives all transforms the same seed, so their first draws
-    coincide: with p=0.5 flips and p=0.2 brightness changes, every brightness change would come
-    with a flip.)"""
-    children = np.random.SeedSequence(list(key)).spawn(len(transform.transforms) + 1)
-    for target, child in zip([transform, *transform.transforms], children):
-        target.random_generator = np.random.default_rng(child)
-        target.py_random = random.Random(int(child.generate_state(1)[0]))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

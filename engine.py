@@ -6,6 +6,8 @@ are the same code either way. `LoopSettings` carries what every pass needs besid
 """
 from __future__ import annotations
 
+import itertools
+
 import math
 import os
 import shutil
@@ -234,18 +236,23 @@ def train_one_epoch(
     cache: FeatureCache | None = None,
     generator: torch.Generator | None = None,
     after_step: Callable[[], None] | None = None,
+    max_steps: int | None = None,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
     With a built `cache`, the batches are its cached features in an order drawn from `generator`.
-    `after_step` runs after every optimizer step (a per-step learning-rate schedule)."""
+    `after_step` runs after every optimizer step (a per-step learning-rate schedule); `max_steps`
+    ends the pass early (the last epoch of a run counted in steps)."""
     desc = f"Train {epoch}"
     if cache is not None:
         _require_built(cache)
         batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
-        return _run_epoch(model, batches, cache.num_batches(loader.batch_size), settings, desc=desc, from_features=True,
-                          optimizer=optimizer, scaler=scaler, after_step=after_step)
-    return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False, optimizer=optimizer,
-                      scaler=scaler, after_step=after_step)
+        total = cache.num_batches(loader.batch_size)
+    else:
+        batches, total = loader, len(loader)
+    if max_steps is not None and max_steps < total:
+        batches, total = itertools.islice(batches, max_steps), max_steps
+    return _run_epoch(model, batches, total, settings, desc=desc, from_features=cache is not None,
+                      optimizer=optimizer, scaler=scaler, after_step=after_step)
 
 
 @torch.no_grad()

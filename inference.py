@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from checkpoint import build_model_from_checkpoint, load_checkpoint
 from cli import add_backbone_args, backbone_kwargs
 from datasets import check_imgsz, eval_transform, round_to_patch
+from heads import model_with_head
 from labels import ColorMap
 from model import HEAD_LAYERS
 from model_config import PATCH_SIZE
@@ -162,6 +163,15 @@ class Predictor:
         model = build_model_from_checkpoint(checkpoint, device)
         return cls(model, checkpoint["model_info"], device=device, amp_dtype=select_precision(device, amp), mode=mode)
 
+    @classmethod
+    def from_head(cls, path_or_name: str | Path, device: str = "auto", amp: str = "auto", mode: InferenceMode | None = None,
+                  *, head_layers: int | None = None, **backbone: Any) -> "Predictor":
+        """Meta's released head (a name such as voc2012_ms, or a file) on a DINOv2 backbone built from
+        `backbone` (Dinov2Segmentation's keywords: backbone, registers, source, weights, ...)."""
+        device = select_device(device)
+        model, info = model_with_head(path_or_name, head_layers=head_layers, **backbone)
+        return cls(model.to(device), info, device=device, amp_dtype=select_precision(device, amp), mode=mode)
+
     @property
     def imgsz(self) -> tuple[int, int]:
         return self.mode.imgsz
@@ -178,11 +188,13 @@ class Predictor:
         return self.scores(image).argmax(0).to(torch.uint8).cpu().numpy()
 
 
-def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True) -> None:
-    """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode and has
-    no --imgsz/--native here: its final evaluation predicts at the training size."""
+def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True,
+                  default: str | None = "whole") -> None:
+    """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode, leaves
+    its default to the recipe and has no --imgsz/--native here: its final evaluation predicts at
+    the training size."""
     group = parser.add_argument_group("inference mode")
-    group.add_argument(flag, dest="mode", default="whole", choices=MODES,
+    group.add_argument(flag, dest="mode", default=default, choices=MODES,
                        help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)")
     if sizes:
         group.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
@@ -226,11 +238,8 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
     mode = mode or mode_from_args(args)
     if args.model is not None:
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
-    from heads import model_with_head
-
-    target = select_device(device or args.device)
-    model, info = model_with_head(args.head_weights, head_layers=args.head_layers, **backbone_kwargs(args))
-    return Predictor(model.to(target), info, device=target, amp_dtype=select_precision(target, args.amp), mode=mode)
+    return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,
+                               **backbone_kwargs(args))
 
 
 def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:

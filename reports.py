@@ -10,7 +10,10 @@ from files import atomic_write
 def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            # every column of every row, in order of appearance: a run resumed from a checkpoint
+            # written before a column existed has rows without it
+            columns = list(dict.fromkeys(key for row in history for key in row))
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(history)
 

@@ -33,17 +33,30 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
     def factor(self) -> float:
         return lr_factor(self.kind, self.last_epoch, self.total_steps, self.warmup_steps)
 
+    def state_dict(self) -> dict:
+        """The position only: a resumed run's schedule shape comes from its flags (a longer --steps
+        stretches the decay to the new end), not from the checkpoint."""
+        return {key: value for key, value in super().state_dict().items()
+                if key not in ("kind", "total_steps", "warmup_steps")}
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, total_steps: int, warmup_steps: int = 0,
                     milestones: list[int] | None = None, gamma: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
     """`multistep`: MultiStepLR over epochs (step it once per epoch); `poly`/`cosine`: `StepSchedule`."""
-    if kind not in SCHEDULERS:
-        raise ValueError(f"--scheduler {kind}: choose one of {', '.join(SCHEDULERS)}")
+    check_schedule(kind, warmup_steps)
     if kind == "multistep":
-        if warmup_steps:
-            raise ValueError("--warmup-steps needs --scheduler poly or cosine (multistep changes the rate per epoch)")
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones or [], gamma)
     return StepSchedule(optimizer, kind, total_steps, warmup_steps)
+
+
+def check_schedule(kind: str, warmup_steps: int) -> None:
+    """A schedule's flags that fit together (train.py checks them before loading any data)."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"--scheduler {kind}: choose one of {', '.join(SCHEDULERS)}")
+    if warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+    if warmup_steps and kind == "multistep":
+        raise ValueError("--warmup-steps needs --scheduler poly or cosine (multistep changes the rate per epoch)")
 
 
 def current_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:

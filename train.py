@@ -2,6 +2,7 @@
 
     python train.py --epochs 20 --imgsz 640 640 --out-dir transfer_learning --batch 2
     python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
+    python train.py --recipe paper --data-dir input/voc_aug --out-dir paper_lin --head-layers 1   # the DINOv2 paper's protocol
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
 last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -39,7 +41,7 @@ from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
 from runtime import AMP_CHOICES, seed_everything, select_precision
-from schedules import SCHEDULERS, StepSchedule, build_scheduler, current_factor
+from schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,8 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/")
     data.add_argument("--classes", default=None, metavar="FILE",
                       help="dataset description (JSON); default: <data-dir>/classes.json, else the VOC classes")
-    data.add_argument("--imgsz", type=int, nargs=2, default=config.IMG_SIZE, metavar=("W", "H"),
-                      help="training/validation size; rounded up to a multiple of 14 (640 -> 644)")
+    data.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
+                      help="training/validation size, rounded up to a multiple of 14 (640 -> 644); "
+                           "--recipe paper: the side of its square crops (default: seed 640 640, paper 518 518)")
     data.add_argument("--workers", type=int, default=config.WORKERS, help="DataLoader worker processes")
 
     add_backbone_args(parser)
@@ -60,22 +63,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)")
 
     optim = parser.add_argument_group("optimisation")
-    # None = not given: a fresh run takes the default, a resumed run its checkpoint's value (see resolve_schedule_flags).
-    optim.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {config.EPOCHS})")
-    optim.add_argument("--batch", type=int, default=config.BATCH_SIZE, help="images per step")
-    optim.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {config.LEARNING_RATE})")
-    optim.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {config.WEIGHT_DECAY})")
-    optim.add_argument("--scheduler", default="multistep", choices=SCHEDULERS,
-                       help="multistep: --scheduler-epochs milestones (default, the seed's); poly / cosine: decay per step")
+    # None = not given: a fresh run takes its recipe's default, a resumed run its checkpoint's value
+    # (resolve_defaults; the defaults are config.RECIPES).
+    optim.add_argument("--recipe", default=None, choices=list(config.RECIPES),
+                       help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
+                            "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation)")
+    optim.add_argument("--epochs", type=int, default=None, help=f"total epochs (default: seed {config.EPOCHS})")
+    optim.add_argument("--steps", type=int, default=None,
+                       help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper 40000)")
+    optim.add_argument("--batch", type=int, default=None, help="images per step (default: seed 2, paper 16)")
+    optim.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: seed 1e-4, paper 1e-3)")
+    optim.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)")
+    optim.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                       help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine: decay per step")
     optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
                        help="multistep: epochs after which the LR is multiplied by --scheduler-gamma")
     optim.add_argument("--scheduler-gamma", type=float, default=0.1)
-    optim.add_argument("--warmup-steps", type=int, default=0, metavar="N",
-                       help="poly / cosine: linear warmup over the first N optimizer steps (the paper: 1500)")
+    optim.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                       help="poly / cosine: linear warmup over the first N optimizer steps (default: seed 0, paper 1500)")
     optim.add_argument("--backbone-lr", type=float, default=None,
                        help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
 
-    add_mode_args(parser, flag="--eval-mode", sizes=False)
+    add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
 
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--amp", default="auto", choices=AMP_CHOICES,
@@ -103,32 +112,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Flags a resumed run may change; None in the parser means "not given".
-SCHEDULE_FLAGS = {"epochs": config.EPOCHS, "lr": config.LEARNING_RATE, "weight_decay": config.WEIGHT_DECAY, "backbone_lr": None}
+# Flags a resumed run may change (the change is reported and recorded in metrics.csv).
+CHANGEABLE_ON_RESUME = ("epochs", "steps", "lr", "weight_decay", "backbone_lr")
 
 
-def resolve_schedule_flags(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """Fill the schedule flags that were not given: from the resumed checkpoint, else the defaults.
-    Returns the ones given with other values than the checkpoint's: (flag, old, new)."""
+def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """Fill the flags that were not given: a resumed run's from its checkpoint, a new run's from its
+    --recipe (config.RECIPES). Training is counted in --epochs or --steps, whichever was given (or
+    the recipe's). Returns the flags given with other values than the checkpoint's: (flag, old, new)."""
+    if args.epochs is not None and args.steps is not None:
+        raise ValueError("--epochs and --steps exclude each other: count training in one of them")
+    counted_in = "epochs" if args.epochs is not None else "steps" if args.steps is not None else None
     saved = resumed.get("args", {}) if resumed is not None else {}
+    args.recipe = args.recipe or saved.get("recipe", "seed")
     changes = []
-    for name, default in SCHEDULE_FLAGS.items():
+    for name, default in config.RECIPES[args.recipe].items():
         before = saved.get(name, default)
         given = getattr(args, name)
         if given is None:
             setattr(args, name, before)
-        elif resumed is not None and given != before:
+        elif resumed is not None and name in CHANGEABLE_ON_RESUME and given != before:
             changes.append((f"--{name.replace('_', '-')}", before, given))
+    if counted_in == "epochs":
+        args.steps = None
+    elif args.steps is not None:
+        args.epochs = None  # set from the training split's length (count_epochs)
     return changes
 
 
-def check_args(args: argparse.Namespace, resumed: dict[str, Any] | None) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that would only fail later, with the flag's name in the message."""
-    for flag in ("epochs", "batch"):
-        if getattr(args, flag) < 1:
+    for flag in ("epochs", "steps", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.workers < 0 or args.warmup_steps < 0:
-        raise ValueError(f"--workers and --warmup-steps must be >= 0, got {args.workers}, {args.warmup_steps}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    check_schedule(args.scheduler, args.warmup_steps)
     check_imgsz(args.imgsz)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
         raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
@@ -136,9 +155,33 @@ def check_args(args: argparse.Namespace, resumed: dict[str, Any] | None) -> None
         raise ValueError("--cache-train-features needs a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
-    if resumed is not None and resumed["epoch"] + 1 >= args.epochs:
-        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {resumed['epoch'] + 1} epochs; "
+    if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
+        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice")
+    if args.recipe == "paper" and args.cache_train_features:
+        raise ValueError("--cache-train-features computes features of un-augmented images once; "
+                         "--recipe paper needs new random crops every step")
+
+
+def steps_done(history: list[dict[str, Any]], steps_per_epoch: int) -> int:
+    """Optimizer steps taken in the epochs of `history` (its "step" column; rows from before that
+    column existed are whole epochs)."""
+    return int(history[-1].get("step", len(history) * steps_per_epoch)) if history else 0
+
+
+def count_steps(args: argparse.Namespace, steps_per_epoch: int, resumed: dict[str, Any] | None) -> int:
+    """The run's total optimizer steps. With --steps, --epochs becomes the number of epochs they
+    end in (the last one stops early); a resumed run must have steps left."""
+    history = resumed["history"] if resumed is not None else []
+    done = steps_done(history, steps_per_epoch)
+    if args.steps is not None:
+        if done >= args.steps:
+            raise ValueError(f"--steps {args.steps}: {args.resume} already holds {done} steps; give a larger --steps to train on")
+        args.epochs = len(history) + math.ceil((args.steps - done) / steps_per_epoch)
+        return args.steps
+    if len(history) >= args.epochs:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {len(history)} epochs; "
                          "give a larger --epochs to train on")
+    return done + (args.epochs - len(history)) * steps_per_epoch
 
 
 def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
@@ -155,6 +198,7 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
         ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
         ("--head-layers", arch.get("head_layers", 4), args.head_layers),
         ("--scheduler", checkpoint.get("args", {}).get("scheduler", "multistep"), args.scheduler),
+        ("--recipe", checkpoint.get("args", {}).get("recipe", "seed"), args.recipe),
     ]
     for name, saved, given in fields:
         if saved != given:
@@ -191,6 +235,7 @@ class Run:
     args: argparse.Namespace
     out_dir: Path
     imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
+    total_steps: int  # optimizer steps of the whole run (--steps, or --epochs x batches per epoch)
     spec: DatasetSpec
     settings: LoopSettings
     train_loader: torch.utils.data.DataLoader
@@ -212,8 +257,8 @@ class Run:
 
 def main(args: argparse.Namespace) -> None:
     resumed = load_checkpoint(args.resume) if args.resume else None
-    changes = resolve_schedule_flags(args, resumed)
-    check_args(args, resumed)
+    changes = resolve_defaults(args, resumed)
+    check_args(args)
     device = init_distributed(args.device, args.dist_timeout)
     if args.cache_train_features and world_size() > 1:
         raise ValueError("--cache-train-features is not supported under torchrun yet; run it in one process")
@@ -262,11 +307,15 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
     if list(imgsz) != list(args.imgsz):
         print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
+    total_steps = count_steps(args, len(train_loader), resumed)
+    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epochs of {len(train_loader)}), "
+          f"AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
+          + (f" after {args.warmup_steps} warmup steps" if args.warmup_steps else "") + ".")
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
-    # Meta's heads were trained with their centred padding; a resumed run keeps whatever it had.
+    # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.
     padding = (resumed["model_info"]["arch"].get("padding", "bottom_right") if resumed is not None
-               else "center" if args.head_weights else "bottom_right")
+               else "center" if args.head_weights or args.recipe == "paper" else "bottom_right")
     model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
                                padding=padding, **backbone_kwargs(args))
     if args.head_weights and resumed is None:
@@ -278,7 +327,7 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         model.compile_backbone()
     amp_dtype = select_precision(device, args.amp)
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=args.epochs * len(train_loader),
+    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=total_steps,
                                 warmup_steps=args.warmup_steps, milestones=args.scheduler_epochs, gamma=args.scheduler_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -289,7 +338,7 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
                                  info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items()})
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
     return Run(
-        args=args, out_dir=out_dir, imgsz=imgsz, spec=spec,
+        args=args, out_dir=out_dir, imgsz=imgsz, total_steps=total_steps, spec=spec,
         settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
         train_loader=train_loader, valid_loader=valid_loader,
         model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -304,7 +353,8 @@ def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.d
     """The dataset description (mask format decided by the full check) and the two loaders."""
     spec = load_dataset_spec(args.data_dir, args.classes)
     print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1), seed=args.seed)
+    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1),
+                                                 seed=args.seed, recipe=args.recipe)
     print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
           + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
     for note in check.notes:
@@ -362,6 +412,7 @@ def fit(run: Run) -> None:
         cache_set.transform = eval_transform(run.imgsz)
         run.train_cache.build(run.model, make_loader(cache_set, args.batch, shuffle=False, workers=args.workers), settings)
     shuffle = torch.Generator()  # order of cached training features, reseeded every epoch
+    step = steps_done(run.checkpoints.history, len(run.train_loader))
     for epoch in range(run.checkpoints.epochs_done, args.epochs):
         print(f"EPOCH: {epoch + 1}/{args.epochs}")
         started = time.perf_counter()
@@ -370,7 +421,9 @@ def fit(run: Run) -> None:
         per_step = isinstance(run.scheduler, StepSchedule)
         train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
                                        scaler=run.scaler, cache=run.train_cache, generator=shuffle,
-                                       after_step=run.scheduler.step if per_step else None)
+                                       after_step=run.scheduler.step if per_step else None,
+                                       max_steps=run.total_steps - step)
+        step += min(len(run.train_loader), run.total_steps - step)
         sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
         valid_result = validate_split(run, "Valid")
         if not per_step:
@@ -379,7 +432,7 @@ def fit(run: Run) -> None:
         print_epoch("Train", train_result)
         print_epoch("Valid", valid_result)
         run.checkpoints.end_epoch({
-            "epoch": epoch + 1,
+            "epoch": epoch + 1, "step": step,
             "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
             "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
             "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import config
-from datasets import SegmentationDataset, eval_transform, find_pairs, round_to_patch, seed_augmentation, train_transform
+from augmentations import seed_augmentation, seed_train_transform
+from datasets import SegmentationDataset, eval_transform, find_pairs, round_to_patch
 from image_files import DatasetError
 from labels import ColorMap
 
@@ -94,7 +95,7 @@ def test_mismatched_image_and_mask_sizes_name_the_mask(tmp_path, voc_map):
 
 
 def test_augmentation_fills_rotated_border_with_ignore_not_background():
-    transform = train_transform((56, 42), ignore_index=255)
+    transform = seed_train_transform((56, 42), ignore_index=255)
     image = np.full((60, 80, 3), 128, np.uint8)
     mask = np.ones((60, 80), np.uint8)  # every pixel class 1
     seen = set()
@@ -107,7 +108,7 @@ def test_augmentation_fills_rotated_border_with_ignore_not_background():
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_dataset, voc_map):
-    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, train_transform((56, 42)), seed=3)
+    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, seed_train_transform((56, 42)), seed=3)
     first = [dataset[i][0] for i in range(6)]
     assert all(torch.equal(a, dataset[i][0]) for i, a in enumerate(first))  # same epoch: same views
     dataset.epoch = 1

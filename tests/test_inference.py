@@ -7,6 +7,7 @@ from PIL import Image
 from drawing import indexed_png, overlay
 from inference import Predictor
 from tests.conftest import ROOT, run_script
+from tests.test_heads import mmseg_head_file
 
 
 @pytest.fixture(scope="module")
@@ -123,20 +124,35 @@ def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_notebook_executes_headless(trained_run, tiny_dataset):
+def run_notebook(parameters: str) -> list:
+    """Execute notebooks/visualize.ipynb headless with its parameters cell replaced; its outputs."""
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
     notebook = nbformat.read(ROOT / "notebooks" / "visualize.ipynb", as_version=4)
-    parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    parameters.source = (f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
-                         f"NUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True")
+    next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])).source = parameters
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def test_notebook_executes_headless(trained_run, tiny_dataset):
+    outputs = run_notebook(f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
+                           f"HEAD_WEIGHTS = None\nNUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True")
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # samples, curves, predictions, IoU bars
     assert any("mIoU" in o.get("text", "") for o in outputs)
+
+
+def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path):
+    mmseg_head_file(tmp_path / "voc_linear.pth", 384, 21)
+    outputs = run_notebook(f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = None\nHEAD_WEIGHTS = {str(tmp_path / 'voc_linear.pth')!r}\n"
+                           "BACKBONE = dict(source='timm', pretrained=False)\nNUM_SAMPLES = 1\nDEVICE = 'cpu'\n"
+                           "MODE = 'slide'\nSCALES = [1.0]\nFLIP = False")
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "no training curves" in text and "slide" in text and "mIoU" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, predictions, IoU bars
 
 
 @pytest.mark.parametrize("mode", [("--native", "--flip"), ("--mode", "slide", "--short-side", "42", "--crop", "42",

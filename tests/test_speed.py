@@ -7,7 +7,7 @@ from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_ep
 from model import Dinov2Segmentation
 from runtime import select_precision
 from tests.conftest import OFFLINE, run_script
-from train import build_optimizer, get_args_parser, resolve_schedule_flags
+from train import build_optimizer, get_args_parser, resolve_defaults
 
 CPU = torch.device("cpu")
 FP32 = LoopSettings(CPU, num_classes=21)
@@ -103,12 +103,12 @@ def test_precision_choice():
 def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
     model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False)
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3"])
-    resolve_schedule_flags(args, resumed=None)  # flags not given take their defaults
+    resolve_defaults(args, resumed=None)  # flags not given take their defaults
     head, backbone = build_optimizer(model, args).param_groups
     assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
     assert len(backbone["params"]) == len(list(model.backbone.parameters()))
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3", "--backbone-lr", "5e-6"])
-    resolve_schedule_flags(args, resumed=None)
+    resolve_defaults(args, resumed=None)
     assert build_optimizer(model, args).param_groups[1]["lr"] == 5e-6
 
 
