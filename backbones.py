@@ -49,10 +49,15 @@ class TimmDinov2(nn.Module):
         vit._pos_embed = types.MethodType(official_pos_embed, vit)  # an instance attribute: the state dict is unchanged
 
     def get_intermediate_layers(
-        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, norm: bool = True
-    ) -> tuple[torch.Tensor, ...]:
-        # timm skips the final LayerNorm unless asked; the hub model applies it by default.
-        return tuple(self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm))
+        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[torch.Tensor, ...] | tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        # timm skips the final LayerNorm unless asked; the hub model applies it by default. With
+        # return_class_token each entry is (patch tokens, class token [B, C]), as the hub model's.
+        outputs = self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm, return_prefix_tokens=return_class_token)
+        if return_class_token:
+            return tuple((patches, prefix[:, 0]) for patches, prefix in outputs)
+        return tuple(outputs)
 
 
 # DinoVisionTransformer.interpolate_pos_encoding of facebookresearch/dinov2 (hub models:

@@ -11,6 +11,8 @@
    bare backbone forward, the floor.
 3. Peak memory of one training step (frozen, fine-tune, fine-tune + gradient checkpointing), each
    measured in a fresh process: RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
+4. Classification (classify.py): embedding extraction in images/s at --cls-imgsz, and kNN over
+   --knn-stored random stored embeddings (chunked, so memory stays bounded) in ms per query batch.
 """
 from __future__ import annotations
 
@@ -29,15 +31,19 @@ import torch
 
 import config
 from checkpoint import model_info, save_checkpoint
+from backbones import load_backbone
+from classifiers import knn_votes
 from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
 from datasets import build_datasets, eval_transform, make_loader
+from embeddings import ClassificationTransform, extract
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
+from image_folders import class_images
 from inference import InferenceMode, Predictor, preprocess, window_grid
 from labels import VOC
 from metrics import ConfusionMatrix
 from model import Dinov2Segmentation
 from runtime import autocast, select_device, select_precision
-from synthetic import make_dataset
+from synthetic import make_dataset, make_image_folders
 
 NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloured
 
@@ -56,7 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed inference repetitions")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory"))
+    parser.add_argument("--cls-imgsz", type=int, default=224, help="classification: crop side for extraction")
+    parser.add_argument("--cls-images", type=int, default=64, help="classification: images to embed")
+    parser.add_argument("--knn-stored", type=int, default=100_000, help="classification: stored embeddings for kNN")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory", "classification"))
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -253,6 +262,33 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> list[str]:
     return lines
 
 
+def bench_classification(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    """Extraction throughput (after one warm-up batch) and kNN time over many stored embeddings."""
+    root = make_image_folders(out_dir / "folders", classes=4, n_train=args.cls_images // 4, n_val=0, size=(500, 375))
+    files, _ = class_images(root / "train")
+    torch.manual_seed(0)
+    kwargs = backbone_kwargs(args)
+    backbone = load_backbone(kwargs.pop("backbone"), **kwargs).to(device).eval()
+    transform = ClassificationTransform(args.cls_imgsz)
+    amp_dtype = select_precision(device, args.amp)
+    extract(backbone, files[:args.batch * 4], transform, device=device, amp_dtype=amp_dtype, batch_size=args.batch * 4)
+    sync(device)
+    start = time.perf_counter()
+    stored = extract(backbone, files, transform, device=device, amp_dtype=amp_dtype, batch_size=64, workers=args.workers)
+    sync(device)
+    seconds = time.perf_counter() - start
+    dim = stored["cls"].shape[-1]
+    g = torch.Generator().manual_seed(0)
+    train, labels = torch.randn(args.knn_stored, dim, generator=g), torch.randint(0, 21, (args.knn_stored,), generator=g)
+    queries = torch.randn(1000, dim, generator=g)
+    knn_ms = timed(lambda: knn_votes(train, labels, queries, 20, 21), max(1, args.repeats // 2), torch.device("cpu"))
+    return ["| step | figure |", "|---|---|",
+            f"| embedding extraction, {len(files)} images (500x375 JPEG -> {args.cls_imgsz}^2), batch 64 | "
+            f"{len(files) / seconds:.1f} images/s ({seconds:.1f} s) |",
+            f"| kNN, k=20, 1000 queries over {args.knn_stored:,} stored {dim}-d embeddings (CPU, chunked) | "
+            f"{knn_ms:.0f} ms ({knn_ms / 1000:.2f} ms per query) |"]
+
+
 def main(args: argparse.Namespace) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
@@ -277,7 +313,10 @@ def main(args: argparse.Namespace) -> None:
             print("\n".join(bench_modes(args, device, tmp)) + "\n", flush=True)
         if "memory" not in args.skip:
             print(f"## Peak memory of a training step, batch {args.batch}\n")
-            print("\n".join(bench_memory(args, device)) + "\n")
+            print("\n".join(bench_memory(args, device)) + "\n", flush=True)
+        if "classification" not in args.skip:
+            print("## Classification embeddings (classify.py)\n")
+            print("\n".join(bench_classification(args, device, tmp)) + "\n")
 
 
 if __name__ == "__main__":

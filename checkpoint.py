@@ -49,8 +49,12 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
         raise OSError(f"{path}: could not be written ({err.strerror or err}); the previous file is unchanged") from err
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file)."""
+CLASSIFIER_KIND = "image-classifier"  # the "kind" entry of classify.py's classifier.pth
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, kind: str = "segmentation") -> dict[str, Any]:
+    """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file):
+    train.py's segmentation checkpoints, or (kind=CLASSIFIER_KIND) classify.py's classifiers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -58,9 +62,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file): {str(err).splitlines()[0]}") from err
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_info" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint written by train.py (no 'model'/'model_info' entries)")
-    return checkpoint
+    found = (CLASSIFIER_KIND if isinstance(checkpoint, dict) and checkpoint.get("kind") == CLASSIFIER_KIND
+             else "segmentation" if isinstance(checkpoint, dict) and "model" in checkpoint and "model_info" in checkpoint
+             else None)
+    if found == kind:
+        return checkpoint
+    if found == CLASSIFIER_KIND:
+        raise ValueError(f"{path}: is an image classifier from classify.py, not a segmentation model; "
+                         f"use it with classify.py --predict --model {path}")
+    if found == "segmentation":
+        raise ValueError(f"{path}: is a segmentation checkpoint from train.py, not a classifier; "
+                         "use it with infer_image.py / evaluate.py --model")
+    what = "classify.py" if kind == CLASSIFIER_KIND else "train.py"
+    raise ValueError(f"{path}: not a checkpoint written by {what}")
 
 
 def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -1,7 +1,6 @@
 """torchrun + DistributedDataParallel helpers; every function is a no-op in a single process."""
 from __future__ import annotations
 
-import atexit
 import os
 from typing import Any
 
@@ -44,19 +43,11 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> 
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                          device_id=device if device.type == "cuda" else None)
-    # Leave the group before the interpreter tears down: a gloo/NCCL group still alive then can
-    # abort the process at exit ("terminate called without an active exception", seen on CPU).
-    atexit.register(leave_process_group)
     if not is_main_process():  # only rank 0 talks (torchvision references' setup_for_distributed)
         import builtins
 
         builtins.print = lambda *args, **kwargs: None
     return device
-
-
-def leave_process_group() -> None:
-    if distributed():
-        torch.distributed.destroy_process_group()
 
 
 def sync_buffers(model: torch.nn.Module) -> None:

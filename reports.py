@@ -20,18 +20,24 @@ def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None
     atomic_write(path, write)
 
 
-def save_plots(history: list[dict[str, float]], out_dir: str | Path) -> None:
-    """loss.png, accuracy.png and miou.png: train and validation curves per epoch."""
+# (metric, axis label, file) of train.py's curves; history rows hold train_<metric> and valid_<metric>
+SEGMENTATION_CURVES = (("loss", "Loss", "loss.png"), ("pixacc", "Pixel accuracy", "accuracy.png"), ("miou", "mIoU", "miou.png"))
+
+
+def save_plots(history: list[dict[str, float]], out_dir: str | Path, curves=SEGMENTATION_CURVES,
+               splits: tuple[str, str] = ("train", "valid")) -> None:
+    """One PNG per curve: the training and validation values of a metric per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    for key, label, filename in (("loss", "Loss", "loss.png"), ("pixacc", "Pixel accuracy", "accuracy.png"), ("miou", "mIoU", "miou.png")):
+    train, valid = splits
+    for key, label, filename in curves:
         fig, ax = plt.subplots(figsize=(8, 5))
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label=f"Train {label.lower()}")
-        ax.plot(epochs, [row[f"valid_{key}"] for row in history], marker="o", label=f"Validation {label.lower()}")
+        ax.plot(epochs, [row[f"{train}_{key}"] for row in history], marker="o", label=f"Train {label.lower()}")
+        ax.plot(epochs, [row[f"{valid}_{key}"] for row in history], marker="o", label=f"Validation {label.lower()}")
         ax.set_xlabel("Epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -62,4 +68,29 @@ def save_confusion_matrix(matrix, classes: list[str], path: str | Path, title: s
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def save_neighbour_gallery(rows: list[tuple[Path, str, list[tuple[Path, str, float]]]], path: str | Path) -> None:
+    """A row per query image: the image with its true class, then its nearest training images with
+    class and cosine similarity (green: same class as the query, red: another)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from image_files import read_image
+
+    columns = 1 + max(len(neighbours) for _, _, neighbours in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (query, truth, neighbours), row in zip(rows, axes):
+        row[0].imshow(read_image(query))
+        row[0].set_title(f"query: {truth}", fontsize=8, fontweight="bold")
+        for ax, (image, name, similarity) in zip(row[1:], neighbours):
+            ax.imshow(read_image(image))
+            ax.set_title(f"{name}\n{similarity:.4f}", fontsize=8, color="green" if name == truth else "red")
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""A small synthetic segmentation dataset in the VOC Kaggle layout, for `make demo`, the tests and bench.py.
+"""Small synthetic datasets for `make demo`, the tests and bench.py: segmentation pairs in the VOC
+Kaggle layout (`make_dataset`), and classification images in ImageFolder layout (`make_image_folders`).
 
 Each image is a noisy background with a few filled shapes; each shape's class decides its image
 colour, so even a random-init backbone's features separate the classes and a short run learns.
@@ -56,4 +57,23 @@ def make_dataset(root: str | Path, n_train: int = 24, n_valid: int = 8, size: tu
             stem = f"{split}_{i:04d}"
             cv2.imwrite(str(root / f"{split}_images" / f"{stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(str(root / f"{split}_labels" / f"{stem}.png"), cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def make_image_folders(root: str | Path, classes: int = 3, n_train: int = 6, n_val: int = 2,
+                       size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    """Write `train/<class>/` and `val/<class>/` under `root`: noisy images whose mean colour is the
+    class's, as JPEGs (every third with an upper-case .JPG), and return `root`."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for split, count in (("train", n_train), ("val", n_val)):
+        for label in range(classes):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            color = np.array([(label * 97 + 40) % 256, (label * 53 + 120) % 256, (label * 151 + 200) % 256], dtype=np.float64)
+            for i in range(count):
+                image = (color + rng.normal(0, 25, (height, width, 3))).clip(0, 255).astype(np.uint8)
+                suffix = ".JPG" if i % 3 == 2 else ".jpg"
+                cv2.imwrite(str(folder / f"{split}_{label}_{i:03d}{suffix}"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     return root

@@ -308,9 +308,12 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
     total_steps = count_steps(args, len(train_loader), resumed)
-    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epochs of {len(train_loader)}), "
-          f"AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
+    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epoch{'s' * (args.epochs != 1)} "
+          f"of {len(train_loader)}), AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
           + (f" after {args.warmup_steps} warmup steps" if args.warmup_steps else "") + ".")
+    if args.warmup_steps >= total_steps:
+        print(f"Note: --warmup-steps {args.warmup_steps} is not shorter than the run ({total_steps} steps): "
+              "the learning rate never reaches --lr.")
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
     # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.

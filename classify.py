@@ -1,0 +1,315 @@
+"""Classify images with frozen DINOv2 embeddings: a weighted kNN and a linear probe, no backbone training.
+
+    python classify.py --data-dir input/emds6                          # train/<class>/* and val/<class>/*
+    python classify.py --data-dir input/photos --val-fraction 0.2      # one folder of class folders
+    python classify.py --data-dir input/emds6 --features cls+avgpool --layers 4 --lr-sweep
+    python classify.py --predict --model outputs/classify/classifier.pth --input new_images/
+
+Writes to outputs/<out-dir>/ (default classify): embeddings_train.pt / embeddings_val.pt (the
+embedding cache: a rerun with other classifier settings skips extraction), split.json (with
+--val-fraction), metrics.json, metrics.csv, loss.png, accuracy.png (linear probe per epoch),
+confusion_<method>.png, neighbours.png and classifier.pth (linear weights, classes, backbone and
+feature settings, training embeddings: all that --predict needs). The folder is this workspace's:
+a rerun overwrites the results, a lock keeps a second run out while one works.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import config
+from backbones import load_backbone
+from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
+from classifiers import (TEMPERATURE, ProbeResult, confusion_counts, knn_votes, per_class_accuracy, ranked_classes,
+                         topk_accuracy, train_linear_probe)
+from cli import add_backbone_args, backbone_kwargs, run_cli
+from embeddings import FEATURES, LAYERS, ClassificationTransform, EmbeddingCache, cache_key, extract, linear_input
+from files import atomic_write, remove_stale_temp_files, write_json
+from image_folders import ClassFolders, class_images, read_class_folders
+from model_config import PATCH_SIZE
+from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_metrics_csv
+from run_folder import RunLock
+from runtime import AMP_CHOICES, seed_everything, select_device, select_precision
+
+METHODS = ("knn", "linear")
+SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+CURVES = (("loss", "Loss", "loss.png"), ("top1", "Top-1 accuracy", "accuracy.png"))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=str(config.ROOT / "input" / "classification"),
+                      help="train/<class>/ and val/<class>/ folders, or one folder of class folders with --val-fraction")
+    data.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                      help="split one folder of class folders: this share of each class to val (seeded by --seed)")
+    data.add_argument("--imgsz", type=int, default=224, help="centre-crop side (a multiple of 14; 224 -> short side 256)")
+    data.add_argument("--crop-pct", type=float, default=0.875, help="resize the short side to imgsz / crop-pct first")
+    data.add_argument("--batch", type=int, default=64, help="images per forward while extracting embeddings")
+    data.add_argument("--workers", type=int, default=config.WORKERS, help="image decoding processes")
+    add_backbone_args(parser)
+
+    method = parser.add_argument_group("classifiers")
+    method.add_argument("--features", default="cls", choices=FEATURES,
+                        help="cls: class tokens; cls+avgpool: with the last block's mean patch token")
+    method.add_argument("--layers", type=int, default=1, choices=LAYERS, help="class tokens of the last 1 or 4 blocks")
+    method.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
+    method.add_argument("--k", type=int, nargs="+", default=[10, 20], help="kNN neighbours (each is reported)")
+    method.add_argument("--temperature", type=float, default=TEMPERATURE, help="kNN vote temperature")
+    method.add_argument("--epochs", type=int, default=15, help="linear probe epochs (the best one is kept)")
+    method.add_argument("--lr", type=float, default=1e-3, help="linear probe AdamW learning rate")
+    method.add_argument("--lr-sweep", type=float, nargs="*", default=None, metavar="LR",
+                        help=f"train one probe per learning rate at once, keep the best (no values: {SWEEP_LRS})")
+    method.add_argument("--weight-decay", type=float, default=1e-4)
+    method.add_argument("--cosine", action="store_true", help="cosine learning-rate decay over the probe's steps")
+    method.add_argument("--probe-batch", type=int, default=64, help="linear probe batch size")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", default=None,
+                     help="folder under outputs/ (default classify; --predict: the model's folder); an absolute path is used as is")
+    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU")
+    run.add_argument("--seed", type=int, default=0, help="the split, the probe's initialisation and batch order")
+
+    predict = parser.add_argument_group("prediction")
+    predict.add_argument("--predict", action="store_true", help="classify --input with a classifier.pth")
+    predict.add_argument("--model", default=None, help="a classifier.pth written by classify.py")
+    predict.add_argument("--input", default=None, help="an image or a folder of images (searched recursively)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    if args.predict:
+        predict(args)
+        return
+    data = read_class_folders(args.data_dir, args.val_fraction, args.seed)
+    print(f"{len(data.classes)} classes; {len(data.train)} training and {len(data.val)} validation images"
+          + (f"; {data.skipped} non-image or hidden files skipped" if data.skipped else ""))
+    if "knn" in args.method and max(args.k) > len(data.train):
+        raise ValueError(f"--k {max(args.k)}: larger than the training set ({len(data.train)} images in {args.data_dir})")
+    out_dir = config.OUTPUT_DIR / (args.out_dir or "classify")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir)
+    lock.acquire()
+    try:
+        remove_stale_temp_files(out_dir)
+        if data.made_split:
+            write_json(out_dir / "split.json", data.split_record(Path(args.data_dir)))
+        train, val = embed_splits(args, data, out_dir)
+        report, linear = evaluate_methods(args, data, train, val, out_dir)
+        write_json(out_dir / "metrics.json", report)
+        save_classifier(args, data, train, linear, out_dir / "classifier.pth")
+        print(f"Outputs in {out_dir}")
+    finally:
+        lock.release()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that would only fail later, named."""
+    if args.predict and (args.model is None or args.input is None):
+        raise ValueError("--predict needs --model CLASSIFIER.pth and --input FILE_OR_FOLDER")
+    for flag in ("epochs", "batch", "probe_batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if min(args.k) < 1 or args.temperature <= 0:
+        raise ValueError(f"--k must be >= 1 and --temperature > 0, got {args.k}, {args.temperature}")
+    if args.imgsz < PATCH_SIZE or args.imgsz % PATCH_SIZE or not 0 < args.crop_pct <= 1:
+        raise ValueError(f"--imgsz {args.imgsz} --crop-pct {args.crop_pct}: the crop must be a multiple of {PATCH_SIZE} "
+                         "(224, 518, ...) and crop-pct in (0, 1]")
+
+
+def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What the embeddings depend on: the backbone flags, the weights file's size and time, and
+    for a random-init backbone the seed it was drawn with."""
+    identity = backbone_kwargs(args)
+    if args.weights:
+        stat = Path(args.weights).stat()
+        identity["weights_file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not identity["pretrained"] and not args.weights:
+        identity["seed"] = args.seed
+    return identity
+
+
+def build_backbone(identity: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The frozen backbone `identity` describes (a random-init one drawn from its seed)."""
+    kwargs = {k: identity[k] for k in ("registers", "source", "hub_dir", "weights", "pretrained")}
+    if "seed" in identity:
+        seed_everything(identity["seed"])
+    backbone = load_backbone(identity["backbone"], **kwargs).to(device).eval()
+    return backbone.requires_grad_(False)
+
+
+def embed_splits(args: argparse.Namespace, data: ClassFolders, out_dir: Path) -> tuple[dict, dict]:
+    """Both splits' embeddings: from the cache when its key matches, else extracted (and cached)."""
+    identity = backbone_identity(args)
+    transform = ClassificationTransform(args.imgsz, args.crop_pct)
+    device = select_device(args.device)
+    backbone, result = None, []
+    for name, split in (("train", data.train), ("val", data.val)):
+        cache, key = EmbeddingCache(out_dir, name), cache_key(identity, transform, split.files)
+        embeddings, why = cache.load(key)
+        if embeddings is not None:
+            print(f"{name}: {len(split)} embeddings from the cache ({cache.path.name}); extraction skipped")
+        else:
+            backbone = backbone or build_backbone(identity, device)
+            started = time.perf_counter()
+            embeddings = extract(backbone, split.files, transform, device=device, amp_dtype=select_precision(device, args.amp),
+                                 batch_size=args.batch, workers=args.workers, desc=f"Embeddings {name}")
+            seconds = time.perf_counter() - started
+            print(f"{name}: {len(split)} embeddings extracted in {seconds:.1f} s ({len(split) / seconds:.1f} images/s; "
+                  f"cache: {why})")
+            cache.save(key, embeddings)
+        result.append(embeddings)
+    return result[0], result[1]
+
+
+def evaluate_methods(args: argparse.Namespace, data: ClassFolders, train: dict, val: dict,
+                     out_dir: Path) -> tuple[dict[str, Any], torch.nn.Linear | None]:
+    """Run every --method on the validation split: printed and plotted; returns the figures for
+    metrics.json and the linear probe (None without it)."""
+    train_x, val_x = linear_input(train, args.features, args.layers), linear_input(val, args.features, args.layers)
+    train_y, val_y = torch.tensor(data.train.labels), torch.tensor(data.val.labels)
+    num_classes = len(data.classes)
+    report: dict[str, Any] = {"classes": data.classes, "features": args.features, "layers": args.layers,
+                              "dim": train_x.shape[1], "train_images": len(train_y), "val_images": len(val_y)}
+    print(f"Features: {args.features}, last {args.layers} block(s), {train_x.shape[1]} dimensions")
+    linear = None
+    if "knn" in args.method:
+        report["knn"] = {}
+        for k in args.k:
+            votes, neighbours, sims = knn_votes(train_x, train_y, val_x, k, num_classes, args.temperature)
+            report["knn"][str(k)] = scores(votes, val_y, data.classes, f"kNN k={k}")
+        save_confusion_matrix(confusion_counts(ranked_classes(votes)[:, 0], val_y, num_classes), data.classes,
+                              out_dir / "confusion_knn.png", title=f"kNN, k={args.k[-1]} (rows normalised)")
+        save_neighbour_gallery(gallery_rows(data, val_y, neighbours, sims), out_dir / "neighbours.png")
+    if "linear" in args.method:
+        probe = train_probe(args, train_x, train_y, val_x, val_y, num_classes)
+        with torch.no_grad():
+            logits = probe.linear(val_x)
+        report["linear"] = {**scores(logits, val_y, data.classes, f"linear (lr {probe.lr:g}, epoch {probe.epoch})"),
+                            "lr": probe.lr, "epoch": probe.epoch, "sweep": {f"{lr:g}": top1 for lr, top1 in probe.sweep.items()}}
+        write_metrics_csv(probe.history, out_dir / "metrics.csv")
+        save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"))
+        save_confusion_matrix(confusion_counts(logits.argmax(1), val_y, num_classes), data.classes,
+                              out_dir / "confusion_linear.png", title="linear probe (rows normalised)")
+        linear = probe.linear
+    return report, linear
+
+
+def train_probe(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                val_y: torch.Tensor, num_classes: int) -> ProbeResult:
+    lrs = args.lr_sweep if args.lr_sweep else SWEEP_LRS if args.lr_sweep is not None else [args.lr]
+    started = time.perf_counter()
+    probe = train_linear_probe(train_x, train_y, val_x, val_y, num_classes, lrs=lrs, epochs=args.epochs,
+                               batch_size=args.probe_batch, weight_decay=args.weight_decay, cosine=args.cosine, seed=args.seed)
+    print(f"Linear probe: {len(lrs)} learning rate(s) x {args.epochs} epochs in {time.perf_counter() - started:.1f} s; "
+          f"best: lr {probe.lr:g}, epoch {probe.epoch}"
+          + ("" if len(lrs) == 1 else "; sweep top-1: " + ", ".join(f"{lr:g} {top1:.3f}" for lr, top1 in probe.sweep.items())))
+    return probe
+
+
+def scores(class_scores: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str) -> dict[str, Any]:
+    """Top-1 (top-5 with at least 5 classes) and per-class accuracy, printed and returned."""
+    result: dict[str, Any] = {"top1": topk_accuracy(class_scores, labels, 1)}
+    if len(classes) >= 5:
+        result["top5"] = topk_accuracy(class_scores, labels, 5)
+    per_class = per_class_accuracy(ranked_classes(class_scores)[:, 0], labels, len(classes))
+    result["per_class"] = dict(zip(classes, per_class))
+    print(f"{name}: top-1 {result['top1']:.4f}" + (f", top-5 {result['top5']:.4f}" if "top5" in result else ""))
+    print("  per class: " + ", ".join(f"{c} {a:.2f}" for c, a in zip(classes, per_class) if a is not None))
+    return result
+
+
+def gallery_rows(data: ClassFolders, val_y: torch.Tensor, neighbours: torch.Tensor, sims: torch.Tensor,
+                 count: int = 4) -> list[tuple[Path, str, list[tuple[Path, str, float]]]]:
+    """Validation images of `count` different classes, each with its 5 nearest training images."""
+    rows, seen = [], set()
+    for index, label in enumerate(val_y.tolist()):
+        if label in seen or len(rows) == count:
+            continue
+        seen.add(label)
+        near = [(data.train.files[j], data.classes[data.train.labels[j]], s)
+                for j, s in zip(neighbours[index, :5].tolist(), sims[index, :5].tolist())]
+        rows.append((data.val.files[index], data.classes[label], near))
+    return rows
+
+
+def save_classifier(args: argparse.Namespace, data: ClassFolders, train: dict, linear: torch.nn.Linear | None,
+                    path: Path) -> None:
+    """classifier.pth: everything --predict needs, with no dataset and no run folder."""
+    save_checkpoint({
+        "kind": CLASSIFIER_KIND, "format": 1, "classes": data.classes, "backbone": backbone_identity(args),
+        "features": {"features": args.features, "layers": args.layers, "imgsz": args.imgsz, "crop_pct": args.crop_pct,
+                     "mean": list(config.MEAN), "std": list(config.STD)},
+        "linear": linear.state_dict() if linear is not None else None,
+        "knn": {"k": args.k, "temperature": args.temperature},
+        "train_embeddings": linear_input(train, args.features, args.layers), "train_labels": torch.tensor(data.train.labels),
+    }, path)
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Classify --input with a classifier.pth: predictions.csv and a summary."""
+    classifier = load_checkpoint(args.model, kind=CLASSIFIER_KIND)
+    source = Path(args.input)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    files = [source] if source.is_file() else class_images(source)[0]
+    if not files:
+        raise ValueError(f"{source}: no image files")
+    settings, classes = classifier["features"], classifier["classes"]
+    device = select_device(args.device)
+    transform = ClassificationTransform(settings["imgsz"], settings["crop_pct"], settings["mean"], settings["std"])
+    embeddings = extract(build_backbone(classifier["backbone"], device), files, transform, device=device,
+                         amp_dtype=select_precision(device, args.amp), batch_size=args.batch, workers=args.workers)
+    x = linear_input(embeddings, settings["features"], settings["layers"])
+    rows = [{"file": str(f)} for f in files]
+    if classifier["linear"] is not None:
+        linear = torch.nn.Linear(x.shape[1], len(classes))
+        linear.load_state_dict(classifier["linear"])
+        with torch.no_grad():
+            probabilities = linear(x).softmax(1)
+        for row, p in zip(rows, probabilities):
+            row.update(linear_class=classes[int(p.argmax())], linear_probability=round(float(p.max()), 4))
+    k = min(classifier["knn"]["k"][0], len(classifier["train_labels"]))
+    votes, _, _ = knn_votes(classifier["train_embeddings"], classifier["train_labels"], x, k, len(classes),
+                            classifier["knn"]["temperature"])
+    shares = votes / votes.sum(1, keepdim=True)
+    for row, share in zip(rows, shares):
+        best = int(ranked_classes(share[None])[0, 0])
+        row.update(knn_class=classes[best], knn_vote_share=round(float(share[best]), 4))
+    out_dir = config.OUTPUT_DIR / args.out_dir if args.out_dir else Path(args.model).parent
+    write_predictions(rows, out_dir / "predictions.csv")
+    print_summary(rows, out_dir / "predictions.csv")
+
+
+def write_predictions(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def print_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    key = "linear_class" if "linear_class" in rows[0] else "knn_class"
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[key]] = counts.get(row[key], 0) + 1
+    agree = sum(row.get("linear_class", row["knn_class"]) == row["knn_class"] for row in rows)
+    print(f"{len(rows)} images -> {path}")
+    print(f"  {key.split('_')[0]}: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    print(f"  linear and kNN agree on {agree}/{len(rows)}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
