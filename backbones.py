@@ -9,6 +9,7 @@ never asks where it came from. The size table (names, widths, tapped layers) is 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import types
 from pathlib import Path
@@ -193,6 +194,18 @@ def hub_state_to_timm(state: dict[str, torch.Tensor], timm_backbone: TimmDinov2)
     converted = checkpoint_filter_fn(backbone, timm_backbone.vit)
     rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
     return {**rest, **{f"{prefix}vit.{k}": v for k, v in converted.items()}}
+
+
+def weights_digest(module: nn.Module, samples: int = 4096) -> str:
+    """A cheap identity of a module's weights: every tensor's shape and up to `samples` evenly
+    spaced values (hashing all of ViT-g's 4 GB would take seconds for nothing)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().flatten()
+        step = max(1, flat.numel() // samples)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_backbone(

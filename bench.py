@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 import config
-from checkpoint import model_info, save_checkpoint
 from backbones import load_backbone
+from checkpoint import model_info, save_checkpoint
 from classifiers import knn_votes
 from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
-from datasets import build_datasets, eval_transform, make_loader
+from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
 from embeddings import ClassificationTransform, extract
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
+from files import format_bytes
 from image_folders import class_images
 from inference import InferenceMode, Predictor, preprocess, window_grid
 from labels import VOC
@@ -56,9 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
-    parser.add_argument("--train-images", type=int, default=8)
-    parser.add_argument("--valid-images", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-images", type=int, default=4)
+    parser.add_argument("--valid-images", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=20, help="the seed's 20 (shrink the images, not the epochs)")
+    parser.add_argument("--train-views", type=int, default=4, help="K of the --train-views row")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed inference repetitions")
@@ -87,9 +89,8 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
     metric definitions (the seed averaged per-batch mIoU)."""
     criterion = torch.nn.CrossEntropyLoss(ignore_index=config.IGNORE_INDEX)
 
-    def logits_of(images):
-        maps = model.backbone.get_intermediate_layers(images, n=model.out_indices, reshape=True)
-        return model.forward_head(torch.cat(maps, 1), images.shape[-2:])
+    def logits_of(images):  # extract_features = the backbone's four blocks concatenated (and counted)
+        return model.forward_head(model.extract_features(images), images.shape[-2:])
 
     model.train()
     for images, masks in train_loader:
@@ -110,6 +111,8 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
 
 
 def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
+    """The same frozen run three ways (same seed, data and head initialisation): the seed-style
+    loop, train.py's default loop, and train.py with --train-views."""
     imgsz = tuple(args.imgsz)
     settings = LoopSettings(device, NUM_CLASSES, config.IGNORE_INDEX, select_precision(device, args.amp))
     rows = []
@@ -131,40 +134,46 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
         miou = seed_style_epoch(model, train_loader, valid_loader, optimizer, device)
         sync(device)
         times.append(time.perf_counter() - start)
-    rows.append(("seed-style loop (fp32, no cache)", times, miou))
+    rows.append(("seed-style loop (fp32, no cache)", times, miou, model.backbone_images, "-"))
 
-    # 2. ours, as train.py runs it; 3. ours with the training features cached too (no augmentation)
-    for cache_train in (False, True):
+    # 2. ours, as train.py runs it by default; 3. with --train-views (augmented views computed once)
+    for views in (0, args.train_views):
         model = build_model(args).to(device)
         optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
         train_set, train_loader, valid_loader = loaders()
         valid_cache = FeatureCache("valid", 10**12, out_dir)
-        train_cache = FeatureCache("train", 10**12, out_dir) if cache_train else None
-        generator = torch.Generator().manual_seed(0)
+        train_cache = FeatureCache("train_views", 10**12, out_dir) if views else None
+        generator = torch.Generator()
         times = []
         for epoch in range(args.epochs):
             sync(device)
             start = time.perf_counter()
             if train_cache is not None and not train_cache.ready:
-                train_set.transform = eval_transform(imgsz)
-                train_cache.build(model, make_loader(train_set, args.batch, shuffle=False, workers=args.workers), settings)
+                view_loader = torch.utils.data.DataLoader(ViewsDataset(train_set, range(len(train_set)), views),
+                                                          batch_size=args.batch, num_workers=args.workers)
+                train_cache.build(model, view_loader, settings)
             if not valid_cache.ready:
                 valid_cache.build(model, valid_loader, settings)
-            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
+            set_epoch(train_loader, epoch)
+            generator.manual_seed(epoch)
+            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator, views=views or 1)
             result = validate(model, valid_loader, settings, cache=valid_cache)
             sync(device)
             times.append(time.perf_counter() - start)
+        size = format_bytes(train_cache.features.nbytes + train_cache.masks.nbytes) if train_cache is not None else "-"
         for cache in (valid_cache, train_cache):
             if cache is not None:
                 cache.close()
-        name = "ours + cached train features (no augmentation)" if cache_train else "ours (train.py: cached validation features)"
-        rows.append((name, times, result.miou))
+        name = f"ours, --train-views {views} (augmented views)" if views else "ours, default (train.py: cached validation features)"
+        rows.append((name, times, result.miou, model.backbone_images, size))
 
-    baseline = sum(rows[0][1])
-    lines = [f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | speed-up | valid mIoU |", "|---|---|---|---|---|"]
-    for name, times, miou in rows:
+    baseline, default = sum(rows[0][1]), sum(rows[1][1])
+    lines = [f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | vs seed-style | vs default | backbone passes "
+             "| training-view cache | valid mIoU |", "|---|---|---|---|---|---|---|---|"]
+    for name, times, miou, passes, size in rows:
         later = statistics.mean(times[1:]) if len(times) > 1 else times[0]
-        lines.append(f"| {name} | {times[0]:.1f}, {later:.1f} | {sum(times):.1f} s | {baseline / sum(times):.2f}x | {miou:.4f} |")
+        lines.append(f"| {name} | {times[0]:.1f}, {later:.1f} | {sum(times):.1f} s | {baseline / sum(times):.2f}x | "
+                     f"{default / sum(times):.2f}x | {passes} | {size} | {miou:.4f} |")
     return lines
 
 

@@ -98,11 +98,39 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair `index` as epoch `epoch` augments it."""
         image, mask = self.load_pair(index)
-        seed_augmentation(self.transform, self.seed, self.epoch, index)
+        seed_augmentation(self.transform, self.seed, epoch, index)
         out = self.transform(image=image, mask=mask)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
+
+
+class ViewsDataset(Dataset):
+    """`views` augmented views of each pair in `indices`, consecutively: item j is pair
+    indices[j // views] augmented with key (seed, j % views, index), the augmentation epoch
+    j % views would give it. What --train-views caches."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], views: int):
+        self.dataset, self.indices, self.views = dataset, list(indices), views
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.views
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.sample(self.indices[item // self.views], item % self.views)
+
+
+def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
+    """This process's share of a training split under torchrun, as DistributedSampler(shuffle=False)
+    draws it: padded with the first indices to equal counts, so every rank takes as many steps."""
+    padded = list(range(size))
+    missing = -size % world_size
+    padded += (padded * math.ceil(missing / max(size, 1)))[:missing]
+    return padded[rank::world_size]
 
 
 class PairDataset(Dataset):

@@ -7,7 +7,6 @@ among them (`linear_input`), so changing them never extracts again.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
-from files import atomic_write
+from files import atomic_write, fingerprint_files
 from image_files import read_image
 from runtime import autocast
 
@@ -97,20 +96,11 @@ def linear_input(embeddings: dict[str, torch.Tensor], features: str = "cls", lay
     return torch.cat(parts, dim=1)
 
 
-def files_fingerprint(files: Sequence[Path]) -> str:
-    """Identity of a file list: every path with its size and modification time."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = os.stat(path)
-        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def cache_key(backbone: dict[str, Any], transform: ClassificationTransform, files: Sequence[Path]) -> dict[str, Any]:
     """Everything the stored embeddings depend on (`backbone`: the builder's settings, see
     classify.backbone_identity)."""
     return {"format": CACHE_FORMAT, "backbone": backbone, "imgsz": transform.imgsz, "crop_pct": transform.crop_pct,
-            "files": files_fingerprint(files), "count": len(files)}
+            "files": fingerprint_files(files), "count": len(files)}
 
 
 class EmbeddingCache:

@@ -7,7 +7,7 @@ are the same code either way. `LoopSettings` carries what every pass needs besid
 from __future__ import annotations
 
 import itertools
-
+import json
 import math
 import os
 import shutil
@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import config
 from distributed import all_reduce_sum, is_main_process, rank
-from files import format_bytes, temp_path
-from metrics import ConfusionMatrix
+from files import format_bytes, temp_path, write_json
+from metrics import ConfusionMatrix, predicted_classes
 from runtime import autocast
 
 
@@ -61,59 +61,103 @@ class LoopSettings:
 class FeatureCache:
     """Backbone features (and masks) of a split, computed once and reused every epoch.
 
-    Valid only while the backbone is frozen and the split's transforms are deterministic: then an
-    epoch's backbone pass would recompute exactly the same tensors. Kept in RAM when they fit in
-    `memory_budget` bytes, else in a file-backed tensor under `disk_dir` (deleted by `close`).
+    Valid only while the backbone is frozen and what is cached is fixed: the validation split's
+    deterministic transforms, or K seeded augmented views of each training image (--train-views).
+    Kept in RAM when they fit in `memory_budget` bytes, else in a file-backed tensor under
+    `disk_dir` (deleted by `close`). With a `key` the cache is resumable: always in files of
+    `disk_dir` named after it, with a `<name>.rank<r>.json` record of the key written once the
+    cache is complete, so a resumed run with the same key maps the files instead of recomputing;
+    a cache killed while building has no record and is rebuilt.
     """
 
-    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path):
+    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path, *, key: dict | None = None):
         self.name = name
         self.memory_budget = memory_budget
         self.disk_dir = Path(disk_dir)
+        self.key = key
         self.features: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
-        self.file: Path | None = None
+        self.files: list[Path] = []
         self.ready = False
 
-    def _allocate(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> None:
+    def _stable_path(self, part: str) -> Path:
+        return self.disk_dir / f"{self.name}.rank{rank()}.{part}"
+
+    def allocate(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> None:
+        """Reserve the storage (size printed; a disk that cannot hold it refused before any work)."""
         feature_bytes = count * math.prod(feature_shape) * dtype.itemsize
-        total = feature_bytes + count * math.prod(mask_shape)
-        if total <= self.memory_budget:
+        mask_bytes = count * math.prod(mask_shape)
+        if self.key is None and feature_bytes + mask_bytes <= self.memory_budget:
             self.features = torch.empty((count, *feature_shape), dtype=dtype)
+            self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
             where = "memory"
         else:
-            self.file = self._reserve_file(feature_bytes)
-            flat = torch.from_file(str(self.file), shared=True, size=count * math.prod(feature_shape), dtype=dtype)
-            self.features = flat.view(count, *feature_shape)
-            where = f"a file ({self.file}; memory budget {format_bytes(self.memory_budget)})"
-        self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
+            if self.key is not None:  # a previous cache of this name is replaced
+                self.discard()
+            paths = (self._stable_path("features"), self._stable_path("masks")) if self.key is not None else (None, None)
+            in_ram = self.key is None  # masks are small: in RAM unless the cache must survive the process
+            reserved = self._reserve_files(feature_bytes, 0 if in_ram else mask_bytes, paths)
+            self.features = _mapped(reserved[0], (count, *feature_shape), dtype)
+            self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8) if in_ram else _mapped(reserved[1], (count, *mask_shape), torch.uint8)
+            where = f"a file ({reserved[0]}{'' if self.key is not None else f'; memory budget {format_bytes(self.memory_budget)}'})"
         shape = "x".join(map(str, feature_shape))
         print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
-              f"= {format_bytes(total)} in {where}")
+              f"= {format_bytes(feature_bytes + mask_bytes)} in {where}")
 
-    def _reserve_file(self, size: int) -> Path:
-        """A cache file with all `size` bytes allocated on disk up front. A sparse file would be
+    def _reserve_files(self, feature_bytes: int, mask_bytes: int, paths: tuple[Path | None, Path | None]) -> list[Path]:
+        """Cache files with all their bytes allocated on disk up front. A sparse file would be
         memory-mapped, and a full disk would then kill the process with SIGBUS mid-write (exit 135,
         no message); reserving first turns that into an error before anything is computed."""
         free = shutil.disk_usage(self.disk_dir if self.disk_dir.exists() else self.disk_dir.parent).free
-        hint = "free space, raise --cache-ram-gb (to keep it in memory), or " + (
-            "use --no-val-cache" if self.name == "valid" else "drop --cache-train-features")
-        if size > free:
-            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {format_bytes(size)} on disk but "
-                          f"{format_bytes(free)} are free; {hint}")
-        path = temp_path(self.disk_dir / f"{self.name}_features.rank{rank()}.cache")
+        if self.key is not None:  # a resumable cache lives on disk whatever the memory budget
+            hint = "free space or lower --train-views"
+        else:
+            hint = "free space, raise --cache-ram-gb (to keep it in memory), or " + (
+                "use --no-val-cache" if self.name == "valid" else "lower --train-views")
+        if feature_bytes + mask_bytes > free:
+            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {format_bytes(feature_bytes + mask_bytes)} "
+                          f"on disk but {format_bytes(free)} are free; {hint}")
+        reserved = []
+        for size, stable in zip((feature_bytes, mask_bytes), paths):
+            if size == 0:
+                continue
+            path = stable or temp_path(self.disk_dir / f"{self.name}_features.rank{rank()}.cache")
+            try:
+                with open(path, "w+b" if stable else "r+b") as handle:
+                    if hasattr(os, "posix_fallocate"):
+                        os.posix_fallocate(handle.fileno(), 0, size)
+                    else:  # no fallocate (macOS): writing the zeros reserves the blocks too
+                        for _ in range(0, size, 1 << 24):
+                            handle.write(bytes(min(1 << 24, size - handle.tell())))
+            except OSError as err:
+                for made in [*reserved, path]:  # nothing half-reserved stays behind
+                    made.unlink(missing_ok=True)
+                self.files = [f for f in self.files if f not in reserved]
+                raise OSError(f"{path.parent}: the {self.name} feature cache ({format_bytes(size)}) could not be "
+                              f"reserved on disk ({err.strerror or err}); {hint}") from err
+            self.files.append(path)
+            reserved.append(path)
+        return reserved
+
+    def reuse(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> bool:
+        """Map a complete cache left by a run with the same key (a resumed run); False if there is none."""
+        record = self._stable_path("json")
         try:
-            with open(path, "r+b") as handle:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(handle.fileno(), 0, size)
-                else:  # no fallocate (macOS): writing the zeros reserves the blocks too
-                    for _ in range(0, size, 1 << 24):
-                        handle.write(bytes(min(1 << 24, size - handle.tell())))
-        except OSError as err:
-            path.unlink(missing_ok=True)
-            raise OSError(f"{path.parent}: the {self.name} feature cache ({format_bytes(size)}) could not be "
-                          f"reserved on disk ({err.strerror or err}); {hint}") from err
-        return path
+            stored = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return False
+        if stored != self.key:
+            return False
+        paths = self._stable_path("features"), self._stable_path("masks")
+        sizes = count * math.prod(feature_shape) * dtype.itemsize, count * math.prod(mask_shape)
+        if any(not p.is_file() or p.stat().st_size != size for p, size in zip(paths, sizes)):
+            return False
+        self.features = _mapped(paths[0], (count, *feature_shape), dtype)
+        self.masks = _mapped(paths[1], (count, *mask_shape), torch.uint8)
+        self.files = list(paths)
+        self.ready = True
+        print(f"{self.name} feature cache: {count} images reused from {paths[0]} (complete, same key)")
+        return True
 
     @torch.no_grad()
     def build(self, model: nn.Module, loader: DataLoader, settings: LoopSettings) -> None:
@@ -127,33 +171,54 @@ class FeatureCache:
                 features = model.extract_features(images.to(settings.device, non_blocking=True))
             if self.features is None:
                 store_dtype = settings.amp_dtype or torch.float32  # the head would cast to the autocast dtype anyway
-                self._allocate(len(loader.sampler), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
+                self.allocate(len(loader.sampler), tuple(features.shape[1:]), store_dtype, tuple(masks.shape[1:]))
             self.features[offset: offset + len(images)] = features.to("cpu", self.features.dtype)
             self.masks[offset: offset + len(images)] = masks.to(torch.uint8)
             offset += len(images)
+        if self.key is not None:  # the record that makes the files reusable: written last, atomically
+            write_json(self._stable_path("json"), self.key)
         self.ready = True
 
     def __len__(self) -> int:
         """Cached samples (0 when this process's share of the split is empty)."""
         return len(self.features) if self.features is not None else 0
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self)
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                views: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (features, masks). With `views` > 1 the cache holds that many consecutive views
+        of each image, and every pass draws one view per image (from `generator`) before shuffling."""
+        count = len(self) // views
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+        if views > 1:
+            order = order * views + torch.randint(views, (count,), generator=generator)
         for start in range(0, count, batch_size):
             index = order[start: start + batch_size]
-            if not shuffle:  # contiguous slices: no gather copy
+            if not shuffle and views == 1:  # contiguous slices: no gather copy
                 index = slice(start, start + len(index))
             yield self.features[index].float(), self.masks[index].long()
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
+    def num_batches(self, batch_size: int, views: int = 1) -> int:
+        return math.ceil(len(self) // views / batch_size)
 
-    def close(self) -> None:
+    def discard(self) -> None:
+        """Delete this cache's files, its resumable record included."""
+        if self.key is not None:
+            for part in ("json", "features", "masks"):
+                self._stable_path(part).unlink(missing_ok=True)
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files = []
+
+    def close(self, keep: bool = False) -> None:
+        """Release the storage; files are deleted unless `keep` (a resumable cache of an unfinished run)."""
         self.features = self.masks = None
         self.ready = False
-        if self.file is not None:
-            self.file.unlink(missing_ok=True)
+        if not (keep and self.key is not None):
+            self.discard()
+
+
+def _mapped(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(*shape)
 
 
 def default_cache_budget() -> int:
@@ -199,7 +264,7 @@ def _run_epoch(
                     after_step()
             loss_total += loss.detach() * valid
             pixels_total += valid
-            confmat.update(masks, logits.detach().argmax(1))
+            confmat.update(masks, predicted_classes(logits.detach()))
             if step % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}")
     # Under torchrun each rank saw its own share of the split: add the counts up.
@@ -237,16 +302,18 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
+    views: int = 1,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
     With a built `cache`, the batches are its cached features in an order drawn from `generator`.
     `after_step` runs after every optimizer step (a per-step learning-rate schedule); `max_steps`
-    ends the pass early (the last epoch of a run counted in steps)."""
+    ends the pass early (the last epoch of a run counted in steps). `views`: the cache holds that
+    many augmented views per image, one drawn per image and pass (--train-views)."""
     desc = f"Train {epoch}"
     if cache is not None:
         _require_built(cache)
-        batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
-        total = cache.num_batches(loader.batch_size)
+        batches = cache.batches(loader.batch_size, shuffle=True, generator=generator, views=views)
+        total = cache.num_batches(loader.batch_size, views)
     else:
         batches, total = loader, len(loader)
     if max_steps is not None and max_steps < total:

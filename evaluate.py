@@ -21,7 +21,7 @@ from datasets import find_pairs, pair_folders
 from distributed import init_distributed, is_main_process
 from evaluation import evaluate_pairs, report_json, report_lines
 from files import write_json
-from inference import add_model_args, add_mode_args, load_predictor, mode_from_args
+from inference import add_mode_args, add_model_args, load_predictor, mode_from_args
 from labels import DatasetSpec
 from reports import save_confusion_matrix
 from runtime import AMP_CHOICES

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from datasets import PairDataset, ShardSampler
 from distributed import all_reduce_sum, distributed, is_main_process, rank, world_size
 from inference import Predictor
-from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores
+from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores, predicted_classes
 
 
 @dataclass
@@ -41,7 +41,7 @@ def evaluate_pairs(predictor: Predictor, pairs: list[tuple[Path, Path]], *, work
     seconds, count = 0.0, 0
     for image, mask in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
         started = time.perf_counter()
-        prediction = predictor.scores(image.numpy()).argmax(0)
+        prediction = predicted_classes(predictor.scores(image.numpy()), 0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - started

@@ -5,6 +5,7 @@ and what a killed process left behind must be recognisable as such, to be cleane
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -131,3 +132,13 @@ def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -
     clash = next((out for out in outputs if Path(out).resolve() in sources), None)
     if clash is not None:
         raise ValueError(f"{clash}: is an input and would be replaced by a result; choose another --out-dir")
+
+
+def fingerprint_files(files: Iterable[str | Path]) -> str:
+    """Identity of a list of files: every path with its size and modification time (a cache made
+    from them is stale once any of these changes)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

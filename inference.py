@@ -30,6 +30,7 @@ from cli import add_backbone_args, backbone_kwargs
 from datasets import check_imgsz, eval_transform, round_to_patch
 from heads import model_with_head
 from labels import ColorMap
+from metrics import predicted_classes
 from model import HEAD_LAYERS
 from model_config import PATCH_SIZE
 from runtime import AMP_CHOICES, autocast, select_device, select_precision
@@ -185,7 +186,7 @@ class Predictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices (uint8) of an RGB uint8 image, at its own size."""
-        return self.scores(image).argmax(0).to(torch.uint8).cpu().numpy()
+        return predicted_classes(self.scores(image), 0).to(torch.uint8).cpu().numpy()
 
 
 def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True,

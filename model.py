@@ -6,6 +6,7 @@ Run `python model.py` to print a torchinfo summary of the model at 644x644.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -92,6 +93,7 @@ class Dinov2Segmentation(nn.Module):
                                       pretrained=pretrained, hub_dir=hub_dir)
         self.head = LinearHead(spec.embed_dim * head_layers, num_classes)
         self.fine_tune = fine_tune
+        self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
         self.backbone.requires_grad_(fine_tune)
         if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
             self.backbone.mask_token.requires_grad_(False)
@@ -113,12 +115,17 @@ class Dinov2Segmentation(nn.Module):
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated `[B, layers x C, ceil(H/14), ceil(W/14)]` patch features of normalised images
         (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
+        self.backbone_images += images.shape[0]
         pads = self._pads(*images.shape[-2:])
         if any(pads):
             images = F.pad(images, pads)
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
         return torch.cat(maps, dim=1)
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape of one image's `extract_features` output at (height, width), without computing it."""
+        return (self.head.norm.num_features, math.ceil(height / self.patch_size), math.ceil(width / self.patch_size))
 
     def forward_head(
         self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None

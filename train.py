@@ -26,14 +26,17 @@ from typing import Any
 import torch
 
 import config
+from backbones import weights_digest
 from checkpoint import RunCheckpoints, load_checkpoint, model_info
 from cli import add_backbone_args, backbone_kwargs, run_cli
-from datasets import build_datasets, check_imgsz, epoch_seed, eval_transform, make_loader, round_to_patch, set_epoch
-from distributed import broadcast_object, distributed, init_distributed, is_main_process, sync_buffers, world_size
+from datasets import (SegmentationDataset, ViewsDataset, build_datasets, check_imgsz, epoch_seed, eval_transform,
+                      make_loader, round_to_patch, set_epoch, shard_indices)
+from distributed import (all_reduce_sum, broadcast_object, distributed, init_distributed, is_main_process, rank,
+                         sync_buffers, world_size)
 from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
                     validate)
 from evaluation import evaluate_pairs, report_json, report_lines
-from files import write_json
+from files import fingerprint_files, write_json
 from heads import read_checked_head
 from inference import Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
@@ -94,8 +97,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)")
     speed.add_argument("--no-val-cache", action="store_true",
                        help="re-run a frozen backbone on the validation split every epoch instead of caching its features")
-    speed.add_argument("--cache-train-features", action="store_true",
-                       help="frozen backbone, no augmentation: compute training features once and train the head on them")
+    speed.add_argument("--train-views", type=int, default=0, metavar="K",
+                       help="frozen backbone: compute K augmented views of every training image once, then each epoch "
+                            "trains the head on one view per image (K=1: one un-augmented view)")
+    speed.add_argument("--cache-train-features", dest="train_views", action="store_const", const=1,
+                       help="the same as --train-views 1 (the training features of un-augmented images, computed once)")
     speed.add_argument("--cache-ram-gb", type=float, default=None,
                        help="feature caches larger than this go to a file in the run folder (default: a quarter of RAM)")
 
@@ -151,15 +157,17 @@ def check_args(args: argparse.Namespace) -> None:
     check_imgsz(args.imgsz)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
         raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
-    if args.cache_train_features and args.fine_tune:
-        raise ValueError("--cache-train-features needs a frozen backbone; drop --fine-tune")
+    if args.train_views < 0:
+        raise ValueError(f"--train-views must be >= 0, got {args.train_views}")
+    if args.train_views and args.fine_tune:
+        raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
     if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
         raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice")
-    if args.recipe == "paper" and args.cache_train_features:
-        raise ValueError("--cache-train-features computes features of un-augmented images once; "
-                         "--recipe paper needs new random crops every step")
+    if args.recipe == "paper" and args.train_views == 1:
+        raise ValueError("--train-views 1 / --cache-train-features compute features of un-augmented images once; "
+                         "--recipe paper needs random crops: give --train-views 2 or more")
 
 
 def steps_done(history: list[dict[str, Any]], steps_per_epoch: int) -> int:
@@ -247,12 +255,13 @@ class Run:
     scaler: torch.amp.GradScaler
     checkpoints: RunCheckpoints
     valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
-    train_cache: FeatureCache | None = None  # --cache-train-features
+    train_cache: FeatureCache | None = None  # --train-views: K views of every training image
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Release the caches; an unfinished run keeps its resumable training views on disk."""
         for cache in (self.valid_cache, self.train_cache):
             if cache is not None:
-                cache.close()
+                cache.close(keep=not finished)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -260,18 +269,18 @@ def main(args: argparse.Namespace) -> None:
     changes = resolve_defaults(args, resumed)
     check_args(args)
     device = init_distributed(args.device, args.dist_timeout)
-    if args.cache_train_features and world_size() > 1:
-        raise ValueError("--cache-train-features is not supported under torchrun yet; run it in one process")
     seed_everything(args.seed)
     out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
     lock = claim_folder(out_dir, args)
     try:
         run = build_run(args, device, out_dir, resumed)
+        finished = False
         try:
             if resumed is not None:
                 restore(run, resumed, changes)
             fit(run)
             final_evaluation(run)
+            finished = True
         except NonFiniteLossError as err:
             last = out_dir / "last.pth"
             kept = (f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint" if last.exists()
@@ -281,7 +290,7 @@ def main(args: argparse.Namespace) -> None:
             print_resume_hint(out_dir, run.checkpoints.epochs_done)
             sys.exit(130)
         finally:
-            run.close()
+            run.close(finished)
     finally:
         if lock is not None:
             lock.release()
@@ -347,7 +356,8 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         checkpoints=checkpoints,
         valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir),
-        train_cache=FeatureCache("train", budget, out_dir) if args.cache_train_features else None,
+        train_cache=(FeatureCache("train_views", budget, out_dir, key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
+                     if args.train_views else None),
     )
 
 
@@ -410,22 +420,19 @@ def fit(run: Run) -> None:
     """Train from the epoch after the last recorded one to --epochs, recording each (RunCheckpoints)."""
     args, settings = run.args, run.settings
     if run.train_cache is not None:
-        print("Note: --cache-train-features trains on un-augmented images (features computed once).")
-        cache_set = copy.copy(run.train_loader.dataset)
-        cache_set.transform = eval_transform(run.imgsz)
-        run.train_cache.build(run.model, make_loader(cache_set, args.batch, shuffle=False, workers=args.workers), settings)
-    shuffle = torch.Generator()  # order of cached training features, reseeded every epoch
+        prepare_train_views(run)
+    shuffle = torch.Generator()  # order (and views) of cached training features, reseeded every epoch
     step = steps_done(run.checkpoints.history, len(run.train_loader))
     for epoch in range(run.checkpoints.epochs_done, args.epochs):
         print(f"EPOCH: {epoch + 1}/{args.epochs}")
         started = time.perf_counter()
         set_epoch(run.train_loader, epoch)
-        shuffle.manual_seed(epoch_seed(args.seed, epoch))
+        shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
         per_step = isinstance(run.scheduler, StepSchedule)
         train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
                                        scaler=run.scaler, cache=run.train_cache, generator=shuffle,
                                        after_step=run.scheduler.step if per_step else None,
-                                       max_steps=run.total_steps - step)
+                                       max_steps=run.total_steps - step, views=args.train_views or 1)
         step += min(len(run.train_loader), run.total_steps - step)
         sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
         valid_result = validate_split(run, "Valid")
@@ -443,6 +450,40 @@ def fit(run: Run) -> None:
         print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
         print("-" * 50)
     run.checkpoints.save_final(args.epochs)
+    passes = torch.tensor(run.model.backbone_images)
+    all_reduce_sum(passes)
+    print(f"Backbone passes: {int(passes):,} images" + (f" ({world_size()} processes)" if world_size() > 1 else ""))
+
+
+def train_views_key(args: argparse.Namespace, model: Dinov2Segmentation, train_set: SegmentationDataset,
+                    imgsz: tuple[int, int], amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What cached training views depend on; a cache left in the run folder under another key is rebuilt."""
+    return {"format": 1, "views": args.train_views, "recipe": args.recipe, "imgsz": list(imgsz), "seed": args.seed,
+            "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
+            "arch": {k: v for k, v in model.arch.items() if k != "num_classes"}, "weights": weights_digest(model.backbone),
+            "dtype": str(amp_dtype or torch.float32), "rank": rank(), "world_size": world_size()}
+
+
+def prepare_train_views(run: Run) -> None:
+    """--train-views K: reuse a complete cache of this run's views, else compute them now, K per
+    image of this process's shard (K=1: the un-augmented image), storage reserved up front."""
+    args, base = run.args, run.train_loader.dataset
+    views = args.train_views
+    source = copy.copy(base)
+    if views == 1:
+        source.transform = eval_transform(run.imgsz)
+    dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
+    width, height = run.imgsz
+    shapes = (len(dataset), run.model.feature_shape(height, width), run.settings.amp_dtype or torch.float32, (height, width))
+    if run.train_cache.reuse(*shapes):
+        return
+    what = "un-augmented images" if views == 1 else f"{views} augmented views per image"
+    print(f"Caching training features: {what}, {len(dataset)} backbone passes"
+          + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else ""))
+    run.train_cache.allocate(*shapes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
+                                         pin_memory=run.settings.device.type == "cuda")
+    run.train_cache.build(run.model, loader, run.settings)
 
 
 def validate_split(run: Run, desc: str) -> EpochResult:

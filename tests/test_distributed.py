@@ -145,3 +145,12 @@ def test_two_machines_without_a_shared_filesystem(uneven_dataset, tmp_path):
         assert node.returncode == 0, stderr[-3000:]
     assert json.loads((tmp_path / "node0" / "best_validation.json").read_text())["processes"] == 2
     assert not (tmp_path / "node1").exists()  # nothing was written on the second machine
+
+
+def test_training_views_under_torchrun_cache_each_ranks_own_shard(uneven_dataset, tmp_path):
+    # 6 training images: 3 per rank, 2 views each; 7 validation images shared 4 + 3
+    result = torchrun("--data-dir", uneven_dataset, "--out-dir", tmp_path, "--epochs", "2", "--train-views", "2", *FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on this process's 3 images" in result.stdout
+    assert "Backbone passes: 19 images (2 processes)" in result.stdout
+    assert not list(tmp_path.glob("train_views*"))

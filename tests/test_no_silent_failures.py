@@ -342,7 +342,7 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
     cache = engine.FeatureCache("valid", memory_budget=0, disk_dir=tmp_path)
     monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**9})())
     with pytest.raises(OSError, match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; free space, raise --cache-ram-gb .*--no-val-cache"):
-        cache._allocate(1000, (1000, 1000), torch.float32, (32, 32))  # refused before anything is allocated
+        cache.allocate(1000, (1000, 1000), torch.float32, (32, 32))  # refused before anything is allocated
     monkeypatch.undo()
 
     def full_disk(fd, offset, length):
@@ -350,7 +350,7 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
 
     monkeypatch.setattr(engine.os, "posix_fallocate", full_disk)
     with pytest.raises(OSError, match=r"could not be reserved on disk \(No space left on device\)"):
-        cache._allocate(4, (16, 8, 8), torch.float32, (32, 32))
+        cache.allocate(4, (16, 8, 8), torch.float32, (32, 32))
     assert list(tmp_path.iterdir()) == []
 
 

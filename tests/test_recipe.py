@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from augmentations import ClassBalancedCrop, PhotoMetricDistortion, RandomRescale, paper_train_transform, seed_augmentation
+from augmentations import (ClassBalancedCrop, PhotoMetricDistortion, RandomRescale, paper_train_transform,
+                           seed_augmentation)
 from checkpoint import load_checkpoint
 from schedules import build_scheduler
 from tests.conftest import OFFLINE, run_script
@@ -139,7 +140,7 @@ def test_train_py_counts_a_paper_run_in_steps_and_resumes_to_a_longer_one(tiny_d
 
 @pytest.mark.parametrize("flags, message", [
     (["--recipe", "paper", "--imgsz", "518", "392"], "--recipe paper trains on square crops"),
-    (["--recipe", "paper", "--cache-train-features"], "--recipe paper needs new random crops every step"),
+    (["--recipe", "paper", "--cache-train-features"], "--recipe paper needs random crops: give --train-views 2 or more"),
     (["--epochs", "3", "--steps", "10"], "--epochs and --steps exclude each other"),
     (["--warmup-steps", "10"], "--warmup-steps needs --scheduler poly or cosine"),
 ])

@@ -32,7 +32,7 @@ def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budg
     uncached = validate(frozen_model, valid_loader, FP32)
     cache = FeatureCache("valid", budget, tmp_path)
     cache.build(frozen_model, valid_loader, FP32)
-    assert cache.ready and (cache.file is not None) == (budget == 0)
+    assert cache.ready and bool(cache.files) == (budget == 0)
     first = validate(frozen_model, valid_loader, FP32, cache=cache)
     again = validate(frozen_model, valid_loader, FP32, cache=cache)
     for result in (first, again):
@@ -116,6 +116,6 @@ def test_train_py_with_cached_train_features(tiny_dataset, tmp_path):
     result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "56", "42", "--batch", "4",
                         "--lr", "1e-2", "--cache-train-features", "--cache-ram-gb", "0", "--out-dir", tmp_path, *OFFLINE)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train feature cache: 12 images x 1536x3x4 float32" in result.stdout + result.stderr
+    assert "train_views feature cache: 12 images x 1536x3x4 float32" in result.stdout + result.stderr
     assert "valid feature cache: 5 images" in result.stdout + result.stderr
     assert not list(tmp_path.glob(".*cache"))  # disk caches removed at the end
