@@ -142,7 +142,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
         optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
         train_set, train_loader, valid_loader = loaders()
         valid_cache = FeatureCache("valid", 10**12, out_dir)
-        train_cache = FeatureCache("train_views", 10**12, out_dir) if views else None
+        train_cache = FeatureCache("train_views", 10**12, out_dir, views=views) if views else None
         generator = torch.Generator()
         times = []
         for epoch in range(args.epochs):
@@ -156,7 +156,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
                 valid_cache.build(model, valid_loader, settings)
             set_epoch(train_loader, epoch)
             generator.manual_seed(epoch)
-            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator, views=views or 1)
+            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
             result = validate(model, valid_loader, settings, cache=valid_cache)
             sync(device)
             times.append(time.perf_counter() - start)

@@ -19,7 +19,7 @@ from distributed import broadcast_object, broadcast_state, is_main_process
 from files import atomic_write, deferred_interrupt
 from labels import DatasetSpec
 from model import Dinov2Segmentation
-from reports import save_plots, write_metrics_csv
+from reports import save_plots, write_csv
 
 CHECKPOINT_FORMAT = 1
 
@@ -163,7 +163,7 @@ class RunCheckpoints:
             self._save(self.state(epoch, metrics), "best_model_iou.pth")
         self._save(self.state(epoch, metrics), "last.pth")
         if is_main_process():
-            write_metrics_csv(self.history, self.out_dir / "metrics.csv")
+            write_csv(self.history, self.out_dir / "metrics.csv")
             save_plots(self.history, self.out_dir)
 
     def save_final(self, epochs: int) -> None:

@@ -15,7 +15,6 @@ a rerun overwrites the results, a lock keeps a second run out while one works.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from classifiers import (TEMPERATURE, ProbeResult, confusion_counts, knn_votes, 
                          topk_accuracy, train_linear_probe)
 from cli import add_backbone_args, backbone_kwargs, run_cli
 from embeddings import FEATURES, LAYERS, ClassificationTransform, EmbeddingCache, cache_key, extract, linear_input
-from files import atomic_write, remove_stale_temp_files, write_json
+from files import remove_stale_temp_files, write_json
 from image_folders import ClassFolders, class_images, read_class_folders
 from model_config import PATCH_SIZE
-from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_metrics_csv
+from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
 from run_folder import RunLock
 from runtime import AMP_CHOICES, seed_everything, select_device, select_precision
 
@@ -194,7 +193,7 @@ def evaluate_methods(args: argparse.Namespace, data: ClassFolders, train: dict, 
             logits = probe.linear(val_x)
         report["linear"] = {**scores(logits, val_y, data.classes, f"linear (lr {probe.lr:g}, epoch {probe.epoch})"),
                             "lr": probe.lr, "epoch": probe.epoch, "sweep": {f"{lr:g}": top1 for lr, top1 in probe.sweep.items()}}
-        write_metrics_csv(probe.history, out_dir / "metrics.csv")
+        write_csv(probe.history, out_dir / "metrics.csv")
         save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"))
         save_confusion_matrix(confusion_counts(logits.argmax(1), val_y, num_classes), data.classes,
                               out_dir / "confusion_linear.png", title="linear probe (rows normalised)")
@@ -284,20 +283,9 @@ def predict(args: argparse.Namespace) -> None:
         best = int(ranked_classes(share[None])[0, 0])
         row.update(knn_class=classes[best], knn_vote_share=round(float(share[best]), 4))
     out_dir = config.OUTPUT_DIR / args.out_dir if args.out_dir else Path(args.model).parent
-    write_predictions(rows, out_dir / "predictions.csv")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "predictions.csv")
     print_summary(rows, out_dir / "predictions.csv")
-
-
-def write_predictions(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def print_summary(rows: list[dict[str, Any]], path: Path) -> None:

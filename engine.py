@@ -70,8 +70,9 @@ class FeatureCache:
     a cache killed while building has no record and is rebuilt.
     """
 
-    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path, *, key: dict | None = None):
+    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path, *, key: dict | None = None, views: int = 1):
         self.name = name
+        self.views = views  # consecutive cached samples per image (--train-views), one drawn per pass
         self.memory_budget = memory_budget
         self.disk_dir = Path(disk_dir)
         self.key = key
@@ -183,10 +184,11 @@ class FeatureCache:
         """Cached samples (0 when this process's share of the split is empty)."""
         return len(self.features) if self.features is not None else 0
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                views: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (features, masks). With `views` > 1 the cache holds that many consecutive views
         of each image, and every pass draws one view per image (from `generator`) before shuffling."""
+        views = self.views
         count = len(self) // views
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         if views > 1:
@@ -197,8 +199,8 @@ class FeatureCache:
                 index = slice(start, start + len(index))
             yield self.features[index].float(), self.masks[index].long()
 
-    def num_batches(self, batch_size: int, views: int = 1) -> int:
-        return math.ceil(len(self) // views / batch_size)
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) // self.views / batch_size)
 
     def discard(self) -> None:
         """Delete this cache's files, its resumable record included."""
@@ -302,18 +304,16 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
-    views: int = 1,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
     With a built `cache`, the batches are its cached features in an order drawn from `generator`.
     `after_step` runs after every optimizer step (a per-step learning-rate schedule); `max_steps`
-    ends the pass early (the last epoch of a run counted in steps). `views`: the cache holds that
-    many augmented views per image, one drawn per image and pass (--train-views)."""
+    ends the pass early (the last epoch of a run counted in steps)."""
     desc = f"Train {epoch}"
     if cache is not None:
         _require_built(cache)
-        batches = cache.batches(loader.batch_size, shuffle=True, generator=generator, views=views)
-        total = cache.num_batches(loader.batch_size, views)
+        batches = cache.batches(loader.batch_size, shuffle=True, generator=generator)
+        total = cache.num_batches(loader.batch_size)
     else:
         batches, total = loader, len(loader)
     if max_steps is not None and max_steps < total:

@@ -7,15 +7,17 @@ from pathlib import Path
 from files import atomic_write
 
 
-def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None:
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """`rows` as a CSV file (atomically): metrics per epoch, predictions per file."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             # every column of every row, in order of appearance: a run resumed from a checkpoint
             # written before a column existed has rows without it
-            columns = list(dict.fromkeys(key for row in history for key in row))
+            columns = list(dict.fromkeys(key for row in rows for key in row))
             writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows(rows)
 
     atomic_write(path, write)
 

@@ -356,7 +356,8 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         checkpoints=checkpoints,
         valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir),
-        train_cache=(FeatureCache("train_views", budget, out_dir, key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
+        train_cache=(FeatureCache("train_views", budget, out_dir, views=args.train_views,
+                                  key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
                      if args.train_views else None),
     )
 
@@ -432,7 +433,7 @@ def fit(run: Run) -> None:
         train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
                                        scaler=run.scaler, cache=run.train_cache, generator=shuffle,
                                        after_step=run.scheduler.step if per_step else None,
-                                       max_steps=run.total_steps - step, views=args.train_views or 1)
+                                       max_steps=run.total_steps - step)
         step += min(len(run.train_loader), run.total_steps - step)
         sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
         valid_result = validate_split(run, "Valid")

@@ -49,12 +49,12 @@ def test_a_cached_view_is_the_seeded_augmentation_computed_afresh(tiny_dataset, 
 
 
 def test_each_pass_draws_one_view_per_image_reproducibly():
-    cache = FeatureCache("train_views", 10**9, ".")
+    cache = FeatureCache("train_views", 10**9, ".", views=3)
     cache.features = torch.arange(12.0)[:, None]  # 4 images x 3 views
     cache.masks = torch.zeros(12, 1, dtype=torch.uint8)
 
     def drawn(seed):
-        batches = cache.batches(2, shuffle=True, generator=torch.Generator().manual_seed(seed), views=3)
+        batches = cache.batches(2, shuffle=True, generator=torch.Generator().manual_seed(seed))
         return torch.cat([features[:, 0] for features, _ in batches]).long().tolist()
 
     first = drawn(1)
