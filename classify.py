@@ -293,10 +293,11 @@ def print_summary(rows: list[dict[str, Any]], path: Path) -> None:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row[key]] = counts.get(row[key], 0) + 1
-    agree = sum(row.get("linear_class", row["knn_class"]) == row["knn_class"] for row in rows)
     print(f"{len(rows)} images -> {path}")
     print(f"  {key.split('_')[0]}: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])))
-    print(f"  linear and kNN agree on {agree}/{len(rows)}")
+    if "linear_class" in rows[0]:  # a kNN-only classifier has nothing to agree with
+        agree = sum(row["linear_class"] == row["knn_class"] for row in rows)
+        print(f"  linear and kNN agree on {agree}/{len(rows)}")
 
 
 if __name__ == "__main__":
