@@ -77,7 +77,11 @@ def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     pos = vit.pos_embed.float()
     prefix, patch = pos[:, :prefix_count], pos[:, prefix_count:]
     side = int(math.sqrt(patch.shape[1]))
-    if (height, width) != (side, side):
+    if exporting():  # symbolic height/width: the same resampling as tensor operations, no branch on the size
+        grid = patch.reshape(side, side, dim).permute(2, 0, 1)
+        grid = bicubic_matrix(height, side) @ grid @ bicubic_matrix(width, side).T
+        patch = grid.permute(1, 2, 0).reshape(1, height * width, dim)
+    elif (height, width) != (side, side):
         patch = F.interpolate(patch.reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
                               scale_factor=((height + POS_EMBED_OFFSET) / side, (width + POS_EMBED_OFFSET) / side))
         patch = patch.permute(0, 2, 3, 1).reshape(1, height * width, dim)
@@ -89,6 +93,33 @@ def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         x = torch.cat(tokens + [x], dim=1) + pos_embed
     return vit.pos_drop(x)
+
+
+def exporting() -> bool:
+    """True while torch.export traces the model (ONNX export): sizes are symbolic there."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
+def bicubic_matrix(out_size: int | torch.SymInt, in_size: int) -> torch.Tensor:
+    """`[out_size, in_size]` matrix M such that M @ v resamples v as `official_pos_embed`'s
+    F.interpolate does along one axis: PyTorch's bicubic (A = -0.75, align_corners=False, edge taps
+    clamped) with scale factor (out + 0.1) / in, and the identity at out == in. Written as tensor
+    operations on the size so that an exported graph computes it for every input size: torch.export
+    bakes a scale factor derived from a symbolic size into a constant (the exported model then failed
+    at every other size). Matches F.interpolate to ~1e-6 (float rounding of the source coordinate)."""
+    target = torch.arange(out_size, dtype=torch.float64)
+    size = target.new_zeros(()) + out_size  # the size as a tensor, so the identity case is a select, not a branch
+    scale = torch.where(size == in_size, 1.0, (size + POS_EMBED_OFFSET) / in_size)
+    source = (1.0 / scale).float() * (target.float() + 0.5) - 0.5  # PyTorch: float(1 / scale) * (dst + 0.5) - 0.5
+    first = source.floor()
+    t = (source - first).unsqueeze(1)
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    weights = torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
+    taps = (first.long().unsqueeze(1) + torch.arange(-1, 3)).clamp(0, in_size - 1)  # [out, 4]
+    # Sum of one-hot rows rather than scatter_add, which onnxruntime's CPU provider lacks in float16.
+    return ((taps.unsqueeze(2) == torch.arange(in_size)) * weights.unsqueeze(2)).sum(1)
 
 
 def _load_hub(spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None) -> nn.Module:

@@ -13,6 +13,9 @@
    measured in a fresh process: RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
 4. Classification (classify.py): embedding extraction in images/s at --cls-imgsz, and kNN over
    --knn-stored random stored embeddings (chunked, so memory stays bounded) in ms per query batch.
+5. Export (export.py): ms/image of the predict path at --imgsz, PyTorch eager float32 against the
+   onnxruntime float32 / int8 / float16 files, and each one's pixel agreement with PyTorch's
+   predictions on --agreement-images (default: the generated images). Needs requirements-export.txt.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
 from embeddings import ClassificationTransform, extract
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
 from files import format_bytes
+from image_files import list_image_files, read_image
 from image_folders import class_images
 from inference import InferenceMode, Predictor, preprocess, window_grid
 from labels import VOC
@@ -67,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cls-imgsz", type=int, default=224, help="classification: crop side for extraction")
     parser.add_argument("--cls-images", type=int, default=64, help="classification: images to embed")
     parser.add_argument("--knn-stored", type=int, default=100_000, help="classification: stored embeddings for kNN")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory", "classification"))
+    parser.add_argument("--agreement-images", default=None, metavar="DIR",
+                        help="export: images on which each engine's predictions are compared (default: generated)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=("epochs", "inference", "modes", "memory", "classification", "export"))
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -298,6 +305,39 @@ def bench_classification(args: argparse.Namespace, device: torch.device, out_dir
             f"{knn_ms:.0f} ms ({knn_ms / 1000:.2f} ms per query) |"]
 
 
+def bench_export(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    """Export the benchmark model with export.py (as a user would), then time each engine's predict
+    path on one image and compare its predictions with PyTorch's on the agreement images."""
+    model = build_model(args)
+    checkpoint = out_dir / "bench_export.pth"
+    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
+    folder = Path(args.agreement_images) if args.agreement_images else make_dataset(
+        out_dir / "agreement", 1, 4, size=(500, 375), seed=1) / "valid_images"
+    images = [read_image(path) for path in list_image_files(folder)]
+    mode = InferenceMode(imgsz=tuple(args.imgsz))
+    eager = Predictor.from_checkpoint(checkpoint, str(device), args.amp, mode)
+    reference = [eager.predict(image) for image in images]
+    lines = ["| engine | file | export s | ms/image | speed-up | pixels as PyTorch's |", "|---|---|---|---|---|---|"]
+    eager_ms = timed(lambda: eager.predict(images[0]), args.repeats, device)
+    lines.append(f"| {eager.engine} | .pth | - | {eager_ms:.0f} | 1.00x | 100 % |")
+    for precision in ("fp32", "int8", "fp16"):
+        path = out_dir / f"bench_{precision}.onnx"
+        started = time.perf_counter()
+        flags = [] if precision == "fp32" else [f"--{precision}"]
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("export.py")), "--model", str(checkpoint),
+                                 "--out", str(path), "--check-images", str(folder), *flags], capture_output=True, text=True)
+        if result.returncode != 0:
+            lines.append(f"| onnxruntime {precision} | export failed: {result.stderr.strip().splitlines()[-1]} | | | | |")
+            continue
+        seconds = time.perf_counter() - started
+        predictor = Predictor.from_onnx(path, "cpu", mode)
+        same = np.mean([(predictor.predict(image) == expected).mean() for image, expected in zip(images, reference)])
+        ms = timed(lambda: predictor.predict(images[0]), args.repeats, torch.device("cpu"))
+        lines.append(f"| {predictor.engine} | {format_bytes(path.stat().st_size)} | {seconds:.0f} | {ms:.0f} | "
+                     f"{eager_ms / ms:.2f}x | {100 * same:.2f} % |")
+    return lines + [f"\n({len(images)} agreement images from {folder}; export s includes its self-check)"]
+
+
 def main(args: argparse.Namespace) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
@@ -325,7 +365,10 @@ def main(args: argparse.Namespace) -> None:
             print("\n".join(bench_memory(args, device)) + "\n", flush=True)
         if "classification" not in args.skip:
             print("## Classification embeddings (classify.py)\n")
-            print("\n".join(bench_classification(args, device, tmp)) + "\n")
+            print("\n".join(bench_classification(args, device, tmp)) + "\n", flush=True)
+        if "export" not in args.skip:
+            print(f"## Export: PyTorch against onnxruntime at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
+            print("\n".join(bench_export(args, device, tmp)) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path}: is an exported ONNX model, not a PyTorch checkpoint; it runs with "
+                         "infer_image.py / infer_video.py / evaluate.py --model, and cannot be trained or exported again")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -77,23 +80,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     raise ValueError(f"{path}: not a checkpoint written by {what}")
 
 
-def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", *,
+                                timm: bool = False) -> torch.nn.Module:
     """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`).
 
     A model trained with Meta's hub code needs that code again; where it cannot be had (offline, no
-    cache, the --hub-dir clone gone), the same architecture is built with timm and the keys converted.
+    cache, the --hub-dir clone gone), or with `timm=True` (ONNX export traces timm's code), the same
+    architecture is built with timm and the keys converted: the features agree to float rounding.
     """
     info = checkpoint["model_info"]
     arch = info["arch"]
     common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False,
                   head_layers=arch.get("head_layers", 4), padding=arch.get("padding", "bottom_right"))  # older: 4, bottom_right
     state = checkpoint["model"]
-    try:
-        model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
-    except BackboneUnavailableError as err:
-        if arch["source"] == "timm":
-            raise
-        print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
+    model = None
+    if not timm or arch["source"] == "timm":
+        try:
+            model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+        except BackboneUnavailableError as err:
+            if arch["source"] == "timm":
+                raise
+            print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
+    if model is None:  # Meta's architecture in timm's code: convert the keys
         model = Dinov2Segmentation(source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:

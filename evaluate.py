@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> None:
     check = check_dataset({split: pairs}, spec)
     print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
     print(f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "
-          f"{predictor.mode.describe()}; device {predictor.device}")
+          f"{predictor.mode.describe()}; {predictor.engine}")
     result = evaluate_pairs(predictor, pairs, workers=args.workers, seed_batch=args.seed_batch)
     for line in report_lines(result, predictor.classes):
         print(line)

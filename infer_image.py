@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> None:
     if done == 0:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
     print(f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
-          f"({predictor.mode.describe()}), device {predictor.device}; results in {out_dir}")
+          f"({predictor.mode.describe()}), {predictor.engine}; results in {out_dir}")
 
 
 if __name__ == "__main__":

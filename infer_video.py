@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
               f"the output holds the frames before it", file=sys.stderr)
     print(f"{written} frames, average {written / seconds:.2f} FPS ({predictor.mode.describe()}), "
-          f"device {predictor.device}; video saved to {out_path}")
+          f"{predictor.engine}; video saved to {out_path}")
 
 
 def segment_video(capture: cv2.VideoCapture, predictor: Predictor, path: Path, fps: float, size: tuple[int, int],

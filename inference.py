@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import add_backbone_args, backbone_kwargs
+from cli import UserError, add_backbone_args, backbone_kwargs
 from datasets import check_imgsz, eval_transform, round_to_patch
+from deployment import OnnxNetwork
 from heads import model_with_head
 from labels import ColorMap
 from metrics import predicted_classes
@@ -173,6 +174,27 @@ class Predictor:
         model, info = model_with_head(path_or_name, head_layers=head_layers, **backbone)
         return cls(model.to(device), info, device=device, amp_dtype=select_precision(device, amp), mode=mode)
 
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "auto", mode: InferenceMode | None = None) -> "Predictor":
+        """A file written by export.py, run by onnxruntime (classes, colours, size and normalisation
+        travel in its metadata). Pre- and post-processing are this class's own, as for a checkpoint."""
+        network = OnnxNetwork(path, device=device)
+        if network.static_size is not None:  # exported with --no-dynamic: the one size it takes
+            size, mode = tuple(reversed(network.static_size)), mode or InferenceMode()
+            if mode.mode != "whole" or mode.native or mode.scales != (1.0,) or mode.imgsz not in (None, size):
+                raise UserError(f"{path}: exported for {size[0]}x{size[1]} inputs only: it runs with --mode whole at that "
+                                "size (no --imgsz, --native, --scales); export with --dynamic for the others")
+            mode = replace(mode, imgsz=size)
+        return cls(network, network.info, device=torch.device("cpu"), mode=mode)
+
+    @property
+    def engine(self) -> str:
+        """What runs the network, for reports: "PyTorch on cuda (bfloat16)", "onnxruntime CPU (int8)"."""
+        if isinstance(self.model, OnnxNetwork):
+            return f"onnxruntime {self.model.provider.removesuffix('ExecutionProvider')} ({self.info['precision']})"
+        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "float32"
+        return f"PyTorch on {self.device} ({precision})"
+
     @property
     def imgsz(self) -> tuple[int, int]:
         return self.mode.imgsz
@@ -223,7 +245,9 @@ def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> Inference
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Where the model comes from: a checkpoint of ours, or Meta's released head on a backbone."""
-    parser.add_argument("--model", default=None, help="checkpoint written by train.py, e.g. best_model_iou.pth")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
+                             "(run by onnxruntime)")
     parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
                         help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
                              "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")
@@ -237,6 +261,8 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
     if (args.model is None) == (args.head_weights is None):
         raise ValueError("give --model CKPT (a model trained here) or --head-weights NAME|FILE (Meta's released head)")
     mode = mode or mode_from_args(args)
+    if args.model is not None and Path(args.model).suffix.lower() == ".onnx":
+        return Predictor.from_onnx(args.model, device or args.device, mode)
     if args.model is not None:
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
     return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from backbones import TimmDinov2, load_backbone
+from backbones import TimmDinov2, exporting, load_backbone
 from cli import add_backbone_args, backbone_kwargs, run_cli
 from model_config import get_backbone_spec
 
@@ -117,7 +117,7 @@ class Dinov2Segmentation(nn.Module):
         (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
         self.backbone_images += images.shape[0]
         pads = self._pads(*images.shape[-2:])
-        if any(pads):
+        if exporting() or any(pads):  # exported: pads are computed in the graph for every size
             images = F.pad(images, pads)
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
@@ -135,11 +135,15 @@ class Dinov2Segmentation(nn.Module):
         height, width = image_size
         logits = self.head(features)
         padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
-        if padded != (height, width) and self.padding == "bottom_right":
+        # While exporting, sizes are symbolic: take the general path instead of branching on them.
+        symbolic = exporting()
+        if self.padding == "bottom_right" and (symbolic or padded != (height, width)):
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
             logits = logits[..., :height, :width]
+            if output_size is None:
+                return logits
         target = tuple(output_size) if output_size is not None else (height, width)
-        if tuple(logits.shape[-2:]) != target:
+        if symbolic or tuple(logits.shape[-2:]) != target:
             logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
         return logits
 

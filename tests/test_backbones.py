@@ -182,3 +182,11 @@ def test_model_py_accepts_a_hub_dir(hub_dir):
     result = run_script("model.py", "--hub-dir", hub_dir, "--no-pretrained", "--imgsz", "224", "224")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DinoVisionTransformer" in result.stdout
+
+
+def test_a_checkpoint_of_meta_code_exports_through_timm(hub_trained_checkpoint, tmp_path):
+    """export.py traces timm's code with the keys converted and checks the file against Meta's own model."""
+    pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.txt")
+    result = run_script("export.py", "--model", hub_trained_checkpoint, "--out", tmp_path / "hub.onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "check passed" in result.stdout and (tmp_path / "hub.onnx").is_file()

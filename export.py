@@ -1,0 +1,201 @@
+"""Export a trained checkpoint to one ONNX file that runs without PyTorch, at any image size.
+
+    python export.py --model outputs/transfer_learning/best_model_iou.pth             # -> best_model_iou.onnx
+    python export.py --model ... --int8 --out model_int8.onnx                          # int8 linear layers
+    python infer_image.py --input input/inference_data/images --model outputs/transfer_learning/best_model_iou.onnx
+
+The file takes a normalised image `[B, 3, H, W]` (float32: RGB / 255, minus mean, divided by std)
+and returns logits `[B, C, H, W]` (with --argmax: class indices `[B, H, W]`); its metadata holds
+the classes, colours, mean/std and training size. Before the file is written, onnxruntime's output
+is compared with PyTorch's on random and real images at two sizes (one not a multiple of 14):
+float32 must agree to 1e-3 in every logit and in >= 99.99 % of predicted pixels, or nothing is
+written; fp16 and int8 print their agreement. Needs requirements-export.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import build_model_from_checkpoint, load_checkpoint
+from cli import UserError, run_cli
+from datasets import check_imgsz, round_to_patch
+from deployment import DEFAULT_OPSET, OnnxNetwork, export_network, quantize_int8, require, to_float16, write_metadata
+from files import format_bytes, temp_path
+from image_files import list_image_files, read_image
+from inference import preprocess
+from metrics import predicted_classes
+from model_config import PATCH_SIZE
+
+FP32_MAX_DIFFERENCE = 1e-3
+FP32_MIN_AGREEMENT = 0.9999
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint written by train.py, e.g. best_model_iou.pth")
+    parser.add_argument("--out", default=None, help="the .onnx file to write (default: beside --model, named after it)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}: fused attention, onnxruntime >= 1.23; 18 for older runtimes)")
+    parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                        help="any batch, height and width (default); --no-dynamic: exactly --imgsz, batch 1")
+    parser.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
+                        help="--no-dynamic: the one input size (default: the training size); --dynamic: the traced sample")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (for GPUs; inputs stay float32)")
+    precision.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers (CPU speed)")
+    parser.add_argument("--argmax", action="store_true", help="output class indices [B, H, W] (uint8) instead of logits")
+    parser.add_argument("--check-images", default=None, metavar="PATH",
+                        help="real images (a folder or a file) for the self-check (default: the training data's "
+                             "valid_images, when the checkpoint's folder still exists)")
+    parser.add_argument("--check-count", type=int, default=2, help="how many of them (default 2)")
+    return parser
+
+
+@dataclass
+class Agreement:
+    """onnxruntime vs PyTorch on one input."""
+
+    what: str
+    size: tuple[int, int]  # (H, W)
+    max_difference: float | None  # largest |logit difference|; None for an --argmax export
+    agreement: float  # share of pixels with the same predicted class
+
+    def line(self) -> str:
+        difference = f"max |logit diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
+        return f"  {self.what:<24} {self.size[1]}x{self.size[0]}: {difference}argmax agreement {100 * self.agreement:.4f} %"
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: the file name must end in .onnx")
+    if out.resolve() == Path(args.model).resolve():
+        raise UserError(f"--out {out} is the checkpoint itself")
+    return out
+
+
+def check_sizes(imgsz: tuple[int, int], dynamic: bool) -> list[tuple[int, int]]:
+    """(H, W) sizes the self-check runs: the export size, and for a dynamic export a second one
+    that is not a multiple of the patch size (the padding and interpolation in the graph)."""
+    width, height = imgsz
+    if not dynamic:
+        return [(height, width)]
+    odd = tuple(max(PATCH_SIZE + 1, side * 3 // 4) for side in (height, width))
+    odd = tuple(side + 1 if side % PATCH_SIZE == 0 else side for side in odd)
+    return [(height, width), odd]
+
+
+def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, np.ndarray]]:
+    """Real images for the self-check, named: --check-images, or the training data's validation images."""
+    path = Path(args.check_images) if args.check_images else None
+    if path is None:
+        data_dir = checkpoint.get("args", {}).get("data_dir")
+        path = Path(data_dir) / "valid_images" if data_dir else None
+        if path is None or not path.is_dir():
+            return []
+    if not path.exists():
+        raise FileNotFoundError(f"--check-images {path}: no such file or folder")
+    files = [path] if path.is_file() else list_image_files(path)[: args.check_count]
+    return [(file.name, read_image(file)) for file in files]
+
+
+def compare(reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool) -> tuple[float | None, float]:
+    """(max |logit difference|, argmax agreement) of the two engines on one normalised batch."""
+    with torch.inference_mode():
+        expected = reference(inputs)
+    if argmax:  # the file returns one-hot scores of its classes
+        return None, (predicted_classes(exported(inputs), 1) == predicted_classes(expected, 1)).float().mean().item()
+    actual = exported(inputs)
+    agreement = (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
+    return (actual - expected).abs().max().item(), agreement
+
+
+def self_check(path: Path, reference: torch.nn.Module, info: dict, sizes: list[tuple[int, int]],
+               images: list[tuple[str, np.ndarray]], *, argmax: bool) -> list[Agreement]:
+    """onnxruntime's output for the written file vs the PyTorch model's, per size, on a random input and on each image."""
+    exported = OnnxNetwork(path, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for size in sizes:
+        inputs = [("random", torch.randn(1, 3, *size, generator=generator))]
+        inputs += [(name, preprocess(image, size, info["mean"], info["std"])) for name, image in images]
+        for name, tensor in inputs:
+            results.append(Agreement(name, size, *compare(reference, exported, tensor, argmax=argmax)))
+    return results
+
+
+def verdict(results: list[Agreement], precision: str) -> str:
+    """The check's summary line; raises for a float32 export that does not reproduce PyTorch."""
+    worst = max((r.max_difference for r in results if r.max_difference is not None), default=None)
+    lowest = min(r.agreement for r in results)
+    difference = f"max |logit diff| {worst:.2e}, " if worst is not None else ""
+    summary = f"{difference}lowest argmax agreement {100 * lowest:.4f} % vs PyTorch float32"
+    if precision == "fp32":
+        if (worst is not None and worst > FP32_MAX_DIFFERENCE) or lowest < FP32_MIN_AGREEMENT:
+            raise UserError(f"export check failed: {summary} (float32 must agree to {FP32_MAX_DIFFERENCE:g} and "
+                            f"{100 * FP32_MIN_AGREEMENT:g} %); nothing was written")
+        return f"check passed: {summary}"
+    return f"{precision}: {summary} (not held to the float32 tolerance)"
+
+
+def write_onnx(model: torch.nn.Module, info: dict, target: Path, args: argparse.Namespace, size: tuple[int, int],
+               precision: str) -> None:
+    """Export, convert or quantise, and store the metadata, into `target`."""
+    onnx = require("onnx")
+    proto = export_network(model, size=size, dynamic=args.dynamic, opset=args.opset, argmax=args.argmax)
+    if precision == "fp16":
+        proto = to_float16(proto)
+    if precision == "int8":
+        float32 = temp_path(target, suffix=".onnx")
+        try:
+            onnx.save(proto, float32)
+            quantize_int8(float32, target)
+        finally:
+            float32.unlink(missing_ok=True)
+        proto = onnx.load(target)
+    write_metadata(proto, info, output="classes" if args.argmax else "logits", precision=precision, dynamic=args.dynamic)
+    onnx.save(proto, target)
+
+
+def main(args: argparse.Namespace) -> None:
+    checkpoint = load_checkpoint(args.model)
+    out = output_path(args)
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        require(module)
+    info = checkpoint["model_info"]
+    imgsz = args.imgsz or info["imgsz"]
+    check_imgsz(imgsz)
+    imgsz = tuple(round_to_patch(imgsz)) if args.dynamic else tuple(imgsz)
+    precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    images = check_images(args, checkpoint)
+    reference = build_model_from_checkpoint(checkpoint, "cpu")
+    traced = build_model_from_checkpoint(checkpoint, "cpu", timm=True)
+    sizes = check_sizes(imgsz, args.dynamic)
+
+    started = time.perf_counter()
+    tmp = temp_path(out, suffix=".onnx")
+    try:
+        write_onnx(traced, info, tmp, args, sizes[0], precision)
+        exported_in = time.perf_counter() - started
+        results = self_check(tmp, reference, info, sizes, images, argmax=args.argmax)
+        print(f"self-check: onnxruntime vs PyTorch ({len(images)} real image{'s' * (len(images) != 1)}"
+              f"{'' if images else '; give --check-images for real ones'} and a random input):")
+        print("\n".join(result.line() for result in results))
+        summary = verdict(results, precision)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shape = "any size" if args.dynamic else f"{imgsz[0]}x{imgsz[1]} only"
+    print(f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {args.opset}, {shape}, "
+          f"{'class indices' if args.argmax else 'logits'}) in {exported_in:.1f} s\n"
+          f"run it: python infer_image.py --model {out} --input IMAGES")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,117 @@
+"""Reading and safely writing video clips (infer_video.py, the web demo, feature maps).
+
+A result video is written under a temporary name, then opened again and checked (frame count, the
+last frame decodes) before it replaces an earlier result: OpenCV's writer drops frames silently on
+a full disk and leaves a file no player can open.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from drawing import render
+from files import temp_path
+
+if TYPE_CHECKING:
+    from inference import Predictor
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    fps: float  # 25 when the container does not say
+    size: tuple[int, int]  # (width, height)
+    frame_count: int  # 0 = unknown
+
+
+def open_video(path: str | Path) -> tuple[cv2.VideoCapture, VideoInfo]:
+    """The capture and what its container says; a missing or undecodable file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise ValueError(f"{path}: cannot be opened as a video (corrupt or unsupported codec)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    return capture, VideoInfo(fps if fps and fps > 0 else 25.0, size, max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
+
+
+def read_frames(capture: cv2.VideoCapture, max_frames: int = 0) -> Iterator[np.ndarray]:
+    """RGB frames until the clip ends, a frame cannot be decoded, or `max_frames` (0: no limit)."""
+    read = 0
+    while not (max_frames > 0 and read >= max_frames):
+        ok, frame = capture.read()
+        if not ok:
+            return
+        read += 1
+        yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> int:
+    """Write RGB `frames` of `size` (W, H) as an mp4 at `path` (temporary name, checked, renamed);
+    returns the frame count. Nothing replaces `path` unless the whole clip was written."""
+    path = Path(path)
+    tmp = temp_path(path, suffix=".mp4")  # the container format follows the extension
+    written = 0
+    try:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not writer.isOpened():
+            raise OSError(f"{path}: OpenCV cannot write an mp4v video here")
+        try:
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+                written += 1
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"stopped at frame {written + 1}; {path} was left as it was") from None
+        finally:
+            writer.release()  # finishes the container
+        if written:
+            verify_video(tmp, written, size)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written
+
+
+def verify_video(path: Path, frames: int, size: tuple[int, int]) -> None:
+    """The written file must open, report `frames` frames and decode its last one."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        last_ok = False
+        if count == frames:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, frames - 1)
+            ok, frame = capture.read()
+            last_ok = ok and frame.shape[1::-1] == tuple(size)
+    finally:
+        capture.release()
+    if count != frames or not last_ok:
+        found = f"{count} of {frames} frames" if count != frames else "its last frame cannot be decoded"
+        raise OSError(f"{path.parent}: the video written there is incomplete ({found}; disk full?); "
+                      "any earlier result was left as it was")
+
+
+def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
+    """The frame with "N.N FPS" (one prediction's rate) in its top-right corner, outlined to read on any colour."""
+    label, width = f"{1 / max(seconds, 1e-9):.1f} FPS", frame.shape[1]
+    origin = (max(10, width - 160), 30)
+    cv2.putText(frame, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
+    cv2.putText(frame, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
+    return frame
+
+
+def segmented_frames(frames: Iterable[np.ndarray], predictor: "Predictor", alpha: float,
+                     timings: list[float]) -> Iterator[np.ndarray]:
+    """Each RGB frame with its prediction drawn in (classes, legend, FPS); the seconds each
+    prediction took are appended to `timings`."""
+    for image in frames:
+        started = time.perf_counter()
+        mask = predictor.predict(image)
+        timings.append(time.perf_counter() - started)
+        yield draw_fps(render(image, mask, predictor.classes, predictor.color_map, alpha), timings[-1])
