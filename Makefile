@@ -12,7 +12,7 @@ DEMO_FLAGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-export.txt | $(BIN)/python
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-export.txt requirements-app.txt | $(BIN)/python
 	$(BIN)/python -m pip install -r requirements-dev.txt
 	# Meta's DINOv2 model code for the offline torch.hub tests; its training-only pins are not needed.
 	$(BIN)/python -m pip install --no-deps dinov2==0.0.1.dev2

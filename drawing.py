@@ -13,10 +13,15 @@ from labels import ColorMap
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
+def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`colors` (uint8 RGB, the image's size) over the image with opacity `alpha`."""
+    return cv2.addWeighted(image, 1 - alpha, colors, alpha, 0)
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:
     """Blend the class colours into the image; classes coloured black (VOC background) stay unblended."""
     colors = color_map.decode(mask)
-    blended = cv2.addWeighted(image, 1 - alpha, colors, alpha, 0)
+    blended = blend(image, colors, alpha)
     keep = ~colors.any(axis=-1)
     blended[keep] = image[keep]
     return blended
@@ -76,3 +81,10 @@ def indexed_png(mask: np.ndarray, color_map: ColorMap) -> Image.Image:
     image = Image.fromarray(mask.astype(np.uint8))  # mode "L"; putpalette makes it "P"
     image.putpalette(color_map.decode(np.arange(256, dtype=np.uint8)).flatten().tolist())
     return image
+
+
+def class_shares(mask: np.ndarray, num_classes: int) -> list[tuple[int, float]]:
+    """(class index, share of the image's pixels) of each class present, largest first."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    present = np.flatnonzero(counts)
+    return [(int(c), float(counts[c] / mask.size)) for c in sorted(present, key=lambda c: (-counts[c], c))]

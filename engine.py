@@ -241,7 +241,7 @@ def _run_epoch(
     from_features: bool,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> EpochResult:
     """One pass: forward, loss, (with an optimizer) backward and step, and the split's metrics."""
     training = optimizer is not None
@@ -262,8 +262,8 @@ def _run_epoch(
                 raise NonFiniteLossError(f"{desc}, step {step + 1}/{total}: loss is {loss.item()}")
             if training:
                 _step(loss, optimizer, scaler)
-                if after_step is not None:  # a per-step learning-rate schedule
-                    after_step()
+                if after_step is not None:
+                    after_step(loss.detach())
             loss_total += loss.detach() * valid
             pixels_total += valid
             confmat.update(masks, predicted_classes(logits.detach()))
@@ -302,13 +302,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     cache: FeatureCache | None = None,
     generator: torch.Generator | None = None,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
     max_steps: int | None = None,
 ) -> EpochResult:
     """One pass of AdamW/cross-entropy over the training split; metrics are of the (augmented) batches.
     With a built `cache`, the batches are its cached features in an order drawn from `generator`.
-    `after_step` runs after every optimizer step (a per-step learning-rate schedule); `max_steps`
-    ends the pass early (the last epoch of a run counted in steps)."""
+    `after_step(loss)` runs after every optimizer step with the step's (detached) loss: a per-step
+    learning-rate schedule, per-step logging; `max_steps` ends the pass early (the last epoch of a
+    run counted in steps)."""
     desc = f"Train {epoch}"
     if cache is not None:
         _require_built(cache)

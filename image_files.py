@@ -59,6 +59,13 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
     return size[0], size[1], orientation
 
 
+def image_pixels(path: str | Path) -> int:
+    """Width x height from the file's header, without decoding it: a size limit checked before the
+    pixels are in memory (an upload of 40000 x 40000 would need 4.8 GB decoded)."""
+    with _reading(path), Image.open(path) as image:
+        return image.size[0] * image.size[1]
+
+
 ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 

@@ -187,6 +187,10 @@ class Predictor:
             mode = replace(mode, imgsz=size)
         return cls(network, network.info, device=torch.device("cpu"), mode=mode)
 
+    def with_mode(self, mode: InferenceMode) -> "Predictor":
+        """The same network (shared, not copied) predicting in another mode."""
+        return Predictor(self.model, self.info, device=self.device, amp_dtype=self.amp_dtype, mode=mode)
+
     @property
     def engine(self) -> str:
         """What runs the network, for reports: "PyTorch on cuda (bfloat16)", "onnxruntime CPU (int8)"."""
@@ -243,11 +247,12 @@ def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> Inference
     return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Where the model comes from: a checkpoint of ours, or Meta's released head on a backbone."""
-    parser.add_argument("--model", default=None,
+def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """Where the model comes from: a checkpoint of ours (with `several`, --model may be repeated:
+    a list), or Meta's released head on a backbone."""
+    parser.add_argument("--model", default=None, action="append" if several else "store",
                         help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
-                             "(run by onnxruntime)")
+                             "(run by onnxruntime)" + ("; repeat to offer several" if several else ""))
     parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
                         help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
                              "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ except ImportError:  # Windows: no lockf; runs are then not guarded against each
 
 # Everything train.py writes into a run folder.
 RUN_FILES = ("last.pth", "best_model_loss.pth", "best_model_iou.pth", "final_model.pth", "metrics.csv",
-             "best_validation.json", "test_metrics.json", "loss.png", "accuracy.png", "miou.png")
+             "best_validation.json", "test_metrics.json", "loss.png", "accuracy.png", "miou.png",
+             "tensorboard")  # a folder (--tensorboard)
 # test_metrics.json: the name of best_validation.json before it was computed at original resolution
 LOCK_NAME = ".lock"
 
@@ -94,7 +96,8 @@ def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok
                     f"continue it with --resume {folder / 'last.pth'}, start over with --exist-ok "
                     "(its files are deleted), or choose another --out-dir")
             for name in existing:
-                (folder / name).unlink()
+                path = folder / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             print(f"--exist-ok: deleted the previous run's {', '.join(existing)} in {folder}")
     except BaseException:
         lock.release()

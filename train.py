@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,13 +39,14 @@ from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError,
 from evaluation import evaluate_pairs, report_json, report_lines
 from files import fingerprint_files, write_json
 from heads import read_checked_head
-from inference import Predictor, add_mode_args, mode_from_args
+from inference import InferenceMode, Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
 from runtime import AMP_CHOICES, seed_everything, select_precision
 from schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
+from tensorboard_log import TrainingBoard
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="continue from a last.pth; --epochs/--lr/--backbone-lr/--weight-decay given with it override the checkpoint's")
     run.add_argument("--exist-ok", action="store_true",
                      help="start over in an --out-dir that holds another run (its files are deleted first)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="log curves and example predictions to <run folder>/tensorboard (tensorboard --logdir outputs/)")
+    run.add_argument("--tensorboard-images", type=int, default=4, metavar="N",
+                     help="--tensorboard: validation images shown with their predictions (default 4)")
+    run.add_argument("--tensorboard-every", type=int, default=1, metavar="E",
+                     help="--tensorboard: draw the example predictions every E epochs and after the last (default 1)")
     run.add_argument("--dist-timeout", type=float, default=30, metavar="MIN",
                      help="torchrun: minutes a process waits for a dead or stuck peer before failing")
     return parser
@@ -153,6 +161,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.tensorboard_images < 0 or args.tensorboard_every < 1:
+        raise ValueError(f"--tensorboard-images must be >= 0 and --tensorboard-every >= 1, "
+                         f"got {args.tensorboard_images}, {args.tensorboard_every}")
     check_schedule(args.scheduler, args.warmup_steps)
     check_imgsz(args.imgsz)
     if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
@@ -424,36 +435,82 @@ def fit(run: Run) -> None:
         prepare_train_views(run)
     shuffle = torch.Generator()  # order (and views) of cached training features, reseeded every epoch
     step = steps_done(run.checkpoints.history, len(run.train_loader))
-    for epoch in range(run.checkpoints.epochs_done, args.epochs):
-        print(f"EPOCH: {epoch + 1}/{args.epochs}")
-        started = time.perf_counter()
-        set_epoch(run.train_loader, epoch)
-        shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
-        per_step = isinstance(run.scheduler, StepSchedule)
-        train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
-                                       scaler=run.scaler, cache=run.train_cache, generator=shuffle,
-                                       after_step=run.scheduler.step if per_step else None,
-                                       max_steps=run.total_steps - step)
-        step += min(len(run.train_loader), run.total_steps - step)
-        sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
-        valid_result = validate_split(run, "Valid")
-        if not per_step:
-            run.scheduler.step()
-        seconds = time.perf_counter() - started
-        print_epoch("Train", train_result)
-        print_epoch("Valid", valid_result)
-        run.checkpoints.end_epoch({
-            "epoch": epoch + 1, "step": step,
-            "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
-            "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
-            "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
-        })
-        print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
-        print("-" * 50)
+    board = open_board(run, step)
+    after_step = step_hook(run, board, step)
+    try:
+        for epoch in range(run.checkpoints.epochs_done, args.epochs):
+            print(f"EPOCH: {epoch + 1}/{args.epochs}")
+            started = time.perf_counter()
+            set_epoch(run.train_loader, epoch)
+            shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
+            train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
+                                           scaler=run.scaler, cache=run.train_cache, generator=shuffle,
+                                           after_step=after_step, max_steps=run.total_steps - step)
+            step += min(len(run.train_loader), run.total_steps - step)
+            sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
+            valid_result = validate_split(run, "Valid")
+            if not isinstance(run.scheduler, StepSchedule):
+                run.scheduler.step()
+            seconds = time.perf_counter() - started
+            print_epoch("Train", train_result)
+            print_epoch("Valid", valid_result)
+            end_epoch(run, epoch, step, train_result, valid_result, seconds)
+            if board is not None:
+                board.log_epoch(epoch + 1, train_result, valid_result)
+                board.log_examples(epoch + 1, run_predictor(run), last=epoch + 1 == args.epochs)
+    finally:
+        if board is not None:
+            board.close()
     run.checkpoints.save_final(args.epochs)
     passes = torch.tensor(run.model.backbone_images)
     all_reduce_sum(passes)
     print(f"Backbone passes: {int(passes):,} images" + (f" ({world_size()} processes)" if world_size() > 1 else ""))
+
+
+def end_epoch(run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float) -> None:
+    """Record the epoch (metrics.csv, checkpoints, plots) and report it."""
+    run.checkpoints.end_epoch({
+        "epoch": epoch + 1, "step": step,
+        "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
+        "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
+        "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
+    })
+    print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
+    print("-" * 50)
+
+
+def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None] | None:
+    """What runs after every optimizer step: a per-step schedule's step, and the step's loss and
+    learning rate for TensorBoard (the rate the step used: read before the schedule moves it)."""
+    per_step = isinstance(run.scheduler, StepSchedule)
+    if board is None:
+        return (lambda loss: run.scheduler.step()) if per_step else None
+    counter = itertools.count(steps_before + 1)
+
+    def after_step(loss: torch.Tensor) -> None:
+        board.log_step(next(counter), loss, run.optimizer.param_groups[0]["lr"])
+        if per_step:
+            run.scheduler.step()
+
+    return after_step
+
+
+def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
+    """--tensorboard: rank 0's writer into <run>/tensorboard (a resumed run drops the events after its checkpoint)."""
+    if not run.args.tensorboard or not is_main_process():
+        return None
+    pairs = run.valid_loader.dataset.pairs[: run.args.tensorboard_images]
+    board = TrainingBoard(run.out_dir, classes=run.spec.classes, examples=pairs, color_map=run.spec.color_map(),
+                          mask_format=run.spec.mask_format, every=run.args.tensorboard_every,
+                          purge_step=steps_before if run.checkpoints.epochs_done else None)
+    print(f"TensorBoard: {board.log_dir} (tensorboard --logdir {run.out_dir.parent})")
+    return board
+
+
+def run_predictor(run: Run) -> Predictor:
+    """The model being trained, predicting as inference will (whole image at the training size)."""
+    return Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
+                     mode=InferenceMode(imgsz=run.imgsz))
 
 
 def train_views_key(args: argparse.Namespace, model: Dinov2Segmentation, train_set: SegmentationDataset,

@@ -53,16 +53,23 @@ def read_frames(capture: cv2.VideoCapture, max_frames: int = 0) -> Iterator[np.n
         yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
+# Container -> codec OpenCV's pip wheels can write: MPEG-4 Part 2 in .mp4 (what players expect; the
+# H.264 encoder is not in the wheels), VP8 in .webm (what browsers play, for the web demo).
+CODECS = {".mp4": "mp4v", ".webm": "VP80"}
+
+
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> int:
-    """Write RGB `frames` of `size` (W, H) as an mp4 at `path` (temporary name, checked, renamed);
-    returns the frame count. Nothing replaces `path` unless the whole clip was written."""
+    """Write RGB `frames` of `size` (W, H) at `path` (.mp4 or .webm; temporary name, checked,
+    renamed); returns the frame count. Nothing replaces `path` unless the whole clip was written."""
     path = Path(path)
-    tmp = temp_path(path, suffix=".mp4")  # the container format follows the extension
+    if path.suffix not in CODECS:
+        raise ValueError(f"{path}: write videos as {' or '.join(CODECS)}")
+    tmp = temp_path(path, suffix=path.suffix)  # the container format follows the extension
     written = 0
     try:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*CODECS[path.suffix]), fps, size)
         if not writer.isOpened():
-            raise OSError(f"{path}: OpenCV cannot write an mp4v video here")
+            raise OSError(f"{path}: OpenCV cannot write a {CODECS[path.suffix]} video here")
         try:
             for frame in frames:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))

@@ -37,7 +37,7 @@ def uneven_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_process_run(uneven_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_run")
-    result = torchrun("--data-dir", uneven_dataset, "--out-dir", out, "--epochs", "2", *FLAGS)
+    result = torchrun("--data-dir", uneven_dataset, "--out-dir", out, "--epochs", "2", "--tensorboard", *FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -73,7 +73,9 @@ def test_only_rank_zero_prints_and_writes(two_process_run):
     assert "2 processes x batch 2 = global batch 4 per step (gloo)" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "best_model_iou.pth", "best_model_loss.pth", "final_model.pth", "last.pth", "metrics.csv",
-        "loss.png", "accuracy.png", "miou.png", "best_validation.json"])
+        "loss.png", "accuracy.png", "miou.png", "best_validation.json", "tensorboard"])
+    events = list((out / "tensorboard").iterdir())  # one writer: rank 0's
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents.")
 
 
 def test_all_ranks_resume_from_the_same_checkpoint(two_process_run, uneven_dataset, tmp_path):

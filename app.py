@@ -1,0 +1,239 @@
+"""A web page to try trained models: drop an image (or a short video) and see the segmentation.
+
+    pip install -r requirements-app.txt
+    python app.py --model outputs/transfer_learning/best_model_iou.pth            # http://127.0.0.1:7860
+    python app.py --model outputs/a/best_model_iou.pth --model outputs/a/best_model_iou.onnx
+    python app.py --head-weights voc2012_ms --backbone small                      # Meta's head, no training
+
+The page predicts with the code of infer_image.py / infer_video.py (inference.Predictor, drawing,
+videos): the overlay, the colour mask, a legend with each class's share of the image, and the
+index-mask PNG to download; a second tab segments a short clip with a progress bar. Requests run
+one at a time through a queue, uploads and image sizes are capped, and a bad upload is a message
+in the page while the server keeps serving. It listens on 127.0.0.1 unless --host says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+import config
+from cli import UserError, one_line, run_cli
+from drawing import class_shares, indexed_png, render
+from files import atomic_write
+from image_files import DatasetError, image_pixels, list_image_files, read_image
+from inference import MODES, InferenceMode, Predictor, add_model_args, load_predictor
+from runtime import AMP_CHOICES
+from videos import open_video, read_frames, segmented_frames, write_video
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"
+BAD_INPUT = (UserError, DatasetError, ValueError, OSError)  # what a user's file can cause: shown in the page
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, several=True)
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 shares it with the network (no login!)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--examples", default=None, metavar="DIR",
+                        help=f"images offered as examples (default: {EXAMPLES_DIR} when it exists)")
+    parser.add_argument("--max-upload-mb", type=float, default=25, help="largest upload accepted (default 25)")
+    parser.add_argument("--max-pixels", type=float, default=25e6, help="largest image or video frame in pixels (default 25e6)")
+    parser.add_argument("--max-video-frames", type=int, default=300, help="frames of a clip that are processed (default 300)")
+    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more are turned away (default 16)")
+    return parser
+
+
+class Demo:
+    """The page's work, independent of Gradio: a file in, what the page shows out; a user's bad
+    file raises gradio.Error, whose message the page shows."""
+
+    def __init__(self, predictors: dict[str, Predictor], out_dir: Path, *, max_pixels: float, max_frames: int):
+        self.predictors, self.out_dir = predictors, out_dir
+        self.max_pixels, self.max_frames = max_pixels, max_frames
+
+    def predictor(self, name: str, mode: str) -> Predictor:
+        """The chosen model in the chosen mode (the network is shared, only the mode differs)."""
+        base = self.predictors[name]
+        return base if mode == base.mode.mode else base.with_mode(InferenceMode(mode, imgsz=base.mode.imgsz))
+
+    def output_path(self, name: str) -> Path:
+        """A new file named `name` in a folder of its own (requests never share a result file)."""
+        folder = self.out_dir / uuid.uuid4().hex
+        folder.mkdir()
+        return folder / name
+
+    def segment_image(self, path: str | None, name: str, mode: str, alpha: float) -> tuple[Any, ...]:
+        """(overlay, colour mask, legend HTML, index-mask PNG path, status line) for one uploaded image."""
+        if not path:
+            raise UserError("upload an image first")
+        pixels = image_pixels(path)
+        if pixels > self.max_pixels:
+            raise UserError(f"{Path(path).name}: {pixels / 1e6:.1f} megapixels; this demo takes up to "
+                            f"{self.max_pixels / 1e6:g} (--max-pixels)")
+        image = read_image(path)
+        predictor = self.predictor(name, mode)
+        started = time.perf_counter()
+        mask = predictor.predict(image)
+        seconds = time.perf_counter() - started
+        png = self.output_path(f"{Path(path).stem}_mask.png")
+        atomic_write(png, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
+        drawn = render(image, mask, predictor.classes, predictor.color_map, alpha)
+        status = (f"{image.shape[1]}x{image.shape[0]}, {1000 * seconds:.0f} ms ({predictor.mode.describe()}, "
+                  f"{predictor.engine})")
+        return drawn, predictor.color_map.decode(mask), legend_html(mask, predictor), str(png), status
+
+    def segment_video(self, path: str | None, name: str, mode: str, alpha: float, progress=None) -> tuple[str, str]:
+        """(overlaid clip, status line) for one uploaded video; `progress(fraction, desc=...)` is Gradio's bar."""
+        if not path:
+            raise UserError("upload a video first")
+        capture, video = open_video(path)
+        try:
+            if video.size[0] * video.size[1] > self.max_pixels:
+                raise UserError(f"{Path(path).name}: {video.size[0]}x{video.size[1]} frames; this demo takes up to "
+                                f"{self.max_pixels / 1e6:g} megapixels (--max-pixels)")
+            total = min(video.frame_count, self.max_frames) if video.frame_count else self.max_frames
+            timings: list[float] = []
+            frames = segmented_frames(read_frames(capture, self.max_frames), self.predictor(name, mode), alpha, timings)
+            out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
+            written = write_video(out, with_progress(frames, total, progress), video.fps, video.size)
+        finally:
+            capture.release()
+        if written == 0:
+            raise UserError(f"{Path(path).name}: no frame could be decoded")
+        capped = f" (the first {written} of {video.frame_count}: --max-video-frames)" if video.frame_count > written else ""
+        return str(out), f"{written} frames{capped}, {1000 * sum(timings) / written:.0f} ms per frame"
+
+
+def with_progress(frames: Iterable[np.ndarray], total: int, progress: Callable | None) -> Iterator[np.ndarray]:
+    """The frames, reporting each one to Gradio's progress bar."""
+    for done, frame in enumerate(frames, 1):
+        if progress is not None:
+            progress(done / max(total, done), desc=f"frame {done}/{total}")
+        yield frame
+
+
+def legend_html(mask: np.ndarray, predictor: Predictor) -> str:
+    """The classes present, largest first: colour swatch, name, share of the image."""
+    rows = "".join(
+        f'<tr><td><span style="display:inline-block;width:1em;height:1em;border:1px solid #888;'
+        f'background:rgb{tuple(int(v) for v in predictor.color_map.colors[index])}"></span></td>'
+        f"<td>{html.escape(predictor.classes[index])}</td><td style='text-align:right'>{100 * share:.1f} %</td></tr>"
+        for index, share in class_shares(mask, len(predictor.classes)))
+    return f'<table class="legend"><tr><th></th><th>class</th><th>share of the image</th></tr>{rows}</table>'
+
+
+def shown_in_page(work: Callable[..., tuple], outputs: int) -> Callable[..., tuple]:
+    """Run `work`; a user's bad file empties the results and puts the reason in the status line
+    (the last of `outputs`), where it stays until the next request."""
+
+    def run(path, *args, **kwargs):
+        try:
+            return work(path, *args, **kwargs)
+        except BAD_INPUT as err:  # name the file as the user knows it, not by Gradio's upload copy
+            message = one_line(err).replace(str(path), Path(path).name) if path else one_line(err)
+            return (None,) * (outputs - 1) + (f"**Could not segment it:** {html.escape(message)}",)
+
+    return run
+
+
+def build_page(demo: Demo, examples: list[str]) -> Any:
+    """The Gradio Blocks page: an image tab and a video tab, one queue slot for both."""
+    import gradio as gr
+
+    names = list(demo.predictors)
+    with gr.Blocks(title="DINOv2 segmentation", delete_cache=(3600, 3600)) as page:
+        gr.Markdown("# DINOv2 segmentation\nUpload an image or a short video; the model colours each pixel by class.")
+        with gr.Row():
+            model = gr.Dropdown(names, value=names[0], label="model", visible=len(names) > 1)
+            mode = gr.Radio(list(MODES), value="whole", label="inference mode (slide: sliding windows, slower)")
+            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column():
+                    upload = gr.File(label="image", file_types=["image"], elem_id="image-upload")
+                    if examples:
+                        gr.Examples(examples, inputs=upload, label="examples")
+                    run_image = gr.Button("Segment", variant="primary", elem_id="segment-image")
+                with gr.Column():
+                    image_status = gr.Markdown(elem_id="image-status")
+                    overlay = gr.Image(label="overlay", type="numpy", elem_id="overlay", interactive=False)
+                    legend = gr.HTML(elem_id="legend")
+            with gr.Row():
+                colours = gr.Image(label="colour mask", type="numpy", elem_id="colour-mask", interactive=False)
+                mask_file = gr.File(label="index mask (PNG: pixel value = class index)", elem_id="mask-file")
+        with gr.Tab("Video"):
+            with gr.Row():
+                video_in = gr.Video(label="short video", sources=["upload"], elem_id="video-upload")
+                video_out = gr.Video(label="segmented", elem_id="video-out", interactive=False)
+            status = gr.Markdown(elem_id="video-status")
+            run_video = gr.Button("Segment video", variant="primary", elem_id="segment-video")
+        inputs = [model, mode, alpha]
+        image_outputs = [overlay, colours, legend, mask_file, image_status]
+        run_image.click(shown_in_page(demo.segment_image, len(image_outputs)), [upload, *inputs], image_outputs,
+                        concurrency_id="model")
+
+        def video(path, name, mode, alpha, progress=gr.Progress()):
+            return shown_in_page(demo.segment_video, 2)(path, name, mode, alpha, progress)
+
+        run_video.click(video, [video_in, *inputs], [video_out, status], concurrency_id="model")
+    return page
+
+
+def example_images(args: argparse.Namespace) -> list[str]:
+    folder = Path(args.examples) if args.examples else EXAMPLES_DIR
+    if not folder.is_dir():
+        if args.examples:
+            raise FileNotFoundError(f"--examples {folder}: no such folder")
+        return []
+    return [str(path) for path in list_image_files(folder)[:8]]
+
+
+def load_predictors(args: argparse.Namespace) -> dict[str, Predictor]:
+    """Every --model (named by its file, with its run folder when names repeat), or Meta's head."""
+    if not args.model:
+        return {f"{args.head_weights} ({args.backbone})": load_predictor(args, mode=InferenceMode())}
+    predictors = {}
+    for path in args.model:
+        name = Path(path).name if sum(Path(p).name == Path(path).name for p in args.model) == 1 else str(path)
+        predictors[name] = load_predictor(argparse.Namespace(**{**vars(args), "model": path}), mode=InferenceMode())
+    return predictors
+
+
+def main(args: argparse.Namespace) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the web demo needs gradio: pip install -r requirements-app.txt")
+    if bool(args.model) == bool(args.head_weights):
+        raise UserError("give --model CKPT (one or more) or --head-weights NAME|FILE (Meta's released head)")
+    predictors = load_predictors(args)
+    examples = example_images(args)
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: --host {args.host}: anyone who can reach this machine on port {args.port} can use the models "
+              "and upload files (there is no login); use it on a trusted network only")
+    out_dir = Path(tempfile.mkdtemp(prefix="dinov2-demo-"))
+    try:
+        demo = Demo(predictors, out_dir, max_pixels=args.max_pixels, max_frames=args.max_video_frames)
+        page = build_page(demo, examples)
+        page.queue(default_concurrency_limit=1, max_size=args.queue_size)
+        print(f"models: {', '.join(f'{name} ({p.engine})' for name, p in predictors.items())}", flush=True)
+        page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
+                    show_error=True, allowed_paths=[str(out_dir)] + examples, quiet=False)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

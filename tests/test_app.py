@@ -1,0 +1,175 @@
+"""The web demo (app.py): the page's work without a browser, then the real page in headless Chromium."""
+import importlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import UserError
+from image_files import read_image
+from inference import InferenceMode, Predictor
+from tests.conftest import ROOT
+from tests.test_inference import make_video
+
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "outputs" / "test_artifacts"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    run_dir, _ = trained_run
+    return run_dir / "best_model_iou.pth"
+
+
+@pytest.fixture
+def demo(checkpoint, tmp_path):
+    import app
+
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu", "off", InferenceMode())
+    return app.Demo({"tiny": predictor}, tmp_path, max_pixels=50_000, max_frames=4), predictor
+
+
+def test_image_result_is_what_infer_image_draws(demo, tiny_dataset):
+    demo, predictor = demo
+    path = sorted((tiny_dataset / "valid_images").iterdir())[0]
+    drawn, colours, legend, png, status = demo.segment_image(str(path), "tiny", "whole", 0.5)
+    image = read_image(path)
+    mask = predictor.predict(image)
+    assert drawn.shape == colours.shape == image.shape and status.startswith("120x90, ")
+    assert np.array_equal(np.array(Image.open(png)), mask) and Path(png).name == f"{path.stem}_mask.png"
+    present = [predictor.classes[c] for c in np.unique(mask)]
+    assert all(f"<td>{name}</td>" in legend for name in present) and legend.count("<tr>") == len(present) + 1
+    shares = [float(cell.split(" %")[0]) for cell in legend.split("text-align:right'>")[1:]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.1 * len(shares))
+
+
+def test_slide_mode_shares_the_network(demo):
+    demo, predictor = demo
+    slide = demo.predictor("tiny", "slide")
+    assert slide.model is predictor.model and slide.mode.mode == "slide" and demo.predictor("tiny", "whole") is predictor
+
+
+def test_limits_and_bad_files_are_user_errors(demo, tmp_path):
+    demo, _ = demo
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(big)  # 60,000 pixels > 50,000
+    with pytest.raises(UserError, match=r"big.png: 0.1 megapixels; this demo takes up to 0.05 \(--max-pixels\)"):
+        demo.segment_image(str(big), "tiny", "whole", 0.5)
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    with pytest.raises(ValueError, match="notes.mp4: cannot be opened as a video"):
+        demo.segment_video(str(text), "tiny", "whole", 0.5)
+
+
+def test_video_tab_writes_a_browser_playable_clip(demo, tmp_path):
+    demo, _ = demo
+    make_video(tmp_path / "clip.mp4", frames=6, size=(64, 48))
+    seen = []
+    out, status = demo.segment_video(str(tmp_path / "clip.mp4"), "tiny", "whole", 0.5,
+                                     lambda fraction, desc: seen.append(fraction))
+    assert out.endswith("clip_segmented.webm") and status.startswith("4 frames (the first 4 of 6: --max-video-frames)")
+    capture = cv2.VideoCapture(out)
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4 and capture.read()[1].shape == (48, 64, 3)
+    assert seen == [0.25, 0.5, 0.75, 1.0]
+
+
+# --- the real page -------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def browser_or_skip():
+    """Playwright with Debian's chromium (README "Web demo"); CI sets REQUIRE_BROWSER=1 so a missing
+    browser fails there instead of skipping."""
+    missing = None
+    sync_playwright = None
+    try:
+        importlib.import_module("gradio")
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        missing = f"{err.name} is not installed (pip install -r requirements-app.txt playwright)"
+    if missing is None and CHROMIUM is None:
+        missing = "no chromium executable (apt-get install chromium)"
+    if missing:
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return sync_playwright
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tiny_dataset):
+    browser_or_skip()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port),
+                                "--examples", str(tiny_dataset / "valid_images")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any("Running on local URL" in line for line in lines):
+        assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}", process, lines
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def upload(page, path):
+    clear = page.locator("#image-upload button[aria-label='Clear']")
+    if clear.count():
+        clear.click()
+    page.locator("#image-upload input[type=file]").set_input_files(str(path))
+    page.get_by_text(Path(path).name, exact=True).first.wait_for()
+
+
+def test_page_segments_an_upload_and_survives_a_bad_one(server, checkpoint, tiny_dataset, tmp_path):
+    url, process, lines = server
+    images = sorted((tiny_dataset / "valid_images").iterdir())
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu", "off", InferenceMode())
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is a text file, not a JPEG")
+    with browser_or_skip()() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        upload(page, images[0])
+        page.click("#segment-image")
+        page.wait_for_function("() => document.querySelector('#overlay img')?.complete", timeout=120_000)
+        size = page.eval_on_selector("#overlay img", "img => [img.naturalWidth, img.naturalHeight]")
+        assert size == list(Image.open(images[0]).size)
+        legend = page.inner_text("#legend")
+        mask = predictor.predict(read_image(images[0]))
+        assert "share of the image" in legend and all(predictor.classes[c] in legend for c in np.unique(mask))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
+
+        upload(page, fake)  # a text file named .jpg: a message in the page, the server goes on
+        page.click("#segment-image")
+        page.wait_for_function("() => document.querySelector('#image-status').innerText.includes('Could not')",
+                               timeout=60_000)
+        status = page.inner_text("#image-status")
+        assert status.startswith("Could not segment it: notes.jpg: not a readable image (UnidentifiedImageError"), status
+        page.screenshot(path=str(ARTIFACTS / "web_demo_error.png"), full_page=True)
+        assert process.poll() is None
+
+        upload(page, images[1])
+        page.click("#segment-image")
+        page.wait_for_function("() => document.querySelector('#overlay img')?.complete", timeout=120_000)
+        assert page.eval_on_selector("#overlay img", "img => img.naturalWidth") == Image.open(images[1]).size[0]
+        browser.close()
+    assert process.poll() is None, "".join(lines)[-3000:]
