@@ -95,6 +95,11 @@ def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vit.pos_drop(x)
 
 
+def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a backbone from any source, in order."""
+    return backbone.vit.blocks if isinstance(backbone, TimmDinov2) else backbone.blocks
+
+
 def exporting() -> bool:
     """True while torch.export traces the model (ONNX export): sizes are symbolic there."""
     return bool(getattr(torch.compiler, "is_exporting", lambda: False)())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from backbones import TimmDinov2, exporting, load_backbone
+from backbones import backbone_blocks, exporting, load_backbone
 from cli import add_backbone_args, backbone_kwargs, run_cli
 from model_config import get_backbone_spec
 
@@ -166,8 +166,7 @@ class Dinov2Segmentation(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block's activations in the backward pass instead of storing
         them: fine-tuning memory drops to about one block's worth, for ~30% more compute."""
-        blocks = self.backbone.vit.blocks if isinstance(self.backbone, TimmDinov2) else self.backbone.blocks
-        for block in blocks:
+        for block in backbone_blocks(self.backbone):
             block.__dict__.pop("forward", None)  # back to the class's forward
             if enable:
                 block.forward = _checkpointed(block.forward)

@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "evaluate", "classify", "infer_image", "infer_video", "prepare_voc", "bench", "make_sample_data", "export"}
+SCRIPTS = {"train", "evaluate", "classify", "infer_image", "infer_video", "prepare_voc", "bench", "make_sample_data", "export", "app", "visualize_features"}
 
 
 def repo_imports() -> dict[str, set[str]]:

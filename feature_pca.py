@@ -1,0 +1,110 @@
+"""Patch features of one block, and their principal components as colours: DINOv2's "what the
+backbone sees" picture (visualize_features.py, notebooks/features.ipynb).
+
+One PCA is fitted to all the patches of an input (every image or frame), so a colour means the
+same direction in feature space in every image. The components are the top eigenvectors of the
+features' covariance (`torch.linalg.eigh`: exact and deterministic; the covariance is only C x C),
+each signed so that its largest loading is positive, so the same input gives the same colours on
+every run. Colours are each component's projection min-max scaled over the whole input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import config
+from backbones import backbone_blocks, load_backbone
+from cli import UserError
+from datasets import round_to_patch
+from inference import preprocess
+from model_config import PATCH_SIZE
+from runtime import autocast, select_device, select_precision
+
+
+class PatchFeatures:
+    """A DINOv2 backbone reduced to one block's patch tokens (after its final norm): RGB images
+    resized to `imgsz` (W, H; rounded up to 14) -> `[B, h, w, C]` float32 on the CPU."""
+
+    def __init__(self, backbone: str = "small", *, imgsz: Sequence[int] = (518, 518), layer: int | None = None,
+                 device: str = "auto", amp: str = "auto", registers: bool = False, source: str = "hub",
+                 hub_dir: str | Path | None = None, weights: str | Path | None = None, pretrained: bool = True):
+        self.device = select_device(device)
+        self.amp_dtype = select_precision(self.device, amp)
+        self.backbone = load_backbone(backbone, registers=registers, source=source, hub_dir=hub_dir, weights=weights,
+                                      pretrained=pretrained).to(self.device).eval()
+        depth = len(backbone_blocks(self.backbone))
+        self.layer = depth if layer is None else layer
+        if not 1 <= self.layer <= depth:
+            raise UserError(f"--layer {layer}: ViT-{backbone} has blocks 1 to {depth}")
+        self.size = tuple(reversed(round_to_patch(imgsz)))  # (H, W)
+        self.grid = (self.size[0] // PATCH_SIZE, self.size[1] // PATCH_SIZE)
+        self.dim: int = self.backbone.embed_dim
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.cat([preprocess(image, self.size, config.MEAN, config.STD) for image in images]).to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            (maps,) = self.backbone.get_intermediate_layers(batch, n=[self.layer - 1], reshape=True)
+        return maps.float().permute(0, 2, 3, 1).cpu()
+
+
+@dataclass
+class FeaturePca:
+    """A fitted PCA: `mean` [C], `components` [k, C] (rows, by decreasing variance), `variance` [k],
+    and the range of each component's projection over the fitted input (`low`, `high` [k])."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    variance: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """`[..., C]` features -> `[..., k]` component scores."""
+        return (features.float() - self.mean) @ self.components.T
+
+    def colors(self, features: torch.Tensor) -> torch.Tensor:
+        """`[..., C]` features -> `[..., k]` values in [0, 1], scaled by the fitted input's range."""
+        return ((self.project(features) - self.low) / (self.high - self.low).clamp(min=1e-12)).clamp(0, 1)
+
+    def scaled_to(self, features: torch.Tensor) -> "FeaturePca":
+        """The same components with `low`/`high` measured on `features` (all patches, when the
+        components were fitted on a sample)."""
+        scores = self.project(features)
+        return FeaturePca(self.mean, self.components, self.variance, scores.min(0).values, scores.max(0).values)
+
+
+def fit_pca(features: torch.Tensor, components: int = 3) -> FeaturePca:
+    """PCA of `[N, C]` features (any device; computed in float64 for a stable covariance)."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"PCA needs [N >= 2, C] features, got {tuple(features.shape)}")
+    if not 1 <= components <= features.shape[1]:
+        raise ValueError(f"components must be in [1, {features.shape[1]}], got {components}")
+    data = features.double()
+    mean = data.mean(0)
+    centred = data - mean
+    covariance = centred.T @ centred / (data.shape[0] - 1)
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    top = vectors[:, -components:].flip(1).T  # [k, C], largest variance first
+    signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+    top = top * signs
+    scores = centred @ top.T
+    return FeaturePca(mean.float(), top.float(), values[-components:].flip(0).float(),
+                      scores.min(0).values.float(), scores.max(0).values.float())
+
+
+def foreground_split(first: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:
+    """Foreground patches from the first component's scaled scores (`[...]` in [0, 1]), the
+    official DINOv2 trick: `score > threshold` is foreground. The first component separates
+    object from background but its sign is arbitrary; the side with more patches is taken to be the
+    background (objects rarely fill most of a frame), so when `score > threshold` covers more than
+    half of the patches the score is flipped (1 - score). Returns (mask, flipped)."""
+    foreground = first > threshold
+    flipped = bool(foreground.float().mean() > 0.5)
+    if flipped:
+        foreground = (1 - first) > threshold
+    return foreground, flipped
