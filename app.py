@@ -57,8 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class Demo:
-    """The page's work, independent of Gradio: a file in, what the page shows out; a user's bad
-    file raises gradio.Error, whose message the page shows."""
+    """The page's work, independent of Gradio: a file in, what the page shows out. A user's bad file
+    raises UserError / DatasetError (`shown_in_page` puts the message in the page's status line)."""
+
+    KEEP_SECONDS = 3600  # result files older than this are deleted (Gradio keeps its own copies as long)
 
     def __init__(self, predictors: dict[str, Predictor], out_dir: Path, *, max_pixels: float, max_frames: int):
         self.predictors, self.out_dir = predictors, out_dir
@@ -70,7 +72,11 @@ class Demo:
         return base if mode == base.mode.mode else base.with_mode(InferenceMode(mode, imgsz=base.mode.imgsz))
 
     def output_path(self, name: str) -> Path:
-        """A new file named `name` in a folder of its own (requests never share a result file)."""
+        """A new file named `name` in a folder of its own (requests never share a result file); the
+        folders of requests older than KEEP_SECONDS go, so a server left running does not fill its disk."""
+        for old in self.out_dir.iterdir():
+            if time.time() - old.stat().st_mtime > self.KEEP_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
         folder = self.out_dir / uuid.uuid4().hex
         folder.mkdir()
         return folder / name

@@ -266,8 +266,8 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
     if (args.model is None) == (args.head_weights is None):
         raise ValueError("give --model CKPT (a model trained here) or --head-weights NAME|FILE (Meta's released head)")
     mode = mode or mode_from_args(args)
-    if args.model is not None and Path(args.model).suffix.lower() == ".onnx":
-        return Predictor.from_onnx(args.model, device or args.device, mode)
+    if args.model is not None and Path(args.model).suffix.lower() == ".onnx":  # onnxruntime picks from --device itself
+        return Predictor.from_onnx(args.model, args.device, mode)
     if args.model is not None:
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
     return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,

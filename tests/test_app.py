@@ -34,7 +34,8 @@ def demo(checkpoint, tmp_path):
     import app
 
     predictor = Predictor.from_checkpoint(checkpoint, "cpu", "off", InferenceMode())
-    return app.Demo({"tiny": predictor}, tmp_path, max_pixels=50_000, max_frames=4), predictor
+    (tmp_path / "results").mkdir()
+    return app.Demo({"tiny": predictor}, tmp_path / "results", max_pixels=50_000, max_frames=4), predictor
 
 
 def test_image_result_is_what_infer_image_draws(demo, tiny_dataset):
@@ -49,6 +50,15 @@ def test_image_result_is_what_infer_image_draws(demo, tiny_dataset):
     assert all(f"<td>{name}</td>" in legend for name in present) and legend.count("<tr>") == len(present) + 1
     shares = [float(cell.split(" %")[0]) for cell in legend.split("text-align:right'>")[1:]]
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.1 * len(shares))
+
+
+def test_results_of_old_requests_are_deleted(demo, tiny_dataset):
+    demo, _ = demo
+    stale = demo.out_dir / "stale-request"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * demo.KEEP_SECONDS,) * 2)
+    fresh = Path(demo.segment_image(str(sorted((tiny_dataset / "valid_images").iterdir())[0]), "tiny", "whole", 0.5)[3])
+    assert not stale.exists() and fresh.is_file()
 
 
 def test_slide_mode_shares_the_network(demo):

@@ -217,7 +217,7 @@ def test_classifiers_and_segmentation_checkpoints_are_not_mixed_up(classified, t
 
 
 def test_bench_measures_extraction_and_knn_over_stored_embeddings():
-    result = run_script("bench.py", "--skip", "epochs", "inference", "modes", "memory", "--cls-images", "8",
+    result = run_script("bench.py", "--skip", "epochs", "inference", "modes", "memory", "export", "--cls-images", "8",
                         "--cls-imgsz", "56", "--knn-stored", "5000", "--repeats", "2", "--batch", "2", "--workers", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| embedding extraction, 8 images" in result.stdout and "images/s" in result.stdout

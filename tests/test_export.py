@@ -92,6 +92,20 @@ def test_infer_image_with_the_onnx_file_writes_the_same_masks(exported, tiny_dat
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(p.name for p in (tmp_path / "pth").iterdir())
 
 
+def test_evaluate_py_scores_the_onnx_file_as_the_checkpoint(exported, tiny_dataset, tmp_path):
+    checkpoint, out, _ = exported
+    reports = []
+    for model in (checkpoint, out):
+        result = run_script("evaluate.py", "--model", model, "--data-dir", tiny_dataset, "--split", "valid",
+                            "--out-dir", tmp_path, "--workers", "0")
+        assert result.returncode == 0, result.stderr[-2000:]
+        reports.append(json.loads((tmp_path / f"eval_{model.stem}_valid.json").read_text()))
+    assert "onnxruntime CPU (fp32)" in result.stdout
+    pth, onnx_ = reports
+    assert onnx_["miou"] == pytest.approx(pth["miou"], abs=1e-4) and onnx_["pixel_accuracy"] == pytest.approx(
+        pth["pixel_accuracy"], abs=1e-4)
+
+
 def test_slide_mode_and_video_run_through_onnxruntime(exported, tiny_dataset, tmp_path):
     checkpoint, out, _ = exported
     image = np.array(Image.open(sorted((tiny_dataset / "valid_images").iterdir())[0]).convert("RGB"))
