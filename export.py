@@ -34,6 +34,7 @@ from model_config import PATCH_SIZE
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
+SINGLE_FILE_LIMIT = 2**31  # protobuf cannot serialise a message over 2 GB: larger weights need ONNX external data
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -174,6 +175,11 @@ def main(args: argparse.Namespace) -> None:
     imgsz = tuple(round_to_patch(imgsz)) if args.dynamic else tuple(imgsz)
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     images = check_images(args, checkpoint)
+    weights = sum(tensor.numel() * 4 for tensor in checkpoint["model"].values() if tensor.is_floating_point())
+    if weights >= SINGLE_FILE_LIMIT * 0.95:
+        raise UserError(f"{args.model}: {format_bytes(weights)} of float32 weights (ViT-{info['arch']['backbone']}) do not "
+                        "fit one ONNX file (protobuf's 2 GB limit); exporting with external weight files is not supported "
+                        "yet: use a smaller backbone")
     reference = build_model_from_checkpoint(checkpoint, "cpu")
     traced = build_model_from_checkpoint(checkpoint, "cpu", timm=True)
     sizes = check_sizes(imgsz, args.dynamic)

@@ -71,6 +71,9 @@ class FeaturePca:
         """`[..., C]` features -> `[..., k]` values in [0, 1], scaled by the fitted input's range."""
         return ((self.project(features) - self.low) / (self.high - self.low).clamp(min=1e-12)).clamp(0, 1)
 
+    def to(self, device: torch.device | str) -> "FeaturePca":
+        return FeaturePca(*(t.to(device) for t in (self.mean, self.components, self.variance, self.low, self.high)))
+
     def scaled_to(self, features: torch.Tensor) -> "FeaturePca":
         """The same components with `low`/`high` measured on `features` (all patches, when the
         components were fitted on a sample)."""
@@ -79,12 +82,13 @@ class FeaturePca:
 
 
 def fit_pca(features: torch.Tensor, components: int = 3) -> FeaturePca:
-    """PCA of `[N, C]` features (any device; computed in float64 for a stable covariance)."""
+    """PCA of `[N, C]` features, on their device (float64 for a stable covariance; float32 on Apple
+    MPS, which has no float64); the result is on that device too."""
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"PCA needs [N >= 2, C] features, got {tuple(features.shape)}")
     if not 1 <= components <= features.shape[1]:
         raise ValueError(f"components must be in [1, {features.shape[1]}], got {components}")
-    data = features.double()
+    data = features.to(torch.float32 if features.device.type == "mps" else torch.float64)
     mean = data.mean(0)
     centred = data - mean
     covariance = centred.T @ centred / (data.shape[0] - 1)

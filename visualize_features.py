@@ -145,15 +145,17 @@ def collect(source: Source, extract: PatchFeatures, args: argparse.Namespace, ke
     return kept, fitted, seen
 
 
-def fit_maps(fitted: torch.Tensor, foreground: float | None) -> tuple[FeaturePca, FeaturePca | None, bool]:
-    """The PCA of the input and, with --foreground, the PCA of its foreground patches only."""
-    pca = fit_pca(fitted)
+def fit_maps(fitted: torch.Tensor, foreground: float | None, device: torch.device
+             ) -> tuple[FeaturePca, FeaturePca | None, bool]:
+    """The PCA of the input and, with --foreground, the PCA of its foreground patches only: fitted
+    on `device`, returned on the CPU (where the maps are drawn)."""
+    pca = fit_pca(fitted.to(device)).to("cpu")
     if foreground is None:
         return pca, None, False
     mask, flipped = foreground_split(pca.colors(fitted)[:, 0], foreground)
     if int(mask.sum()) < 3:
         raise UserError(f"--foreground {foreground}: fewer than 3 patches are foreground; lower the threshold")
-    return pca, fit_pca(fitted[mask]), flipped
+    return pca, fit_pca(fitted[mask].to(device)).to("cpu"), flipped
 
 
 def colour_grid(grid: torch.Tensor, pca: FeaturePca, foreground_pca: FeaturePca | None, threshold: float | None,
@@ -242,7 +244,7 @@ def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     kept, fitted, names = collect(source, extract, args, keep)
     count = len(names)
-    pca, foreground_pca, flipped = fit_maps(fitted, args.foreground)
+    pca, foreground_pca, flipped = fit_maps(fitted, args.foreground, extract.device)
     if keep:  # colours scaled over every patch of the input, not only the fitted sample
         every = torch.cat([g.reshape(-1, dim).float() for g in kept])
         pca = pca.scaled_to(every)

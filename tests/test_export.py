@@ -215,3 +215,15 @@ def test_readme_snippet_runs_the_file_without_pytorch(exported, tiny_dataset, tm
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["(98,", "126)", "True"]
+
+
+def test_weights_too_large_for_one_onnx_file_are_refused_before_tracing(exported, tmp_path, monkeypatch):
+    import export
+    from cli import UserError
+
+    checkpoint, _, _ = exported
+    monkeypatch.setattr(export, "SINGLE_FILE_LIMIT", 1000)  # ViT-g's 4.4 GB, scaled down
+    args = export.get_args_parser().parse_args(["--model", str(checkpoint), "--out", str(tmp_path / "m.onnx")])
+    with pytest.raises(UserError, match=r"of float32 weights \(ViT-small\) do not fit one ONNX file \(protobuf's 2 GB limit\)"):
+        export.main(args)
+    assert list(tmp_path.iterdir()) == []
