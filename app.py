@@ -110,7 +110,7 @@ class Demo:
             if video.size[0] * video.size[1] > self.max_pixels:
                 raise UserError(f"{Path(path).name}: {video.size[0]}x{video.size[1]} frames; this demo takes up to "
                                 f"{self.max_pixels / 1e6:g} megapixels (--max-pixels)")
-            total = min(video.frame_count, self.max_frames) if video.frame_count else self.max_frames
+            total = video.frames_to_read(self.max_frames)
             timings: list[float] = []
             frames = segmented_frames(read_frames(capture, self.max_frames), self.predictor(name, mode), alpha, timings)
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser

@@ -27,7 +27,7 @@ from cli import UserError, run_cli
 from datasets import check_imgsz, round_to_patch
 from deployment import DEFAULT_OPSET, OnnxNetwork, export_network, quantize_int8, require, to_float16, write_metadata
 from files import format_bytes, temp_path
-from image_files import list_image_files, read_image
+from image_files import image_paths, read_image
 from inference import preprocess
 from metrics import predicted_classes
 from model_config import PATCH_SIZE
@@ -102,19 +102,16 @@ def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, 
             return []
     if not path.exists():
         raise FileNotFoundError(f"--check-images {path}: no such file or folder")
-    files = [path] if path.is_file() else list_image_files(path)[: args.check_count]
-    return [(file.name, read_image(file)) for file in files]
+    return [(file.name, read_image(file)) for file in image_paths(path)[: args.check_count]]
 
 
 def compare(reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool) -> tuple[float | None, float]:
     """(max |logit difference|, argmax agreement) of the two engines on one normalised batch."""
     with torch.inference_mode():
         expected = reference(inputs)
-    if argmax:  # the file returns one-hot scores of its classes
-        return None, (predicted_classes(exported(inputs), 1) == predicted_classes(expected, 1)).float().mean().item()
-    actual = exported(inputs)
+    actual = exported(inputs)  # an --argmax file returns one-hot scores: no logits to compare
     agreement = (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
-    return (actual - expected).abs().max().item(), agreement
+    return None if argmax else (actual - expected).abs().max().item(), agreement
 
 
 def self_check(path: Path, reference: torch.nn.Module, info: dict, sizes: list[tuple[int, int]],

@@ -11,11 +11,13 @@ import io
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
 from cli import UserError
+from files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -129,3 +131,22 @@ def list_image_files(folder: str | Path) -> list[Path]:
         raise DatasetError(f"{folder}: files share a name, so one would shadow the other: {'; '.join(clashes[:3])}{more}; "
                            "keep one file per name")
     return files
+
+
+def image_paths(path: str | Path) -> list[Path]:
+    """The images an --input names: the file itself, or the folder's images (`list_image_files`)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return list_image_files(path)
+
+
+def write_image(path: str | Path, image_rgb: np.ndarray) -> None:
+    """Encode an RGB image by `path`'s extension and write it atomically (temporary name, renamed)."""
+    path = Path(path)
+    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))

@@ -13,15 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 
 import config
 from cli import UserError, run_cli
 from drawing import indexed_png, render
 from files import atomic_write, refuse_overwriting_inputs, remove_stale_temp_files
-from image_files import DatasetError, list_image_files, read_image
+from image_files import DatasetError, image_paths, read_image, write_image
 from inference import add_inference_args, check_inference_args, load_predictor
 
 
@@ -32,31 +30,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def list_images(path: Path) -> list[Path]:
-    """The image files to process: the file itself, or the folder's images sorted by name (hidden
-    files skipped; two files of one name, a.jpg and a.png, are an error: their results would collide)."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    return list_image_files(path)
-
-
 def output_names(image_path: Path) -> tuple[str, str]:
     """The overlay and the index-mask file names written for one image."""
     return f"{image_path.stem}.jpg", f"{image_path.stem}_mask.png"
 
 
-def write_image(path: Path, image_rgb: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: could not encode image")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
-
-
 def main(args: argparse.Namespace) -> None:
     check_inference_args(args)
-    images = list_images(Path(args.input))
+    images = image_paths(args.input)
     out_dir = Path(args.out_dir)
     if Path(args.input).is_dir() and out_dir.resolve() == Path(args.input).resolve():
         raise UserError(f"--out-dir {out_dir} is the input folder: results would be mixed with (and could replace) "

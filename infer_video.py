@@ -64,9 +64,7 @@ def main(args: argparse.Namespace) -> None:
     source = Path(args.input)
     capture, video = open_video(source)
     try:
-        frame_count = video.frame_count
-        if args.max_frames > 0:
-            frame_count = min(frame_count, args.max_frames) if frame_count else args.max_frames
+        frame_count = video.frames_to_read(args.max_frames)
         out_path = Path(args.out_dir) / f"{source.stem}.mp4"
         refuse_overwriting_inputs([out_path], [source])
         predictor = load_predictor(args)

@@ -28,6 +28,12 @@ class VideoInfo:
     size: tuple[int, int]  # (width, height)
     frame_count: int  # 0 = unknown
 
+    def frames_to_read(self, max_frames: int = 0) -> int:
+        """Frames a pass will read: the clip's count, capped by `max_frames` (0: no cap); 0 = unknown."""
+        if max_frames > 0:
+            return min(self.frame_count, max_frames) if self.frame_count else max_frames
+        return self.frame_count
+
 
 def open_video(path: str | Path) -> tuple[cv2.VideoCapture, VideoInfo]:
     """The capture and what its container says; a missing or undecodable file is a one-line error."""

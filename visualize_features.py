@@ -31,7 +31,7 @@ from datasets import check_imgsz
 from drawing import blend
 from feature_pca import FeaturePca, PatchFeatures, fit_pca, foreground_split
 from files import atomic_write, format_bytes, refuse_overwriting_inputs, remove_stale_temp_files
-from image_files import DatasetError, list_image_files, read_image
+from image_files import DatasetError, image_paths, read_image, write_image
 from runtime import AMP_CHOICES, seed_everything
 from videos import open_video, read_frames, write_video
 
@@ -96,17 +96,12 @@ class Source:
 
 
 def open_source(path: Path, max_frames: int) -> Source:
-    if path.is_dir():
-        images = list_image_files(path)  # an empty folder is an error there
-        return Source(path, images, len(images))
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.suffix.lower() in VIDEO_EXTENSIONS:
+    if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
         capture, video = open_video(path)
         capture.release()
-        count = min(video.frame_count, max_frames) if max_frames > 0 and video.frame_count else video.frame_count or max_frames
-        return Source(path, None, count, video.fps, video.size)
-    return Source(path, [path], 1)
+        return Source(path, None, video.frames_to_read(max_frames), video.fps, video.size)
+    images = image_paths(path)  # a missing path or an empty folder is an error there
+    return Source(path, images, len(images))
 
 
 def batches(source: Source, batch: int, max_frames: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
@@ -122,27 +117,31 @@ def batches(source: Source, batch: int, max_frames: int) -> Iterator[tuple[list[
 
 
 def collect(source: Source, extract: PatchFeatures, args: argparse.Namespace, keep: bool
-            ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """Pass 1: every image's features (when `keep`) and the patches the PCA is fitted on (all of
-    them, or a seeded sample of about --pca-sample spread over the images)."""
+            ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[str]]:
+    """Pass 1: every image's features (float16, when `keep`), else a seeded sample of about
+    --pca-sample patches spread over the images for the PCA; and the names read."""
     generator = torch.Generator().manual_seed(args.seed)
     per_image = math.ceil(args.pca_sample / max(source.count, 1))
     kept, sample, seen = [], [], []
     for names, images in tqdm(batches(source, args.batch, args.max_frames), desc="Features", unit="batch",
                           total=math.ceil(source.count / args.batch) or None, dynamic_ncols=True):
         for grid in extract(images):
-            patches = grid.reshape(-1, grid.shape[-1])
             if keep:
                 kept.append(grid.half())
             else:
+                patches = grid.reshape(-1, grid.shape[-1])
                 sample.append(patches[torch.randperm(len(patches), generator=generator)[:per_image]])
         seen += names
     if not seen:
         raise DatasetError(f"{source.path}: no image or frame could be read")
-    fitted = torch.cat([g.reshape(-1, g.shape[-1]).float() for g in kept]) if keep else torch.cat(sample)
-    if keep and len(fitted) > args.pca_sample:
-        fitted = fitted[torch.randperm(len(fitted), generator=generator)[: args.pca_sample]]
-    return kept, fitted, seen
+    return kept, None if keep else torch.cat(sample), seen
+
+
+def sampled(patches: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`patches`, or a seeded sample of `count` of them when there are more."""
+    if len(patches) <= count:
+        return patches
+    return patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 def fit_maps(fitted: torch.Tensor, foreground: float | None, device: torch.device
@@ -173,13 +172,6 @@ def colour_grid(grid: torch.Tensor, pca: FeaturePca, foreground_pca: FeaturePca 
 def enlarge(colours: np.ndarray, size: tuple[int, int], how: str) -> np.ndarray:
     """The grid's colours at the image's (W, H)."""
     return cv2.resize(colours, size, interpolation=cv2.INTER_NEAREST if how == "nearest" else cv2.INTER_LINEAR)
-
-
-def write_image(path: Path, image_rgb: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: could not encode image")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
 
 
 def maps(source: Source, extract: PatchFeatures, kept: list[torch.Tensor], args: argparse.Namespace,
@@ -242,11 +234,12 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--save-features: {source.count} images' features need {format_bytes(needed)}, more than "
                         f"--max-memory-gb {args.max_memory_gb:g}; raise it or lower --max-frames")
     started = time.perf_counter()
-    kept, fitted, names = collect(source, extract, args, keep)
+    kept, sample, names = collect(source, extract, args, keep)
     count = len(names)
+    every = torch.cat(kept).reshape(-1, dim) if keep else None  # all patches, float16, concatenated once
+    fitted = sampled(every, args.pca_sample, args.seed).float() if keep else sample
     pca, foreground_pca, flipped = fit_maps(fitted, args.foreground, extract.device)
     if keep:  # colours scaled over every patch of the input, not only the fitted sample
-        every = torch.cat([g.reshape(-1, dim).float() for g in kept])
         pca = pca.scaled_to(every)
         if foreground_pca is not None:
             first = pca.colors(every)[:, 0]
