@@ -41,7 +41,9 @@ def open_video(path: str | Path) -> tuple[cv2.VideoCapture, VideoInfo]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: video file not found")
     capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
+    # OpenCV "opens" some non-videos (a text file named .jpg, as a one-image sequence) with no frame size.
+    if not capture.isOpened() or capture.get(cv2.CAP_PROP_FRAME_WIDTH) <= 0:
+        capture.release()
         raise ValueError(f"{path}: cannot be opened as a video (corrupt or unsupported codec)")
     fps = capture.get(cv2.CAP_PROP_FPS)
     size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
@@ -75,7 +77,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, size
     try:
         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*CODECS[path.suffix]), fps, size)
         if not writer.isOpened():
-            raise OSError(f"{path}: OpenCV cannot write a {CODECS[path.suffix]} video here")
+            raise OSError(f"{path}: OpenCV cannot write {CODECS[path.suffix]} video here")
         try:
             for frame in frames:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))

@@ -117,10 +117,11 @@ def test_infer_video_truncated_clip_ends_cleanly_with_a_playable_file(checkpoint
     assert 0 < frames < 20 and size == (96, 64)
 
 
-def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path):
-    (tmp_path / "fake.mp4").write_bytes(b"\x00" * 1000)
-    result = run_script("infer_video.py", "--input", tmp_path / "fake.mp4", "--model", checkpoint, "--out-dir", tmp_path / "out")
-    assert result.returncode == 1 and "fake.mp4: cannot be opened as a video" in result.stderr
+@pytest.mark.parametrize("name, content", [("fake.mp4", b"\x00" * 1000), ("notes.jpg", b"a text file, not a video")])
+def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)  # OpenCV "opens" notes.jpg as an image sequence without a frame size
+    result = run_script("infer_video.py", "--input", tmp_path / name, "--model", checkpoint, "--out-dir", tmp_path / "out")
+    assert result.returncode == 1 and f"{name}: cannot be opened as a video" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
