@@ -18,6 +18,7 @@ import html
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 import config
-from cli import UserError, one_line, run_cli
+from cli import ArgumentParser, UserError, at_least, one_line, port_number, positive, run_cli
 from drawing import class_shares, indexed_png, render
 from files import atomic_write
 from image_files import DatasetError, image_pixels, list_image_files, read_image
@@ -41,18 +42,18 @@ BAD_INPUT = (UserError, DatasetError, ValueError, OSError)  # what a user's file
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, several=True)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 shares it with the network (no login!)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--examples", default=None, metavar="DIR",
                         help=f"images offered as examples (default: {EXAMPLES_DIR} when it exists)")
-    parser.add_argument("--max-upload-mb", type=float, default=25, help="largest upload accepted (default 25)")
-    parser.add_argument("--max-pixels", type=float, default=25e6, help="largest image or video frame in pixels (default 25e6)")
-    parser.add_argument("--max-video-frames", type=int, default=300, help="frames of a clip that are processed (default 300)")
-    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more are turned away (default 16)")
+    parser.add_argument("--max-upload-mb", type=positive, default=25, help="largest upload accepted (default 25)")
+    parser.add_argument("--max-pixels", type=positive, default=25e6, help="largest image or video frame in pixels (default 25e6)")
+    parser.add_argument("--max-video-frames", type=at_least(1), default=300, help="frames of a clip that are processed (default 300)")
+    parser.add_argument("--queue-size", type=at_least(1), default=16, help="requests that may wait; more are turned away (default 16)")
     return parser
 
 
@@ -150,7 +151,7 @@ def shown_in_page(work: Callable[..., tuple], outputs: int) -> Callable[..., tup
             return work(path, *args, **kwargs)
         except BAD_INPUT as err:  # name the file as the user knows it, not by Gradio's upload copy
             message = one_line(err).replace(str(path), Path(path).name) if path else one_line(err)
-            return (None,) * (outputs - 1) + (f"**Could not segment it:** {html.escape(message)}",)
+            return (None,) * (outputs - 1) + (f"**Could not segment it:** {html.escape(message, quote=False)}",)
 
     return run
 
@@ -218,12 +219,29 @@ def load_predictors(args: argparse.Namespace) -> dict[str, Predictor]:
     return predictors
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, naming --port, if the address cannot be listened on (in use, not this machine's)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: not an address of this machine ({err.strerror})") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself will
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); "
+                            "another program uses it: choose another --port") from err
+
+
 def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the web demo needs gradio: pip install -r requirements-app.txt")
     if bool(args.model) == bool(args.head_weights):
         raise UserError("give --model CKPT (one or more) or --head-weights NAME|FILE (Meta's released head)")
+    check_port_free(args.host, args.port)  # before the models load, not after
     predictors = load_predictors(args)
     examples = example_images(args)
     if args.host not in LOCAL_HOSTS:
@@ -235,8 +253,14 @@ def main(args: argparse.Namespace) -> None:
         page = build_page(demo, examples)
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
         print(f"models: {', '.join(f'{name} ({p.engine})' for name, p in predictors.items())}", flush=True)
-        page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
-                    show_error=True, allowed_paths=[str(out_dir)] + examples, quiet=False)
+        try:
+            page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
+                        show_error=True, allowed_paths=[str(out_dir)] + examples, quiet=False)
+        except OSError as err:  # taken between the check and the launch; Gradio names its own server_port
+            if "port" not in str(err):
+                raise
+            raise UserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} (in use); "
+                            "choose another --port") from err
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 

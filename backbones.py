@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cli import UserError
+from file_kinds import read_torch_file, torch_contents, wrong_file
 from model_config import SIZES, SOURCES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
@@ -169,13 +170,10 @@ def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: backbone weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({_first_line(err)})") from err
-    if isinstance(state, dict) and "model_info" in state:
-        raise ValueError(f"{path}: is a segmentation checkpoint from train.py, not backbone weights; "
-                         "use it with --resume or with infer_*.py --model")
+    state = read_torch_file(path, "backbone weights")
+    found = torch_contents(state)
+    if found not in (None, "backbone weights"):
+        raise wrong_file(path, found, "backbone weights")
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
         state = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:

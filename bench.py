@@ -36,7 +36,7 @@ import config
 from backbones import load_backbone
 from checkpoint import model_info, save_checkpoint
 from classifiers import knn_votes
-from cli import add_backbone_args, backbone_argv, backbone_kwargs, run_cli
+from cli import ArgumentParser, add_backbone_args, at_least, backbone_argv, backbone_kwargs, run_cli
 from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
 from embeddings import ClassificationTransform, extract
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
@@ -54,23 +54,23 @@ NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloure
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backbone_args(parser)
     # Random init unless --weights names real DINOv2 weights: the timings do not depend on the values.
     parser.set_defaults(source="timm", no_pretrained=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
-    parser.add_argument("--train-images", type=int, default=4)
-    parser.add_argument("--valid-images", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=20, help="the seed's 20 (shrink the images, not the epochs)")
-    parser.add_argument("--train-views", type=int, default=4, help="K of the --train-views row")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed inference repetitions")
-    parser.add_argument("--cls-imgsz", type=int, default=224, help="classification: crop side for extraction")
-    parser.add_argument("--cls-images", type=int, default=64, help="classification: images to embed")
-    parser.add_argument("--knn-stored", type=int, default=100_000, help="classification: stored embeddings for kNN")
+    parser.add_argument("--train-images", type=at_least(1), default=4)
+    parser.add_argument("--valid-images", type=at_least(1), default=4)
+    parser.add_argument("--epochs", type=at_least(1), default=20, help="the seed's 20 (shrink the images, not the epochs)")
+    parser.add_argument("--train-views", type=at_least(1), default=4, help="K of the --train-views row")
+    parser.add_argument("--batch", type=at_least(1), default=2)
+    parser.add_argument("--workers", type=at_least(0), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed inference repetitions")
+    parser.add_argument("--cls-imgsz", type=at_least(1), default=224, help="classification: crop side for extraction")
+    parser.add_argument("--cls-images", type=at_least(1), default=64, help="classification: images to embed")
+    parser.add_argument("--knn-stored", type=at_least(1), default=100_000, help="classification: stored embeddings for kNN")
     parser.add_argument("--agreement-images", default=None, metavar="DIR",
                         help="export: images on which each engine's predictions are compared (default: generated)")
     parser.add_argument("--skip", nargs="*", default=[],

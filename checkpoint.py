@@ -16,6 +16,7 @@ import torch
 import config
 from backbones import BackboneUnavailableError, hub_state_to_timm
 from distributed import broadcast_object, broadcast_state, is_main_process
+from file_kinds import FileKindError, read_torch_file, torch_contents, wrong_file
 from files import atomic_write, deferred_interrupt
 from labels import DatasetSpec
 from model import Dinov2Segmentation
@@ -42,11 +43,20 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write atomically; a Ctrl-C during the write is held back until the file is complete."""
-    try:
-        with deferred_interrupt():
-            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-    except OSError as err:
-        raise OSError(f"{path}: could not be written ({err.strerror or err}); the previous file is unchanged") from err
+    with deferred_interrupt():
+        atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
+
+
+def _torch_save(value: Any, path: str) -> None:
+    """torch.save through a Python file: a failed write is then the OSError it is (No space left on
+    device), not a RuntimeError from torch's zip writer ("unexpected pos ...")."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(value, f)
+        except RuntimeError as err:  # the zip writer's own failure while it handles the write's OSError
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 CLASSIFIER_KIND = "image-classifier"  # the "kind" entry of classify.py's classifier.pth
@@ -58,26 +68,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    if path.suffix.lower() == ".onnx":
-        raise ValueError(f"{path}: is an exported ONNX model, not a PyTorch checkpoint; it runs with "
-                         "infer_image.py / infer_video.py / evaluate.py --model, and cannot be trained or exported again")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable checkpoint (truncated or not a PyTorch file): {str(err).splitlines()[0]}") from err
-    found = (CLASSIFIER_KIND if isinstance(checkpoint, dict) and checkpoint.get("kind") == CLASSIFIER_KIND
-             else "segmentation" if isinstance(checkpoint, dict) and "model" in checkpoint and "model_info" in checkpoint
-             else None)
-    if found == kind:
+    wanted = "an image classifier" if kind == CLASSIFIER_KIND else "a training checkpoint"
+    checkpoint = read_torch_file(path, wanted, map_location)
+    found = torch_contents(checkpoint)
+    if found == wanted.split(" ", 1)[1]:
         return checkpoint
-    if found == CLASSIFIER_KIND:
-        raise ValueError(f"{path}: is an image classifier from classify.py, not a segmentation model; "
-                         f"use it with classify.py --predict --model {path}")
-    if found == "segmentation":
-        raise ValueError(f"{path}: is a segmentation checkpoint from train.py, not a classifier; "
-                         "use it with infer_image.py / evaluate.py --model")
+    if found is not None:
+        raise wrong_file(path, found, wanted)
     what = "classify.py" if kind == CLASSIFIER_KIND else "train.py"
-    raise ValueError(f"{path}: not a checkpoint written by {what}")
+    raise FileKindError(f"{path}: not a checkpoint written by {what}")
 
 
 def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", *,

@@ -10,7 +10,8 @@ embedding cache: a rerun with other classifier settings skips extraction), split
 --val-fraction), metrics.json, metrics.csv, loss.png, accuracy.png (linear probe per epoch),
 confusion_<method>.png, neighbours.png and classifier.pth (linear weights, classes, backbone and
 feature settings, training embeddings: all that --predict needs). The folder is this workspace's:
-a rerun overwrites the results, a lock keeps a second run out while one works.
+a rerun first deletes the previous run's results (the embedding caches stay, reused while they match),
+a run that fails deletes its own, and a lock keeps a second run out while one works.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from backbones import load_backbone
 from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
 from classifiers import (TEMPERATURE, ProbeResult, confusion_counts, knn_votes, per_class_accuracy, ranked_classes,
                          topk_accuracy, train_linear_probe)
-from cli import add_backbone_args, backbone_kwargs, run_cli
+from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, non_negative, positive, run_cli
 from embeddings import FEATURES, LAYERS, ClassificationTransform, EmbeddingCache, cache_key, extract, linear_input
-from files import remove_stale_temp_files, write_json
+from files import write_json
 from image_folders import ClassFolders, class_images, read_class_folders
 from model_config import PATCH_SIZE
 from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
-from run_folder import RunLock
+from run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
 from runtime import AMP_CHOICES, seed_everything, select_device, select_precision
 
 METHODS = ("knn", "linear")
@@ -41,16 +42,16 @@ CURVES = (("loss", "Loss", "loss.png"), ("top1", "Top-1 accuracy", "accuracy.png
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.ROOT / "input" / "classification"),
                       help="train/<class>/ and val/<class>/ folders, or one folder of class folders with --val-fraction")
-    data.add_argument("--val-fraction", type=float, default=None, metavar="F",
+    data.add_argument("--val-fraction", type=positive, default=None, metavar="F",
                       help="split one folder of class folders: this share of each class to val (seeded by --seed)")
     data.add_argument("--imgsz", type=int, default=224, help="centre-crop side (a multiple of 14; 224 -> short side 256)")
-    data.add_argument("--crop-pct", type=float, default=0.875, help="resize the short side to imgsz / crop-pct first")
-    data.add_argument("--batch", type=int, default=64, help="images per forward while extracting embeddings")
-    data.add_argument("--workers", type=int, default=config.WORKERS, help="image decoding processes")
+    data.add_argument("--crop-pct", type=positive, default=0.875, help="resize the short side to imgsz / crop-pct first")
+    data.add_argument("--batch", type=at_least(1), default=64, help="images per forward while extracting embeddings")
+    data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="image decoding processes")
     add_backbone_args(parser)
 
     method = parser.add_argument_group("classifiers")
@@ -58,15 +59,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="cls: class tokens; cls+avgpool: with the last block's mean patch token")
     method.add_argument("--layers", type=int, default=1, choices=LAYERS, help="class tokens of the last 1 or 4 blocks")
     method.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
-    method.add_argument("--k", type=int, nargs="+", default=[10, 20], help="kNN neighbours (each is reported)")
-    method.add_argument("--temperature", type=float, default=TEMPERATURE, help="kNN vote temperature")
-    method.add_argument("--epochs", type=int, default=15, help="linear probe epochs (the best one is kept)")
-    method.add_argument("--lr", type=float, default=1e-3, help="linear probe AdamW learning rate")
-    method.add_argument("--lr-sweep", type=float, nargs="*", default=None, metavar="LR",
+    method.add_argument("--k", type=at_least(1), nargs="+", default=[10, 20], help="kNN neighbours (each is reported)")
+    method.add_argument("--temperature", type=positive, default=TEMPERATURE, help="kNN vote temperature")
+    method.add_argument("--epochs", type=at_least(1), default=15, help="linear probe epochs (the best one is kept)")
+    method.add_argument("--lr", type=positive, default=1e-3, help="linear probe AdamW learning rate")
+    method.add_argument("--lr-sweep", type=positive, nargs="*", default=None, metavar="LR",
                         help=f"train one probe per learning rate at once, keep the best (no values: {SWEEP_LRS})")
-    method.add_argument("--weight-decay", type=float, default=1e-4)
+    method.add_argument("--weight-decay", type=non_negative, default=1e-4)
     method.add_argument("--cosine", action="store_true", help="cosine learning-rate decay over the probe's steps")
-    method.add_argument("--probe-batch", type=int, default=64, help="linear probe batch size")
+    method.add_argument("--probe-batch", type=at_least(1), default=64, help="linear probe batch size")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None,
@@ -93,31 +94,38 @@ def main(args: argparse.Namespace) -> None:
     if "knn" in args.method and max(args.k) > len(data.train):
         raise ValueError(f"--k {max(args.k)}: larger than the training set ({len(data.train)} images in {args.data_dir})")
     out_dir = config.OUTPUT_DIR / (args.out_dir or "classify")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir)
-    lock.acquire()
+    lock = lock_run_folder(out_dir, "classifier")
     try:
-        remove_stale_temp_files(out_dir)
-        if data.made_split:
-            write_json(out_dir / "split.json", data.split_record(Path(args.data_dir)))
-        train, val = embed_splits(args, data, out_dir)
-        report, linear = evaluate_methods(args, data, train, val, out_dir)
-        write_json(out_dir / "metrics.json", report)
-        save_classifier(args, data, train, linear, out_dir / "classifier.pth")
+        remove_results(out_dir, "the previous classifier's")  # a folder's results all come from one run
+        try:
+            if data.made_split:
+                write_json(out_dir / "split.json", data.split_record(Path(args.data_dir)))
+            train, val = embed_splits(args, data, out_dir)
+            report, linear = evaluate_methods(args, data, train, val, out_dir)
+            write_json(out_dir / "metrics.json", report)
+            save_classifier(args, data, train, linear, out_dir / "classifier.pth")
+        except BaseException:
+            remove_results(out_dir, "this unfinished run's")  # no half set of results (the embedding caches stay)
+            raise
         print(f"Outputs in {out_dir}")
     finally:
         lock.release()
+
+
+def remove_results(out_dir: Path, whose: str) -> None:
+    """Delete the result files of a classifier run in `out_dir` (not the embedding caches: they are
+    keyed by what made them and reused)."""
+    present = [name for name in CLASSIFIER_RESULTS if (out_dir / name).exists()]
+    for name in present:
+        (out_dir / name).unlink()
+    if present:
+        print(f"Deleted {whose} {', '.join(present)} in {out_dir}")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag values that would only fail later, named."""
     if args.predict and (args.model is None or args.input is None):
         raise ValueError("--predict needs --model CLASSIFIER.pth and --input FILE_OR_FOLDER")
-    for flag in ("epochs", "batch", "probe_batch"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if min(args.k) < 1 or args.temperature <= 0:
-        raise ValueError(f"--k must be >= 1 and --temperature > 0, got {args.k}, {args.temperature}")
     if args.imgsz < PATCH_SIZE or args.imgsz % PATCH_SIZE or not 0 < args.crop_pct <= 1:
         raise ValueError(f"--imgsz {args.imgsz} --crop-pct {args.crop_pct}: the crop must be a multiple of {PATCH_SIZE} "
                          "(224, 518, ...) and crop-pct in (0, 1]")
@@ -261,6 +269,8 @@ def predict(args: argparse.Namespace) -> None:
     files = [source] if source.is_file() else class_images(source)[0]
     if not files:
         raise ValueError(f"{source}: no image files")
+    out_dir = config.OUTPUT_DIR / args.out_dir if args.out_dir else Path(args.model).parent
+    claim_output_folder(out_dir, run="classifier", beside=args.model, inputs=files)
     settings, classes = classifier["features"], classifier["classes"]
     device = select_device(args.device)
     transform = ClassificationTransform(settings["imgsz"], settings["crop_pct"], settings["mean"], settings["std"])
@@ -282,8 +292,6 @@ def predict(args: argparse.Namespace) -> None:
     for row, share in zip(rows, shares):
         best = int(ranked_classes(share[None])[0, 0])
         row.update(knn_class=classes[best], knn_vote_share=round(float(share[best]), 4))
-    out_dir = config.OUTPUT_DIR / args.out_dir if args.out_dir else Path(args.model).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "predictions.csv")
     print_summary(rows, out_dir / "predictions.csv")
 

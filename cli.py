@@ -68,6 +68,93 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
             torch.distributed.destroy_process_group()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Every script's parser: a bad flag is one line (`error: argument --port: must be in 1..65535,
+    got 99999`) and exit 2, like every other mistake, instead of the usage text above it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and value != value:  # nan
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (a range checked when the flag is parsed)."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    parse.__name__ = f"integer in {low}..{high}"
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number > 0 (a learning rate, a size limit, a temperature)."""
+    value = _number(float, text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a number >= 0 (a weight decay)."""
+    value = _number(float, text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1] (an opacity, a share)."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    return int_between(1, 65535)(text)
+
+
+class FlagParser(ArgumentParser):
+    """An ArgumentParser that records which flags the command line gave (`args.given_flags`), so
+    that a default can be told from the same value typed (what a resumed run takes from its checkpoint)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = super().parse_known_args(args, namespace)
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            bare, _ = super().parse_known_args(args, None)
+        finally:
+            for action, default in defaults:
+                action.default = default
+        parsed.given_flags = frozenset(vars(bare)) - {"help", "given_flags"}
+        return parsed, extra
+
+
 def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
 

@@ -25,6 +25,7 @@ from model_config import PATCH_SIZE
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 23  # the first with a fused Attention operator (onnxruntime >= 1.23); 18 for older runtimes
+OPSETS = range(18, 24)  # torch's exporter writes 18 and converts to the later ones; 23 is onnxruntime's newest here
 MAX_SIDE = 8192  # largest height/width a dynamic export accepts
 FORMAT = 1  # the metadata layout below
 
@@ -77,7 +78,17 @@ def export_network(model: nn.Module, *, size: tuple[int, int], dynamic: bool, op
         program = torch.onnx.export(network, (sample,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     input_names=["images"], output_names=["classes" if argmax else "logits"],
                                     verbose=False)
-    return program.model_proto
+    proto = program.model_proto
+    written = opset_of(proto)
+    if written != opset:  # the converter gives up with warnings only, leaving the graph at its own opset
+        raise UserError(f"--opset {opset}: the exporter could not convert the graph (it stayed at opset {written}); "
+                        f"nothing was written; use one of {OPSETS.start}..{OPSETS.stop - 1}")
+    return proto
+
+
+def opset_of(proto: Any) -> int:
+    """The standard-domain opset a model declares."""
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def to_float16(proto: Any) -> Any:

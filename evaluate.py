@@ -6,8 +6,10 @@
 
 Prints pixel accuracy, mIoU, mean class accuracy, frequency-weighted IoU and a per-class table
 (and, with --seed-metric, the seed article's per-batch mIoU on the same predictions); writes
-eval_<checkpoint>_<split>.json and confusion_<checkpoint>_<split>.png next to the checkpoint (or
-into --out-dir). Runs under torchrun: each process scores a shard, counts are all-reduced.
+eval_<model file>_<split>_<mode>.json and confusion_<...>.png next to the checkpoint (or into
+--out-dir): e.g. eval_best_model_iou.pth_valid_whole-644x644.json; the name says which file (.pth or
+.onnx), which split and which mode, so evaluating another of them never replaces a report. Runs
+under torchrun: each process scores a shard, counts are all-reduced.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import config
-from cli import run_cli
+from cli import ArgumentParser, at_least, run_cli
 from data_check import check_dataset
 from datasets import find_pairs, pair_folders
 from distributed import init_distributed, is_main_process
@@ -24,18 +26,19 @@ from files import write_json
 from inference import add_mode_args, add_model_args, load_predictor, mode_from_args
 from labels import DatasetSpec
 from reports import save_confusion_matrix
+from run_folder import claim_output_folder
 from runtime import AMP_CHOICES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root laid out like the training data")
     data.add_argument("--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)")
     data.add_argument("--images", default=None, metavar="DIR", help="score this image folder instead (with --labels)")
     data.add_argument("--labels", default=None, metavar="DIR", help="the masks of --images, paired by file stem")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    data.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images")
     add_mode_args(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None, help="where eval_*.json and confusion_*.png go (default: beside the checkpoint)")
@@ -43,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
     run.add_argument("--seed-metric", action="store_true",
                      help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches")
-    run.add_argument("--seed-batch", type=int, default=2, help="images per batch of --seed-metric (the seed trained with 2)")
+    run.add_argument("--seed-batch", type=at_least(1), default=2, help="images per batch of --seed-metric (the seed trained with 2)")
     return parser
 
 
@@ -59,12 +62,13 @@ def split_pairs(args: argparse.Namespace) -> tuple[str, list[tuple[Path, Path]]]
 
 def main(args: argparse.Namespace) -> None:
     mode = mode_from_args(args)
-    if args.workers < 0 or args.seed_batch < 1:
-        raise ValueError("--workers must be >= 0 and --seed-batch >= 1")
     device = init_distributed(args.device)
     split, pairs = split_pairs(args)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
+    if is_main_process():  # before the work: a folder that cannot take the report fails now
+        claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs])
     predictor = load_predictor(args, str(device), mode)
-    name = Path(args.model).stem if args.model else Path(args.head_weights).stem
+    name = Path(args.model).name if args.model else Path(args.head_weights).name
     info = predictor.info
     spec = DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
                        info["ignore_index"], info.get("mask_format", "auto"), source=f"{name} (model_info)")
@@ -79,8 +83,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
               f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}")
     if is_main_process():
-        out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
-        name = f"{name}_{split}"
+        name = f"{name}_{split}_{predictor.mode.tag()}"
         write_json(out_dir / f"eval_{name}.json", report_json(
             result, predictor.classes, checkpoint=str(args.model or args.head_weights), split=split,
             mode=predictor.mode.describe(), seed_batch=args.seed_batch))

@@ -23,14 +23,16 @@ import numpy as np
 import torch
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import UserError, run_cli
+from cli import ArgumentParser, UserError, at_least, run_cli
 from datasets import check_imgsz, round_to_patch
-from deployment import DEFAULT_OPSET, OnnxNetwork, export_network, quantize_int8, require, to_float16, write_metadata
+from deployment import (DEFAULT_OPSET, OPSETS, OnnxNetwork, export_network, opset_of, quantize_int8, require,
+                        to_float16, write_metadata)
 from files import format_bytes, temp_path
 from image_files import image_paths, read_image
 from inference import preprocess
 from metrics import predicted_classes
 from model_config import PATCH_SIZE
+from run_folder import claim_output_folder
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
@@ -38,11 +40,12 @@ SINGLE_FILE_LIMIT = 2**31  # protobuf cannot serialise a message over 2 GB: larg
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint written by train.py, e.g. best_model_iou.pth")
     parser.add_argument("--out", default=None, help="the .onnx file to write (default: beside --model, named after it)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}: fused attention, onnxruntime >= 1.23; 18 for older runtimes)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS, metavar="N",
+                        help=f"ONNX opset {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET}: fused attention, onnxruntime >= 1.23; "
+                             "18 for older runtimes)")
     parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
                         help="any batch, height and width (default); --no-dynamic: exactly --imgsz, batch 1")
     parser.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
@@ -54,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-images", default=None, metavar="PATH",
                         help="real images (a folder or a file) for the self-check (default: the training data's "
                              "valid_images, when the checkpoint's folder still exists)")
-    parser.add_argument("--check-count", type=int, default=2, help="how many of them (default 2)")
+    parser.add_argument("--check-count", type=at_least(0), default=2, help="how many of them (default 2)")
     return parser
 
 
@@ -164,6 +167,7 @@ def write_onnx(model: torch.nn.Module, info: dict, target: Path, args: argparse.
 def main(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.model)
     out = output_path(args)
+    claim_output_folder(out.parent, beside=args.model)
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
     info = checkpoint["model_info"]
@@ -195,7 +199,8 @@ def main(args: argparse.Namespace) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     shape = "any size" if args.dynamic else f"{imgsz[0]}x{imgsz[1]} only"
-    print(f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {args.opset}, {shape}, "
+    opset = opset_of(require("onnx").load(out, load_external_data=False))  # as written, not as asked
+    print(f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {opset}, {shape}, "
           f"{'class indices' if args.argmax else 'logits'}) in {exported_in:.1f} s\n"
           f"run it: python infer_image.py --model {out} --input IMAGES")
 

@@ -73,16 +73,40 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+class WriteError(OSError):
+    """A result that could not be written; the message names the file and the reason."""
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` then rename onto `path`: a crash leaves the old file, never half a new one."""
+    """Call `write(tmp_path)` then rename onto `path`: a crash leaves the old file, never half a new one.
+
+    Every result file goes through here, so a failed write (a full disk, a read-only folder) is
+    always the same one-line error naming `path`, with the temporary file removed."""
     path = Path(path)
-    tmp = temp_path(path)
+    try:
+        tmp = temp_path(path)
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except WriteError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(path: Path, err: OSError) -> WriteError:
+    """`path: could not be written (No space left on device)`, and whether an earlier file survives."""
+    previous = "; the previous file is unchanged" if path.exists() else ""
+    error = WriteError(f"{path}: could not be written ({err.strerror or err}){previous}")
+    error.errno = err.errno
+    return error
 
 
 @contextlib.contextmanager
@@ -124,14 +148,6 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} B"
-
-
-def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
-    """Outputs never replace an input file (an --out-dir that holds the inputs, a.jpg -> a.jpg)."""
-    sources = {Path(p).resolve() for p in inputs}
-    clash = next((out for out in outputs if Path(out).resolve() in sources), None)
-    if clash is not None:
-        raise ValueError(f"{clash}: is an input and would be replaced by a result; choose another --out-dir")
 
 
 def fingerprint_files(files: Iterable[str | Path]) -> str:

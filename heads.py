@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 import config
-from backbones import OFFLINE_HINT
 from checkpoint import model_info
 from cli import UserError
+from file_kinds import read_torch_file, torch_contents, wrong_file
 from labels import DatasetSpec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import SIZES, get_backbone_spec
@@ -53,18 +53,18 @@ def read_head_file(path_or_name: str | Path, backbone: str = "small", registers:
     """The raw checkpoint of a head: a local file, or a Meta head name fetched once into the
     torch.hub cache ($TORCH_HOME/hub/checkpoints), which then works offline."""
     if Path(path_or_name).is_file():
-        try:
-            return torch.load(path_or_name, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise HeadWeightsError(f"{path_or_name}: not a readable head checkpoint ({str(err).splitlines()[0]})") from err
+        raw = read_torch_file(path_or_name, "a segmentation head")
+        found = torch_contents(raw)
+        if found not in (None, "segmentation head"):
+            raise wrong_file(path_or_name, found, "a segmentation head")
+        return raw
     url = head_url(str(path_or_name), backbone, registers)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except Exception as err:  # URLError, HTTPError, unpickling errors
         file = url.rsplit("/", 1)[1]
         raise HeadWeightsError(f"could not load {file} ({url}): {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                               f"offline, copy it into $TORCH_HOME/hub/checkpoints/ or pass its path to --head-weights "
-                               f"(backbone: {OFFLINE_HINT})") from err
+                               "offline, copy it into $TORCH_HOME/hub/checkpoints/ or pass its path to --head-weights") from err
 
 
 def head_state(raw: dict[str, Any], where: str) -> dict[str, torch.Tensor]:

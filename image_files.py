@@ -58,6 +58,7 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
                 simplejpeg.decode_jpeg(data, strict=True)
             else:
                 image.load()
+                rgb_pixels(image, path)  # a pixel format read_image refuses fails here, before training
     return size[0], size[1], orientation
 
 
@@ -83,12 +84,54 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read any image file as `[H, W, 3]` uint8 RGB (grayscale and RGBA are converted)."""
-    image = open_image(path)
+    """Read any image file as `[H, W, 3]` uint8 RGB, by one rule per pixel format (`rgb_pixels`)."""
+    return rgb_pixels(open_image(path), path)
+
+
+def rgb_pixels(image: Image.Image, path: str | Path = "image") -> np.ndarray:
+    """The one rule that turns every PIL mode into 8-bit RGB, so that no format is silently misread:
+
+    - 8-bit RGB as stored; gray (L) and bilevel (1: 0/255) copied to the three channels; palette (P)
+      through its palette;
+    - alpha (RGBA, LA, PA, a palette's transparency) dropped: the colour channels as stored, as
+      torchvision's and DINOv2's own image loaders read such files;
+    - 16-bit gray (I;16*) and 32-bit integer (I) files holding 16-bit values: the high byte (v >> 8),
+      the rule PIL applies to 16-bit RGB files itself: 0..65535 -> 0..255, one scale for every
+      image (no per-image stretch: equal values stay equal across a dataset);
+    - float (F): intensities in 0..1, scaled by 255; values outside 0..1 are refused;
+    - CMYK: PIL's conversion (no colour management: for exact colours convert such files to RGB
+      with their ICC profile first);
+    - anything else PIL can convert (YCbCr, ...) converted; what it cannot is refused by name.
+    """
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return _gray_to_rgb(_sixteen_bit_gray(np.asarray(image), mode, path))
+    if mode == "F":
+        return _gray_to_rgb(_unit_float_gray(np.asarray(image), path))
     try:
         return np.array(image.convert("RGB"))  # a writable copy (np.asarray would be a read-only view)
-    except ValueError as err:  # a mode PIL cannot convert, e.g. 32-bit float TIFF
-        raise DatasetError(f"{path}: {image.mode} images cannot be converted to RGB ({err})") from err
+    except ValueError as err:  # a mode PIL cannot convert
+        raise DatasetError(f"{path}: {mode} images cannot be converted to RGB ({err})") from err
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _sixteen_bit_gray(pixels: np.ndarray, mode: str, path: str | Path) -> np.ndarray:
+    if mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise DatasetError(f"{path}: a 32-bit integer image with values {pixels.min()}..{pixels.max()}; only 8- and "
+                           "16-bit integer images are read (save it as a 16-bit PNG or TIFF)")
+    return (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _unit_float_gray(pixels: np.ndarray, path: str | Path) -> np.ndarray:
+    if not np.isfinite(pixels).all() or (pixels.size and (pixels.min() < 0 or pixels.max() > 1)):
+        finite = pixels[np.isfinite(pixels)]
+        found = f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite values"
+        raise DatasetError(f"{path}: a float image with values {found}{'' if np.isfinite(pixels).all() else ' and NaN/inf'}; "
+                           "float images are read as intensities in 0..1 (scale it, or save it as an 8- or 16-bit image)")
+    return np.rint(pixels * 255).astype(np.uint8)
 
 
 COLOR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")

@@ -16,15 +16,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 import config
-from cli import UserError, run_cli
+from cli import ArgumentParser, run_cli
 from drawing import indexed_png, render
-from files import atomic_write, refuse_overwriting_inputs, remove_stale_temp_files
+from files import atomic_write
 from image_files import DatasetError, image_paths, read_image, write_image
-from inference import add_inference_args, check_inference_args, load_predictor
+from inference import add_inference_args, load_predictor
+from run_folder import claim_output_folder
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="an image folder or a single image file")
     add_inference_args(parser, config.OUTPUT_DIR / "inference_results_image")
     return parser
@@ -36,16 +37,9 @@ def output_names(image_path: Path) -> tuple[str, str]:
 
 
 def main(args: argparse.Namespace) -> None:
-    check_inference_args(args)
     images = image_paths(args.input)
-    out_dir = Path(args.out_dir)
-    if Path(args.input).is_dir() and out_dir.resolve() == Path(args.input).resolve():
-        raise UserError(f"--out-dir {out_dir} is the input folder: results would be mixed with (and could replace) "
-                        "the images; choose another --out-dir")
-    refuse_overwriting_inputs([out_dir / name for path in images for name in output_names(path)], images)
+    out_dir = claim_output_folder(args.out_dir, inputs=images)
     predictor = load_predictor(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
     seconds, done = 0.0, 0
     for path in tqdm(images, desc="Images", dynamic_ncols=True):
         try:

@@ -17,18 +17,18 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from cli import run_cli
-from files import refuse_overwriting_inputs, remove_stale_temp_files
-from inference import add_inference_args, check_inference_args, load_predictor
+from cli import ArgumentParser, at_least, run_cli
+from inference import add_inference_args, load_predictor
+from run_folder import claim_output_folder
 from videos import open_video, read_frames, segmented_frames, write_video
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="a video file OpenCV can read (mp4, avi, ...)")
     add_inference_args(parser, config.OUTPUT_DIR / "inference_results_video")
     parser.add_argument("--show", action="store_true", help="display frames while processing (needs a display)")
-    parser.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: the whole clip), for a quick preview")
+    parser.add_argument("--max-frames", type=at_least(0), default=0, help="stop after N frames (0: the whole clip), for a quick preview")
     return parser
 
 
@@ -60,15 +60,12 @@ def shown(frames: Iterable[np.ndarray], total: int, show: bool) -> Iterator[np.n
 
 
 def main(args: argparse.Namespace) -> None:
-    check_inference_args(args)
     source = Path(args.input)
     capture, video = open_video(source)
     try:
         frame_count = video.frames_to_read(args.max_frames)
-        out_path = Path(args.out_dir) / f"{source.stem}.mp4"
-        refuse_overwriting_inputs([out_path], [source])
+        out_path = claim_output_folder(args.out_dir, inputs=[source]) / f"{source.stem}.mp4"
         predictor = load_predictor(args)
-        remove_stale_temp_files(out_path.parent)
         timings: list[float] = []
         frames = segmented_frames(read_frames(capture, args.max_frames), predictor, args.alpha, timings)
         written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, video.size)

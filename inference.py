@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import UserError, add_backbone_args, backbone_kwargs
+from cli import UserError, add_backbone_args, at_least, backbone_kwargs, positive, unit_interval
 from datasets import check_imgsz, eval_transform, round_to_patch
 from deployment import OnnxNetwork
+from file_kinds import sniff
 from heads import model_with_head
 from labels import ColorMap
 from metrics import predicted_classes
@@ -73,6 +74,15 @@ class InferenceMode:
             base = f"slide (short side {self.short_side}, crop {self.crop}, stride {self.stride})"
         tta = f", scales {' '.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""
         return base + tta + (", + flip" if self.flip else "")
+
+    def tag(self) -> str:
+        """The mode in a file name: whole-644x644, whole-native, slide-512-518-341, + _ms0.75-1-1.25, + _flip."""
+        if self.mode == "whole":
+            base = "whole-native" if self.native or not self.imgsz else f"whole-{self.imgsz[0]}x{self.imgsz[1]}"
+        else:
+            base = f"slide-{self.short_side}-{self.crop}-{self.stride}"
+        scales = f"_ms{'-'.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""
+        return base + scales + ("_flip" if self.flip else "")
 
     def pass_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
         """(height, width) the image is resized to for one pass at `scale`."""
@@ -230,8 +240,8 @@ def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: 
                            help="whole: one forward at each image's own size (rounded up to 14)")
     group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
     group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
-    group.add_argument("--stride", type=int, default=341, help="slide: window step (default 341)")
-    group.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+    group.add_argument("--stride", type=at_least(1), default=341, help="slide: window step (default 341)")
+    group.add_argument("--scales", type=positive, nargs="+", default=[1.0], metavar="S",
                        help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)")
     group.add_argument("--flip", action="store_true", help="test-time horizontal flip (softmax-averaged)")
 
@@ -266,8 +276,8 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
     if (args.model is None) == (args.head_weights is None):
         raise ValueError("give --model CKPT (a model trained here) or --head-weights NAME|FILE (Meta's released head)")
     mode = mode or mode_from_args(args)
-    if args.model is not None and Path(args.model).suffix.lower() == ".onnx":  # onnxruntime picks from --device itself
-        return Predictor.from_onnx(args.model, args.device, mode)
+    if args.model is not None and Path(args.model).is_file() and sniff(args.model) == "onnx":  # by content, not name
+        return Predictor.from_onnx(args.model, args.device, mode)  # onnxruntime picks from --device itself
     if args.model is not None:
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
     return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,
@@ -279,11 +289,7 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
     add_model_args(parser)
     parser.add_argument("--out-dir", default=str(default_out_dir))
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay, 0..1")
+    parser.add_argument("--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
     add_mode_args(parser)
 
-
-def check_inference_args(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")

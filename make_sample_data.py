@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 
 import config
-from cli import run_cli
+from cli import ArgumentParser, at_least, run_cli
 from synthetic import make_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(config.DATA_DIR))
-    parser.add_argument("--train", type=int, default=24)
-    parser.add_argument("--valid", type=int, default=8)
-    parser.add_argument("--size", type=int, nargs=2, default=(160, 120), metavar=("W", "H"))
+    parser.add_argument("--train", type=at_least(1), default=24)
+    parser.add_argument("--valid", type=at_least(1), default=8)
+    parser.add_argument("--size", type=at_least(14), nargs=2, default=(160, 120), metavar=("W", "H"))
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

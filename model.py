@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from backbones import backbone_blocks, exporting, load_backbone
-from cli import add_backbone_args, backbone_kwargs, run_cli
+from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
 from model_config import get_backbone_spec
 
 
@@ -186,9 +186,9 @@ def _checkpointed(forward):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Print a summary of the DINOv2 segmentation model.")
+    parser = ArgumentParser(description="Print a summary of the DINOv2 segmentation model.")
     add_backbone_args(parser)
-    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--num-classes", type=at_least(1), default=21)
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
     parser.add_argument("--fine-tune", action="store_true")
     return parser

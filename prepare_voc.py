@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import config
+from cli import ArgumentParser
 from files import remove_stale_temp_files, temp_path
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
@@ -134,7 +135,7 @@ def download(destination: Path) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None, help="VOCtrainval_11-May-2012.tar, or an extracted VOCdevkit / VOC2012 folder")
     parser.add_argument("--download", action="store_true", help="download the official tar into input/ first")
     parser.add_argument("--aug-masks", default=None, help="SBD SegmentationClassAug folder: train on the 10,582-image set")

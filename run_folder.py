@@ -1,4 +1,15 @@
-"""A training run owns its output folder: one run at a time, never another run's files.
+"""Output folders: a script never writes into another run's folder, and a training run owns its own.
+
+The rule for every script that writes results (`claim_output_folder`): a folder that holds a
+training run (train.py) or a classifier (classify.py) is written to only by the script that made it
+— and by evaluate.py and export.py when it is the folder of the model they read, where their
+reports belong. A folder of other results (inference, feature maps, evaluation reports, exports)
+takes any of them: their file names are their own. The folder of the inputs is refused, and so is
+a place that cannot be written, before any work; temporary files that killed processes left there
+are deleted.
+
+On top of that, a training run and a classifier lock their folder (`lock_run_folder`), and a
+training run keeps its files apart from other training runs' (`claim_run_folder`):
 
 - A lock (a POSIX `lockf` lock on `<folder>/.lock`) keeps a second run out while one is working
   there. The kernel drops it when the process dies, so a killed run never leaves the folder
@@ -7,7 +18,6 @@
 - A folder that already holds a run is refused unless the new run continues it (`--resume` of
   a checkpoint inside it) or starts over (`--exist-ok`, which deletes the old run's files first,
   so nothing stale, e.g. a `best_model_iou.pth` of an older run, can be mistaken for this run's).
-- Temporary files that killed processes left behind are deleted on start.
 """
 from __future__ import annotations
 
@@ -17,9 +27,10 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Iterable
 
 from cli import UserError
-from files import remove_stale_temp_files
+from files import remove_stale_temp_files, temp_path
 
 try:
     import fcntl
@@ -33,9 +44,74 @@ RUN_FILES = ("last.pth", "best_model_loss.pth", "best_model_iou.pth", "final_mod
 # test_metrics.json: the name of best_validation.json before it was computed at original resolution
 LOCK_NAME = ".lock"
 
+# Everything classify.py writes into its folder; the embedding caches are kept across reruns.
+CLASSIFIER_CACHES = ("embeddings_train.pt", "embeddings_val.pt")
+CLASSIFIER_RESULTS = ("classifier.pth", "split.json", "metrics.json", "metrics.csv", "loss.png", "accuracy.png",
+                      "confusion_knn.png", "confusion_linear.png", "neighbours.png", "predictions.csv")
+
+# The runs that own their folder, by the files they write; those both write show only that one of them is there.
+RUN_KINDS = {"training run": RUN_FILES, "classifier": (*CLASSIFIER_RESULTS, *CLASSIFIER_CACHES)}
+SHARED_RUN_FILES = ("metrics.csv", "loss.png", "accuracy.png")
+RUN_NAMES = {"training run": "a training run (train.py)", "classifier": "a classifier (classify.py)"}
+
 
 class RunFolderError(UserError):
-    """The output folder belongs to another run."""
+    """The output folder belongs to another run or kind of results, or cannot be written."""
+
+
+def folder_run(folder: Path) -> tuple[str | None, list[str]]:
+    """(run kind, the files that show it) of a folder: "training run", "classifier", "run" when only
+    files both write are there, or None."""
+    if not folder.is_dir():
+        return None, []
+    for kind, names in RUN_KINDS.items():
+        found = [name for name in names if name not in SHARED_RUN_FILES and (folder / name).exists()]
+        if found:
+            return kind, found
+    shared = [name for name in SHARED_RUN_FILES if (folder / name).exists()]
+    return ("run", shared) if shared else (None, [])
+
+
+def claim_output_folder(folder: str | Path, *, run: str | None = None, beside: str | Path | None = None,
+                        inputs: Iterable[str | Path] = ()) -> Path:
+    """Check `folder` by the rule in the module docstring before any work, and clean up after killed
+    processes there. `run`: the kind of run this script is (its own folders are allowed); `beside`:
+    the model file whose folder is always allowed (evaluate.py, export.py). A folder that did not
+    exist is not left behind: the first result written creates it."""
+    folder = Path(folder)
+    inputs = [Path(p) for p in inputs]
+    held = {p.resolve().parent for p in inputs if p.is_file()} | {p.resolve() for p in inputs if p.is_dir()}
+    if folder.resolve() in held:
+        raise RunFolderError(f"--out-dir {folder}: is the folder of the inputs; results would be mixed with (and could "
+                             "replace) them: choose another --out-dir")
+    found, shown = folder_run(folder)
+    own_model_folder = beside is not None and Path(beside).resolve().parent == folder.resolve()
+    if found == "run" and run is not None:
+        found = run  # only the files both runs write: the run's own checks decide
+    if found is not None and found != run and not own_model_folder:
+        what = RUN_NAMES.get(found, "the results of another run")
+        raise RunFolderError(f"{folder}: holds {what}: {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; "
+                             "choose another --out-dir")
+    check_writable(folder, keep=run is not None)
+    for path in remove_stale_temp_files(folder):
+        print(f"Removed {path.name}: a temporary file of a process that was killed")
+    return folder
+
+
+def check_writable(folder: Path, *, keep: bool) -> None:
+    """Create `folder` and a file in it now, so that a read-only or mistyped place fails before the
+    work; without `keep`, the folders this made are removed again."""
+    created = next((p for p in [folder, *folder.parents][::-1] if not p.exists()), None)
+    blocking = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise RunFolderError(f"{folder}: cannot write there ({blocking} is a file, not a folder); choose another --out-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temp_path(folder / "write-check").unlink()
+    except OSError as err:
+        raise RunFolderError(f"{folder}: cannot write there ({err.strerror or err}); choose another --out-dir") from err
+    if created is not None and not keep:
+        shutil.rmtree(created, ignore_errors=True)
 
 
 class RunLock:
@@ -58,7 +134,7 @@ class RunLock:
                 handle.seek(0)
                 owner = handle.read().strip() or "another process"
                 handle.close()
-                raise RunFolderError(f"{self.path.parent}: another training run is using this folder ({owner}); "
+                raise RunFolderError(f"{self.path.parent}: another run is using this folder ({owner}); "
                                      "wait for it to finish or choose another --out-dir") from None
             try:  # the previous holder may have deleted the file between our open and our lock
                 if os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino:
@@ -80,13 +156,9 @@ class RunLock:
 
 
 def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok: bool = False) -> RunLock:
-    """Lock `folder` for this run, clean up after killed runs, and refuse another run's files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder)
-    lock.acquire()
+    """Lock `folder` for this training run, clean up after killed runs, and refuse another run's files."""
+    lock = lock_run_folder(folder, "training run")
     try:
-        for path in remove_stale_temp_files(folder):
-            print(f"Removed {path.name}: a temporary file of a run that was killed")
         existing = [name for name in RUN_FILES if (folder / name).exists()]
         continuing = resume is not None and Path(resume).resolve().parent == folder.resolve()
         if existing and not continuing:
@@ -102,4 +174,12 @@ def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok
     except BaseException:
         lock.release()
         raise
+    return lock
+
+
+def lock_run_folder(folder: Path, kind: str) -> RunLock:
+    """`claim_output_folder`, then the run's lock on the folder (held until `release`)."""
+    claim_output_folder(folder, run=kind)
+    lock = RunLock(folder)
+    lock.acquire()
     return lock

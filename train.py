@@ -29,7 +29,7 @@ import torch
 import config
 from backbones import weights_digest
 from checkpoint import RunCheckpoints, load_checkpoint, model_info
-from cli import add_backbone_args, backbone_kwargs, run_cli
+from cli import FlagParser, add_backbone_args, at_least, backbone_kwargs, non_negative, positive, run_cli
 from datasets import (SegmentationDataset, ViewsDataset, build_datasets, check_imgsz, epoch_seed, eval_transform,
                       make_loader, round_to_patch, set_epoch, shard_indices)
 from distributed import (all_reduce_sum, broadcast_object, distributed, init_distributed, is_main_process, rank,
@@ -50,7 +50,7 @@ from tensorboard_log import TrainingBoard
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/")
     data.add_argument("--classes", default=None, metavar="FILE",
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
                       help="training/validation size, rounded up to a multiple of 14 (640 -> 644); "
                            "--recipe paper: the side of its square crops (default: seed 640 640, paper 518 518)")
-    data.add_argument("--workers", type=int, default=config.WORKERS, help="DataLoader worker processes")
+    data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="DataLoader worker processes")
 
     add_backbone_args(parser)
     parser.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
@@ -73,20 +73,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--recipe", default=None, choices=list(config.RECIPES),
                        help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
                             "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation)")
-    optim.add_argument("--epochs", type=int, default=None, help=f"total epochs (default: seed {config.EPOCHS})")
-    optim.add_argument("--steps", type=int, default=None,
+    optim.add_argument("--epochs", type=at_least(1), default=None, help=f"total epochs (default: seed {config.EPOCHS})")
+    optim.add_argument("--steps", type=at_least(1), default=None,
                        help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper 40000)")
-    optim.add_argument("--batch", type=int, default=None, help="images per step (default: seed 2, paper 16)")
-    optim.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: seed 1e-4, paper 1e-3)")
-    optim.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)")
+    optim.add_argument("--batch", type=at_least(1), default=None, help="images per step (default: seed 2, paper 16)")
+    optim.add_argument("--lr", type=positive, default=None, help="AdamW learning rate (default: seed 1e-4, paper 1e-3)")
+    optim.add_argument("--weight-decay", type=non_negative, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)")
     optim.add_argument("--scheduler", default=None, choices=SCHEDULERS,
                        help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine: decay per step")
-    optim.add_argument("--scheduler-epochs", type=int, nargs="+", default=None, metavar="E",
+    optim.add_argument("--scheduler-epochs", type=at_least(1), nargs="+", default=None, metavar="E",
                        help="multistep: epochs after which the LR is multiplied by --scheduler-gamma")
-    optim.add_argument("--scheduler-gamma", type=float, default=0.1)
-    optim.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+    optim.add_argument("--scheduler-gamma", type=positive, default=0.1)
+    optim.add_argument("--warmup-steps", type=at_least(0), default=None, metavar="N",
                        help="poly / cosine: linear warmup over the first N optimizer steps (default: seed 0, paper 1500)")
-    optim.add_argument("--backbone-lr", type=float, default=None,
+    optim.add_argument("--backbone-lr", type=positive, default=None,
                        help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
 
     add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
@@ -99,12 +99,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)")
     speed.add_argument("--no-val-cache", action="store_true",
                        help="re-run a frozen backbone on the validation split every epoch instead of caching its features")
-    speed.add_argument("--train-views", type=int, default=0, metavar="K",
+    speed.add_argument("--train-views", type=at_least(0), default=0, metavar="K",
                        help="frozen backbone: compute K augmented views of every training image once, then each epoch "
                             "trains the head on one view per image (K=1: one un-augmented view)")
     speed.add_argument("--cache-train-features", dest="train_views", action="store_const", const=1,
                        help="the same as --train-views 1 (the training features of un-augmented images, computed once)")
-    speed.add_argument("--cache-ram-gb", type=float, default=None,
+    speed.add_argument("--cache-ram-gb", type=non_negative, default=None,
                        help="feature caches larger than this go to a file in the run folder (default: a quarter of RAM)")
 
     run = parser.add_argument_group("run")
@@ -112,41 +112,64 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=config.SEED)
     run.add_argument("--resume", default=None, metavar="CKPT",
-                     help="continue from a last.pth; --epochs/--lr/--backbone-lr/--weight-decay given with it override the checkpoint's")
+                     help="continue from a last.pth: flags not given are the checkpoint's; what each flag may do on resume: RESUME_RULES")
     run.add_argument("--exist-ok", action="store_true",
                      help="start over in an --out-dir that holds another run (its files are deleted first)")
     run.add_argument("--tensorboard", action="store_true",
                      help="log curves and example predictions to <run folder>/tensorboard (tensorboard --logdir outputs/)")
-    run.add_argument("--tensorboard-images", type=int, default=4, metavar="N",
+    run.add_argument("--tensorboard-images", type=at_least(0), default=4, metavar="N",
                      help="--tensorboard: validation images shown with their predictions (default 4)")
-    run.add_argument("--tensorboard-every", type=int, default=1, metavar="E",
+    run.add_argument("--tensorboard-every", type=at_least(1), default=1, metavar="E",
                      help="--tensorboard: draw the example predictions every E epochs and after the last (default 1)")
-    run.add_argument("--dist-timeout", type=float, default=30, metavar="MIN",
+    run.add_argument("--dist-timeout", type=positive, default=30, metavar="MIN",
                      help="torchrun: minutes a process waits for a dead or stuck peer before failing")
     return parser
 
 
-# Flags a resumed run may change (the change is reported and recorded in metrics.csv).
-CHANGEABLE_ON_RESUME = ("epochs", "steps", "lr", "weight_decay", "backbone_lr")
+# What --resume does with each flag (every flag of get_args_parser; a test checks that none is missing):
+KEEP = "keep"  # what the run is: taken from the checkpoint; another value given is refused
+CHANGE = "change"  # taken from the checkpoint unless given; a new value is applied, printed and recorded
+LOCAL = "local"  # where and how this process runs (no effect on the result): this invocation's own, not recorded
+RESUME_RULES = {
+    "data_dir": CHANGE, "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
+    "imgsz": KEEP, "workers": LOCAL,
+    "backbone": KEEP, "registers": KEEP, "source": CHANGE, "hub_dir": CHANGE, "weights": CHANGE, "no_pretrained": CHANGE,
+    "fine_tune": KEEP, "head_layers": KEEP, "head_weights": KEEP,
+    "recipe": KEEP, "epochs": CHANGE, "steps": CHANGE, "batch": KEEP, "lr": CHANGE, "weight_decay": CHANGE,
+    "scheduler": KEEP, "scheduler_epochs": KEEP, "scheduler_gamma": KEEP, "warmup_steps": KEEP, "backbone_lr": CHANGE,
+    "mode": CHANGE, "short_side": CHANGE, "crop": CHANGE, "stride": CHANGE, "scales": CHANGE, "flip": CHANGE,
+    "amp": CHANGE, "grad_checkpointing": LOCAL, "compile": LOCAL, "no_val_cache": LOCAL, "train_views": KEEP,
+    "cache_ram_gb": LOCAL, "out_dir": LOCAL, "device": LOCAL, "seed": CHANGE, "resume": LOCAL, "exist_ok": LOCAL,
+    "tensorboard": LOCAL, "tensorboard_images": LOCAL, "tensorboard_every": LOCAL, "dist_timeout": LOCAL,
+}
 
 
 def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """Fill the flags that were not given: a resumed run's from its checkpoint, a new run's from its
-    --recipe (config.RECIPES). Training is counted in --epochs or --steps, whichever was given (or
-    the recipe's). Returns the flags given with other values than the checkpoint's: (flag, old, new)."""
+    """Settle every flag: a new run takes its --recipe's defaults (config.RECIPES) for those not
+    given; a resumed run follows RESUME_RULES against its checkpoint's flags. Training is counted in
+    --epochs or --steps, whichever was given (or the recipe's). Returns the recorded changes:
+    (flag, checkpoint's value, this run's)."""
     if args.epochs is not None and args.steps is not None:
         raise ValueError("--epochs and --steps exclude each other: count training in one of them")
     counted_in = "epochs" if args.epochs is not None else "steps" if args.steps is not None else None
     saved = resumed.get("args", {}) if resumed is not None else {}
-    args.recipe = args.recipe or saved.get("recipe", "seed")
+    given = getattr(args, "given_flags", frozenset(vars(args)))
     changes = []
-    for name, default in config.RECIPES[args.recipe].items():
-        before = saved.get(name, default)
-        given = getattr(args, name)
-        if given is None:
+    for name, rule in RESUME_RULES.items():
+        if name not in saved or rule == LOCAL:  # a new run, an older checkpoint without the flag, or LOCAL
+            continue
+        flag, before, now = f"--{name.replace('_', '-')}", saved[name], _plain(getattr(args, name))
+        if name not in given:
             setattr(args, name, before)
-        elif resumed is not None and name in CHANGEABLE_ON_RESUME and given != before:
-            changes.append((f"--{name.replace('_', '-')}", before, given))
+        elif now != before and rule == KEEP:
+            raise ValueError(f"{args.resume}: checkpoint was trained with {flag} {before!r} but this run has {now!r}; "
+                             "a resumed run keeps it (start a new run to change it)")
+        elif now != before:
+            changes.append((flag, before, now))
+    args.recipe = args.recipe or "seed"
+    for name, default in config.RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if counted_in == "epochs":
         args.steps = None
     elif args.steps is not None:
@@ -156,20 +179,8 @@ def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that would only fail later, with the flag's name in the message."""
-    for flag in ("epochs", "steps", "batch"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.tensorboard_images < 0 or args.tensorboard_every < 1:
-        raise ValueError(f"--tensorboard-images must be >= 0 and --tensorboard-every >= 1, "
-                         f"got {args.tensorboard_images}, {args.tensorboard_every}")
     check_schedule(args.scheduler, args.warmup_steps)
     check_imgsz(args.imgsz)
-    if args.lr <= 0 or (args.backbone_lr is not None and args.backbone_lr <= 0):
-        raise ValueError(f"--lr and --backbone-lr must be > 0, got {args.lr}, {args.backbone_lr}")
-    if args.train_views < 0:
-        raise ValueError(f"--train-views must be >= 0, got {args.train_views}")
     if args.train_views and args.fine_tune:
         raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
@@ -358,7 +369,7 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
           f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
           f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
     checkpoints = RunCheckpoints(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items()})
+                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items() if k in RESUME_RULES})
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
     return Run(
         args=args, out_dir=out_dir, imgsz=imgsz, total_steps=total_steps, spec=spec,

@@ -3,10 +3,18 @@
 A result video is written under a temporary name, then opened again and checked (frame count, the
 last frame decodes) before it replaces an earlier result: OpenCV's writer drops frames silently on
 a full disk and leaves a file no player can open.
+
+Both codecs store colour at half resolution in 2x2 blocks (4:2:0), so their encoders need an even
+width and height and would crop an odd one (a 161x119 clip became 160x118, its last column and row
+lost). A frame of odd size is padded instead, by repeating its last column / row: no input pixel is
+dropped, and the result is at most one pixel wider and taller than the input.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,32 +74,83 @@ def read_frames(capture: cv2.VideoCapture, max_frames: int = 0) -> Iterator[np.n
 CODECS = {".mp4": "mp4v", ".webm": "VP80"}
 
 
+def encoded_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The (W, H) a clip of `size` is stored at: rounded up to even sides (see the module docstring)."""
+    return size[0] + size[0] % 2, size[1] + size[1] % 2
+
+
+def padded_to_even(frame: np.ndarray) -> np.ndarray:
+    """`frame` with its last column / row repeated where its width / height is odd."""
+    height, width = frame.shape[:2]
+    if width % 2 == 0 and height % 2 == 0:
+        return frame
+    return cv2.copyMakeBorder(frame, 0, height % 2, 0, width % 2, cv2.BORDER_REPLICATE)
+
+
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> int:
     """Write RGB `frames` of `size` (W, H) at `path` (.mp4 or .webm; temporary name, checked,
-    renamed); returns the frame count. Nothing replaces `path` unless the whole clip was written."""
+    renamed); returns the frame count. Nothing replaces `path` unless the whole clip was written.
+    Odd sides are padded to even ones (`encoded_size`)."""
     path = Path(path)
     if path.suffix not in CODECS:
         raise ValueError(f"{path}: write videos as {' or '.join(CODECS)}")
     tmp = temp_path(path, suffix=path.suffix)  # the container format follows the extension
+    stored = encoded_size(size)
     written = 0
     try:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*CODECS[path.suffix]), fps, size)
+        writer = open_writer(tmp, CODECS[path.suffix], fps, stored)
         if not writer.isOpened():
             raise OSError(f"{path}: OpenCV cannot write {CODECS[path.suffix]} video here")
         try:
             for frame in frames:
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+                writer.write(cv2.cvtColor(padded_to_even(frame), cv2.COLOR_RGB2BGR))
                 written += 1
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"stopped at frame {written + 1}; {path} was left as it was") from None
         finally:
             writer.release()  # finishes the container
         if written:
-            verify_video(tmp, written, size)
+            verify_video(tmp, written, stored)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return written
+
+
+# What OpenCV's FFmpeg writer prints for every WebM file (the container stores no codec tag, and
+# the file is right): not a message for the user.
+_HARMLESS = ("is not supported with codec id 139 and format 'webm / WebM'",)
+
+
+def open_writer(path: Path, codec: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    """cv2.VideoWriter, with OpenCV's note about the WebM codec tag (printed by its C code on
+    stderr) held back; anything else it prints is passed on."""
+    with _stderr_filtered(_HARMLESS):
+        return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
+
+
+@contextlib.contextmanager
+def _stderr_filtered(harmless: tuple[str, ...]):
+    """Capture what C code writes to file descriptor 2 during the block; re-emit all but `harmless` lines."""
+    fd = 2  # where C code writes, whatever sys.stderr is now
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(text in line for text in harmless)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def verify_video(path: Path, frames: int, size: tuple[int, int]) -> None:

@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 import config
-from cli import UserError, add_backbone_args, backbone_kwargs, run_cli
+from cli import ArgumentParser, UserError, add_backbone_args, at_least, backbone_kwargs, non_negative, run_cli, unit_interval
 from datasets import check_imgsz
 from drawing import blend
 from feature_pca import FeaturePca, PatchFeatures, fit_pca, foreground_split
-from files import atomic_write, format_bytes, refuse_overwriting_inputs, remove_stale_temp_files
+from files import atomic_write, format_bytes
 from image_files import DatasetError, image_paths, read_image, write_image
+from run_folder import claim_output_folder
 from runtime import AMP_CHOICES, seed_everything
 from videos import open_video, read_frames, write_video
 
@@ -39,28 +40,28 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="an image, a folder of images, or a video")
     add_backbone_args(parser)
     parser.add_argument("--imgsz", type=int, nargs=2, default=(518, 518), metavar=("W", "H"),
                         help="size images are resized to, rounded up to 14 (default 518 518: a 37x37 grid)")
-    parser.add_argument("--layer", type=int, default=None, metavar="N",
+    parser.add_argument("--layer", type=at_least(1), default=None, metavar="N",
                         help="the block whose patch tokens are shown, 1 = first (default: the last)")
     parser.add_argument("--foreground", type=float, default=None, metavar="T",
                         help="mask patches whose first component (scaled 0..1) is <= T as background, "
                              "then fit the PCA again on the foreground only (the official README uses about 0.5)")
     parser.add_argument("--upsample", default="nearest", choices=("nearest", "bilinear"),
                         help="how the patch-grid map is enlarged to the image (nearest: one square per patch)")
-    parser.add_argument("--alpha", type=float, default=0.6, help="opacity of the map in <stem>_overlay.jpg")
+    parser.add_argument("--alpha", type=unit_interval, default=0.6, help="opacity of the map in <stem>_overlay.jpg")
     parser.add_argument("--side-by-side", action="store_true", help="video: each frame beside its map (twice as wide)")
-    parser.add_argument("--max-frames", type=int, default=0, help="video: stop after N frames (0: the whole clip)")
+    parser.add_argument("--max-frames", type=at_least(0), default=0, help="video: stop after N frames (0: the whole clip)")
     parser.add_argument("--save-features", action="store_true",
                         help="also write features.pt: the patch features [N, h, w, C] (float16), the grid size and names")
-    parser.add_argument("--pca-sample", type=int, default=200_000, metavar="N",
+    parser.add_argument("--pca-sample", type=at_least(3), default=200_000, metavar="N",
                         help="patches the PCA is fitted on when the input has more (a seeded sample; default 200000)")
-    parser.add_argument("--max-memory-gb", type=float, default=2.0,
+    parser.add_argument("--max-memory-gb", type=non_negative, default=2.0,
                         help="keep all features in RAM up to this size, else sample for the PCA and recompute (default 2)")
-    parser.add_argument("--batch", type=int, default=8, help="images or frames per backbone forward")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="images or frames per backbone forward")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patch sample")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA")
@@ -202,28 +203,16 @@ def write_results(source: Source, pairs: Iterator[tuple[str, np.ndarray, np.ndar
     return written
 
 
-def output_paths(source: Source, out_dir: Path) -> list[Path]:
-    if source.images is None:
-        return [out_dir / f"{source.path.stem}_pca.mp4"]
-    return [out_dir / f"{p.stem}{suffix}" for p in source.images for suffix in ("_pca.png", "_overlay.jpg")]
-
-
 def check_args(args: argparse.Namespace) -> None:
     check_imgsz(args.imgsz)
     if args.foreground is not None and not 0 <= args.foreground < 1:
         raise UserError(f"--foreground must be in [0, 1), got {args.foreground}")
-    for flag in ("batch", "pca_sample"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not 0 <= args.alpha <= 1:
-        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
 
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     source = open_source(Path(args.input), args.max_frames)
-    out_dir = Path(args.out_dir)
-    refuse_overwriting_inputs(output_paths(source, out_dir), source.images or [source.path])
+    out_dir = claim_output_folder(args.out_dir, inputs=source.images or [source.path])
     seed_everything(args.seed)  # a random-init backbone (--no-pretrained) draws the same weights every run
     extract = PatchFeatures(imgsz=args.imgsz, layer=args.layer, device=args.device, amp=args.amp, **backbone_kwargs(args))
     grid = extract.grid
@@ -247,8 +236,6 @@ def main(args: argparse.Namespace) -> None:
     print(describe_pca(extract, count, len(fitted), keep, pca, source.images is None)
           + ("" if foreground_pca is None else f"; foreground = first component {'<' if flipped else '>'} "
              f"{args.foreground:g} after scaling ({'flipped: ' if flipped else ''}the larger side is background)"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
     colour = lambda grid_: colour_grid(grid_, pca, foreground_pca, args.foreground, flipped)  # noqa: E731
     written = write_results(source, maps(source, extract, kept, args, colour), out_dir, args)
     if args.save_features:

@@ -209,11 +209,11 @@ def test_classifiers_and_segmentation_checkpoints_are_not_mixed_up(classified, t
     out, _ = classified
     segmentation = trained_run[0] / "best_model_iou.pth"
     wrong_way = run_script("classify.py", "--predict", "--model", segmentation, "--input", tmp_path)
-    assert wrong_way.returncode == 1 and "is a segmentation checkpoint from train.py, not a classifier" in wrong_way.stderr
+    assert wrong_way.returncode == 1 and "is a training checkpoint, not an image classifier; it goes to --model of" in wrong_way.stderr
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
     other_way = run_script("infer_image.py", "--model", out / "classifier.pth", "--input", tmp_path / "a.png",
                            "--out-dir", tmp_path / "o")
-    assert other_way.returncode == 1 and "is an image classifier from classify.py" in other_way.stderr
+    assert other_way.returncode == 1 and "is an image classifier, not a training checkpoint; it goes to classify.py --predict --model" in other_way.stderr
 
 
 def test_bench_measures_extraction_and_knn_over_stored_embeddings():

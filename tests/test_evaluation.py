@@ -133,9 +133,9 @@ def test_evaluate_py_on_a_test_split_under_torchrun_equals_one_process(trained_r
                           str(ROOT / "evaluate.py"), *map(str, flags), "--out-dir", str(tmp_path / "two"), "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    one_report = json.loads((tmp_path / "one" / "eval_best_model_iou_test.json").read_text())
-    two_report = json.loads((tmp_path / "two" / "eval_best_model_iou_test.json").read_text())
+    one_report = json.loads((tmp_path / "one" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())
+    two_report = json.loads((tmp_path / "two" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())
     assert two_report["processes"] == 2 and two_report["images"] == one_report["images"] == 7
     for key in ("miou", "pixel_accuracy", "mean_class_accuracy", "fwiou"):
         assert two_report[key] == pytest.approx(one_report[key], abs=1e-12)
-    assert (tmp_path / "one" / "confusion_best_model_iou_test.png").stat().st_size > 1000
+    assert (tmp_path / "one" / "confusion_best_model_iou.pth_test_whole-126x98.png").stat().st_size > 1000

@@ -99,7 +99,7 @@ def test_evaluate_py_scores_the_onnx_file_as_the_checkpoint(exported, tiny_datas
         result = run_script("evaluate.py", "--model", model, "--data-dir", tiny_dataset, "--split", "valid",
                             "--out-dir", tmp_path, "--workers", "0")
         assert result.returncode == 0, result.stderr[-2000:]
-        reports.append(json.loads((tmp_path / f"eval_{model.stem}_valid.json").read_text()))
+        reports.append(json.loads((tmp_path / f"eval_{model.name}_valid_whole-126x98.json").read_text()))
     assert "onnxruntime CPU (fp32)" in result.stdout
     pth, onnx_ = reports
     assert onnx_["miou"] == pytest.approx(pth["miou"], abs=1e-4) and onnx_["pixel_accuracy"] == pytest.approx(
@@ -178,9 +178,8 @@ def test_broken_onnx_files_are_one_line_errors(exported, tiny_dataset, tmp_path)
         assert not (tmp_path / "out").exists()
     result = run_script("export.py", "--model", out)  # an .onnx is not a checkpoint to export
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {out}: is an exported ONNX model, not a PyTorch checkpoint; it runs with "
-                                     "infer_image.py / infer_video.py / evaluate.py --model, and cannot be trained or "
-                                     "exported again")
+    assert result.stderr.strip() == (f"error: {out}: is an ONNX model, not a training checkpoint; it goes to --model of "
+                                     "infer_image.py / infer_video.py / evaluate.py / app.py")
 
 
 def test_failed_self_check_writes_nothing(exported, tmp_path, monkeypatch, capsys):

@@ -77,7 +77,7 @@ def test_infer_image_rejects_a_truncated_checkpoint(checkpoint, tmp_path):
     broken.write_bytes(checkpoint.read_bytes()[:1000])
     (tmp_path / "a.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((20, 20, 3), np.uint8))[1].tobytes())
     result = run_script("infer_image.py", "--input", tmp_path / "a.jpg", "--model", broken, "--out-dir", tmp_path / "o")
-    assert result.returncode == 1 and "broken.pth: not a readable checkpoint" in result.stderr
+    assert result.returncode == 1 and "broken.pth: not a readable training checkpoint (truncated or damaged)" in result.stderr
 
 
 def make_video(path, frames=20, size=(150, 110), fps=12.0):

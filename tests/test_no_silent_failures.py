@@ -205,9 +205,9 @@ def test_infer_image_never_writes_over_its_inputs(checkpoint, tmp_path):
     cv2.imwrite(str(folder / "a.jpg"), np.full((30, 40, 3), 90, np.uint8))
     before = (folder / "a.jpg").read_bytes()
     result = run_script("infer_image.py", "--input", folder, "--model", checkpoint, "--out-dir", folder, "--device", "cpu")
-    assert_one_line_error(result, "is the input folder")
+    assert_one_line_error(result, "is the folder of the inputs")
     result = run_script("infer_image.py", "--input", folder / "a.jpg", "--model", checkpoint, "--out-dir", folder, "--device", "cpu")
-    assert_one_line_error(result, "a.jpg: is an input and would be replaced by a result")
+    assert_one_line_error(result, f"--out-dir {folder}: is the folder of the inputs")
     assert (folder / "a.jpg").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
 
 
@@ -233,7 +233,7 @@ def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", 3)
     before = (tmp_path / "clip.mp4").read_bytes()
     result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", checkpoint, "--out-dir", tmp_path, "--device", "cpu")
-    assert_one_line_error(result, "clip.mp4: is an input and would be replaced by a result")
+    assert_one_line_error(result, f"--out-dir {tmp_path}: is the folder of the inputs")
     assert (tmp_path / "clip.mp4").read_bytes() == before
 
 
@@ -314,7 +314,7 @@ def test_a_second_run_in_the_same_folder_at_once_is_refused(dataset, tmp_path):
                                "lock = RunLock(Path(sys.argv[2])); lock.acquire(); print('locked', flush=True); time.sleep(600)",
                                str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    assert_one_line_error(train_cli(dataset, out), "another training run is using this folder", f"pid {holder.pid}")
+    assert_one_line_error(train_cli(dataset, out), "another run is using this folder", f"pid {holder.pid}")
     holder.send_signal(signal.SIGKILL)  # a killed run does not leave the folder blocked
     holder.wait()
     result = train_cli(dataset, out)
