@@ -28,12 +28,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 import config
-from cli import ArgumentParser, UserError, at_least, one_line, port_number, positive, run_cli
+from cli import ArgumentParser, UserError, add_device_args, at_least, one_line, port_number, positive, run_cli
 from drawing import class_shares, indexed_png, render
 from files import atomic_write
 from image_files import DatasetError, image_pixels, list_image_files, read_image
 from inference import MODES, InferenceMode, Predictor, add_model_args, load_predictor
-from runtime import AMP_CHOICES
 from videos import open_video, read_frames, segmented_frames, write_video
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -44,8 +43,7 @@ BAD_INPUT = (UserError, DatasetError, ValueError, OSError)  # what a user's file
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, several=True)
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA")
+    add_device_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 shares it with the network (no login!)")
     parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--examples", default=None, metavar="DIR",

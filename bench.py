@@ -36,7 +36,7 @@ import config
 from backbones import load_backbone
 from checkpoint import model_info, save_checkpoint
 from classifiers import knn_votes
-from cli import ArgumentParser, add_backbone_args, at_least, backbone_argv, backbone_kwargs, run_cli
+from cli import ArgumentParser, add_backbone_args, add_device_args, at_least, backbone_argv, backbone_kwargs, run_cli
 from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
 from embeddings import ClassificationTransform, extract
 from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
@@ -58,8 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_backbone_args(parser)
     # Random init unless --weights names real DINOv2 weights: the timings do not depend on the values.
     parser.set_defaults(source="timm", no_pretrained=True)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="auto")
+    add_device_args(parser)
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
     parser.add_argument("--train-images", type=at_least(1), default=4)
     parser.add_argument("--valid-images", type=at_least(1), default=4)

@@ -27,14 +27,14 @@ from backbones import load_backbone
 from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
 from classifiers import (TEMPERATURE, ProbeResult, confusion_counts, knn_votes, per_class_accuracy, ranked_classes,
                          topk_accuracy, train_linear_probe)
-from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, non_negative, positive, run_cli
+from cli import ArgumentParser, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative, positive, run_cli
 from embeddings import FEATURES, LAYERS, ClassificationTransform, EmbeddingCache, cache_key, extract, linear_input
 from files import write_json
 from image_folders import ClassFolders, class_images, read_class_folders
 from model_config import PATCH_SIZE
 from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
 from run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
-from runtime import AMP_CHOICES, seed_everything, select_device, select_precision
+from runtime import seed_everything, select_device, select_precision
 
 METHODS = ("knn", "linear")
 SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
@@ -72,8 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None,
                      help="folder under outputs/ (default classify; --predict: the model's folder); an absolute path is used as is")
-    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU")
+    add_device_args(run)
     run.add_argument("--seed", type=int, default=0, help="the split, the probe's initialisation and batch order")
 
     predict = parser.add_argument_group("prediction")

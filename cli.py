@@ -16,6 +16,7 @@ import torch
 
 from distributed import distributed, rank
 from model_config import SIZES, SOURCES
+from runtime import AMP_CHOICES
 
 
 class UserError(Exception):
@@ -157,6 +158,14 @@ class FlagParser(ArgumentParser):
 
 def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
+
+
+def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device and --amp, declared here once for every script that runs a model."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                        help="mixed precision: auto = bf16 autocast on CUDA (fp16 with loss scaling where the GPU "
+                             "lacks bf16), float32 on CPU and MPS (autocast is slower there)")
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:

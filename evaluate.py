@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import config
-from cli import ArgumentParser, at_least, run_cli
+from cli import ArgumentParser, add_device_args, at_least, run_cli
 from data_check import check_dataset
 from datasets import find_pairs, pair_folders
 from distributed import init_distributed, is_main_process
@@ -27,7 +27,6 @@ from inference import add_mode_args, add_model_args, load_predictor, mode_from_a
 from labels import DatasetSpec
 from reports import save_confusion_matrix
 from run_folder import claim_output_folder
-from runtime import AMP_CHOICES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,8 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mode_args(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None, help="where eval_*.json and confusion_*.png go (default: beside the checkpoint)")
-    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
+    add_device_args(run)
     run.add_argument("--seed-metric", action="store_true",
                      help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches")
     run.add_argument("--seed-batch", type=at_least(1), default=2, help="images per batch of --seed-metric (the seed trained with 2)")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import UserError, add_backbone_args, at_least, backbone_kwargs, positive, unit_interval
+from cli import UserError, add_backbone_args, add_device_args, at_least, backbone_kwargs, positive, unit_interval
 from datasets import check_imgsz, eval_transform, round_to_patch
 from deployment import OnnxNetwork
 from file_kinds import sniff
@@ -35,7 +35,7 @@ from labels import ColorMap
 from metrics import predicted_classes
 from model import HEAD_LAYERS
 from model_config import PATCH_SIZE
-from runtime import AMP_CHOICES, autocast, select_device, select_precision
+from runtime import autocast, select_device, select_precision
 
 MODES = ("whole", "slide")
 
@@ -288,8 +288,7 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
     """The flags infer_image.py and infer_video.py share."""
     add_model_args(parser)
     parser.add_argument("--out-dir", default=str(default_out_dir))
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    add_device_args(parser)
     parser.add_argument("--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA, off on CPU")
     add_mode_args(parser)
 

@@ -29,7 +29,7 @@ import torch
 import config
 from backbones import weights_digest
 from checkpoint import RunCheckpoints, load_checkpoint, model_info
-from cli import FlagParser, add_backbone_args, at_least, backbone_kwargs, non_negative, positive, run_cli
+from cli import FlagParser, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative, positive, run_cli
 from datasets import (SegmentationDataset, ViewsDataset, build_datasets, check_imgsz, epoch_seed, eval_transform,
                       make_loader, round_to_patch, set_epoch, shard_indices)
 from distributed import (all_reduce_sum, broadcast_object, distributed, init_distributed, is_main_process, rank,
@@ -44,7 +44,7 @@ from labels import DatasetSpec, load_dataset_spec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
 from run_folder import RunFolderError, RunLock, claim_run_folder
-from runtime import AMP_CHOICES, seed_everything, select_precision
+from runtime import seed_everything, select_precision
 from schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
 from tensorboard_log import TrainingBoard
 
@@ -92,8 +92,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
 
     speed = parser.add_argument_group("speed and memory")
-    speed.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                       help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on CPU/MPS")
     speed.add_argument("--grad-checkpointing", action="store_true",
                        help="with --fine-tune: recompute block activations in backward (much less memory, ~30%% slower)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)")
@@ -109,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)")
-    run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    add_device_args(run)
     run.add_argument("--seed", type=int, default=config.SEED)
     run.add_argument("--resume", default=None, metavar="CKPT",
                      help="continue from a last.pth: flags not given are the checkpoint's; what each flag may do on resume: RESUME_RULES")

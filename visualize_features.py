@@ -26,14 +26,15 @@ import torch
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, UserError, add_backbone_args, at_least, backbone_kwargs, non_negative, run_cli, unit_interval
+from cli import (ArgumentParser, UserError, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative,
+                 run_cli, unit_interval)
 from datasets import check_imgsz
 from drawing import blend
 from feature_pca import FeaturePca, PatchFeatures, fit_pca, foreground_split
 from files import atomic_write, format_bytes
 from image_files import DatasetError, image_paths, read_image, write_image
 from run_folder import claim_output_folder
-from runtime import AMP_CHOICES, seed_everything
+from runtime import seed_everything
 from videos import open_video, read_frames, write_video
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -63,8 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep all features in RAM up to this size, else sample for the PCA and recompute (default 2)")
     parser.add_argument("--batch", type=at_least(1), default=8, help="images or frames per backbone forward")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patch sample")
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16/fp16 on CUDA")
+    add_device_args(parser)
     parser.add_argument("--out-dir", default=str(config.OUTPUT_DIR / "feature_maps"))
     return parser
 
