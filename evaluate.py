@@ -26,7 +26,7 @@ from files import write_json
 from inference import add_mode_args, add_model_args, load_predictor, mode_from_args
 from labels import DatasetSpec
 from reports import save_confusion_matrix
-from run_folder import claim_output_folder
+from run_folder import claim_output_folder, on_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,8 +63,8 @@ def main(args: argparse.Namespace) -> None:
     device = init_distributed(args.device)
     split, pairs = split_pairs(args)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
-    if is_main_process():  # before the work: a folder that cannot take the report fails now
-        claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs])
+    # before the work: a folder that cannot take the report fails now, on every process
+    on_main_process(lambda: claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs]))
     predictor = load_predictor(args, str(device), mode)
     name = Path(args.model).name if args.model else Path(args.head_weights).name
     info = predictor.info

@@ -32,7 +32,7 @@ from checkpoint import RunCheckpoints, load_checkpoint, model_info
 from cli import FlagParser, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative, positive, run_cli
 from datasets import (SegmentationDataset, ViewsDataset, build_datasets, check_imgsz, epoch_seed, eval_transform,
                       make_loader, round_to_patch, set_epoch, shard_indices)
-from distributed import (all_reduce_sum, broadcast_object, distributed, init_distributed, is_main_process, rank,
+from distributed import (all_reduce_sum, distributed, init_distributed, is_main_process, rank,
                          sync_buffers, world_size)
 from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
                     validate)
@@ -43,7 +43,7 @@ from inference import InferenceMode, Predictor, add_mode_args, mode_from_args
 from labels import DatasetSpec, load_dataset_spec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import PATCH_SIZE
-from run_folder import RunFolderError, RunLock, claim_run_folder
+from run_folder import RunLock, claim_run_folder, on_main_process
 from runtime import seed_everything, select_precision
 from schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
 from tensorboard_log import TrainingBoard
@@ -318,16 +318,7 @@ def main(args: argparse.Namespace) -> None:
 
 def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
     """Rank 0 claims the run folder (run_folder.py); every rank gets its verdict."""
-    lock, refusal = None, None
-    if is_main_process():
-        try:
-            lock = claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok)
-        except RunFolderError as err:
-            refusal = str(err)
-    refusal = broadcast_object(refusal)
-    if refusal:
-        raise RunFolderError(refusal)
-    return lock
+    return on_main_process(lambda: claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok))
 
 
 def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, resumed: dict[str, Any] | None) -> Run:

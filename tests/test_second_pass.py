@@ -267,6 +267,19 @@ def test_an_unwritable_output_folder_fails_before_the_work(checkpoint, tiny_data
     assert "Scoring" not in result.stdout and "self-check" not in result.stdout
 
 
+def test_a_refused_report_folder_stops_every_torchrun_process(checkpoint, tiny_dataset, tmp_path):
+    """Rank 0 checks the folder; its refusal reaches rank 1 instead of leaving it waiting in a collective."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "evaluate.py"), "--model", str(checkpoint), "--data-dir", str(tiny_dataset),
+                             "--out-dir", str(blocker / "reports"), "--device", "cpu", "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): {blocker / 'reports'}: cannot write there" in result.stderr, result.stderr[-3000:]
+
+
 # --- 3. what a resumed run may change --------------------------------------------------------------
 
 # One other value for every train.py flag, to try each on resume.
