@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cli import UserError
-from file_kinds import read_torch_file, torch_contents, wrong_file
+from file_kinds import read_torch_file
 from model_config import SIZES, SOURCES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
@@ -171,9 +171,6 @@ def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: backbone weights file not found")
     state = read_torch_file(path, "backbone weights")
-    found = torch_contents(state)
-    if found not in (None, "backbone weights"):
-        raise wrong_file(path, found, "backbone weights")
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
         state = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:

@@ -16,7 +16,7 @@ import torch
 import config
 from backbones import BackboneUnavailableError, hub_state_to_timm
 from distributed import broadcast_object, broadcast_state, is_main_process
-from file_kinds import FileKindError, read_torch_file, torch_contents, wrong_file
+from file_kinds import FileKindError, read_torch_file, torch_contents
 from files import atomic_write, deferred_interrupt
 from labels import DatasetSpec
 from model import Dinov2Segmentation
@@ -68,15 +68,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    wanted = "an image classifier" if kind == CLASSIFIER_KIND else "a training checkpoint"
+    wanted = "image classifier" if kind == CLASSIFIER_KIND else "training checkpoint"
     checkpoint = read_torch_file(path, wanted, map_location)
-    found = torch_contents(checkpoint)
-    if found == wanted.split(" ", 1)[1]:
-        return checkpoint
-    if found is not None:
-        raise wrong_file(path, found, wanted)
-    what = "classify.py" if kind == CLASSIFIER_KIND else "train.py"
-    raise FileKindError(f"{path}: not a checkpoint written by {what}")
+    if torch_contents(checkpoint) is None:
+        raise FileKindError(f"{path}: not a checkpoint written by {'classify.py' if kind == CLASSIFIER_KIND else 'train.py'}")
+    return checkpoint
 
 
 def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", *,

@@ -93,8 +93,22 @@ def wrong_file(path: str | Path, found: str, wanted: str) -> FileKindError:
 
 def read_torch_file(path: str | Path, wanted: str, map_location: str | torch.device = "cpu") -> Any:
     """Load a PyTorch file safely (`weights_only=True`: no code runs from it), after checking from
-    its bytes that it is one; `wanted` ("a training checkpoint", ...) names what the caller expects."""
+    its bytes that it is one. `wanted`, a key of TAKES, is what the caller expects: a file that holds
+    another kind this toolkit knows is refused, naming it; one of no known kind is returned for the
+    caller's own checks."""
     path = Path(path)
+    value = _load_torch(path, _with_article(wanted), map_location)
+    found = torch_contents(value)
+    if found not in (None, wanted):
+        raise wrong_file(path, found, _with_article(wanted))
+    return value
+
+
+def _with_article(kind: str) -> str:
+    return kind if kind == "backbone weights" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _load_torch(path: Path, wanted: str, map_location: str | torch.device) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     kind = sniff(path)

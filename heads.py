@@ -18,7 +18,7 @@ import torch
 import config
 from checkpoint import model_info
 from cli import UserError
-from file_kinds import read_torch_file, torch_contents, wrong_file
+from file_kinds import read_torch_file
 from labels import DatasetSpec
 from model import HEAD_LAYERS, Dinov2Segmentation
 from model_config import SIZES, get_backbone_spec
@@ -53,11 +53,7 @@ def read_head_file(path_or_name: str | Path, backbone: str = "small", registers:
     """The raw checkpoint of a head: a local file, or a Meta head name fetched once into the
     torch.hub cache ($TORCH_HOME/hub/checkpoints), which then works offline."""
     if Path(path_or_name).is_file():
-        raw = read_torch_file(path_or_name, "a segmentation head")
-        found = torch_contents(raw)
-        if found not in (None, "segmentation head"):
-            raise wrong_file(path_or_name, found, "a segmentation head")
-        return raw
+        return read_torch_file(path_or_name, "segmentation head")
     url = head_url(str(path_or_name), backbone, registers)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
