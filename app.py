@@ -28,12 +28,14 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 import config
-from cli import ArgumentParser, UserError, add_device_args, at_least, one_line, port_number, positive, run_cli
-from drawing import class_shares, indexed_png, render
-from files import atomic_write
-from image_files import DatasetError, image_pixels, list_image_files, read_image
-from inference import MODES, InferenceMode, Predictor, add_model_args, load_predictor
-from videos import open_video, read_frames, segmented_frames, write_video
+from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
+from dinokit.data.image_files import DatasetError, image_pixels, list_image_files, read_image
+from dinokit.errors import UserError, one_line
+from dinokit.prediction.drawing import class_shares, indexed_png, render
+from dinokit.prediction.modes import MODES, InferenceMode
+from dinokit.prediction.videos import open_video, read_frames, segmented_frames, write_video
+from dinokit.runs.writing import atomic_write
+from inference import Predictor, load_predictor
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"

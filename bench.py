@@ -33,22 +33,25 @@ import numpy as np
 import torch
 
 import config
-from backbones import load_backbone
 from checkpoint import model_info, save_checkpoint
-from classifiers import knn_votes
 from cli import ArgumentParser, add_backbone_args, add_device_args, at_least, backbone_argv, backbone_kwargs, run_cli
 from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
-from embeddings import ClassificationTransform, extract
-from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
-from files import format_bytes
-from image_files import list_image_files, read_image
-from image_folders import class_images
-from inference import InferenceMode, Predictor, preprocess, window_grid
-from labels import VOC
+from dinokit.backbones.loading import load_backbone
+from dinokit.classification.classifiers import knn_votes
+from dinokit.classification.embeddings import ClassificationTransform, extract
+from dinokit.classification.image_folders import class_images
+from dinokit.data.image_files import list_image_files, read_image
+from dinokit.data.labels import VOC
+from dinokit.data.resize import preprocess
+from dinokit.data.synthetic import make_dataset, make_image_folders
+from dinokit.prediction.modes import InferenceMode
+from dinokit.runs.reports import format_bytes
+from dinokit.training.feature_cache import FeatureCache
+from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_epoch, validate
+from inference import Predictor, window_grid
 from metrics import ConfusionMatrix
 from model import Dinov2Segmentation
-from runtime import autocast, select_device, select_precision
-from synthetic import make_dataset, make_image_folders
+from utils import autocast, select_device, select_precision
 
 NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloured
 
@@ -81,6 +84,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_model(args: argparse.Namespace, fine_tune: bool = False) -> Dinov2Segmentation:
     torch.manual_seed(0)
     return Dinov2Segmentation(NUM_CLASSES, fine_tune=fine_tune, **backbone_kwargs(args))
+
+
+def save_bench_checkpoint(args: argparse.Namespace, path: Path) -> Path:
+    """The benchmark model (`build_model`) as an inference checkpoint, `model` and `model_info` only."""
+    model = build_model(args)
+    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, path)
+    return path
 
 
 def sync(device: torch.device) -> None:
@@ -157,9 +167,9 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
             if train_cache is not None and not train_cache.ready:
                 view_loader = torch.utils.data.DataLoader(ViewsDataset(train_set, range(len(train_set)), views),
                                                           batch_size=args.batch, num_workers=args.workers)
-                train_cache.build(model, view_loader, settings)
+                cache_features(train_cache, model, view_loader, settings)
             if not valid_cache.ready:
-                valid_cache.build(model, valid_loader, settings)
+                cache_features(valid_cache, model, valid_loader, settings)
             set_epoch(train_loader, epoch)
             generator.manual_seed(epoch)
             train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
@@ -197,9 +207,7 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
-    model = build_model(args)
-    checkpoint = out_dir / "bench_model.pth"
-    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
+    checkpoint = save_bench_checkpoint(args, out_dir / "bench_model.pth")
     predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, InferenceMode(imgsz=tuple(args.imgsz)))
     width, height = args.imgsz
     image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
@@ -219,9 +227,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
 
 def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
     """ms/image of each inference mode on one 500x375 image (a typical VOC size), median of --repeats."""
-    checkpoint = out_dir / "bench_modes.pth"
-    model = build_model(args)
-    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
+    checkpoint = save_bench_checkpoint(args, out_dir / "bench_modes.pth")
     image = np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)
     modes = [InferenceMode(imgsz=tuple(args.imgsz)), InferenceMode(native=True), InferenceMode("slide"),
              InferenceMode("slide", scales=(0.75, 1.0, 1.25), flip=True)]
@@ -286,11 +292,12 @@ def bench_classification(args: argparse.Namespace, device: torch.device, out_dir
     backbone = load_backbone(kwargs.pop("backbone"), **kwargs).to(device).eval()
     transform = ClassificationTransform(args.cls_imgsz)
     amp_dtype = select_precision(device, args.amp)
-    extract(backbone, files[:args.batch * 4], transform, device=device, amp_dtype=amp_dtype, batch_size=args.batch * 4)
-    sync(device)
-    start = time.perf_counter()
-    stored = extract(backbone, files, transform, device=device, amp_dtype=amp_dtype, batch_size=64, workers=args.workers)
-    sync(device)
+    with autocast(device, amp_dtype):
+        extract(backbone, files[:args.batch * 4], transform, device=device, batch_size=args.batch * 4)
+        sync(device)
+        start = time.perf_counter()
+        stored = extract(backbone, files, transform, device=device, batch_size=64, workers=args.workers)
+        sync(device)
     seconds = time.perf_counter() - start
     dim = stored["cls"].shape[-1]
     g = torch.Generator().manual_seed(0)
@@ -307,9 +314,7 @@ def bench_classification(args: argparse.Namespace, device: torch.device, out_dir
 def bench_export(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
     """Export the benchmark model with export.py (as a user would), then time each engine's predict
     path on one image and compare its predictions with PyTorch's on the agreement images."""
-    model = build_model(args)
-    checkpoint = out_dir / "bench_export.pth"
-    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, checkpoint)
+    checkpoint = save_bench_checkpoint(args, out_dir / "bench_export.pth")
     folder = Path(args.agreement_images) if args.agreement_images else make_dataset(
         out_dir / "agreement", 1, 4, size=(500, 375), seed=1) / "valid_images"
     images = [read_image(path) for path in list_image_files(folder)]

@@ -6,21 +6,24 @@ all that inference needs). Inference needs only `model` and `model_info`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 import config
-from backbones import BackboneUnavailableError, hub_state_to_timm
-from distributed import broadcast_object, broadcast_state, is_main_process
-from file_kinds import FileKindError, read_torch_file, torch_contents
-from files import atomic_write, deferred_interrupt
-from labels import DatasetSpec
+from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_timm
+from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
+from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
+from dinokit.data.labels import DatasetSpec
+from dinokit.runs.writing import atomic_write
 from model import Dinov2Segmentation
-from reports import save_plots, write_csv
+from utils import broadcast_object, broadcast_state, is_main_process
 
 CHECKPOINT_FORMAT = 1
 
@@ -39,6 +42,12 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
         "mean": list(config.MEAN),
         "std": list(config.STD),
     }
+
+
+def dataset_spec(info: dict[str, Any], source: str) -> DatasetSpec:
+    """The dataset description a model was trained with, back from its `model_info`."""
+    return DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
+                       info["ignore_index"], info.get("mask_format", "auto"), source=source)
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -111,8 +120,8 @@ class RunCheckpoints:
     """The checkpoint files of a training run and the state they carry between epochs.
 
     Owns `best_model_loss.pth`, `best_model_iou.pth` (the epochs with the best validation loss /
-    mIoU), `last.pth` (every epoch, for --resume) and `final_model.pth`, plus `metrics.csv` and the
-    curves; keeps the history, the best metrics and the flags changed on resume. Only rank 0 writes.
+    mIoU), `last.pth` (every epoch, for --resume) and `final_model.pth`; keeps the history, the best
+    metrics and the flags changed on resume, which every checkpoint carries. Only rank 0 writes.
     """
 
     def __init__(self, out_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -151,23 +160,21 @@ class RunCheckpoints:
             "args": self.args,
         }
 
-    def end_epoch(self, row: dict[str, float]) -> None:
-        """Record an epoch (a metrics.csv row): best checkpoints when improved, last.pth, CSV and curves."""
+    def end_epoch(self, row: dict[str, float]) -> dict[str, float]:
+        """Record an epoch (its metrics.csv row): the best checkpoints where it improved, and last.pth.
+        Returns what improved: {"loss" / "IoU": the new best}."""
         self.history.append(row)
         epoch = row["epoch"] - 1
         metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
+        improved = {}
         if row["valid_loss"] < self.best["loss"]:
-            self.best["loss"] = row["valid_loss"]
-            print(f"Best validation loss: {self.best['loss']:.4f}\nSaving best model for epoch: {epoch + 1}")
+            self.best["loss"] = improved["loss"] = row["valid_loss"]
             self._save(self.state(epoch, metrics), "best_model_loss.pth")
         if row["valid_miou"] > self.best["miou"]:
-            self.best["miou"] = row["valid_miou"]
-            print(f"Best validation IoU: {self.best['miou']:.4f}\nSaving best model for epoch: {epoch + 1}")
+            self.best["miou"] = improved["IoU"] = row["valid_miou"]
             self._save(self.state(epoch, metrics), "best_model_iou.pth")
         self._save(self.state(epoch, metrics), "last.pth")
-        if is_main_process():
-            write_csv(self.history, self.out_dir / "metrics.csv")
-            save_plots(self.history, self.out_dir)
+        return improved
 
     def save_final(self, epochs: int) -> None:
         self._save(self.state(epochs - 1, self.history[-1] if self.history else {}), "final_model.pth")
@@ -178,7 +185,7 @@ class RunCheckpoints:
         weights reach the other ranks by broadcast."""
         best_path = self.out_dir / "best_model_iou.pth"
         if is_main_process():
-            if not best_path.exists():  # the run folder is this run's alone (run_folder.py): nothing stale here
+            if not best_path.exists():  # the run folder is this run's alone (dinokit/runs/run_folder.py): nothing stale here
                 best_path = self.out_dir / "final_model.pth"
             self.model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
         broadcast_state(self.model)
@@ -187,3 +194,34 @@ class RunCheckpoints:
     def _save(self, checkpoint: dict[str, Any], name: str) -> None:
         if is_main_process():
             save_checkpoint(checkpoint, self.out_dir / name)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: files being written get finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def model_with_head(path_or_name: str | Path, *, backbone: str = "small", registers: bool = False,
+                    head_layers: int | None = None, **backbone_kwargs) -> tuple[Dinov2Segmentation, dict[str, Any]]:
+    """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
+    palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count."""
+    where = str(path_or_name)
+    head, layers = read_checked_head(path_or_name, backbone, registers, head_layers)
+    num_classes = head["classifier.weight"].shape[0]
+    if num_classes not in SPEC_BY_CLASSES:
+        raise HeadWeightsError(f"{where}: a head for {num_classes} classes, neither VOC 2012 (21) nor ADE20K (150)")
+    model = Dinov2Segmentation(num_classes, backbone=backbone, registers=registers, head_layers=layers,
+                               padding="center", **backbone_kwargs)
+    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
+    return model.eval(), model_info(model, SPEC_BY_CLASSES[num_classes], META_IMGSZ)

@@ -23,18 +23,43 @@ from typing import Any
 import torch
 
 import config
-from backbones import load_backbone
 from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
-from classifiers import (TEMPERATURE, ProbeResult, confusion_counts, knn_votes, per_class_accuracy, ranked_classes,
-                         topk_accuracy, train_linear_probe)
-from cli import ArgumentParser, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative, positive, run_cli
-from embeddings import FEATURES, LAYERS, ClassificationTransform, EmbeddingCache, cache_key, extract, linear_input
-from files import write_json
-from image_folders import ClassFolders, class_images, read_class_folders
+from cli import (
+    ArgumentParser,
+    add_backbone_args,
+    add_device_args,
+    at_least,
+    backbone_kwargs,
+    non_negative,
+    positive,
+    run_cli,
+)
+from dinokit.backbones.loading import load_backbone
+from dinokit.classification.classifiers import (
+    TEMPERATURE,
+    ProbeResult,
+    confusion_counts,
+    knn_votes,
+    per_class_accuracy,
+    ranked_classes,
+    topk_accuracy,
+    train_linear_probe,
+)
+from dinokit.classification.embeddings import (
+    FEATURES,
+    LAYERS,
+    ClassificationTransform,
+    EmbeddingCache,
+    cache_key,
+    extract,
+    linear_input,
+)
+from dinokit.classification.image_folders import ClassFolders, class_images, read_class_folders
+from dinokit.runs.reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
+from dinokit.runs.run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
+from dinokit.runs.writing import write_json
 from model_config import PATCH_SIZE
-from reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
-from run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
-from runtime import seed_everything, select_device, select_precision
+from utils import autocast, seed_everything, select_device, select_precision
 
 METHODS = ("knn", "linear")
 SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
@@ -165,8 +190,9 @@ def embed_splits(args: argparse.Namespace, data: ClassFolders, out_dir: Path) ->
         else:
             backbone = backbone or build_backbone(identity, device)
             started = time.perf_counter()
-            embeddings = extract(backbone, split.files, transform, device=device, amp_dtype=select_precision(device, args.amp),
-                                 batch_size=args.batch, workers=args.workers, desc=f"Embeddings {name}")
+            with autocast(device, select_precision(device, args.amp)):
+                embeddings = extract(backbone, split.files, transform, device=device, batch_size=args.batch,
+                                     workers=args.workers, desc=f"Embeddings {name}")
             seconds = time.perf_counter() - started
             print(f"{name}: {len(split)} embeddings extracted in {seconds:.1f} s ({len(split) / seconds:.1f} images/s; "
                   f"cache: {why})")
@@ -273,8 +299,9 @@ def predict(args: argparse.Namespace) -> None:
     settings, classes = classifier["features"], classifier["classes"]
     device = select_device(args.device)
     transform = ClassificationTransform(settings["imgsz"], settings["crop_pct"], settings["mean"], settings["std"])
-    embeddings = extract(build_backbone(classifier["backbone"], device), files, transform, device=device,
-                         amp_dtype=select_precision(device, args.amp), batch_size=args.batch, workers=args.workers)
+    with autocast(device, select_precision(device, args.amp)):
+        embeddings = extract(build_backbone(classifier["backbone"], device), files, transform, device=device,
+                             batch_size=args.batch, workers=args.workers)
     x = linear_input(embeddings, settings["features"], settings["layers"])
     rows = [{"file": str(f)} for f in files]
     if classifier["linear"] is not None:

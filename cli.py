@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from distributed import distributed, rank
-from model_config import SIZES, SOURCES
-from runtime import AMP_CHOICES
-
-
-class UserError(Exception):
-    """Bad input, a missing file, an unusable environment: reported as one line, exit 1."""
-
-
-def one_line(err: BaseException) -> str:
-    """The message of `err` on one line; errors raised in DataLoader workers arrive wrapped in a
-    traceback, of which the last line is the original message."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
+from dinokit.data.resize import check_imgsz, round_to_patch
+from dinokit.errors import UserError, one_line
+from dinokit.prediction.modes import MODES, InferenceMode
+from model_config import HEAD_LAYERS, SIZES, SOURCES
+from utils import AMP_CHOICES, distributed, rank
 
 
 def _peer_failure(err: BaseException) -> bool:
@@ -196,3 +185,58 @@ def backbone_argv(args: argparse.Namespace) -> list[str]:
         if value is not None:
             argv += [flag, str(value)]
     return argv
+
+
+def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True,
+                  default: str | None = "whole") -> None:
+    """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode, leaves
+    its default to the recipe and has no --imgsz/--native here: its final evaluation predicts at
+    the training size."""
+    group = parser.add_argument_group("inference mode")
+    group.add_argument(flag, dest="mode", default=default, choices=MODES,
+                       help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)")
+    if sizes:
+        group.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
+                           help="whole: the size images are resized to (default: the size the model was trained at)")
+        group.add_argument("--native", action="store_true",
+                           help="whole: one forward at each image's own size (rounded up to 14)")
+    group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
+    group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
+    group.add_argument("--stride", type=at_least(1), default=341, help="slide: window step (default 341)")
+    group.add_argument("--scales", type=positive, nargs="+", default=[1.0], metavar="S",
+                       help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)")
+    group.add_argument("--flip", action="store_true", help="test-time horizontal flip (softmax-averaged)")
+
+
+def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> InferenceMode:
+    """The `add_mode_args` flags as an `InferenceMode` (with `sizes=False`: whole mode at the training size)."""
+    imgsz, native = (args.imgsz, args.native) if sizes else (None, False)
+    if imgsz is not None:
+        check_imgsz(imgsz)
+        if native:
+            raise ValueError("--imgsz and --native exclude each other")
+        imgsz = tuple(round_to_patch(imgsz))
+    return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """Where the model comes from: a checkpoint of ours (with `several`, --model may be repeated:
+    a list), or Meta's released head on a backbone."""
+    parser.add_argument("--model", default=None, action="append" if several else "store",
+                        help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
+                             "(run by onnxruntime)" + ("; repeat to offer several" if several else ""))
+    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
+                        help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
+                             "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")
+    parser.add_argument("--head-layers", type=int, default=None, choices=HEAD_LAYERS,
+                        help="with --head-weights: check the head reads this many blocks (default: what the file says)")
+    add_backbone_args(parser)
+
+
+def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
+    """The flags infer_image.py and infer_video.py share."""
+    add_model_args(parser)
+    parser.add_argument("--out-dir", default=str(default_out_dir))
+    add_device_args(parser)
+    parser.add_argument("--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1")
+    add_mode_args(parser)

@@ -6,8 +6,8 @@ Layout of a dataset directory (Pascal VOC as distributed on Kaggle, or anything 
     <data-dir>/valid_images/*.jpg   <data-dir>/valid_labels/*.png
 
 Images and masks are paired by file stem (hidden files skipped, one file per stem). What mask
-values mean is labels.py; how files are read, image_files.py; the check of every pair before
-training, data_check.py.
+values mean is dinokit/data/labels.py; how files are read, dinokit/data/image_files.py; the
+check of every pair before training, dinokit/data/data_check.py; image sizes, dinokit/data/resize.py.
 """
 from __future__ import annotations
 
@@ -21,27 +21,12 @@ import torch
 from torch.utils.data import Dataset
 
 import config
-from augmentations import seed_augmentation, train_transform
-from data_check import DatasetCheck, check_dataset
-from distributed import distributed, rank, world_size
-from image_files import DatasetError, list_image_files, read_image
-from labels import VOC, ColorMap, DatasetSpec, read_mask
-from model_config import PATCH_SIZE
-
-MAX_SIDE = 4096
-
-
-def check_imgsz(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> None:
-    """`--imgsz W H` must hold at least one patch per side and stay below absurd sizes."""
-    if min(imgsz) < patch_size or max(imgsz) > MAX_SIDE:
-        raise ValueError(f"--imgsz {imgsz[0]} {imgsz[1]}: each side must be in [{patch_size}, {MAX_SIDE}]")
-
-
-def round_to_patch(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[int, int]:
-    """Round (width, height) up to multiples of the patch size (640 -> 644)."""
-    if len(imgsz) != 2 or min(imgsz) < 1:
-        raise ValueError(f"image size must be two positive integers W H, got {list(imgsz)}")
-    return tuple(math.ceil(side / patch_size) * patch_size for side in imgsz)  # type: ignore[return-value]
+from dinokit.data.augmentations import seed_augmentation, train_transform
+from dinokit.data.data_check import DatasetCheck, check_dataset
+from dinokit.data.image_files import DatasetError, list_image_files, read_image
+from dinokit.data.labels import VOC, ColorMap, DatasetSpec, read_mask
+from dinokit.data.resize import eval_transform
+from utils import distributed, rank, world_size
 
 
 def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -60,12 +45,6 @@ def pair_folders(images_dir: Path, labels_dir: Path, what: str) -> list[tuple[Pa
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise DatasetError(f"{what} has unpaired files: {shown}")
     return [(images[s], masks[s]) for s in sorted(images)]
-
-
-def eval_transform(imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, std: Sequence[float] = config.STD) -> A.Compose:
-    """Resize + normalise: validation, feature caches and inference all preprocess with this."""
-    width, height = imgsz
-    return A.Compose([A.Resize(height, width), A.Normalize(mean=mean, std=std)])
 
 
 class SegmentationDataset(Dataset):
@@ -150,7 +129,7 @@ class PairDataset(Dataset):
 
 def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC, *, threads: int = 2,
                    seed: int = config.SEED, recipe: str = "seed") -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
-    """Train (augmented by `recipe`, augmentations.py) and validation (resize only) datasets of
+    """Train (augmented by `recipe`, dinokit/data/augmentations.py) and validation (resize only) datasets of
     `data_dir`, after `check_dataset` has decoded every file; the check's spec (mask format decided)
     is the one the datasets use."""
     splits = {split: find_pairs(data_dir, split) for split in ("train", "valid")}

@@ -17,16 +17,16 @@ import argparse
 from pathlib import Path
 
 import config
-from cli import ArgumentParser, add_device_args, at_least, run_cli
-from data_check import check_dataset
+from checkpoint import dataset_spec
+from cli import ArgumentParser, add_device_args, add_mode_args, add_model_args, at_least, mode_from_args, run_cli
 from datasets import find_pairs, pair_folders
-from distributed import init_distributed, is_main_process
+from dinokit.data.data_check import check_dataset
+from dinokit.runs.reports import save_confusion_matrix
+from dinokit.runs.run_folder import claim_output_folder
+from dinokit.runs.writing import write_json
 from evaluation import evaluate_pairs, report_json, report_lines
-from files import write_json
-from inference import add_mode_args, add_model_args, load_predictor, mode_from_args
-from labels import DatasetSpec
-from reports import save_confusion_matrix
-from run_folder import claim_output_folder, on_main_process
+from inference import load_predictor
+from utils import init_distributed, is_main_process, on_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,8 +68,7 @@ def main(args: argparse.Namespace) -> None:
     predictor = load_predictor(args, str(device), mode)
     name = Path(args.model).name if args.model else Path(args.head_weights).name
     info = predictor.info
-    spec = DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
-                       info["ignore_index"], info.get("mask_format", "auto"), source=f"{name} (model_info)")
+    spec = dataset_spec(info, source=f"{name} (model_info)")
     check = check_dataset({split: pairs}, spec)
     print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
     print(f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "

@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import PairDataset, ShardSampler
-from distributed import all_reduce_sum, distributed, is_main_process, rank, world_size
+from dinokit.prediction.scores import predicted_classes
 from inference import Predictor
-from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores, predicted_classes
+from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores
+from utils import all_reduce_sum, distributed, is_main_process, rank, world_size
 
 
 @dataclass

@@ -23,16 +23,26 @@ import numpy as np
 import torch
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import ArgumentParser, UserError, at_least, run_cli
-from datasets import check_imgsz, round_to_patch
-from deployment import (DEFAULT_OPSET, OPSETS, OnnxNetwork, export_network, opset_of, quantize_int8, require,
-                        to_float16, write_metadata)
-from files import format_bytes, temp_path
-from image_files import image_paths, read_image
-from inference import preprocess
-from metrics import predicted_classes
+from cli import ArgumentParser, at_least, run_cli
+from dinokit.data.image_files import image_paths, read_image
+from dinokit.data.resize import check_imgsz, preprocess, round_to_patch
+from dinokit.errors import UserError
+from dinokit.prediction.deployment import (
+    DEFAULT_OPSET,
+    OPSETS,
+    OnnxNetwork,
+    export_network,
+    opset_of,
+    quantize_int8,
+    require,
+    to_float16,
+    write_metadata,
+)
+from dinokit.prediction.scores import predicted_classes
+from dinokit.runs.reports import format_bytes
+from dinokit.runs.run_folder import claim_output_folder
+from dinokit.runs.writing import temp_path
 from model_config import PATCH_SIZE
-from run_folder import claim_output_folder
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999

@@ -16,12 +16,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, run_cli
-from drawing import indexed_png, render
-from files import atomic_write
-from image_files import DatasetError, image_paths, read_image, write_image
-from inference import add_inference_args, load_predictor
-from run_folder import claim_output_folder
+from cli import ArgumentParser, add_inference_args, run_cli
+from dinokit.data.image_files import DatasetError, image_paths, read_image, write_image
+from dinokit.prediction.drawing import indexed_png, render
+from dinokit.runs.run_folder import claim_output_folder
+from dinokit.runs.writing import atomic_write
+from inference import load_predictor
 
 
 def get_args_parser() -> argparse.ArgumentParser:

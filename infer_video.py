@@ -17,10 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, at_least, run_cli
-from inference import add_inference_args, load_predictor
-from run_folder import claim_output_folder
-from videos import open_video, read_frames, segmented_frames, write_video
+from cli import ArgumentParser, add_inference_args, at_least, run_cli
+from dinokit.prediction.videos import open_video, read_frames, segmented_frames, write_video
+from dinokit.runs.run_folder import claim_output_folder
+from inference import load_predictor
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ single window covering the whole image is exactly `whole` at that size.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,74 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import build_model_from_checkpoint, load_checkpoint
-from cli import UserError, add_backbone_args, add_device_args, at_least, backbone_kwargs, positive, unit_interval
-from datasets import check_imgsz, eval_transform, round_to_patch
-from deployment import OnnxNetwork
-from file_kinds import sniff
-from heads import model_with_head
-from labels import ColorMap
-from metrics import predicted_classes
-from model import HEAD_LAYERS
-from model_config import PATCH_SIZE
-from runtime import autocast, select_device, select_precision
-
-MODES = ("whole", "slide")
-
-
-@dataclass(frozen=True)
-class InferenceMode:
-    """How a prediction is made (see the module docstring)."""
-
-    mode: str = "whole"
-    imgsz: tuple[int, int] | None = None  # whole: (W, H) every image is resized to (Predictor: the training size)
-    native: bool = False  # whole: each image at its own size instead
-    short_side: int = 512  # slide: the short side is resized to this
-    crop: int = 518  # slide: window side
-    stride: int = 341  # slide: window step
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
-        if self.mode == "slide" and not 0 < self.stride <= self.crop:
-            raise ValueError(f"--stride {self.stride} must be in [1, --crop {self.crop}] (windows must overlap or touch)")
-        if self.mode == "slide" and min(self.crop, self.short_side) < PATCH_SIZE:
-            raise ValueError(f"--crop and --short-side must be at least the patch size {PATCH_SIZE}")
-
-    @property
-    def passes(self) -> int:
-        return len(self.scales) * (2 if self.flip else 1)
-
-    def describe(self) -> str:
-        if self.mode == "whole":
-            base = "whole at each image's own size" if self.native or not self.imgsz else f"whole at {self.imgsz[0]}x{self.imgsz[1]}"
-        else:
-            base = f"slide (short side {self.short_side}, crop {self.crop}, stride {self.stride})"
-        tta = f", scales {' '.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""
-        return base + tta + (", + flip" if self.flip else "")
-
-    def tag(self) -> str:
-        """The mode in a file name: whole-644x644, whole-native, slide-512-518-341, + _ms0.75-1-1.25, + _flip."""
-        if self.mode == "whole":
-            base = "whole-native" if self.native or not self.imgsz else f"whole-{self.imgsz[0]}x{self.imgsz[1]}"
-        else:
-            base = f"slide-{self.short_side}-{self.crop}-{self.stride}"
-        scales = f"_ms{'-'.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""
-        return base + scales + ("_flip" if self.flip else "")
-
-    def pass_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
-        """(height, width) the image is resized to for one pass at `scale`."""
-        if self.mode == "slide":
-            factor = self.short_side * scale / min(height, width)
-        elif self.imgsz is not None and not self.native:
-            return max(PATCH_SIZE, round(self.imgsz[1] * scale)), max(PATCH_SIZE, round(self.imgsz[0] * scale))
-        else:
-            factor = scale
-        return max(PATCH_SIZE, round(height * factor)), max(PATCH_SIZE, round(width * factor))
+from checkpoint import build_model_from_checkpoint, load_checkpoint, model_with_head
+from cli import backbone_kwargs, mode_from_args
+from dinokit.data.file_kinds import sniff
+from dinokit.data.labels import ColorMap
+from dinokit.data.resize import preprocess, round_to_patch
+from dinokit.errors import UserError
+from dinokit.prediction.deployment import OnnxNetwork
+from dinokit.prediction.modes import InferenceMode
+from dinokit.prediction.scores import predicted_classes
+from utils import autocast, select_device, select_precision
 
 
 def window_grid(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -144,12 +86,6 @@ def segment(model: torch.nn.Module, image: np.ndarray, mode: InferenceMode, *, m
             probabilities = logits.softmax(0)
             total = probabilities if total is None else total.add_(probabilities)
     return total / mode.passes
-
-
-def preprocess(image: np.ndarray, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """An RGB uint8 image resized to `size` (H, W) and normalised, as validation does: `[1, 3, H, W]`."""
-    normalised = eval_transform((size[1], size[0]), mean, std)(image=image)["image"]
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1))).unsqueeze(0)
 
 
 class Predictor:
@@ -225,52 +161,6 @@ class Predictor:
         return predicted_classes(self.scores(image), 0).to(torch.uint8).cpu().numpy()
 
 
-def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True,
-                  default: str | None = "whole") -> None:
-    """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode, leaves
-    its default to the recipe and has no --imgsz/--native here: its final evaluation predicts at
-    the training size."""
-    group = parser.add_argument_group("inference mode")
-    group.add_argument(flag, dest="mode", default=default, choices=MODES,
-                       help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)")
-    if sizes:
-        group.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
-                           help="whole: the size images are resized to (default: the size the model was trained at)")
-        group.add_argument("--native", action="store_true",
-                           help="whole: one forward at each image's own size (rounded up to 14)")
-    group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
-    group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
-    group.add_argument("--stride", type=at_least(1), default=341, help="slide: window step (default 341)")
-    group.add_argument("--scales", type=positive, nargs="+", default=[1.0], metavar="S",
-                       help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)")
-    group.add_argument("--flip", action="store_true", help="test-time horizontal flip (softmax-averaged)")
-
-
-def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> InferenceMode:
-    """The `add_mode_args` flags as an `InferenceMode` (with `sizes=False`: whole mode at the training size)."""
-    imgsz, native = (args.imgsz, args.native) if sizes else (None, False)
-    if imgsz is not None:
-        check_imgsz(imgsz)
-        if native:
-            raise ValueError("--imgsz and --native exclude each other")
-        imgsz = tuple(round_to_patch(imgsz))
-    return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
-
-
-def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
-    """Where the model comes from: a checkpoint of ours (with `several`, --model may be repeated:
-    a list), or Meta's released head on a backbone."""
-    parser.add_argument("--model", default=None, action="append" if several else "store",
-                        help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
-                             "(run by onnxruntime)" + ("; repeat to offer several" if several else ""))
-    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
-                        help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
-                             "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")
-    parser.add_argument("--head-layers", type=int, default=None, choices=HEAD_LAYERS,
-                        help="with --head-weights: check the head reads this many blocks (default: what the file says)")
-    add_backbone_args(parser)
-
-
 def load_predictor(args: argparse.Namespace, device: str | None = None, mode: InferenceMode | None = None) -> Predictor:
     """The `add_model_args` flags as a `Predictor`."""
     if (args.model is None) == (args.head_weights is None):
@@ -282,13 +172,3 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
     return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,
                                **backbone_kwargs(args))
-
-
-def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
-    """The flags infer_image.py and infer_video.py share."""
-    add_model_args(parser)
-    parser.add_argument("--out-dir", default=str(default_out_dir))
-    add_device_args(parser)
-    parser.add_argument("--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1")
-    add_mode_args(parser)
-

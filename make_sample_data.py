@@ -12,7 +12,7 @@ import argparse
 
 import config
 from cli import ArgumentParser, at_least, run_cli
-from synthetic import make_dataset
+from dinokit.data.synthetic import make_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import config
-from distributed import all_reduce_sum
+from utils import all_reduce_sum
 
 
 @dataclass
@@ -23,12 +23,6 @@ class SegmentationScores:
     fwiou: float = float("nan")  # frequency-weighted IoU: IoU weighted by each class's share of the ground truth
     class_accuracy: list[float] = field(default_factory=list)  # per class recall; nan where absent from the ground truth
     pixel_share: list[float] = field(default_factory=list)  # per class share of the valid ground-truth pixels
-
-
-def predicted_classes(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """The class of highest score along `dim`: argmax, first index on ties. `max(dim).indices` is
-    the same and about 4x faster than `argmax(dim)` over the class axis of [B, C, H, W] on CPU."""
-    return scores.max(dim).indices
 
 
 class ConfusionMatrix:

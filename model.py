@@ -1,4 +1,4 @@
-"""The segmentation model: a DINOv2 backbone (backbones.py) + DINOv2's linear head (BatchNorm +
+"""The segmentation model: a DINOv2 backbone (dinokit/backbones/loading.py) + DINOv2's linear head (BatchNorm +
 1x1 conv over the patch tokens of the last four blocks), logits upsampled to the image.
 
 Run `python model.py` to print a torchinfo summary of the model at 644x644.
@@ -10,14 +10,19 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from backbones import backbone_blocks, exporting, load_backbone
+import config
 from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
-from model_config import get_backbone_spec
+from dinokit.backbones.loading import backbone_blocks, exporting, load_backbone
+from dinokit.data.resize import preprocess, round_to_patch
+from dinokit.errors import UserError
+from model_config import HEAD_LAYERS, PATCH_SIZE, get_backbone_spec
+from utils import autocast, select_device, select_precision
 
 
 class LinearHead(nn.Module):
@@ -40,7 +45,6 @@ class LinearHead(nn.Module):
         return self.classifier(self.norm(features))
 
 
-HEAD_LAYERS = (1, 4)  # 1: the last block (the paper's "lin" head); 4: the last four (its "+ms" head input)
 PADDINGS = ("bottom_right", "center")
 
 
@@ -204,3 +208,30 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser())
+
+
+class PatchFeatures:
+    """A DINOv2 backbone reduced to one block's patch tokens (after its final norm): RGB images
+    resized to `imgsz` (W, H; rounded up to 14) -> `[B, h, w, C]` float32 on the CPU."""
+
+    def __init__(self, backbone: str = "small", *, imgsz: Sequence[int] = (518, 518), layer: int | None = None,
+                 device: str = "auto", amp: str = "auto", registers: bool = False, source: str = "hub",
+                 hub_dir: str | Path | None = None, weights: str | Path | None = None, pretrained: bool = True):
+        self.device = select_device(device)
+        self.amp_dtype = select_precision(self.device, amp)
+        self.backbone = load_backbone(backbone, registers=registers, source=source, hub_dir=hub_dir, weights=weights,
+                                      pretrained=pretrained).to(self.device).eval()
+        depth = len(backbone_blocks(self.backbone))
+        self.layer = depth if layer is None else layer
+        if not 1 <= self.layer <= depth:
+            raise UserError(f"--layer {layer}: ViT-{backbone} has blocks 1 to {depth}")
+        self.size = tuple(reversed(round_to_patch(imgsz)))  # (H, W)
+        self.grid = (self.size[0] // PATCH_SIZE, self.size[1] // PATCH_SIZE)
+        self.dim: int = self.backbone.embed_dim
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.cat([preprocess(image, self.size, config.MEAN, config.STD) for image in images]).to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            (maps,) = self.backbone.get_intermediate_layers(batch, n=[self.layer - 1], reshape=True)
+        return maps.float().permute(0, 2, 3, 1).cpu()

@@ -6,7 +6,7 @@ DINOv2 paper's multi-layer linear segmentation probe (the last four blocks).
 from dataclasses import dataclass
 
 PATCH_SIZE = 14
-# Where a backbone comes from (backbones.py): torch.hub, timm, or a local clone of the dinov2 repository.
+# Where a backbone comes from (dinokit/backbones/loading.py): torch.hub, timm, or a local clone of the dinov2 repository.
 SOURCES = ("hub", "timm", "local")
 
 
@@ -43,3 +43,6 @@ def get_backbone_spec(size: str, registers: bool = False) -> BackboneSpec:
     if registers:
         return BackboneSpec(f"{hub}_reg", f"{timm_stem}_reg4_dinov2.lvd142m", dim, depth, heads, out_indices)
     return BackboneSpec(hub, f"{timm_stem}_dinov2.lvd142m", dim, depth, heads, out_indices)
+
+
+HEAD_LAYERS = (1, 4)  # 1: the last block (the paper's "lin" head); 4: the last four (its "+ms" head input)

@@ -8,7 +8,7 @@ Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_mod
 last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the
 training size) and best_validation.json (the best checkpoint at original resolution).
 A run owns that folder: another run's files there are refused unless --resume continues them or
---exist-ok starts over, and a lock keeps a second run out while this one works (run_folder.py).
+--exist-ok starts over, and a lock keeps a second run out while this one works (dinokit/runs/run_folder.py).
 Runs under torchrun for several GPUs or machines (see README).
 """
 from __future__ import annotations
@@ -27,26 +27,546 @@ from typing import Any, Callable
 import torch
 
 import config
-from backbones import weights_digest
 from checkpoint import RunCheckpoints, load_checkpoint, model_info
-from cli import FlagParser, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative, positive, run_cli
-from datasets import (SegmentationDataset, ViewsDataset, build_datasets, check_imgsz, epoch_seed, eval_transform,
-                      make_loader, round_to_patch, set_epoch, shard_indices)
-from distributed import (all_reduce_sum, distributed, init_distributed, is_main_process, rank,
-                         sync_buffers, world_size)
-from engine import (EpochResult, FeatureCache, LoopSettings, NonFiniteLossError, default_cache_budget, train_one_epoch,
-                    validate)
+from cli import (
+    FlagParser,
+    add_backbone_args,
+    add_device_args,
+    add_mode_args,
+    at_least,
+    backbone_kwargs,
+    mode_from_args,
+    non_negative,
+    positive,
+    run_cli,
+)
+from datasets import (
+    SegmentationDataset,
+    ViewsDataset,
+    build_datasets,
+    epoch_seed,
+    make_loader,
+    set_epoch,
+    shard_indices,
+)
+from dinokit.backbones.loading import weights_digest
+from dinokit.backbones.released_heads import read_checked_head
+from dinokit.data.file_kinds import fingerprint_files
+from dinokit.data.labels import DatasetSpec, load_dataset_spec
+from dinokit.data.resize import check_imgsz, eval_transform, round_to_patch
+from dinokit.prediction.modes import InferenceMode
+from dinokit.runs.reports import save_plots, write_csv
+from dinokit.runs.run_folder import RunLock, claim_run_folder
+from dinokit.runs.tensorboard_log import TrainingBoard
+from dinokit.runs.writing import write_json
+from dinokit.training.feature_cache import FeatureCache, default_cache_budget
+from dinokit.training.schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
+from engine import EpochResult, LoopSettings, NonFiniteLossError, cache_features, train_one_epoch, validate
 from evaluation import evaluate_pairs, report_json, report_lines
-from files import fingerprint_files, write_json
-from heads import read_checked_head
-from inference import InferenceMode, Predictor, add_mode_args, mode_from_args
-from labels import DatasetSpec, load_dataset_spec
-from model import HEAD_LAYERS, Dinov2Segmentation
-from model_config import PATCH_SIZE
-from run_folder import RunLock, claim_run_folder, on_main_process
-from runtime import seed_everything, select_precision
-from schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
-from tensorboard_log import TrainingBoard
+from inference import Predictor
+from model import Dinov2Segmentation
+from model_config import HEAD_LAYERS, PATCH_SIZE
+from utils import (
+    all_reduce_sum,
+    distributed,
+    init_distributed,
+    is_main_process,
+    on_main_process,
+    rank,
+    seed_everything,
+    select_precision,
+    sync_buffers,
+    world_size,
+)
+
+# What --resume does with each flag (every flag of get_args_parser; a test checks that none is missing):
+KEEP = "keep"  # what the run is: taken from the checkpoint; another value given is refused
+CHANGE = "change"  # taken from the checkpoint unless given; a new value is applied, printed and recorded
+LOCAL = "local"  # where and how this process runs (no effect on the result): this invocation's own, not recorded
+RESUME_RULES = {
+    "data_dir": CHANGE, "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
+    "imgsz": KEEP, "workers": LOCAL,
+    "backbone": KEEP, "registers": KEEP, "source": CHANGE, "hub_dir": CHANGE, "weights": CHANGE, "no_pretrained": CHANGE,
+    "fine_tune": KEEP, "head_layers": KEEP, "head_weights": KEEP,
+    "recipe": KEEP, "epochs": CHANGE, "steps": CHANGE, "batch": KEEP, "lr": CHANGE, "weight_decay": CHANGE,
+    "scheduler": KEEP, "scheduler_epochs": KEEP, "scheduler_gamma": KEEP, "warmup_steps": KEEP, "backbone_lr": CHANGE,
+    "mode": CHANGE, "short_side": CHANGE, "crop": CHANGE, "stride": CHANGE, "scales": CHANGE, "flip": CHANGE,
+    "amp": CHANGE, "grad_checkpointing": LOCAL, "compile": LOCAL, "no_val_cache": LOCAL, "train_views": KEEP,
+    "cache_ram_gb": LOCAL, "out_dir": LOCAL, "device": LOCAL, "seed": CHANGE, "resume": LOCAL, "exist_ok": LOCAL,
+    "tensorboard": LOCAL, "tensorboard_images": LOCAL, "tensorboard_every": LOCAL, "dist_timeout": LOCAL,
+}
+
+
+def main(args: argparse.Namespace) -> None:
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    changes = resolve_defaults(args, resumed)
+    check_args(args)
+    device = init_distributed(args.device, args.dist_timeout)
+    seed_everything(args.seed)
+    out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
+    lock = claim_folder(out_dir, args)
+    try:
+        run = build_run(args, device, out_dir, resumed)
+        finished = False
+        try:
+            if resumed is not None:
+                restore(run, resumed, changes)
+            fit(run)
+            final_evaluation(run)
+            finished = True
+        except NonFiniteLossError as err:
+            last = out_dir / "last.pth"
+            kept = (f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint" if last.exists()
+                    else "no checkpoint was written")
+            raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
+        except KeyboardInterrupt:
+            print_resume_hint(out_dir, run.checkpoints.epochs_done)
+            sys.exit(130)
+        finally:
+            run.close(finished)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """Settle every flag: a new run takes its --recipe's defaults (config.RECIPES) for those not
+    given; a resumed run follows RESUME_RULES against its checkpoint's flags. Training is counted in
+    --epochs or --steps, whichever was given (or the recipe's). Returns the recorded changes:
+    (flag, checkpoint's value, this run's)."""
+    if args.epochs is not None and args.steps is not None:
+        raise ValueError("--epochs and --steps exclude each other: count training in one of them")
+    counted_in = "epochs" if args.epochs is not None else "steps" if args.steps is not None else None
+    saved = resumed.get("args", {}) if resumed is not None else {}
+    given = getattr(args, "given_flags", frozenset(vars(args)))
+    changes = []
+    for name, rule in RESUME_RULES.items():
+        if name not in saved or rule == LOCAL:  # a new run, an older checkpoint without the flag, or LOCAL
+            continue
+        flag, before, now = f"--{name.replace('_', '-')}", saved[name], _plain(getattr(args, name))
+        if name not in given:
+            setattr(args, name, before)
+        elif now != before and rule == KEEP:
+            raise ValueError(f"{args.resume}: checkpoint was trained with {flag} {before!r} but this run has {now!r}; "
+                             "a resumed run keeps it (start a new run to change it)")
+        elif now != before:
+            changes.append((flag, before, now))
+    args.recipe = args.recipe or "seed"
+    for name, default in config.RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if counted_in == "epochs":
+        args.steps = None
+    elif args.steps is not None:
+        args.epochs = None  # set from the training split's length (plan_steps)
+    return changes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag values that would only fail later, with the flag's name in the message."""
+    check_schedule(args.scheduler, args.warmup_steps)
+    check_imgsz(args.imgsz)
+    if args.train_views and args.fine_tune:
+        raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
+    if args.grad_checkpointing and not args.fine_tune:
+        raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
+    if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
+        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice")
+    if args.recipe == "paper" and args.train_views == 1:
+        raise ValueError("--train-views 1 / --cache-train-features compute features of un-augmented images once; "
+                         "--recipe paper needs random crops: give --train-views 2 or more")
+
+
+def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
+    """Rank 0 claims the run folder (dinokit/runs/run_folder.py); every rank gets its verdict."""
+    return on_main_process(lambda: claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok))
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, built by `build_run`."""
+
+    args: argparse.Namespace
+    out_dir: Path
+    imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
+    total_steps: int  # optimizer steps of the whole run (--steps, or --epochs x batches per epoch)
+    spec: DatasetSpec
+    settings: LoopSettings
+    train_loader: torch.utils.data.DataLoader
+    valid_loader: torch.utils.data.DataLoader
+    model: Dinov2Segmentation
+    train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped per epoch (multistep) or per optimizer step
+    scaler: torch.amp.GradScaler
+    checkpoints: RunCheckpoints
+    valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
+    train_cache: FeatureCache | None = None  # --train-views: K views of every training image
+
+    def close(self, finished: bool) -> None:
+        """Release the caches; an unfinished run keeps its resumable training views on disk."""
+        for cache in (self.valid_cache, self.train_cache):
+            if cache is not None:
+                cache.close(keep=not finished)
+
+
+def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, resumed: dict[str, Any] | None) -> Run:
+    """Data (checked), model, optimizer, schedule, caches and checkpoint files of a run."""
+    imgsz = round_to_patch(args.imgsz)
+    if list(imgsz) != list(args.imgsz):
+        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
+    spec, train_loader, valid_loader = build_data(args, imgsz, device)
+    total_steps, args.epochs = plan_steps(args, len(train_loader), resumed)  # --steps: the epochs they end in
+    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epoch{'s' * (args.epochs != 1)} "
+          f"of {len(train_loader)}), AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
+          + (f" after {args.warmup_steps} warmup steps" if args.warmup_steps else "") + ".")
+    if args.warmup_steps >= total_steps:
+        print(f"Note: --warmup-steps {args.warmup_steps} is not shorter than the run ({total_steps} steps): "
+              "the learning rate never reaches --lr.")
+    if resumed is not None:  # a mismatch costs seconds, not a backbone download
+        check_resume_matches(resumed, args, spec, args.resume)
+    # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.
+    padding = (resumed["model_info"]["arch"].get("padding", "bottom_right") if resumed is not None
+               else "center" if args.head_weights or args.recipe == "paper" else "bottom_right")
+    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
+                               padding=padding, **backbone_kwargs(args))
+    if args.head_weights and resumed is None:
+        load_released_head(model, args, spec)
+    model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    if args.compile:
+        model.compile_backbone()
+    amp_dtype = select_precision(device, args.amp)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=total_steps,
+                                warmup_steps=args.warmup_steps, milestones=args.scheduler_epochs, gamma=args.scheduler_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
+          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
+          f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
+    checkpoints = RunCheckpoints(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items() if k in RESUME_RULES})
+    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
+    return Run(
+        args=args, out_dir=out_dir, imgsz=imgsz, total_steps=total_steps, spec=spec,
+        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
+        train_loader=train_loader, valid_loader=valid_loader,
+        model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        checkpoints=checkpoints,
+        valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank()),
+        train_cache=(FeatureCache("train_views", budget, out_dir, views=args.train_views, rank=rank(),
+                                  key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
+                     if args.train_views else None),
+    )
+
+
+def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
+               ) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The dataset description (mask format decided by the full check) and the two loaders."""
+    spec = load_dataset_spec(args.data_dir, args.classes)
+    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
+    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1),
+                                                 seed=args.seed, recipe=args.recipe)
+    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
+          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
+    for note in check.notes:
+        print(f"Note: {note}")
+    if args.batch > len(train_set):
+        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin)
+    valid_loader = make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin)
+    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
+    if world_size() > 1:
+        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
+              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
+    return check.spec, train_loader, valid_loader
+
+
+def plan_steps(args: argparse.Namespace, steps_per_epoch: int, resumed: dict[str, Any] | None) -> tuple[int, int]:
+    """(total optimizer steps, epochs) of the run. With --steps, the epochs are those the steps end
+    in (the last one stops early); a resumed run must have steps left."""
+    history = resumed["history"] if resumed is not None else []
+    done = steps_done(history, steps_per_epoch)
+    if args.steps is not None:
+        if done >= args.steps:
+            raise ValueError(f"--steps {args.steps}: {args.resume} already holds {done} steps; give a larger --steps to train on")
+        return args.steps, len(history) + math.ceil((args.steps - done) / steps_per_epoch)
+    if len(history) >= args.epochs:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {len(history)} epochs; "
+                         "give a larger --epochs to train on")
+    return done + (args.epochs - len(history)) * steps_per_epoch, args.epochs
+
+
+def steps_done(history: list[dict[str, Any]], steps_per_epoch: int) -> int:
+    """Optimizer steps taken in the epochs of `history` (its "step" column; rows from before that
+    column existed are whole epochs)."""
+    return int(history[-1].get("step", len(history) * steps_per_epoch)) if history else 0
+
+
+def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
+    """The flags and the dataset must describe the checkpoint's model; name the first field that differs."""
+    info = checkpoint["model_info"]
+    arch = info["arch"]
+    num_classes = len(spec.classes)
+    family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
+    fields = [
+        ("--backbone", arch["backbone"], args.backbone),
+        ("--registers", arch["registers"], args.registers),
+        ("number of classes", arch["num_classes"], num_classes),
+        ("--source", family[arch["source"]], family[args.source]),
+        ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
+        ("--head-layers", arch.get("head_layers", 4), args.head_layers),
+        ("--scheduler", checkpoint.get("args", {}).get("scheduler", "multistep"), args.scheduler),
+        ("--recipe", checkpoint.get("args", {}).get("recipe", "seed"), args.recipe),
+    ]
+    for name, saved, given in fields:
+        if saved != given:
+            shown = arch["source"] if name == "--source" else saved
+            raise ValueError(f"{path}: checkpoint was trained with {name} {shown!r} but this run has {given!r}")
+    for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
+        saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
+        if (saved_name, saved_color) != (name, tuple(color)):
+            raise ValueError(f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
+                             f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with")
+    if info["ignore_index"] != spec.ignore_index:
+        raise ValueError(f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
+                         f"says {spec.ignore_index}")
+
+
+def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec: DatasetSpec) -> None:
+    """Initialise the head from Meta's released one (dinokit/backbones/released_heads.py): same blocks, same classes."""
+    head, _ = read_checked_head(args.head_weights, args.backbone, args.registers, args.head_layers)
+    classes = head["classifier.weight"].shape[0]
+    if classes != len(spec.classes):
+        raise ValueError(f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
+                         f"{len(spec.classes)}; it can only start a run on data with its classes, in its order")
+    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
+    print(f"Head initialised from {args.head_weights} ({classes} classes, {args.head_layers} block(s), centred padding)")
+
+
+def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW over what trains, at `base_lrs`: the head, and with --fine-tune the backbone."""
+    parts = [model.head] + ([model.backbone] if args.fine_tune else [])
+    groups = [{"params": list(part.parameters()), "lr": lr} for part, lr in zip(parts, base_lrs(args))]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def base_lrs(args: argparse.Namespace) -> list[float]:
+    """Learning rate of each optimizer group: the head at --lr; with --fine-tune the backbone at
+    --backbone-lr (default --lr / 10), since a foundation model's features degrade at a freshly
+    initialised head's rate."""
+    return [args.lr] + ([args.backbone_lr or args.lr / 10] if args.fine_tune else [])
+
+
+def distribute(model: Dinov2Segmentation, device: torch.device) -> torch.nn.Module:
+    """Under torchrun: the model wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs)."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_views_key(args: argparse.Namespace, model: Dinov2Segmentation, train_set: SegmentationDataset,
+                    imgsz: tuple[int, int], amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What cached training views depend on; a cache left in the run folder under another key is rebuilt."""
+    return {"format": 1, "views": args.train_views, "recipe": args.recipe, "imgsz": list(imgsz), "seed": args.seed,
+            "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
+            "arch": {k: v for k, v in model.arch.items() if k != "num_classes"}, "weights": weights_digest(model.backbone),
+            "dtype": str(amp_dtype or torch.float32), "rank": rank(), "world_size": world_size()}
+
+
+def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
+    """Continue `resumed`: weights, optimizer, schedule, scaler and history; flags given now win."""
+    run.model.load_state_dict(resumed["model"])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.scheduler.load_state_dict(resumed["scheduler"])
+    follow_schedule_flags(run.optimizer, run.scheduler, run.args)
+    restore_scaler(run.scaler, resumed.get("scaler", {}))
+    start = resumed["epoch"] + 2
+    run.checkpoints.restore(resumed, [{"epoch": start, "flag": flag, "from": old, "to": new} for flag, old, new in changes])
+    print(f"Resumed from {run.args.resume} at epoch {start}" + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
+
+
+def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                          args: argparse.Namespace) -> None:
+    """After restoring optimizer state: apply --lr/--backbone-lr/--weight-decay, so the schedule goes
+    on as if the run had started with them (a restored state would otherwise keep the old values)."""
+    factor = current_factor(scheduler)
+    for group, base in zip(optimizer.param_groups, base_lrs(args)):
+        group["lr"] = base * factor
+        group["initial_lr"] = base
+        group["weight_decay"] = args.weight_decay
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """fp16 loss-scaler state when both the checkpoint and this run use one: a bf16/fp32 run saved
+    an empty state, and a bf16/fp32 resume needs none."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
+def fit(run: Run) -> None:
+    """Train from the epoch after the last recorded one to --epochs, recording each (RunCheckpoints)."""
+    args, settings = run.args, run.settings
+    if run.train_cache is not None:
+        prepare_train_views(run)
+    shuffle = torch.Generator()  # order (and views) of cached training features, reseeded every epoch
+    step = steps_done(run.checkpoints.history, len(run.train_loader))
+    board = open_board(run, step)
+    after_step = step_hook(run, board, step)
+    try:
+        for epoch in range(run.checkpoints.epochs_done, args.epochs):
+            print(f"EPOCH: {epoch + 1}/{args.epochs}")
+            started = time.perf_counter()
+            set_epoch(run.train_loader, epoch)
+            shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
+            train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
+                                           scaler=run.scaler, cache=run.train_cache, generator=shuffle,
+                                           after_step=after_step, max_steps=run.total_steps - step)
+            step += min(len(run.train_loader), run.total_steps - step)
+            sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
+            valid_result = validate_split(run, "Valid")
+            if not isinstance(run.scheduler, StepSchedule):
+                run.scheduler.step()
+            seconds = time.perf_counter() - started
+            print_epoch("Train", train_result)
+            print_epoch("Valid", valid_result)
+            end_epoch(run, epoch, step, train_result, valid_result, seconds)
+            if board is not None:
+                board.log_epoch(epoch + 1, train_result, valid_result)
+                board.log_examples(epoch + 1, run_predictor(run), last=epoch + 1 == args.epochs)
+    finally:
+        if board is not None:
+            board.close()
+    run.checkpoints.save_final(args.epochs)
+    passes = torch.tensor(run.model.backbone_images)
+    all_reduce_sum(passes)
+    print(f"Backbone passes: {int(passes):,} images" + (f" ({world_size()} processes)" if world_size() > 1 else ""))
+
+
+def prepare_train_views(run: Run) -> None:
+    """--train-views K: reuse a complete cache of this run's views, else compute them now, K per
+    image of this process's shard (K=1: the un-augmented image), storage reserved up front."""
+    args, base = run.args, run.train_loader.dataset
+    views = args.train_views
+    source = copy.copy(base)
+    if views == 1:
+        source.transform = eval_transform(run.imgsz)
+    dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
+    width, height = run.imgsz
+    shapes = (len(dataset), run.model.feature_shape(height, width), run.settings.amp_dtype or torch.float32, (height, width))
+    if run.train_cache.reuse(*shapes):
+        return
+    what = "un-augmented images" if views == 1 else f"{views} augmented views per image"
+    print(f"Caching training features: {what}, {len(dataset)} backbone passes"
+          + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else ""))
+    run.train_cache.allocate(*shapes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
+                                         pin_memory=run.settings.device.type == "cuda")
+    cache_features(run.train_cache, run.model, loader, run.settings)
+
+
+def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None] | None:
+    """What runs after every optimizer step: a per-step schedule's step, and the step's loss and
+    learning rate for TensorBoard (the rate the step used: read before the schedule moves it)."""
+    per_step = isinstance(run.scheduler, StepSchedule)
+    if board is None:
+        return (lambda loss: run.scheduler.step()) if per_step else None
+    counter = itertools.count(steps_before + 1)
+
+    def after_step(loss: torch.Tensor) -> None:
+        board.log_step(next(counter), loss, run.optimizer.param_groups[0]["lr"])
+        if per_step:
+            run.scheduler.step()
+
+    return after_step
+
+
+def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
+    """--tensorboard: rank 0's writer into <run>/tensorboard (a resumed run drops the events after its checkpoint)."""
+    if not run.args.tensorboard or not is_main_process():
+        return None
+    pairs = run.valid_loader.dataset.pairs[: run.args.tensorboard_images]
+    board = TrainingBoard(run.out_dir, classes=run.spec.classes, examples=pairs, color_map=run.spec.color_map(),
+                          mask_format=run.spec.mask_format, every=run.args.tensorboard_every,
+                          purge_step=steps_before if run.checkpoints.epochs_done else None)
+    print(f"TensorBoard: {board.log_dir} (tensorboard --logdir {run.out_dir.parent})")
+    return board
+
+
+def validate_split(run: Run, desc: str) -> EpochResult:
+    """The validation split's metrics; a frozen backbone's features are computed on the first call only."""
+    if run.valid_cache is not None and not run.valid_cache.ready:
+        cache_features(run.valid_cache, run.model, run.valid_loader, run.settings)
+    return validate(run.model, run.valid_loader, run.settings, desc=desc, cache=run.valid_cache)
+
+
+def print_epoch(kind: str, result: EpochResult) -> None:
+    print(f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
+          f"{kind} Epoch mIOU: {result.miou:.4f}")
+
+
+def end_epoch(run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float) -> None:
+    """Record the epoch (checkpoints, metrics.csv, curves) and report it."""
+    row = {
+        "epoch": epoch + 1, "step": step,
+        "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
+        "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
+        "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
+    }
+    for name, value in run.checkpoints.end_epoch(row).items():
+        print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
+    if is_main_process():
+        write_csv(run.checkpoints.history, run.out_dir / "metrics.csv")
+        save_plots(run.checkpoints.history, run.out_dir)
+    print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
+    print("-" * 50)
+
+
+def run_predictor(run: Run) -> Predictor:
+    """The model being trained, predicting as inference will (whole image at the training size)."""
+    return Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
+                     mode=InferenceMode(imgsz=run.imgsz))
+
+
+def final_evaluation(run: Run) -> None:
+    """The best-mIoU checkpoint scored on the validation split at each image's original resolution
+    (the per-epoch figures are at the training size): printed, and best_validation.json."""
+    if distributed():
+        torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
+    best_path = run.checkpoints.load_best(run.settings.device)
+    predictor = Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
+                          mode=mode_from_args(run.args, sizes=False))
+    print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
+    result = evaluate_pairs(predictor, run.valid_loader.dataset.pairs, workers=run.args.workers, desc="Validate best")
+    for line in report_lines(result, run.spec.classes):
+        print(line)
+    if is_main_process():
+        write_json(run.out_dir / "best_validation.json", report_json(
+            result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()))
+    print(f"Outputs in {run.out_dir}")
+
+
+def print_resume_hint(out_dir: Path, epochs_done: int) -> None:
+    command = sys.argv[1:]
+    if "--resume" in command:
+        del command[command.index("--resume"): command.index("--resume") + 2]
+    print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {epochs_done}; continue with:\n"
+          f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
+
+
+def _plain(value: Any) -> Any:
+    """argparse values as plain Python types, so checkpoints load with weights_only=True."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -122,492 +642,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--dist-timeout", type=positive, default=30, metavar="MIN",
                      help="torchrun: minutes a process waits for a dead or stuck peer before failing")
     return parser
-
-
-# What --resume does with each flag (every flag of get_args_parser; a test checks that none is missing):
-KEEP = "keep"  # what the run is: taken from the checkpoint; another value given is refused
-CHANGE = "change"  # taken from the checkpoint unless given; a new value is applied, printed and recorded
-LOCAL = "local"  # where and how this process runs (no effect on the result): this invocation's own, not recorded
-RESUME_RULES = {
-    "data_dir": CHANGE, "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
-    "imgsz": KEEP, "workers": LOCAL,
-    "backbone": KEEP, "registers": KEEP, "source": CHANGE, "hub_dir": CHANGE, "weights": CHANGE, "no_pretrained": CHANGE,
-    "fine_tune": KEEP, "head_layers": KEEP, "head_weights": KEEP,
-    "recipe": KEEP, "epochs": CHANGE, "steps": CHANGE, "batch": KEEP, "lr": CHANGE, "weight_decay": CHANGE,
-    "scheduler": KEEP, "scheduler_epochs": KEEP, "scheduler_gamma": KEEP, "warmup_steps": KEEP, "backbone_lr": CHANGE,
-    "mode": CHANGE, "short_side": CHANGE, "crop": CHANGE, "stride": CHANGE, "scales": CHANGE, "flip": CHANGE,
-    "amp": CHANGE, "grad_checkpointing": LOCAL, "compile": LOCAL, "no_val_cache": LOCAL, "train_views": KEEP,
-    "cache_ram_gb": LOCAL, "out_dir": LOCAL, "device": LOCAL, "seed": CHANGE, "resume": LOCAL, "exist_ok": LOCAL,
-    "tensorboard": LOCAL, "tensorboard_images": LOCAL, "tensorboard_every": LOCAL, "dist_timeout": LOCAL,
-}
-
-
-def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """Settle every flag: a new run takes its --recipe's defaults (config.RECIPES) for those not
-    given; a resumed run follows RESUME_RULES against its checkpoint's flags. Training is counted in
-    --epochs or --steps, whichever was given (or the recipe's). Returns the recorded changes:
-    (flag, checkpoint's value, this run's)."""
-    if args.epochs is not None and args.steps is not None:
-        raise ValueError("--epochs and --steps exclude each other: count training in one of them")
-    counted_in = "epochs" if args.epochs is not None else "steps" if args.steps is not None else None
-    saved = resumed.get("args", {}) if resumed is not None else {}
-    given = getattr(args, "given_flags", frozenset(vars(args)))
-    changes = []
-    for name, rule in RESUME_RULES.items():
-        if name not in saved or rule == LOCAL:  # a new run, an older checkpoint without the flag, or LOCAL
-            continue
-        flag, before, now = f"--{name.replace('_', '-')}", saved[name], _plain(getattr(args, name))
-        if name not in given:
-            setattr(args, name, before)
-        elif now != before and rule == KEEP:
-            raise ValueError(f"{args.resume}: checkpoint was trained with {flag} {before!r} but this run has {now!r}; "
-                             "a resumed run keeps it (start a new run to change it)")
-        elif now != before:
-            changes.append((flag, before, now))
-    args.recipe = args.recipe or "seed"
-    for name, default in config.RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if counted_in == "epochs":
-        args.steps = None
-    elif args.steps is not None:
-        args.epochs = None  # set from the training split's length (count_epochs)
-    return changes
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject flag values that would only fail later, with the flag's name in the message."""
-    check_schedule(args.scheduler, args.warmup_steps)
-    check_imgsz(args.imgsz)
-    if args.train_views and args.fine_tune:
-        raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
-    if args.grad_checkpointing and not args.fine_tune:
-        raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
-    if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
-        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice")
-    if args.recipe == "paper" and args.train_views == 1:
-        raise ValueError("--train-views 1 / --cache-train-features compute features of un-augmented images once; "
-                         "--recipe paper needs random crops: give --train-views 2 or more")
-
-
-def steps_done(history: list[dict[str, Any]], steps_per_epoch: int) -> int:
-    """Optimizer steps taken in the epochs of `history` (its "step" column; rows from before that
-    column existed are whole epochs)."""
-    return int(history[-1].get("step", len(history) * steps_per_epoch)) if history else 0
-
-
-def count_steps(args: argparse.Namespace, steps_per_epoch: int, resumed: dict[str, Any] | None) -> int:
-    """The run's total optimizer steps. With --steps, --epochs becomes the number of epochs they
-    end in (the last one stops early); a resumed run must have steps left."""
-    history = resumed["history"] if resumed is not None else []
-    done = steps_done(history, steps_per_epoch)
-    if args.steps is not None:
-        if done >= args.steps:
-            raise ValueError(f"--steps {args.steps}: {args.resume} already holds {done} steps; give a larger --steps to train on")
-        args.epochs = len(history) + math.ceil((args.steps - done) / steps_per_epoch)
-        return args.steps
-    if len(history) >= args.epochs:
-        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {len(history)} epochs; "
-                         "give a larger --epochs to train on")
-    return done + (args.epochs - len(history)) * steps_per_epoch
-
-
-def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
-    """The flags and the dataset must describe the checkpoint's model; name the first field that differs."""
-    info = checkpoint["model_info"]
-    arch = info["arch"]
-    num_classes = len(spec.classes)
-    family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
-    fields = [
-        ("--backbone", arch["backbone"], args.backbone),
-        ("--registers", arch["registers"], args.registers),
-        ("number of classes", arch["num_classes"], num_classes),
-        ("--source", family[arch["source"]], family[args.source]),
-        ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
-        ("--head-layers", arch.get("head_layers", 4), args.head_layers),
-        ("--scheduler", checkpoint.get("args", {}).get("scheduler", "multistep"), args.scheduler),
-        ("--recipe", checkpoint.get("args", {}).get("recipe", "seed"), args.recipe),
-    ]
-    for name, saved, given in fields:
-        if saved != given:
-            shown = arch["source"] if name == "--source" else saved
-            raise ValueError(f"{path}: checkpoint was trained with {name} {shown!r} but this run has {given!r}")
-    for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
-        saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
-        if (saved_name, saved_color) != (name, tuple(color)):
-            raise ValueError(f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
-                             f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with")
-    if info["ignore_index"] != spec.ignore_index:
-        raise ValueError(f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
-                         f"says {spec.ignore_index}")
-
-
-def _plain(value: Any) -> Any:
-    """argparse values as plain Python types, so checkpoints load with weights_only=True."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def print_epoch(kind: str, result: EpochResult) -> None:
-    print(f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
-          f"{kind} Epoch mIOU: {result.miou:.4f}")
-
-
-@dataclass
-class Run:
-    """Everything one training run is made of, built by `build_run`."""
-
-    args: argparse.Namespace
-    out_dir: Path
-    imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
-    total_steps: int  # optimizer steps of the whole run (--steps, or --epochs x batches per epoch)
-    spec: DatasetSpec
-    settings: LoopSettings
-    train_loader: torch.utils.data.DataLoader
-    valid_loader: torch.utils.data.DataLoader
-    model: Dinov2Segmentation
-    train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped per epoch (multistep) or per optimizer step
-    scaler: torch.amp.GradScaler
-    checkpoints: RunCheckpoints
-    valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
-    train_cache: FeatureCache | None = None  # --train-views: K views of every training image
-
-    def close(self, finished: bool) -> None:
-        """Release the caches; an unfinished run keeps its resumable training views on disk."""
-        for cache in (self.valid_cache, self.train_cache):
-            if cache is not None:
-                cache.close(keep=not finished)
-
-
-def main(args: argparse.Namespace) -> None:
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    changes = resolve_defaults(args, resumed)
-    check_args(args)
-    device = init_distributed(args.device, args.dist_timeout)
-    seed_everything(args.seed)
-    out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
-    lock = claim_folder(out_dir, args)
-    try:
-        run = build_run(args, device, out_dir, resumed)
-        finished = False
-        try:
-            if resumed is not None:
-                restore(run, resumed, changes)
-            fit(run)
-            final_evaluation(run)
-            finished = True
-        except NonFiniteLossError as err:
-            last = out_dir / "last.pth"
-            kept = (f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint" if last.exists()
-                    else "no checkpoint was written")
-            raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
-        except KeyboardInterrupt:
-            print_resume_hint(out_dir, run.checkpoints.epochs_done)
-            sys.exit(130)
-        finally:
-            run.close(finished)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
-    """Rank 0 claims the run folder (run_folder.py); every rank gets its verdict."""
-    return on_main_process(lambda: claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok))
-
-
-def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, resumed: dict[str, Any] | None) -> Run:
-    """Data (checked), model, optimizer, schedule, caches and checkpoint files of a run."""
-    imgsz = round_to_patch(args.imgsz)
-    if list(imgsz) != list(args.imgsz):
-        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
-    spec, train_loader, valid_loader = build_data(args, imgsz, device)
-    total_steps = count_steps(args, len(train_loader), resumed)
-    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epoch{'s' * (args.epochs != 1)} "
-          f"of {len(train_loader)}), AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
-          + (f" after {args.warmup_steps} warmup steps" if args.warmup_steps else "") + ".")
-    if args.warmup_steps >= total_steps:
-        print(f"Note: --warmup-steps {args.warmup_steps} is not shorter than the run ({total_steps} steps): "
-              "the learning rate never reaches --lr.")
-    if resumed is not None:  # a mismatch costs seconds, not a backbone download
-        check_resume_matches(resumed, args, spec, args.resume)
-    # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.
-    padding = (resumed["model_info"]["arch"].get("padding", "bottom_right") if resumed is not None
-               else "center" if args.head_weights or args.recipe == "paper" else "bottom_right")
-    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
-                               padding=padding, **backbone_kwargs(args))
-    if args.head_weights and resumed is None:
-        load_released_head(model, args, spec)
-    model.to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing()
-    if args.compile:
-        model.compile_backbone()
-    amp_dtype = select_precision(device, args.amp)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=total_steps,
-                                warmup_steps=args.warmup_steps, milestones=args.scheduler_epochs, gamma=args.scheduler_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
-          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
-          f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
-    checkpoints = RunCheckpoints(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items() if k in RESUME_RULES})
-    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
-    return Run(
-        args=args, out_dir=out_dir, imgsz=imgsz, total_steps=total_steps, spec=spec,
-        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
-        train_loader=train_loader, valid_loader=valid_loader,
-        model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        checkpoints=checkpoints,
-        valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir),
-        train_cache=(FeatureCache("train_views", budget, out_dir, views=args.train_views,
-                                  key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
-                     if args.train_views else None),
-    )
-
-
-def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
-               ) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """The dataset description (mask format decided by the full check) and the two loaders."""
-    spec = load_dataset_spec(args.data_dir, args.classes)
-    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1),
-                                                 seed=args.seed, recipe=args.recipe)
-    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
-          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
-    for note in check.notes:
-        print(f"Note: {note}")
-    if args.batch > len(train_set):
-        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin)
-    valid_loader = make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin)
-    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
-    if world_size() > 1:
-        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
-              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
-    return check.spec, train_loader, valid_loader
-
-
-def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec: DatasetSpec) -> None:
-    """Initialise the head from Meta's released one (heads.py): same blocks, same classes."""
-    head, _ = read_checked_head(args.head_weights, args.backbone, args.registers, args.head_layers)
-    classes = head["classifier.weight"].shape[0]
-    if classes != len(spec.classes):
-        raise ValueError(f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
-                         f"{len(spec.classes)}; it can only start a run on data with its classes, in its order")
-    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
-    print(f"Head initialised from {args.head_weights} ({classes} classes, {args.head_layers} block(s), centred padding)")
-
-
-def distribute(model: Dinov2Segmentation, device: torch.device) -> torch.nn.Module:
-    """Under torchrun: the model wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs)."""
-    if world_size() == 1:
-        return model
-    if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
-    """Continue `resumed`: weights, optimizer, schedule, scaler and history; flags given now win."""
-    run.model.load_state_dict(resumed["model"])
-    run.optimizer.load_state_dict(resumed["optimizer"])
-    run.scheduler.load_state_dict(resumed["scheduler"])
-    follow_schedule_flags(run.optimizer, run.scheduler, run.args)
-    restore_scaler(run.scaler, resumed.get("scaler", {}))
-    start = resumed["epoch"] + 2
-    run.checkpoints.restore(resumed, [{"epoch": start, "flag": flag, "from": old, "to": new} for flag, old, new in changes])
-    print(f"Resumed from {run.args.resume} at epoch {start}" + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
-
-
-def fit(run: Run) -> None:
-    """Train from the epoch after the last recorded one to --epochs, recording each (RunCheckpoints)."""
-    args, settings = run.args, run.settings
-    if run.train_cache is not None:
-        prepare_train_views(run)
-    shuffle = torch.Generator()  # order (and views) of cached training features, reseeded every epoch
-    step = steps_done(run.checkpoints.history, len(run.train_loader))
-    board = open_board(run, step)
-    after_step = step_hook(run, board, step)
-    try:
-        for epoch in range(run.checkpoints.epochs_done, args.epochs):
-            print(f"EPOCH: {epoch + 1}/{args.epochs}")
-            started = time.perf_counter()
-            set_epoch(run.train_loader, epoch)
-            shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
-            train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
-                                           scaler=run.scaler, cache=run.train_cache, generator=shuffle,
-                                           after_step=after_step, max_steps=run.total_steps - step)
-            step += min(len(run.train_loader), run.total_steps - step)
-            sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
-            valid_result = validate_split(run, "Valid")
-            if not isinstance(run.scheduler, StepSchedule):
-                run.scheduler.step()
-            seconds = time.perf_counter() - started
-            print_epoch("Train", train_result)
-            print_epoch("Valid", valid_result)
-            end_epoch(run, epoch, step, train_result, valid_result, seconds)
-            if board is not None:
-                board.log_epoch(epoch + 1, train_result, valid_result)
-                board.log_examples(epoch + 1, run_predictor(run), last=epoch + 1 == args.epochs)
-    finally:
-        if board is not None:
-            board.close()
-    run.checkpoints.save_final(args.epochs)
-    passes = torch.tensor(run.model.backbone_images)
-    all_reduce_sum(passes)
-    print(f"Backbone passes: {int(passes):,} images" + (f" ({world_size()} processes)" if world_size() > 1 else ""))
-
-
-def end_epoch(run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float) -> None:
-    """Record the epoch (metrics.csv, checkpoints, plots) and report it."""
-    run.checkpoints.end_epoch({
-        "epoch": epoch + 1, "step": step,
-        "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
-        "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
-        "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
-    })
-    print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
-    print("-" * 50)
-
-
-def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None] | None:
-    """What runs after every optimizer step: a per-step schedule's step, and the step's loss and
-    learning rate for TensorBoard (the rate the step used: read before the schedule moves it)."""
-    per_step = isinstance(run.scheduler, StepSchedule)
-    if board is None:
-        return (lambda loss: run.scheduler.step()) if per_step else None
-    counter = itertools.count(steps_before + 1)
-
-    def after_step(loss: torch.Tensor) -> None:
-        board.log_step(next(counter), loss, run.optimizer.param_groups[0]["lr"])
-        if per_step:
-            run.scheduler.step()
-
-    return after_step
-
-
-def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
-    """--tensorboard: rank 0's writer into <run>/tensorboard (a resumed run drops the events after its checkpoint)."""
-    if not run.args.tensorboard or not is_main_process():
-        return None
-    pairs = run.valid_loader.dataset.pairs[: run.args.tensorboard_images]
-    board = TrainingBoard(run.out_dir, classes=run.spec.classes, examples=pairs, color_map=run.spec.color_map(),
-                          mask_format=run.spec.mask_format, every=run.args.tensorboard_every,
-                          purge_step=steps_before if run.checkpoints.epochs_done else None)
-    print(f"TensorBoard: {board.log_dir} (tensorboard --logdir {run.out_dir.parent})")
-    return board
-
-
-def run_predictor(run: Run) -> Predictor:
-    """The model being trained, predicting as inference will (whole image at the training size)."""
-    return Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
-                     mode=InferenceMode(imgsz=run.imgsz))
-
-
-def train_views_key(args: argparse.Namespace, model: Dinov2Segmentation, train_set: SegmentationDataset,
-                    imgsz: tuple[int, int], amp_dtype: torch.dtype | None) -> dict[str, Any]:
-    """What cached training views depend on; a cache left in the run folder under another key is rebuilt."""
-    return {"format": 1, "views": args.train_views, "recipe": args.recipe, "imgsz": list(imgsz), "seed": args.seed,
-            "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
-            "arch": {k: v for k, v in model.arch.items() if k != "num_classes"}, "weights": weights_digest(model.backbone),
-            "dtype": str(amp_dtype or torch.float32), "rank": rank(), "world_size": world_size()}
-
-
-def prepare_train_views(run: Run) -> None:
-    """--train-views K: reuse a complete cache of this run's views, else compute them now, K per
-    image of this process's shard (K=1: the un-augmented image), storage reserved up front."""
-    args, base = run.args, run.train_loader.dataset
-    views = args.train_views
-    source = copy.copy(base)
-    if views == 1:
-        source.transform = eval_transform(run.imgsz)
-    dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
-    width, height = run.imgsz
-    shapes = (len(dataset), run.model.feature_shape(height, width), run.settings.amp_dtype or torch.float32, (height, width))
-    if run.train_cache.reuse(*shapes):
-        return
-    what = "un-augmented images" if views == 1 else f"{views} augmented views per image"
-    print(f"Caching training features: {what}, {len(dataset)} backbone passes"
-          + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else ""))
-    run.train_cache.allocate(*shapes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=run.settings.device.type == "cuda")
-    run.train_cache.build(run.model, loader, run.settings)
-
-
-def validate_split(run: Run, desc: str) -> EpochResult:
-    """The validation split's metrics; a frozen backbone's features are computed on the first call only."""
-    if run.valid_cache is not None and not run.valid_cache.ready:
-        run.valid_cache.build(run.model, run.valid_loader, run.settings)
-    return validate(run.model, run.valid_loader, run.settings, desc=desc, cache=run.valid_cache)
-
-
-def final_evaluation(run: Run) -> None:
-    """The best-mIoU checkpoint scored on the validation split at each image's original resolution
-    (the per-epoch figures are at the training size): printed, and best_validation.json."""
-    if distributed():
-        torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
-    best_path = run.checkpoints.load_best(run.settings.device)
-    predictor = Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
-                          mode=mode_from_args(run.args, sizes=False))
-    print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
-    result = evaluate_pairs(predictor, run.valid_loader.dataset.pairs, workers=run.args.workers, desc="Validate best")
-    for line in report_lines(result, run.spec.classes):
-        print(line)
-    if is_main_process():
-        write_json(run.out_dir / "best_validation.json", report_json(
-            result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()))
-    print(f"Outputs in {run.out_dir}")
-
-
-def print_resume_hint(out_dir: Path, epochs_done: int) -> None:
-    command = sys.argv[1:]
-    if "--resume" in command:
-        del command[command.index("--resume"): command.index("--resume") + 2]
-    print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {epochs_done}; continue with:\n"
-          f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
-
-
-def base_lrs(args: argparse.Namespace) -> list[float]:
-    """Learning rate of each optimizer group: the head at --lr; with --fine-tune the backbone at
-    --backbone-lr (default --lr / 10), since a foundation model's features degrade at a freshly
-    initialised head's rate."""
-    return [args.lr] + ([args.backbone_lr or args.lr / 10] if args.fine_tune else [])
-
-
-def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                          args: argparse.Namespace) -> None:
-    """After restoring optimizer state: apply --lr/--backbone-lr/--weight-decay, so the schedule goes
-    on as if the run had started with them (a restored state would otherwise keep the old values)."""
-    factor = current_factor(scheduler)
-    for group, base in zip(optimizer.param_groups, base_lrs(args)):
-        group["lr"] = base * factor
-        group["initial_lr"] = base
-        group["weight_decay"] = args.weight_decay
-    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-
-
-def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """fp16 loss-scaler state when both the checkpoint and this run use one: a bf16/fp32 run saved
-    an empty state, and a bf16/fp32 resume needs none."""
-    if scaler.is_enabled() and state:
-        scaler.load_state_dict(state)
-
-
-def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW over what trains, at `base_lrs`: the head, and with --fine-tune the backbone."""
-    parts = [model.head] + ([model.backbone] if args.fine_tune else [])
-    groups = [{"params": list(part.parameters()), "lr": lr} for part, lr in zip(parts, base_lrs(args))]
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 if __name__ == "__main__":

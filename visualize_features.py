@@ -26,16 +26,27 @@ import torch
 from tqdm import tqdm
 
 import config
-from cli import (ArgumentParser, UserError, add_backbone_args, add_device_args, at_least, backbone_kwargs, non_negative,
-                 run_cli, unit_interval)
-from datasets import check_imgsz
-from drawing import blend
-from feature_pca import FeaturePca, PatchFeatures, fit_pca, foreground_split
-from files import atomic_write, format_bytes
-from image_files import DatasetError, image_paths, read_image, write_image
-from run_folder import claim_output_folder
-from runtime import seed_everything
-from videos import open_video, read_frames, write_video
+from cli import (
+    ArgumentParser,
+    add_backbone_args,
+    add_device_args,
+    at_least,
+    backbone_kwargs,
+    non_negative,
+    run_cli,
+    unit_interval,
+)
+from dinokit.backbones.feature_pca import FeaturePca, fit_pca, foreground_split
+from dinokit.data.image_files import DatasetError, image_paths, read_image, write_image
+from dinokit.data.resize import check_imgsz
+from dinokit.errors import UserError
+from dinokit.prediction.drawing import blend
+from dinokit.prediction.videos import open_video, read_frames, write_video
+from dinokit.runs.reports import format_bytes
+from dinokit.runs.run_folder import claim_output_folder
+from dinokit.runs.writing import atomic_write
+from model import PatchFeatures
+from utils import seed_everything
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 

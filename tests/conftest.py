@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synthetic import make_dataset  # noqa: E402
+from dinokit.data.synthetic import make_dataset  # noqa: E402
 
 # Flags for an offline train.py run: random-init timm backbone, data loaded in-process.
 OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")

@@ -10,9 +10,9 @@ from PIL import Image
 
 import config
 from checkpoint import load_checkpoint
-from image_files import DatasetError
-from labels import VOC, ColorMap, load_dataset_spec, read_mask
-from synthetic import make_dataset
+from dinokit.data.image_files import DatasetError
+from dinokit.data.labels import VOC, ColorMap, load_dataset_spec, read_mask
+from dinokit.data.synthetic import make_dataset
 from tests.conftest import OFFLINE, dead_pid, run_script
 
 VOC_MAP = ColorMap(config.COLORS, config.IGNORE_COLORS)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import UserError
-from image_files import read_image
-from inference import InferenceMode, Predictor
+from dinokit.data.image_files import read_image
+from dinokit.errors import UserError
+from dinokit.prediction.modes import InferenceMode
+from inference import Predictor
 from tests.conftest import ROOT
 from tests.test_inference import make_video
 

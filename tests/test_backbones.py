@@ -8,8 +8,8 @@ import pytest
 import torch
 from dinov2.models import vision_transformer  # Meta's model code (make test installs it)
 
-from backbones import BackboneUnavailableError, TimmDinov2, load_backbone
 from checkpoint import build_model_from_checkpoint, load_checkpoint
+from dinokit.backbones.loading import BackboneUnavailableError, TimmDinov2, load_backbone
 from tests.conftest import OFFLINE, run_script
 
 OUT_INDICES = [8, 9, 10, 11]

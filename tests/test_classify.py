@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import classifiers
-from backbones import load_backbone
-from classifiers import knn_votes, ranked_classes, topk_accuracy, train_linear_probe
-from embeddings import ClassificationTransform, extract, linear_input
-from image_folders import read_class_folders
-from synthetic import make_image_folders
+from dinokit.backbones.loading import load_backbone
+from dinokit.classification import classifiers
+from dinokit.classification.classifiers import knn_votes, ranked_classes, topk_accuracy, train_linear_probe
+from dinokit.classification.embeddings import ClassificationTransform, extract, linear_input
+from dinokit.classification.image_folders import read_class_folders
+from dinokit.data.synthetic import make_image_folders
 from tests.conftest import run_script
 
 BACKBONE = ("--source", "timm", "--no-pretrained")

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import config
-from augmentations import seed_augmentation, seed_train_transform
-from datasets import SegmentationDataset, eval_transform, find_pairs, round_to_patch
-from image_files import DatasetError
-from labels import ColorMap
+from datasets import SegmentationDataset, find_pairs
+from dinokit.data.augmentations import seed_augmentation, seed_train_transform
+from dinokit.data.image_files import DatasetError
+from dinokit.data.labels import ColorMap
+from dinokit.data.resize import eval_transform, round_to_patch
 
 
 @pytest.fixture

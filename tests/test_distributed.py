@@ -12,11 +12,11 @@ import torch
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
 from datasets import ShardSampler, build_datasets, find_pairs, make_loader
+from dinokit.data.labels import load_dataset_spec
+from dinokit.data.synthetic import make_dataset
 from engine import LoopSettings, validate
 from evaluation import evaluate_pairs
 from inference import Predictor
-from labels import load_dataset_spec
-from synthetic import make_dataset
 from tests.conftest import ROOT
 
 FLAGS = ("--imgsz", "56", "42", "--batch", "2", "--lr", "1e-3", "--source", "timm", "--no-pretrained", "--workers", "0")

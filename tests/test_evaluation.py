@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from dinokit.data.synthetic import make_dataset
+from dinokit.prediction.modes import InferenceMode
 from evaluation import evaluate_pairs
-from inference import InferenceMode, Predictor, segment, slide_logits, window_grid
+from inference import Predictor, segment, slide_logits, window_grid
 from metrics import SeedStyleIoU
 from model import Dinov2Segmentation
-from synthetic import make_dataset
 from tests.conftest import ROOT, run_script
 
 CPU = torch.device("cpu")

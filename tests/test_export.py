@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backbones import POS_EMBED_OFFSET, bicubic_matrix
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from inference import InferenceMode, Predictor
+from dinokit.backbones.loading import POS_EMBED_OFFSET, bicubic_matrix
+from dinokit.prediction.modes import InferenceMode
+from inference import Predictor
 from tests.conftest import run_script
 from tests.test_inference import make_video
 
@@ -19,7 +20,7 @@ onnx = pytest.importorskip("onnx", reason="pip install -r requirements-export.tx
 pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.txt")
 pytest.importorskip("onnxscript", reason="pip install -r requirements-export.txt")
 
-from deployment import OnnxNetwork, export_network, write_metadata  # noqa: E402  (needs the packages above)
+from dinokit.prediction.deployment import OnnxNetwork, export_network, write_metadata  # noqa: E402  (needs the packages above)
 
 
 @pytest.mark.parametrize("out_size", [16, 23, 37, 46, 1])
@@ -144,7 +145,7 @@ def test_int8_static_argmax_export(exported, tiny_dataset, tmp_path):
 def test_centre_padded_model_exports_at_odd_sizes(tmp_path):
     """Meta's padding (the paper recipe's models) is also computed in the graph."""
     from checkpoint import model_info
-    from labels import VOC
+    from dinokit.data.labels import VOC
     from model import Dinov2Segmentation
 
     torch.manual_seed(0)
@@ -184,7 +185,7 @@ def test_broken_onnx_files_are_one_line_errors(exported, tiny_dataset, tmp_path)
 
 def test_failed_self_check_writes_nothing(exported, tmp_path, monkeypatch, capsys):
     import export
-    from cli import UserError
+    from dinokit.errors import UserError
 
     checkpoint, _, _ = exported
     monkeypatch.setattr(export, "self_check", lambda *a, **k: [export.Agreement("random", (98, 126), 0.5, 0.97)])
@@ -196,8 +197,8 @@ def test_failed_self_check_writes_nothing(exported, tmp_path, monkeypatch, capsy
     assert list(tmp_path.iterdir()) == []
 
 
-def test_readme_snippet_runs_the_file_without_pytorch(exported, tiny_dataset, tmp_path):
-    """README "Export and deployment": the file alone, with numpy, Pillow and onnxruntime."""
+def test_the_documented_snippet_runs_the_file_without_pytorch(exported, tiny_dataset, tmp_path):
+    """docs/export.md: the file alone, with numpy, Pillow and onnxruntime."""
     import re
     import shutil
     import subprocess
@@ -206,7 +207,7 @@ def test_readme_snippet_runs_the_file_without_pytorch(exported, tiny_dataset, tm
     from tests.conftest import ROOT
 
     _, out, _ = exported
-    section = (ROOT / "README.md").read_text().split("## Export and deployment")[1]
+    section = (ROOT / "docs" / "export.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shutil.copy(out, tmp_path / "best_model_iou.onnx")
     shutil.copy(sorted((tiny_dataset / "valid_images").iterdir())[0], tmp_path / "photo.jpg")
@@ -218,7 +219,7 @@ def test_readme_snippet_runs_the_file_without_pytorch(exported, tiny_dataset, tm
 
 def test_weights_too_large_for_one_onnx_file_are_refused_before_tracing(exported, tmp_path, monkeypatch):
     import export
-    from cli import UserError
+    from dinokit.errors import UserError
 
     checkpoint, _, _ = exported
     monkeypatch.setattr(export, "SINGLE_FILE_LIMIT", 1000)  # ViT-g's 4.4 GB, scaled down

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from feature_pca import fit_pca, foreground_split
+from dinokit.backbones.feature_pca import fit_pca, foreground_split
 from tests.conftest import run_script
 from tests.test_inference import make_video
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import config
-from heads import HeadWeightsError, head_url, model_with_head
+from checkpoint import model_with_head
+from dinokit.backbones.released_heads import HeadWeightsError, head_url
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, run_script
 

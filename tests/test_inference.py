@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drawing import indexed_png, overlay
+from dinokit.prediction.drawing import indexed_png, overlay
 from inference import Predictor
 from tests.conftest import ROOT, run_script
 from tests.test_heads import mmseg_head_file

@@ -1,34 +1,70 @@
-"""The repository's shape: modules import downwards only, never a script, never in a cycle."""
+"""The repository's shape: scripts and the core at the root, the machinery in `dinokit/`, imports
+running one way (scripts -> root modules -> the package), never into a script, never in a cycle."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "evaluate", "classify", "infer_image", "infer_video", "prepare_voc", "bench", "make_sample_data", "export", "app", "visualize_features"}
+PACKAGE = "dinokit"
+
+# The root's modules, written once: the commands, and the core they are built around.
+SCRIPTS = {"train", "evaluate", "classify", "infer_image", "infer_video", "prepare_voc", "bench", "make_sample_data",
+           "export", "app", "visualize_features"}
+CORE = {"config", "model_config", "datasets", "engine", "model", "metrics", "utils", "checkpoint", "inference",
+        "evaluation", "cli"}
+PURE_DATA = {"config", "model_config"}  # the only root modules the package may read
+HANDFUL = 5  # core modules beyond the design's named ones
 
 
-def repo_imports() -> dict[str, set[str]]:
-    """Top-level module -> the repository modules it imports (anywhere in the file)."""
-    modules = {path.stem for path in ROOT.glob("*.py")}
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def source_files() -> list[Path]:
+    return sorted(ROOT.glob("*.py")) + sorted((ROOT / PACKAGE).rglob("*.py"))
+
+
+def imports() -> dict[str, set[str]]:
+    """Module -> the repository modules it imports (anywhere in the file, function bodies included)."""
+    modules = {module_name(path) for path in source_files()}
     graph = {}
-    for name in modules:
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
+    for path in source_files():
+        name = module_name(path)
         imported = set()
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
+                imported |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-        graph[name] = imported & modules - {name}
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names}  # from package import module
+        graph[name] = {module for module in imported if module in modules} - {name, PACKAGE}
     return graph
 
 
-def test_no_module_imports_a_script():
-    offenders = {name: sorted(imports & SCRIPTS) for name, imports in repo_imports().items() if imports & SCRIPTS}
+def test_the_root_holds_the_scripts_and_the_core_and_nothing_else():
+    assert {path.stem for path in ROOT.glob("*.py")} == SCRIPTS | CORE
+    named = {"config", "model_config", "datasets", "engine", "model", "metrics", "utils"}
+    assert len(CORE - named) <= HANDFUL
+
+
+def test_the_package_imports_no_root_module_but_pure_data():
+    offenders = {name: sorted(imported - PURE_DATA) for name, imported in imports().items()
+                 if name.startswith(PACKAGE) and imported - PURE_DATA - {m for m in imported if m.startswith(PACKAGE)}}
     assert offenders == {}
 
 
+def test_no_module_imports_a_script():
+    offenders = {name: sorted(imported & SCRIPTS) for name, imported in imports().items() if imported & SCRIPTS}
+    assert offenders == {}
+
+
+def test_the_package_is_grouped_in_folders():
+    loose = [path.name for path in (ROOT / PACKAGE).glob("*.py") if path.name not in ("__init__.py", "errors.py")]
+    assert loose == []
+
+
 def test_no_import_cycle():
-    graph = repo_imports()
+    graph = imports()
     state: dict[str, str] = {}
 
     def visit(name, path):

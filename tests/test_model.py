@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import model as model_module
-from backbones import BackboneUnavailableError, load_backbone
 from cli import run_cli
+from dinokit.backbones.loading import BackboneUnavailableError, load_backbone
 from engine import pixel_cross_entropy
 from model import Dinov2Segmentation
 from model_config import SIZES, get_backbone_spec

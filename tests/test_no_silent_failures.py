@@ -19,10 +19,10 @@ from PIL import Image
 
 from checkpoint import load_checkpoint
 from datasets import build_datasets, find_pairs
-from files import json_ready, remove_stale_temp_files
-from image_files import DatasetError, list_image_files, read_image
-from labels import ColorMap, load_dataset_spec, parse_dataset_spec, read_mask
-from synthetic import make_dataset
+from dinokit.data.image_files import DatasetError, list_image_files, read_image
+from dinokit.data.labels import ColorMap, load_dataset_spec, parse_dataset_spec, read_mask
+from dinokit.data.synthetic import make_dataset
+from dinokit.runs.writing import json_ready, remove_stale_temp_files
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
@@ -337,10 +337,10 @@ def test_temporary_files_of_killed_processes_are_removed_on_start(dataset, tmp_p
 
 
 def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_path, monkeypatch):
-    import engine
+    from dinokit.training import feature_cache
 
-    cache = engine.FeatureCache("valid", memory_budget=0, disk_dir=tmp_path)
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**9})())
+    cache = feature_cache.FeatureCache("valid", memory_budget=0, disk_dir=tmp_path)
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**9})())
     with pytest.raises(OSError, match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; free space, raise --cache-ram-gb .*--no-val-cache"):
         cache.allocate(1000, (1000, 1000), torch.float32, (32, 32))  # refused before anything is allocated
     monkeypatch.undo()
@@ -348,7 +348,7 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
     def full_disk(fd, offset, length):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine.os, "posix_fallocate", full_disk)
+    monkeypatch.setattr(feature_cache.os, "posix_fallocate", full_disk)
     with pytest.raises(OSError, match=r"could not be reserved on disk \(No space left on device\)"):
         cache.allocate(4, (16, 8, 8), torch.float32, (32, 32))
     assert list(tmp_path.iterdir()) == []

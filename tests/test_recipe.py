@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from augmentations import (ClassBalancedCrop, PhotoMetricDistortion, RandomRescale, paper_train_transform,
-                           seed_augmentation)
 from checkpoint import load_checkpoint
-from schedules import build_scheduler
+from dinokit.data.augmentations import (
+    ClassBalancedCrop,
+    PhotoMetricDistortion,
+    RandomRescale,
+    paper_train_transform,
+    seed_augmentation,
+)
+from dinokit.training.schedules import build_scheduler
 from tests.conftest import OFFLINE, run_script
 from train import get_args_parser, resolve_defaults
 

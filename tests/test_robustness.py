@@ -13,7 +13,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from synthetic import make_dataset
+from dinokit.data.synthetic import make_dataset
 from tests.conftest import OFFLINE, ROOT, run_script
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
@@ -89,9 +89,10 @@ def test_unknown_mask_colour_in_validation_is_found_before_training(dataset, tmp
 
 
 def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
-    from cli import one_line
-    from datasets import SegmentationDataset, eval_transform, make_loader
-    from labels import VOC
+    from datasets import SegmentationDataset, make_loader
+    from dinokit.data.labels import VOC
+    from dinokit.data.resize import eval_transform
+    from dinokit.errors import one_line
 
     pairs = [(dataset / "valid_images" / "valid_0000.jpg", dataset / "valid_labels" / "missing.png")]
     loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, shuffle=False, workers=1)

@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-from schedules import StepSchedule, build_scheduler, lr_factor
+from dinokit.training.schedules import StepSchedule, build_scheduler, lr_factor
 from tests.conftest import OFFLINE, run_script
 
 

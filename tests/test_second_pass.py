@@ -19,12 +19,12 @@ from PIL import Image
 
 import train
 from app import shown_in_page
-from cli import UserError
-from image_files import DatasetError, read_image
-from run_folder import CLASSIFIER_RESULTS
-from synthetic import make_dataset
+from dinokit.data.image_files import DatasetError, read_image
+from dinokit.data.synthetic import make_dataset
+from dinokit.errors import UserError
+from dinokit.prediction.videos import write_video
+from dinokit.runs.run_folder import CLASSIFIER_RESULTS
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
-from videos import write_video
 
 
 def one_line_error(result, *fragments, code=1):

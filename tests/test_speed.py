@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from datasets import build_datasets, make_loader
-from engine import FeatureCache, LoopSettings, pixel_cross_entropy, train_one_epoch, validate
+from dinokit.training.feature_cache import FeatureCache
+from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_epoch, validate
 from model import Dinov2Segmentation
-from runtime import select_precision
 from tests.conftest import OFFLINE, run_script
 from train import build_optimizer, get_args_parser, resolve_defaults
+from utils import select_precision
 
 CPU = torch.device("cpu")
 FP32 = LoopSettings(CPU, num_classes=21)
@@ -31,7 +32,7 @@ def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budg
     valid_loader = loaders[1]
     uncached = validate(frozen_model, valid_loader, FP32)
     cache = FeatureCache("valid", budget, tmp_path)
-    cache.build(frozen_model, valid_loader, FP32)
+    cache_features(cache, frozen_model, valid_loader, FP32)
     assert cache.ready and bool(cache.files) == (budget == 0)
     first = validate(frozen_model, valid_loader, FP32, cache=cache)
     again = validate(frozen_model, valid_loader, FP32, cache=cache)
@@ -45,7 +46,7 @@ def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budg
 
 def test_cached_epochs_do_not_run_the_backbone(frozen_model, loaders, tmp_path, monkeypatch):
     cache = FeatureCache("valid", 10**10, tmp_path)
-    cache.build(frozen_model, loaders[1], FP32)
+    cache_features(cache, frozen_model, loaders[1], FP32)
     monkeypatch.setattr(frozen_model, "extract_features", lambda *a: pytest.fail("backbone ran on a cached epoch"))
     validate(frozen_model, loaders[1], FP32, cache=cache)
 
@@ -58,7 +59,7 @@ def test_an_unbuilt_cache_is_an_error_not_a_silent_build(frozen_model, loaders, 
 def test_training_from_cached_features_learns(frozen_model, loaders, tmp_path):
     train_loader = loaders[0]
     cache = FeatureCache("train", 10**10, tmp_path)
-    cache.build(frozen_model, make_loader(train_loader.dataset, 4, shuffle=False, workers=0), FP32)
+    cache_features(cache, frozen_model, make_loader(train_loader.dataset, 4, shuffle=False, workers=0), FP32)
     optimizer = torch.optim.AdamW(frozen_model.head.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     losses = [train_one_epoch(frozen_model, train_loader, optimizer, FP32, cache=cache, generator=generator).loss

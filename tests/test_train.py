@@ -7,9 +7,10 @@ import torch
 
 import config
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from datasets import SegmentationDataset, eval_transform, find_pairs, make_loader
+from datasets import SegmentationDataset, find_pairs, make_loader
+from dinokit.data.labels import ColorMap
+from dinokit.data.resize import eval_transform
 from engine import LoopSettings, validate
-from labels import ColorMap
 from tests.conftest import OFFLINE, run_script
 
 

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-import engine
 import train
 from datasets import ViewsDataset, build_datasets, shard_indices
-from engine import FeatureCache, LoopSettings
-from files import write_json
+from dinokit.runs.writing import write_json
+from dinokit.training import feature_cache
+from dinokit.training.feature_cache import FeatureCache
+from engine import LoopSettings, cache_features
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, ROOT, run_script
 
@@ -37,7 +38,7 @@ def test_a_cached_view_is_the_seeded_augmentation_computed_afresh(tiny_dataset, 
     train_set, _, _ = build_datasets(tiny_dataset, (56, 42), seed=3)
     dataset = ViewsDataset(train_set, [0, 4, 7], views=3)
     cache = FeatureCache("train_views", 10**9, tmp_path)
-    cache.build(model, torch.utils.data.DataLoader(dataset, batch_size=4), CPU)
+    cache_features(cache, model, torch.utils.data.DataLoader(dataset, batch_size=4), CPU)
     for position, index in enumerate([0, 4, 7]):
         for view in range(3):
             image, mask = train_set.sample(index, view)  # the augmentation epoch `view` would give it
@@ -73,7 +74,7 @@ def test_only_a_complete_cache_with_the_same_key_is_reused(tmp_path):
     first.allocate(*shapes)  # killed while building: no record of completion
     assert not FeatureCache("train_views", 0, tmp_path, key={"views": 2, "seed": 1}).reuse(*shapes)
     first.features[:] = 1.5
-    write_json(tmp_path / "train_views.rank0.json", first.key)  # what build() writes last
+    write_json(tmp_path / "train_views.rank0.json", first.key)  # what finish() writes last
     again = FeatureCache("train_views", 0, tmp_path, key={"views": 2, "seed": 1})
     assert again.reuse(*shapes) and again.ready and float(again.features[5, 7, 1, 2]) == 1.5
     assert not FeatureCache("train_views", 0, tmp_path, key={"views": 3, "seed": 1}).reuse(*shapes)
@@ -82,7 +83,7 @@ def test_only_a_complete_cache_with_the_same_key_is_reused(tmp_path):
 
 
 def test_a_views_cache_the_disk_cannot_hold_is_refused_before_any_backbone_pass(tiny_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     args = train.get_args_parser().parse_args(["--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path), "--epochs", "2",
                                                "--train-views", "4", *FLAGS, "--workers", "0"])
     with pytest.raises(OSError, match=r"the train_views feature cache needs .* on disk but 1.00 kB are free; free space or lower --train-views"):

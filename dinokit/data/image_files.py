@@ -16,8 +16,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
-from cli import UserError
-from files import atomic_write
+from dinokit.errors import UserError
+from dinokit.runs.writing import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -1,10 +1,11 @@
-"""Metric logs and figures: metrics.csv, the loss / pixel accuracy / mIoU curves, confusion matrices."""
+"""What runs write and print for people: metrics.csv, the loss / pixel accuracy / mIoU curves,
+confusion matrices, neighbour galleries, and sizes in bytes as people read them."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from files import atomic_write
+from dinokit.runs.writing import atomic_write
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -81,7 +82,7 @@ def save_neighbour_gallery(rows: list[tuple[Path, str, list[tuple[Path, str, flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from image_files import read_image
+    from dinokit.data.image_files import read_image
 
     columns = 1 + max(len(neighbours) for _, _, neighbours in rows)
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
@@ -96,3 +97,11 @@ def save_neighbour_gallery(rows: list[tuple[Path, str, list[tuple[Path, str, flo
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
+
+
+def format_bytes(count: int) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks are sold and `df -H` prints)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"

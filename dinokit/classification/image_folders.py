@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from image_files import IMAGE_EXTENSIONS, DatasetError
+from dinokit.data.image_files import IMAGE_EXTENSIONS, DatasetError
 
 SPLITS = ("train", "val")
 

@@ -2,15 +2,24 @@
 and the raw prediction as a palette PNG. Shared by the inference scripts and the notebook."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from labels import ColorMap
+from dinokit.data.labels import ColorMap
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+class Segmenter(Protocol):
+    """What drawing predictions needs of a predictor (inference.Predictor is one)."""
+
+    classes: list[str]
+    color_map: ColorMap
+
+    def predict(self, image: np.ndarray) -> np.ndarray: ...
 
 
 def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -1,22 +1,19 @@
-"""Writing files safely: atomic replacement, temporary names that say whose they are, strict JSON.
+"""The one file-writing rule: atomic replacement, temporary names that say whose they are (and the
+cleanup of a killed process's leftovers), strict JSON.
 
 A crash, kill -9 or full disk must never leave half a file where a whole one was expected;
 and what a killed process left behind must be recognisable as such, to be cleaned up later."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 _UMASK = os.umask(0)  # read once: temporary files get the permissions a plain open() would give
 os.umask(_UMASK)
@@ -109,22 +106,6 @@ def write_error(path: Path, err: OSError) -> WriteError:
     return error
 
 
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: files being written get finished."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
-
-
 def json_ready(value: Any) -> Any:
     """`value` with every nan/inf float as None: JSON has no NaN (Python would write a bare `NaN`)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -142,19 +123,3 @@ def write_json(path: str | Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def format_bytes(count: int) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as disks are sold and `df -H` prints)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
-
-
-def fingerprint_files(files: Iterable[str | Path]) -> str:
-    """Identity of a list of files: every path with its size and modification time (a cache made
-    from them is stale once any of these changes)."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = os.stat(path)
-        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()

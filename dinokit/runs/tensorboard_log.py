@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
-from drawing import overlay
-from engine import EpochResult
-from image_files import read_image
-from inference import Predictor
-from labels import ColorMap, read_mask
+from dinokit.data.image_files import read_image
+from dinokit.data.labels import ColorMap, read_mask
+from dinokit.prediction.drawing import Segmenter, overlay
 
 LOG_DIR = "tensorboard"
+
+
+class EpochScores(Protocol):
+    """One split's scores of an epoch (engine.EpochResult is one)."""
+
+    loss: float
+    pixel_accuracy: float
+    miou: float
+    iou: list[float]
 
 
 class TrainingBoard:
@@ -40,7 +47,7 @@ class TrainingBoard:
         self.writer.add_scalar("step/loss", loss.item(), step)
         self.writer.add_scalar("step/lr", lr, step)
 
-    def log_epoch(self, epoch: int, train: EpochResult, valid: EpochResult) -> None:
+    def log_epoch(self, epoch: int, train: EpochScores, valid: EpochScores) -> None:
         for split, result in (("train", train), ("valid", valid)):
             self.writer.add_scalar(f"loss/{split}", result.loss, epoch)
             self.writer.add_scalar(f"pixel_accuracy/{split}", result.pixel_accuracy, epoch)
@@ -49,7 +56,7 @@ class TrainingBoard:
             if not math.isnan(iou):  # a class absent from the split has no IoU
                 self.writer.add_scalar(f"iou_valid/{name}", iou, epoch)
 
-    def log_examples(self, epoch: int, predictor: Predictor, *, last: bool = False) -> None:
+    def log_examples(self, epoch: int, predictor: Segmenter, *, last: bool = False) -> None:
         """Ground truth | prediction for each example image, every `every` epochs and at the last."""
         if not self.examples or (epoch % self.every and not last):
             return

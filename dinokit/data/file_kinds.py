@@ -4,16 +4,20 @@ flag takes it.
 A file given to the wrong flag (an .onnx renamed .pth, a head given to --weights, a photo given to
 --head-weights) must be named for what it is. torch's own error for such files advises loading with
 `weights_only=False`, which would run code from the file: the wrong fix, and an unsafe one.
+
+Also a list of files' identity (`fingerprint_files`): what caches made from them are keyed by.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-from cli import UserError
+from dinokit.errors import UserError
 
 # Which flag of which script takes each kind of file.
 TAKES = {
@@ -133,3 +137,12 @@ def _reason(err: BaseException) -> str:
         return "truncated or damaged"
     return first[:200]
 
+
+def fingerprint_files(files: Iterable[str | Path]) -> str:
+    """Identity of a list of files: every path with its size and modification time (a cache made
+    from them is stale once any of these changes)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

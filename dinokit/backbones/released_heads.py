@@ -15,24 +15,18 @@ from typing import Any
 
 import torch
 
-import config
-from checkpoint import model_info
-from cli import UserError
-from file_kinds import read_torch_file
-from labels import DatasetSpec
-from model import HEAD_LAYERS, Dinov2Segmentation
-from model_config import SIZES, get_backbone_spec
+from dinokit.backbones.ade20k import ADE20K
+from dinokit.data.file_kinds import read_torch_file
+from dinokit.data.labels import VOC
+from dinokit.errors import UserError
+from model_config import HEAD_LAYERS, SIZES, get_backbone_spec
 
 HEAD_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 HEAD_KINDS = {"linear": 1, "ms": 4}  # head name -> blocks it reads
 HEAD_DATASETS = ("voc2012", "ade20k")
 META_IMGSZ = (518, 518)  # whole-mode size for these heads (their evaluation: slide, 512 windows)
 
-VOC_SPEC = DatasetSpec(list(config.CLASSES), list(config.COLORS), list(config.IGNORE_COLORS),
-                       source="Pascal VOC 2012 (Meta's released head)")
-ADE20K_SPEC = DatasetSpec(list(config.ADE20K_CLASSES), list(config.ADE20K_COLORS), [(0, 0, 0)],
-                          source="ADE20K (Meta's released head)")
-SPEC_BY_CLASSES = {21: VOC_SPEC, 150: ADE20K_SPEC}
+SPEC_BY_CLASSES = {21: VOC, 150: ADE20K}  # a head's class count -> its dataset
 
 
 class HeadWeightsError(UserError):
@@ -106,16 +100,3 @@ def read_checked_head(path_or_name: str | Path, backbone: str, registers: bool,
     return head, check_head_fits(head, backbone, registers, head_layers, str(path_or_name))
 
 
-def model_with_head(path_or_name: str | Path, *, backbone: str = "small", registers: bool = False,
-                    head_layers: int | None = None, **backbone_kwargs) -> tuple[Dinov2Segmentation, dict[str, Any]]:
-    """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
-    palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count."""
-    where = str(path_or_name)
-    head, layers = read_checked_head(path_or_name, backbone, registers, head_layers)
-    num_classes = head["classifier.weight"].shape[0]
-    if num_classes not in SPEC_BY_CLASSES:
-        raise HeadWeightsError(f"{where}: a head for {num_classes} classes, neither VOC 2012 (21) nor ADE20K (150)")
-    model = Dinov2Segmentation(num_classes, backbone=backbone, registers=registers, head_layers=layers,
-                               padding="center", **backbone_kwargs)
-    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
-    return model.eval(), model_info(model, SPEC_BY_CLASSES[num_classes], META_IMGSZ)

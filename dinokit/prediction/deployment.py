@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import UserError
-from metrics import predicted_classes
+from dinokit.errors import UserError
+from dinokit.prediction.scores import predicted_classes
 from model_config import PATCH_SIZE
 
 PRECISIONS = ("fp32", "fp16", "int8")

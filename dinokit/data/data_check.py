@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from image_files import ROTATED, DatasetError, mask_pixels, verify_image
-from labels import ColorMap, DatasetSpec, mask_to_indices, resolve_mask_format
+from dinokit.data.image_files import ROTATED, DatasetError, mask_pixels, verify_image
+from dinokit.data.labels import ColorMap, DatasetSpec, mask_to_indices, resolve_mask_format
 
 
 @dataclass

@@ -10,46 +10,8 @@ every run. Colours are each component's projection min-max scaled over the whole
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
-
-import config
-from backbones import backbone_blocks, load_backbone
-from cli import UserError
-from datasets import round_to_patch
-from inference import preprocess
-from model_config import PATCH_SIZE
-from runtime import autocast, select_device, select_precision
-
-
-class PatchFeatures:
-    """A DINOv2 backbone reduced to one block's patch tokens (after its final norm): RGB images
-    resized to `imgsz` (W, H; rounded up to 14) -> `[B, h, w, C]` float32 on the CPU."""
-
-    def __init__(self, backbone: str = "small", *, imgsz: Sequence[int] = (518, 518), layer: int | None = None,
-                 device: str = "auto", amp: str = "auto", registers: bool = False, source: str = "hub",
-                 hub_dir: str | Path | None = None, weights: str | Path | None = None, pretrained: bool = True):
-        self.device = select_device(device)
-        self.amp_dtype = select_precision(self.device, amp)
-        self.backbone = load_backbone(backbone, registers=registers, source=source, hub_dir=hub_dir, weights=weights,
-                                      pretrained=pretrained).to(self.device).eval()
-        depth = len(backbone_blocks(self.backbone))
-        self.layer = depth if layer is None else layer
-        if not 1 <= self.layer <= depth:
-            raise UserError(f"--layer {layer}: ViT-{backbone} has blocks 1 to {depth}")
-        self.size = tuple(reversed(round_to_patch(imgsz)))  # (H, W)
-        self.grid = (self.size[0] // PATCH_SIZE, self.size[1] // PATCH_SIZE)
-        self.dim: int = self.backbone.embed_dim
-
-    @torch.inference_mode()
-    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        batch = torch.cat([preprocess(image, self.size, config.MEAN, config.STD) for image in images]).to(self.device)
-        with autocast(self.device, self.amp_dtype):
-            (maps,) = self.backbone.get_intermediate_layers(batch, n=[self.layer - 1], reshape=True)
-        return maps.float().permute(0, 2, 3, 1).cpu()
 
 
 @dataclass

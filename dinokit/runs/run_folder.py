@@ -27,11 +27,10 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Iterable
 
-from cli import UserError
-from distributed import broadcast_object, is_main_process
-from files import remove_stale_temp_files, temp_path
+from dinokit.errors import UserError
+from dinokit.runs.writing import remove_stale_temp_files, temp_path
 
 try:
     import fcntl
@@ -97,24 +96,6 @@ def claim_output_folder(folder: str | Path, *, run: str | None = None, beside: s
     for path in remove_stale_temp_files(folder):
         print(f"Removed {path.name}: a temporary file of a process that was killed")
     return folder
-
-
-T = TypeVar("T")
-
-
-def on_main_process(claim: Callable[[], T]) -> T | None:
-    """Run `claim` (a folder check) on rank 0 only; its refusal is raised on every rank, so no
-    process of a torchrun job waits in a collective for a peer that stopped. Rank 0 gets the result."""
-    result, refusal = None, None
-    if is_main_process():
-        try:
-            result = claim()
-        except RunFolderError as err:
-            refusal = str(err)
-    refusal = broadcast_object(refusal)
-    if refusal:
-        raise RunFolderError(refusal)
-    return result
 
 
 def check_writable(folder: Path, *, keep: bool) -> None:

@@ -18,16 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 
-from drawing import render
-from files import temp_path
-
-if TYPE_CHECKING:
-    from inference import Predictor
+from dinokit.prediction.drawing import Segmenter, render
+from dinokit.runs.writing import temp_path
 
 
 @dataclass(frozen=True)
@@ -180,7 +177,7 @@ def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
     return frame
 
 
-def segmented_frames(frames: Iterable[np.ndarray], predictor: "Predictor", alpha: float,
+def segmented_frames(frames: Iterable[np.ndarray], predictor: Segmenter, alpha: float,
                      timings: list[float]) -> Iterator[np.ndarray]:
     """Each RGB frame with its prediction drawn in (classes, legend, FPS); the seconds each
     prediction took are appended to `timings`."""

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import UserError
-from file_kinds import read_torch_file
+from dinokit.data.file_kinds import read_torch_file
+from dinokit.errors import UserError
 from model_config import SIZES, SOURCES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 import config
-from image_files import DatasetError, mask_pixels
+from dinokit.data.image_files import DatasetError, mask_pixels
 
 Color = Sequence[int]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schedules import build_scheduler
+from dinokit.training.schedules import build_scheduler
 
 TEMPERATURE = 0.07  # dinov2/eval/knn.py and DINO's eval_knn.py
 KNN_MEMORY = 256 * 1024**2  # bytes of similarities per query chunk

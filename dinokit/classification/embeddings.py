@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
-from files import atomic_write, fingerprint_files
-from image_files import read_image
-from runtime import autocast
+from dinokit.data.file_kinds import fingerprint_files
+from dinokit.data.image_files import read_image
+from dinokit.runs.writing import atomic_write
 
 STORED_BLOCKS = 4
 FEATURES = ("cls", "cls+avgpool")
@@ -68,18 +68,17 @@ class ImageFiles(Dataset):
 
 @torch.inference_mode()
 def extract(backbone: nn.Module, files: Sequence[Path], transform: ClassificationTransform, *, device: torch.device,
-            amp_dtype: torch.dtype | None = None, batch_size: int = 64, workers: int = 0,
-            desc: str = "Embeddings") -> dict[str, torch.Tensor]:
-    """{"cls": [N, 4, C], "avgpool": [N, C]} float32 on the CPU, for `files` in order."""
+            batch_size: int = 64, workers: int = 0, desc: str = "Embeddings") -> dict[str, torch.Tensor]:
+    """{"cls": [N, 4, C], "avgpool": [N, C]} float32 on the CPU, for `files` in order. Mixed
+    precision is the caller's: run it under `utils.autocast`."""
     workers = min(workers, os.cpu_count() or 1, -(-len(files) // batch_size))  # no idle decoding processes
     loader = DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     backbone.eval()
     class_tokens, averages = [], []
     for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        with autocast(device, amp_dtype):
-            blocks = backbone.get_intermediate_layers(images.to(device, non_blocking=True), n=STORED_BLOCKS,
-                                                      return_class_token=True, norm=True)
+        blocks = backbone.get_intermediate_layers(images.to(device, non_blocking=True), n=STORED_BLOCKS,
+                                                  return_class_token=True, norm=True)
         class_tokens.append(torch.stack([cls for _, cls in blocks], dim=1).float().cpu())
         averages.append(blocks[-1][0].float().mean(dim=1).cpu())
     return {"cls": torch.cat(class_tokens), "avgpool": torch.cat(averages)}

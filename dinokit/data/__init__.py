@@ -1,0 +1,1 @@
+"""Reading images and masks, dataset descriptions (classes.json), checking a dataset, augmentation, image sizes."""
