@@ -34,7 +34,7 @@ from dinokit.errors import UserError, one_line
 from dinokit.prediction.drawing import class_shares, indexed_png, render
 from dinokit.prediction.modes import MODES, InferenceMode
 from dinokit.prediction.videos import open_video, read_frames, segmented_frames, write_video
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

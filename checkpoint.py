@@ -21,7 +21,7 @@ from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_tim
 from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.data.labels import DatasetSpec
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 from model import Dinov2Segmentation
 from utils import broadcast_object, broadcast_state, is_main_process
 

@@ -57,7 +57,7 @@ from dinokit.classification.embeddings import (
 from dinokit.classification.image_folders import ClassFolders, class_images, read_class_folders
 from dinokit.runs.reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
 from dinokit.runs.run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
-from dinokit.runs.writing import write_json
+from dinokit.writing import write_json
 from model_config import PATCH_SIZE
 from utils import autocast, seed_everything, select_device, select_precision
 

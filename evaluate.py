@@ -23,7 +23,7 @@ from datasets import find_pairs, pair_folders
 from dinokit.data.data_check import check_dataset
 from dinokit.runs.reports import save_confusion_matrix
 from dinokit.runs.run_folder import claim_output_folder
-from dinokit.runs.writing import write_json
+from dinokit.writing import write_json
 from evaluation import evaluate_pairs, report_json, report_lines
 from inference import load_predictor
 from utils import init_distributed, is_main_process, on_main_process

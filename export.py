@@ -41,7 +41,7 @@ from dinokit.prediction.deployment import (
 from dinokit.prediction.scores import predicted_classes
 from dinokit.runs.reports import format_bytes
 from dinokit.runs.run_folder import claim_output_folder
-from dinokit.runs.writing import temp_path
+from dinokit.writing import temp_path
 from model_config import PATCH_SIZE
 
 FP32_MAX_DIFFERENCE = 1e-3

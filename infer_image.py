@@ -20,7 +20,7 @@ from cli import ArgumentParser, add_inference_args, run_cli
 from dinokit.data.image_files import DatasetError, image_paths, read_image, write_image
 from dinokit.prediction.drawing import indexed_png, render
 from dinokit.runs.run_folder import claim_output_folder
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 from inference import load_predictor
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import config
 from cli import ArgumentParser
-from dinokit.runs.writing import remove_stale_temp_files, temp_path
+from dinokit.writing import remove_stale_temp_files, temp_path
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_ROOT = "VOCdevkit/VOC2012"

@@ -58,9 +58,9 @@ from dinokit.prediction.modes import InferenceMode
 from dinokit.runs.reports import save_plots, write_csv
 from dinokit.runs.run_folder import RunLock, claim_run_folder
 from dinokit.runs.tensorboard_log import TrainingBoard
-from dinokit.runs.writing import write_json
 from dinokit.training.feature_cache import FeatureCache, default_cache_budget
 from dinokit.training.schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
+from dinokit.writing import write_json
 from engine import EpochResult, LoopSettings, NonFiniteLossError, cache_features, train_one_epoch, validate
 from evaluation import evaluate_pairs, report_json, report_lines
 from inference import Predictor

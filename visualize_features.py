@@ -44,7 +44,7 @@ from dinokit.prediction.drawing import blend
 from dinokit.prediction.videos import open_video, read_frames, write_video
 from dinokit.runs.reports import format_bytes
 from dinokit.runs.run_folder import claim_output_folder
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 from model import PatchFeatures
 from utils import seed_everything
 

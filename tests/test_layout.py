@@ -13,6 +13,7 @@ CORE = {"config", "model_config", "datasets", "engine", "model", "metrics", "uti
         "evaluation", "cli"}
 PURE_DATA = {"config", "model_config"}  # the only root modules the package may read
 HANDFUL = 5  # core modules beyond the design's named ones
+FOUNDATION = ("errors.py", "writing.py")  # the package's two rules, under every folder: how a mistake is reported, how a file is written
 
 
 def module_name(path: Path) -> str:
@@ -59,12 +60,25 @@ def test_no_module_imports_a_script():
 
 
 def test_the_package_is_grouped_in_folders():
-    loose = [path.name for path in (ROOT / PACKAGE).glob("*.py") if path.name not in ("__init__.py", "errors.py")]
+    loose = [path.name for path in (ROOT / PACKAGE).glob("*.py") if path.name not in ("__init__.py", *FOUNDATION)]
     assert loose == []
 
 
-def test_no_import_cycle():
-    graph = imports()
+def test_no_import_cycle_between_modules():
+    assert_acyclic(imports())
+
+
+def test_no_import_cycle_between_the_package_folders():
+    """dinokit's folders are layers too: data below backbones and prediction, below runs, training, classification."""
+    folder = lambda name: ".".join(name.split(".")[:2])  # noqa: E731
+    graph: dict[str, set[str]] = {}
+    for name, imported in imports().items():
+        if name.startswith(PACKAGE + "."):
+            graph.setdefault(folder(name), set()).update(folder(m) for m in imported if m.startswith(PACKAGE + "."))
+    assert_acyclic({name: children - {name} for name, children in graph.items()})
+
+
+def assert_acyclic(graph: dict[str, set[str]]) -> None:
     state: dict[str, str] = {}
 
     def visit(name, path):

@@ -22,7 +22,7 @@ from datasets import build_datasets, find_pairs
 from dinokit.data.image_files import DatasetError, list_image_files, read_image
 from dinokit.data.labels import ColorMap, load_dataset_spec, parse_dataset_spec, read_mask
 from dinokit.data.synthetic import make_dataset
-from dinokit.runs.writing import json_ready, remove_stale_temp_files
+from dinokit.writing import json_ready, remove_stale_temp_files
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")

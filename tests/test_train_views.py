@@ -10,9 +10,9 @@ import torch
 
 import train
 from datasets import ViewsDataset, build_datasets, shard_indices
-from dinokit.runs.writing import write_json
 from dinokit.training import feature_cache
 from dinokit.training.feature_cache import FeatureCache
+from dinokit.writing import write_json
 from engine import LoopSettings, cache_features
 from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, ROOT, run_script

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import config
 from dinokit.data.file_kinds import fingerprint_files
 from dinokit.data.image_files import read_image
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 
 STORED_BLOCKS = 4
 FEATURES = ("cls", "cls+avgpool")

@@ -17,7 +17,7 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from dinokit.errors import UserError
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

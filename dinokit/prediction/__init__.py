@@ -1,1 +1,1 @@
-"""What a prediction becomes: coloured masks and overlays, videos, ONNX files; the one argmax."""
+"""What a prediction is and becomes: inference modes, coloured masks and overlays, videos, ONNX files; the one argmax."""

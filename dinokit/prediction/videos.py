@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from dinokit.prediction.drawing import Segmenter, render
-from dinokit.runs.writing import temp_path
+from dinokit.writing import temp_path
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Run bookkeeping: output folders and locks, safe file writing, metric logs and figures, TensorBoard."""
+"""Run bookkeeping: output folders and locks, metric logs and figures, TensorBoard."""

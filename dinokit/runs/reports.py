@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dinokit.runs.writing import atomic_write
+from dinokit.writing import atomic_write
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dinokit.errors import UserError
-from dinokit.runs.writing import remove_stale_temp_files, temp_path
+from dinokit.writing import remove_stale_temp_files, temp_path
 
 try:
     import fcntl

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from dinokit.runs.reports import format_bytes
-from dinokit.runs.writing import temp_path, write_json
+from dinokit.writing import temp_path, write_json
 
 
 class FeatureCache:
