@@ -1,13 +1,14 @@
-# make demo: venv + install + a sample dataset + a short training run.   make test: the test suite.
+# make demo: venv + install + a sample dataset + a short training run.   make test: the whole test suite (CI).
+# make test-fast: everything but the tests marked slow (end-to-end runs, the browser).   make lint: ruff.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE_DATA ?= input/sample_voc
-# Backbone source, see README "Offline use": e.g. DEMO_FLAGS="--source timm --weights dinov2_vits14_pretrain.pth",
+# Backbone source, see docs/backbones.md: e.g. DEMO_FLAGS="--source timm --weights dinov2_vits14_pretrain.pth",
 # DEMO_FLAGS="--hub-dir ../dinov2 --weights dinov2_vits14_pretrain.pth", or DEMO_FLAGS="--source timm --no-pretrained".
 DEMO_FLAGS ?=
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test test-fast lint format clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,17 @@ demo: venv $(SAMPLE_DATA)
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean-demo:
 	rm -rf $(SAMPLE_DATA) outputs/demo

@@ -11,6 +11,7 @@ index-mask PNG to download; a second tab segments a short clip with a progress b
 one at a time through a queue, uploads and image sizes are capped, and a bad upload is a message
 in the page while the server keeps serving. It listens on 127.0.0.1 unless --host says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,14 +48,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, several=True)
     add_device_args(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 shares it with the network (no login!)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 shares it with the network (no login!)"
+    )
     parser.add_argument("--port", type=port_number, default=7860)
-    parser.add_argument("--examples", default=None, metavar="DIR",
-                        help=f"images offered as examples (default: {EXAMPLES_DIR} when it exists)")
+    parser.add_argument(
+        "--examples",
+        default=None,
+        metavar="DIR",
+        help=f"images offered as examples (default: {EXAMPLES_DIR} when it exists)",
+    )
     parser.add_argument("--max-upload-mb", type=positive, default=25, help="largest upload accepted (default 25)")
-    parser.add_argument("--max-pixels", type=positive, default=25e6, help="largest image or video frame in pixels (default 25e6)")
-    parser.add_argument("--max-video-frames", type=at_least(1), default=300, help="frames of a clip that are processed (default 300)")
-    parser.add_argument("--queue-size", type=at_least(1), default=16, help="requests that may wait; more are turned away (default 16)")
+    parser.add_argument(
+        "--max-pixels", type=positive, default=25e6, help="largest image or video frame in pixels (default 25e6)"
+    )
+    parser.add_argument(
+        "--max-video-frames", type=at_least(1), default=300, help="frames of a clip that are processed (default 300)"
+    )
+    parser.add_argument(
+        "--queue-size", type=at_least(1), default=16, help="requests that may wait; more are turned away (default 16)"
+    )
     return parser
 
 
@@ -88,8 +102,10 @@ class Demo:
             raise UserError("upload an image first")
         pixels = image_pixels(path)
         if pixels > self.max_pixels:
-            raise UserError(f"{Path(path).name}: {pixels / 1e6:.1f} megapixels; this demo takes up to "
-                            f"{self.max_pixels / 1e6:g} (--max-pixels)")
+            raise UserError(
+                f"{Path(path).name}: {pixels / 1e6:.1f} megapixels; this demo takes up to "
+                f"{self.max_pixels / 1e6:g} (--max-pixels)"
+            )
         image = read_image(path)
         predictor = self.predictor(name, mode)
         started = time.perf_counter()
@@ -98,8 +114,10 @@ class Demo:
         png = self.output_path(f"{Path(path).stem}_mask.png")
         atomic_write(png, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
         drawn = render(image, mask, predictor.classes, predictor.color_map, alpha)
-        status = (f"{image.shape[1]}x{image.shape[0]}, {1000 * seconds:.0f} ms ({predictor.mode.describe()}, "
-                  f"{predictor.engine})")
+        status = (
+            f"{image.shape[1]}x{image.shape[0]}, {1000 * seconds:.0f} ms ({predictor.mode.describe()}, "
+            f"{predictor.engine})"
+        )
         return drawn, predictor.color_map.decode(mask), legend_html(mask, predictor), str(png), status
 
     def segment_video(self, path: str | None, name: str, mode: str, alpha: float, progress=None) -> tuple[str, str]:
@@ -109,8 +127,10 @@ class Demo:
         capture, video = open_video(path)
         try:
             if video.size[0] * video.size[1] > self.max_pixels:
-                raise UserError(f"{Path(path).name}: {video.size[0]}x{video.size[1]} frames; this demo takes up to "
-                                f"{self.max_pixels / 1e6:g} megapixels (--max-pixels)")
+                raise UserError(
+                    f"{Path(path).name}: {video.size[0]}x{video.size[1]} frames; this demo takes up to "
+                    f"{self.max_pixels / 1e6:g} megapixels (--max-pixels)"
+                )
             total = video.frames_to_read(self.max_frames)
             timings: list[float] = []
             frames = segmented_frames(read_frames(capture, self.max_frames), self.predictor(name, mode), alpha, timings)
@@ -120,7 +140,9 @@ class Demo:
             capture.release()
         if written == 0:
             raise UserError(f"{Path(path).name}: no frame could be decoded")
-        capped = f" (the first {written} of {video.frame_count}: --max-video-frames)" if video.frame_count > written else ""
+        capped = (
+            f" (the first {written} of {video.frame_count}: --max-video-frames)" if video.frame_count > written else ""
+        )
         return str(out), f"{written} frames{capped}, {1000 * sum(timings) / written:.0f} ms per frame"
 
 
@@ -138,7 +160,8 @@ def legend_html(mask: np.ndarray, predictor: Predictor) -> str:
         f'<tr><td><span style="display:inline-block;width:1em;height:1em;border:1px solid #888;'
         f'background:rgb{tuple(int(v) for v in predictor.color_map.colors[index])}"></span></td>'
         f"<td>{html.escape(predictor.classes[index])}</td><td style='text-align:right'>{100 * share:.1f} %</td></tr>"
-        for index, share in class_shares(mask, len(predictor.classes)))
+        for index, share in class_shares(mask, len(predictor.classes))
+    )
     return f'<table class="legend"><tr><th></th><th>class</th><th>share of the image</th></tr>{rows}</table>'
 
 
@@ -189,8 +212,12 @@ def build_page(demo: Demo, examples: list[str]) -> Any:
             run_video = gr.Button("Segment video", variant="primary", elem_id="segment-video")
         inputs = [model, mode, alpha]
         image_outputs = [overlay, colours, legend, mask_file, image_status]
-        run_image.click(shown_in_page(demo.segment_image, len(image_outputs)), [upload, *inputs], image_outputs,
-                        concurrency_id="model")
+        run_image.click(
+            shown_in_page(demo.segment_image, len(image_outputs)),
+            [upload, *inputs],
+            image_outputs,
+            concurrency_id="model",
+        )
 
         def video(path, name, mode, alpha, progress=gr.Progress()):
             return shown_in_page(demo.segment_video, 2)(path, name, mode, alpha, progress)
@@ -231,8 +258,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); "
-                            "another program uses it: choose another --port") from err
+            raise UserError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); "
+                "another program uses it: choose another --port"
+            ) from err
 
 
 def main(args: argparse.Namespace) -> None:
@@ -245,8 +274,10 @@ def main(args: argparse.Namespace) -> None:
     predictors = load_predictors(args)
     examples = example_images(args)
     if args.host not in LOCAL_HOSTS:
-        print(f"warning: --host {args.host}: anyone who can reach this machine on port {args.port} can use the models "
-              "and upload files (there is no login); use it on a trusted network only")
+        print(
+            f"warning: --host {args.host}: anyone who can reach this machine on port {args.port} can use the models "
+            "and upload files (there is no login); use it on a trusted network only"
+        )
     out_dir = Path(tempfile.mkdtemp(prefix="dinov2-demo-"))
     try:
         demo = Demo(predictors, out_dir, max_pixels=args.max_pixels, max_frames=args.max_video_frames)
@@ -254,13 +285,20 @@ def main(args: argparse.Namespace) -> None:
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
         print(f"models: {', '.join(f'{name} ({p.engine})' for name, p in predictors.items())}", flush=True)
         try:
-            page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
-                        show_error=True, allowed_paths=[str(out_dir)] + examples, quiet=False)
+            page.launch(
+                server_name=args.host,
+                server_port=args.port,
+                max_file_size=f"{args.max_upload_mb:g}mb",
+                show_error=True,
+                allowed_paths=[str(out_dir)] + examples,
+                quiet=False,
+            )
         except OSError as err:  # taken between the check and the launch; Gradio names its own server_port
             if "port" not in str(err):
                 raise
-            raise UserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} (in use); "
-                            "choose another --port") from err
+            raise UserError(
+                f"--port {args.port}: cannot listen on {args.host}:{args.port} (in use); choose another --port"
+            ) from err
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -17,6 +17,7 @@
    onnxruntime float32 / int8 / float16 files, and each one's pixel agreement with PyTorch's
    predictions on --agreement-images (default: the generated images). Needs requirements-export.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,18 +66,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
     parser.add_argument("--train-images", type=at_least(1), default=4)
     parser.add_argument("--valid-images", type=at_least(1), default=4)
-    parser.add_argument("--epochs", type=at_least(1), default=20, help="the seed's 20 (shrink the images, not the epochs)")
+    parser.add_argument(
+        "--epochs", type=at_least(1), default=20, help="the seed's 20 (shrink the images, not the epochs)"
+    )
     parser.add_argument("--train-views", type=at_least(1), default=4, help="K of the --train-views row")
     parser.add_argument("--batch", type=at_least(1), default=2)
     parser.add_argument("--workers", type=at_least(0), default=2)
     parser.add_argument("--repeats", type=at_least(1), default=5, help="timed inference repetitions")
     parser.add_argument("--cls-imgsz", type=at_least(1), default=224, help="classification: crop side for extraction")
     parser.add_argument("--cls-images", type=at_least(1), default=64, help="classification: images to embed")
-    parser.add_argument("--knn-stored", type=at_least(1), default=100_000, help="classification: stored embeddings for kNN")
-    parser.add_argument("--agreement-images", default=None, metavar="DIR",
-                        help="export: images on which each engine's predictions are compared (default: generated)")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("epochs", "inference", "modes", "memory", "classification", "export"))
+    parser.add_argument(
+        "--knn-stored", type=at_least(1), default=100_000, help="classification: stored embeddings for kNN"
+    )
+    parser.add_argument(
+        "--agreement-images",
+        default=None,
+        metavar="DIR",
+        help="export: images on which each engine's predictions are compared (default: generated)",
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory", "classification", "export")
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -129,20 +139,40 @@ def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, opti
 def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
     """The same frozen run three ways (same seed, data and head initialisation): the seed-style
     loop, train.py's default loop, and train.py with --train-views."""
-    imgsz = tuple(args.imgsz)
-    settings = LoopSettings(device, NUM_CLASSES, config.IGNORE_INDEX, select_precision(device, args.amp))
-    rows = []
+    rows = [seed_style_run(args, device, data_dir)]
+    for views in (0, args.train_views):  # train.py by default; with --train-views (augmented views computed once)
+        rows.append(cached_run(args, device, data_dir, out_dir, views))
+    baseline, default = sum(rows[0][1]), sum(rows[1][1])
+    lines = [
+        f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | vs seed-style | vs default "
+        "| backbone passes | training-view cache | valid mIoU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, times, miou, passes, size in rows:
+        later = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+        lines.append(
+            f"| {name} | {times[0]:.1f}, {later:.1f} | {sum(times):.1f} s | {baseline / sum(times):.2f}x | "
+            f"{default / sum(times):.2f}x | {passes} | {size} | {miou:.4f} |"
+        )
+    return lines
 
-    def loaders():
-        train_set, valid_set, _ = build_datasets(data_dir, imgsz, VOC, seed=0)
-        pin = device.type == "cuda"
-        return (train_set, make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin),
-                make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin))
 
-    # 1. seed-style baseline
+def bench_loaders(args: argparse.Namespace, device: torch.device, data_dir: Path) -> tuple:
+    """(training set, training loader, validation loader) of the benchmark data, as train.py builds them."""
+    train_set, valid_set, _ = build_datasets(data_dir, tuple(args.imgsz), VOC, seed=0)
+    pin = device.type == "cuda"
+    return (
+        train_set,
+        make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin),
+        make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin),
+    )
+
+
+def seed_style_run(args: argparse.Namespace, device: torch.device, data_dir: Path) -> tuple:
+    """The reference article's loop: fp32, the backbone on every batch, per-batch mIoU."""
     model = build_model(args).to(device)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
-    _, train_loader, valid_loader = loaders()
+    _, train_loader, valid_loader = bench_loaders(args, device, data_dir)
     times, miou = [], float("nan")
     for _ in range(args.epochs):
         sync(device)
@@ -150,47 +180,43 @@ def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path,
         miou = seed_style_epoch(model, train_loader, valid_loader, optimizer, device)
         sync(device)
         times.append(time.perf_counter() - start)
-    rows.append(("seed-style loop (fp32, no cache)", times, miou, model.backbone_images, "-"))
+    return "seed-style loop (fp32, no cache)", times, miou, model.backbone_images, "-"
 
-    # 2. ours, as train.py runs it by default; 3. with --train-views (augmented views computed once)
-    for views in (0, args.train_views):
-        model = build_model(args).to(device)
-        optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
-        train_set, train_loader, valid_loader = loaders()
-        valid_cache = FeatureCache("valid", 10**12, out_dir)
-        train_cache = FeatureCache("train_views", 10**12, out_dir, views=views) if views else None
-        generator = torch.Generator()
-        times = []
-        for epoch in range(args.epochs):
-            sync(device)
-            start = time.perf_counter()
-            if train_cache is not None and not train_cache.ready:
-                view_loader = torch.utils.data.DataLoader(ViewsDataset(train_set, range(len(train_set)), views),
-                                                          batch_size=args.batch, num_workers=args.workers)
-                cache_features(train_cache, model, view_loader, settings)
-            if not valid_cache.ready:
-                cache_features(valid_cache, model, valid_loader, settings)
-            set_epoch(train_loader, epoch)
-            generator.manual_seed(epoch)
-            train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
-            result = validate(model, valid_loader, settings, cache=valid_cache)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        size = format_bytes(train_cache.features.nbytes + train_cache.masks.nbytes) if train_cache is not None else "-"
-        for cache in (valid_cache, train_cache):
-            if cache is not None:
-                cache.close()
-        name = f"ours, --train-views {views} (augmented views)" if views else "ours, default (train.py: cached validation features)"
-        rows.append((name, times, result.miou, model.backbone_images, size))
 
-    baseline, default = sum(rows[0][1]), sum(rows[1][1])
-    lines = [f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | vs seed-style | vs default | backbone passes "
-             "| training-view cache | valid mIoU |", "|---|---|---|---|---|---|---|---|"]
-    for name, times, miou, passes, size in rows:
-        later = statistics.mean(times[1:]) if len(times) > 1 else times[0]
-        lines.append(f"| {name} | {times[0]:.1f}, {later:.1f} | {sum(times):.1f} s | {baseline / sum(times):.2f}x | "
-                     f"{default / sum(times):.2f}x | {passes} | {size} | {miou:.4f} |")
-    return lines
+def cached_run(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path, views: int) -> tuple:
+    """train.py's loop: cached validation features, and with `views` the training views computed once."""
+    settings = LoopSettings(device, NUM_CLASSES, config.IGNORE_INDEX, select_precision(device, args.amp))
+    model = build_model(args).to(device)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
+    train_set, train_loader, valid_loader = bench_loaders(args, device, data_dir)
+    valid_cache = FeatureCache("valid", 10**12, out_dir)
+    train_cache = FeatureCache("train_views", 10**12, out_dir, views=views) if views else None
+    generator, times = torch.Generator(), []
+    for epoch in range(args.epochs):
+        sync(device)
+        start = time.perf_counter()
+        if train_cache is not None and not train_cache.ready:
+            dataset = ViewsDataset(train_set, range(len(train_set)), views)
+            view_loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, num_workers=args.workers)
+            cache_features(train_cache, model, view_loader, settings)
+        if not valid_cache.ready:
+            cache_features(valid_cache, model, valid_loader, settings)
+        set_epoch(train_loader, epoch)
+        generator.manual_seed(epoch)
+        train_one_epoch(model, train_loader, optimizer, settings, cache=train_cache, generator=generator)
+        result = validate(model, valid_loader, settings, cache=valid_cache)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    size = format_bytes(train_cache.features.nbytes + train_cache.masks.nbytes) if train_cache is not None else "-"
+    for cache in (valid_cache, train_cache):
+        if cache is not None:
+            cache.close()
+    name = (
+        f"ours, --train-views {views} (augmented views)"
+        if views
+        else "ours, default (train.py: cached validation features)"
+    )
+    return name, times, result.miou, model.backbone_images, size
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -220,22 +246,31 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
 
     floor = timed(bare, args.repeats, device)
     ours = timed(lambda: predictor.predict(image), args.repeats, device)
-    return ["| path | ms/image | ratio |", "|---|---|---|",
-            f"| bare backbone forward (floor) | {floor:.1f} | 1.00x |",
-            f"| predict (preprocess + forward + upsample + argmax) | {ours:.1f} | {ours / floor:.2f}x |"]
+    return [
+        "| path | ms/image | ratio |",
+        "|---|---|---|",
+        f"| bare backbone forward (floor) | {floor:.1f} | 1.00x |",
+        f"| predict (preprocess + forward + upsample + argmax) | {ours:.1f} | {ours / floor:.2f}x |",
+    ]
 
 
 def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
     """ms/image of each inference mode on one 500x375 image (a typical VOC size), median of --repeats."""
     checkpoint = save_bench_checkpoint(args, out_dir / "bench_modes.pth")
     image = np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)
-    modes = [InferenceMode(imgsz=tuple(args.imgsz)), InferenceMode(native=True), InferenceMode("slide"),
-             InferenceMode("slide", scales=(0.75, 1.0, 1.25), flip=True)]
+    modes = [
+        InferenceMode(imgsz=tuple(args.imgsz)),
+        InferenceMode(native=True),
+        InferenceMode("slide"),
+        InferenceMode("slide", scales=(0.75, 1.0, 1.25), flip=True),
+    ]
     lines = ["| mode | forwards | ms/image |", "|---|---|---|"]
     for mode in modes:
         predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, mode)
-        forwards = sum(len(window_grid(*mode.pass_size(375, 500, scale), mode.crop, mode.stride)) if mode.mode == "slide" else 1
-                       for scale in mode.scales) * (2 if mode.flip else 1)
+        forwards = sum(
+            len(window_grid(*mode.pass_size(375, 500, scale), mode.crop, mode.stride)) if mode.mode == "slide" else 1
+            for scale in mode.scales
+        ) * (2 if mode.flip else 1)
         ms = timed(lambda: predictor.scores(image), args.repeats, device)
         lines.append(f"| {mode.describe()} | {forwards} | {ms:.0f} |")
     return lines
@@ -270,8 +305,21 @@ def memory_probe(args: argparse.Namespace, mode: str) -> dict[str, float]:
 def bench_memory(args: argparse.Namespace, device: torch.device) -> list[str]:
     lines = ["| step | peak memory |", "|---|---|"]
     for mode in ("frozen", "fine-tune", "fine-tune+checkpointing"):
-        command = [sys.executable, __file__, "--memory-probe", mode, *backbone_argv(args),
-                   "--device", str(device), "--amp", args.amp, "--batch", str(args.batch), "--imgsz", *map(str, args.imgsz)]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            mode,
+            *backbone_argv(args),
+            "--device",
+            str(device),
+            "--amp",
+            args.amp,
+            "--batch",
+            str(args.batch),
+            "--imgsz",
+            *map(str, args.imgsz),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             lines.append(f"| {mode} | failed: {result.stderr.strip().splitlines()[-1]} |")
@@ -293,7 +341,7 @@ def bench_classification(args: argparse.Namespace, device: torch.device, out_dir
     transform = ClassificationTransform(args.cls_imgsz)
     amp_dtype = select_precision(device, args.amp)
     with autocast(device, amp_dtype):
-        extract(backbone, files[:args.batch * 4], transform, device=device, batch_size=args.batch * 4)
+        extract(backbone, files[: args.batch * 4], transform, device=device, batch_size=args.batch * 4)
         sync(device)
         start = time.perf_counter()
         stored = extract(backbone, files, transform, device=device, batch_size=64, workers=args.workers)
@@ -301,22 +349,31 @@ def bench_classification(args: argparse.Namespace, device: torch.device, out_dir
     seconds = time.perf_counter() - start
     dim = stored["cls"].shape[-1]
     g = torch.Generator().manual_seed(0)
-    train, labels = torch.randn(args.knn_stored, dim, generator=g), torch.randint(0, 21, (args.knn_stored,), generator=g)
+    train, labels = (
+        torch.randn(args.knn_stored, dim, generator=g),
+        torch.randint(0, 21, (args.knn_stored,), generator=g),
+    )
     queries = torch.randn(1000, dim, generator=g)
     knn_ms = timed(lambda: knn_votes(train, labels, queries, 20, 21), max(1, args.repeats // 2), torch.device("cpu"))
-    return ["| step | figure |", "|---|---|",
-            f"| embedding extraction, {len(files)} images (500x375 JPEG -> {args.cls_imgsz}^2), batch 64 | "
-            f"{len(files) / seconds:.1f} images/s ({seconds:.1f} s) |",
-            f"| kNN, k=20, 1000 queries over {args.knn_stored:,} stored {dim}-d embeddings (CPU, chunked) | "
-            f"{knn_ms:.0f} ms ({knn_ms / 1000:.2f} ms per query) |"]
+    return [
+        "| step | figure |",
+        "|---|---|",
+        f"| embedding extraction, {len(files)} images (500x375 JPEG -> {args.cls_imgsz}^2), batch 64 | "
+        f"{len(files) / seconds:.1f} images/s ({seconds:.1f} s) |",
+        f"| kNN, k=20, 1000 queries over {args.knn_stored:,} stored {dim}-d embeddings (CPU, chunked) | "
+        f"{knn_ms:.0f} ms ({knn_ms / 1000:.2f} ms per query) |",
+    ]
 
 
 def bench_export(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
     """Export the benchmark model with export.py (as a user would), then time each engine's predict
     path on one image and compare its predictions with PyTorch's on the agreement images."""
     checkpoint = save_bench_checkpoint(args, out_dir / "bench_export.pth")
-    folder = Path(args.agreement_images) if args.agreement_images else make_dataset(
-        out_dir / "agreement", 1, 4, size=(500, 375), seed=1) / "valid_images"
+    folder = (
+        Path(args.agreement_images)
+        if args.agreement_images
+        else make_dataset(out_dir / "agreement", 1, 4, size=(500, 375), seed=1) / "valid_images"
+    )
     images = [read_image(path) for path in list_image_files(folder)]
     mode = InferenceMode(imgsz=tuple(args.imgsz))
     eager = Predictor.from_checkpoint(checkpoint, str(device), args.amp, mode)
@@ -328,17 +385,34 @@ def bench_export(args: argparse.Namespace, device: torch.device, out_dir: Path) 
         path = out_dir / f"bench_{precision}.onnx"
         started = time.perf_counter()
         flags = [] if precision == "fp32" else [f"--{precision}"]
-        result = subprocess.run([sys.executable, str(Path(__file__).with_name("export.py")), "--model", str(checkpoint),
-                                 "--out", str(path), "--check-images", str(folder), *flags], capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("export.py")),
+                "--model",
+                str(checkpoint),
+                "--out",
+                str(path),
+                "--check-images",
+                str(folder),
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
-            lines.append(f"| onnxruntime {precision} | export failed: {result.stderr.strip().splitlines()[-1]} | | | | |")
+            lines.append(
+                f"| onnxruntime {precision} | export failed: {result.stderr.strip().splitlines()[-1]} | | | | |"
+            )
             continue
         seconds = time.perf_counter() - started
         predictor = Predictor.from_onnx(path, "cpu", mode)
         same = np.mean([(predictor.predict(image) == expected).mean() for image, expected in zip(images, reference)])
         ms = timed(lambda: predictor.predict(images[0]), args.repeats, torch.device("cpu"))
-        lines.append(f"| {predictor.engine} | {format_bytes(path.stat().st_size)} | {seconds:.0f} | {ms:.0f} | "
-                     f"{eager_ms / ms:.2f}x | {100 * same:.2f} % |")
+        lines.append(
+            f"| {predictor.engine} | {format_bytes(path.stat().st_size)} | {seconds:.0f} | {ms:.0f} | "
+            f"{eager_ms / ms:.2f}x | {100 * same:.2f} % |"
+        )
     return lines + [f"\n({len(images)} agreement images from {folder}; export s includes its self-check)"]
 
 
@@ -349,14 +423,20 @@ def main(args: argparse.Namespace) -> None:
     device = select_device(args.device)
     amp_dtype = select_precision(device, args.amp)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# bench: ViT-{args.backbone} ({args.source}, {'weights ' + args.weights if args.weights else 'random init'}), "
-          f"{args.imgsz[0]}x{args.imgsz[1]}, batch {args.batch}, {name}, "
-          f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, torch {torch.__version__}\n")
+    print(
+        f"# bench: ViT-{args.backbone} ({args.source}, "
+        f"{'weights ' + args.weights if args.weights else 'random init'}), "
+        f"{args.imgsz[0]}x{args.imgsz[1]}, batch {args.batch}, {name}, "
+        f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, torch {torch.__version__}\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "epochs" not in args.skip:
             data_dir = make_dataset(tmp / "data", args.train_images, args.valid_images, size=(500, 375), seed=0)
-            print(f"## Frozen backbone, {args.train_images} train + {args.valid_images} valid images, {args.epochs} epochs\n")
+            print(
+                f"## Frozen backbone, {args.train_images} train + {args.valid_images} valid images, "
+                f"{args.epochs} epochs\n"
+            )
             print("\n".join(bench_epochs(args, device, data_dir, tmp)) + "\n", flush=True)
         if "inference" not in args.skip:
             print(f"## Inference at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
@@ -371,7 +451,10 @@ def main(args: argparse.Namespace) -> None:
             print("## Classification embeddings (classify.py)\n")
             print("\n".join(bench_classification(args, device, tmp)) + "\n", flush=True)
         if "export" not in args.skip:
-            print(f"## Export: PyTorch against onnxruntime at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
+            print(
+                f"## Export: PyTorch against onnxruntime at {args.imgsz[0]}x{args.imgsz[1]} "
+                f"(median of {args.repeats})\n"
+            )
             print("\n".join(bench_export(args, device, tmp)) + "\n")
 
 

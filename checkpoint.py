@@ -4,6 +4,7 @@ A checkpoint is a plain dict: `format`, `model` (state dict), `optimizer`, `sche
 `epoch`, `metrics`, `best`, `history`, `overrides`, `args`, and `model_info` (`model_info` below:
 all that inference needs). Inference needs only `model` and `model_info`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,9 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -46,8 +48,14 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
 
 def dataset_spec(info: dict[str, Any], source: str) -> DatasetSpec:
     """The dataset description a model was trained with, back from its `model_info`."""
-    return DatasetSpec(info["classes"], [tuple(c) for c in info["colors"]], [tuple(c) for c in info["ignore_colors"]],
-                       info["ignore_index"], info.get("mask_format", "auto"), source=source)
+    return DatasetSpec(
+        info["classes"],
+        [tuple(c) for c in info["colors"]],
+        [tuple(c) for c in info["ignore_colors"]],
+        info["ignore_index"],
+        info.get("mask_format", "auto"),
+        source=source,
+    )
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -71,7 +79,9 @@ def _torch_save(value: Any, path: str) -> None:
 CLASSIFIER_KIND = "image-classifier"  # the "kind" entry of classify.py's classifier.pth
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, kind: str = "segmentation") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, kind: str = "segmentation"
+) -> dict[str, Any]:
     """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file):
     train.py's segmentation checkpoints, or (kind=CLASSIFIER_KIND) classify.py's classifiers."""
     path = Path(path)
@@ -80,12 +90,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     wanted = "image classifier" if kind == CLASSIFIER_KIND else "training checkpoint"
     checkpoint = read_torch_file(path, wanted, map_location)
     if torch_contents(checkpoint) is None:
-        raise FileKindError(f"{path}: not a checkpoint written by {'classify.py' if kind == CLASSIFIER_KIND else 'train.py'}")
+        raise FileKindError(
+            f"{path}: not a checkpoint written by {'classify.py' if kind == CLASSIFIER_KIND else 'train.py'}"
+        )
     return checkpoint
 
 
-def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", *,
-                                timm: bool = False) -> torch.nn.Module:
+def build_model_from_checkpoint(
+    checkpoint: dict[str, Any], device: torch.device | str = "cpu", *, timm: bool = False
+) -> torch.nn.Module:
     """Rebuild the trained model from a checkpoint alone (architecture from `model_info`, weights from `model`).
 
     A model trained with Meta's hub code needs that code again; where it cannot be had (offline, no
@@ -94,8 +107,14 @@ def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device
     """
     info = checkpoint["model_info"]
     arch = info["arch"]
-    common = dict(num_classes=arch["num_classes"], backbone=arch["backbone"], registers=arch["registers"], pretrained=False,
-                  head_layers=arch.get("head_layers", 4), padding=arch.get("padding", "bottom_right"))  # older: 4, bottom_right
+    common = dict(
+        num_classes=arch["num_classes"],
+        backbone=arch["backbone"],
+        registers=arch["registers"],
+        pretrained=False,
+        head_layers=arch.get("head_layers", 4),
+        padding=arch.get("padding", "bottom_right"),
+    )  # older: 4, bottom_right
     state = checkpoint["model"]
     model = None
     if not timm or arch["source"] == "timm":
@@ -104,15 +123,18 @@ def build_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device
         except BackboneUnavailableError as err:
             if arch["source"] == "timm":
                 raise
-            print(f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr)
+            print(
+                f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr
+            )
     if model is None:  # Meta's architecture in timm's code: convert the keys
         model = Dinov2Segmentation(source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint weights do not fit the model its model_info describes ({arch}): "
-                         f"{str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"checkpoint weights do not fit the model its model_info describes ({arch}): {str(err).splitlines()[0]}"
+        ) from err
     return model.to(device).eval()
 
 
@@ -124,9 +146,17 @@ class RunCheckpoints:
     metrics and the flags changed on resume, which every checkpoint carries. Only rank 0 writes.
     """
 
-    def __init__(self, out_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                 info: dict[str, Any], args: dict[str, Any]):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        info: dict[str, Any],
+        args: dict[str, Any],
+    ):
         self.out_dir = out_dir
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.info, self.args = info, args
@@ -185,7 +215,9 @@ class RunCheckpoints:
         weights reach the other ranks by broadcast."""
         best_path = self.out_dir / "best_model_iou.pth"
         if is_main_process():
-            if not best_path.exists():  # the run folder is this run's alone (dinokit/runs/run_folder.py): nothing stale here
+            if (
+                not best_path.exists()
+            ):  # the run folder is this run's alone (dinokit/runs/run_folder.py): nothing stale here
                 best_path = self.out_dir / "final_model.pth"
             self.model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
         broadcast_state(self.model)
@@ -212,8 +244,14 @@ def deferred_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-def model_with_head(path_or_name: str | Path, *, backbone: str = "small", registers: bool = False,
-                    head_layers: int | None = None, **backbone_kwargs) -> tuple[Dinov2Segmentation, dict[str, Any]]:
+def model_with_head(
+    path_or_name: str | Path,
+    *,
+    backbone: str = "small",
+    registers: bool = False,
+    head_layers: int | None = None,
+    **backbone_kwargs,
+) -> tuple[Dinov2Segmentation, dict[str, Any]]:
     """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
     palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count."""
     where = str(path_or_name)
@@ -221,7 +259,8 @@ def model_with_head(path_or_name: str | Path, *, backbone: str = "small", regist
     num_classes = head["classifier.weight"].shape[0]
     if num_classes not in SPEC_BY_CLASSES:
         raise HeadWeightsError(f"{where}: a head for {num_classes} classes, neither VOC 2012 (21) nor ADE20K (150)")
-    model = Dinov2Segmentation(num_classes, backbone=backbone, registers=registers, head_layers=layers,
-                               padding="center", **backbone_kwargs)
+    model = Dinov2Segmentation(
+        num_classes, backbone=backbone, registers=registers, head_layers=layers, padding="center", **backbone_kwargs
+    )
     model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
     return model.eval(), model_info(model, SPEC_BY_CLASSES[num_classes], META_IMGSZ)

@@ -6,12 +6,13 @@ Exceptions that mean "the input or the environment is wrong, not the code" deriv
 own error class (model.py) is `__main__` when run, and `except model.SomeError` would not match
 its `__main__.SomeError`; a shared base class matches either way.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,9 +27,18 @@ def _peer_failure(err: BaseException) -> bool:
     """A collective that failed because another process died or stopped answering."""
     dist_error = getattr(torch.distributed, "DistError", ())
     text = str(err)
-    return isinstance(err, dist_error) or any(marker in text for marker in (
-        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
-        "gloo", "NCCL", "ProcessGroup"))
+    return isinstance(err, dist_error) or any(
+        marker in text
+        for marker in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Broken pipe",
+            "Timed out waiting",
+            "gloo",
+            "NCCL",
+            "ProcessGroup",
+        )
+    )
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
@@ -44,14 +54,18 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     except (UserError, ValueError, OSError, FloatingPointError) as err:
         sys.exit(f"error{_rank_tag()}: {one_line(err)}")
     except torch.cuda.OutOfMemoryError as err:
-        sys.exit(f"error{_rank_tag()}: out of memory: {one_line(err)[:200]}; lower --batch or --imgsz, "
-                 "or use --amp / --grad-checkpointing")
+        sys.exit(
+            f"error{_rank_tag()}: out of memory: {one_line(err)[:200]}; lower --batch or --imgsz, "
+            "or use --amp / --grad-checkpointing"
+        )
     except RuntimeError as err:
         if not distributed():
             raise
         if _peer_failure(err):
-            sys.exit(f"error{_rank_tag()}: a collective operation failed, most likely because another process "
-                     f"failed first (see its error above): {one_line(err)[:300]}")
+            sys.exit(
+                f"error{_rank_tag()}: a collective operation failed, most likely because another process "
+                f"failed first (see its error above): {one_line(err)[:300]}"
+            )
         sys.exit(f"error{_rank_tag()}: {one_line(err)[:500]}")
     finally:
         if distributed():
@@ -70,7 +84,9 @@ def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and value != value:  # nan
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
     return value
@@ -78,22 +94,26 @@ def _number(kind: type, text: str) -> int | float:
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum` (a range checked when the flag is parsed)."""
+
     def parse(text: str) -> int:
         value = _number(int, text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
 def int_between(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer in low..high."""
+
     def parse(text: str) -> int:
         value = _number(int, text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
         return value
+
     parse.__name__ = f"integer in {low}..{high}"
     return parse
 
@@ -152,9 +172,13 @@ def _rank_tag() -> str:
 def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--device and --amp, declared here once for every script that runs a model."""
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                        help="mixed precision: auto = bf16 autocast on CUDA (fp16 with loss scaling where the GPU "
-                             "lacks bf16), float32 on CPU and MPS (autocast is slower there)")
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=AMP_CHOICES,
+        help="mixed precision: auto = bf16 autocast on CUDA (fp16 with loss scaling where the GPU "
+        "lacks bf16), float32 on CPU and MPS (autocast is slower there)",
+    )
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -162,19 +186,37 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backbone")
     group.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
     group.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
-    group.add_argument("--source", default="hub", choices=SOURCES,
-                       help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir")
-    group.add_argument("--hub-dir", default=None, metavar="PATH",
-                       help="local clone of github.com/facebookresearch/dinov2 (implies --source local)")
-    group.add_argument("--weights", default=None, metavar="PATH",
-                       help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth")
+    group.add_argument(
+        "--source",
+        default="hub",
+        choices=SOURCES,
+        help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir",
+    )
+    group.add_argument(
+        "--hub-dir",
+        default=None,
+        metavar="PATH",
+        help="local clone of github.com/facebookresearch/dinov2 (implies --source local)",
+    )
+    group.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth",
+    )
     group.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
 
 
 def backbone_kwargs(args: argparse.Namespace) -> dict:
     """`add_backbone_args` flags as keyword arguments of `Dinov2Segmentation` / `load_backbone`."""
-    return {"backbone": args.backbone, "registers": args.registers, "source": args.source, "hub_dir": args.hub_dir,
-            "weights": args.weights, "pretrained": not args.no_pretrained}
+    return {
+        "backbone": args.backbone,
+        "registers": args.registers,
+        "source": args.source,
+        "hub_dir": args.hub_dir,
+        "weights": args.weights,
+        "pretrained": not args.no_pretrained,
+    }
 
 
 def backbone_argv(args: argparse.Namespace) -> list[str]:
@@ -187,24 +229,43 @@ def backbone_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def add_mode_args(parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True,
-                  default: str | None = "whole") -> None:
+def add_mode_args(
+    parser: argparse.ArgumentParser, flag: str = "--mode", sizes: bool = True, default: str | None = "whole"
+) -> None:
     """The flags that choose an `InferenceMode`. train.py names the first one --eval-mode, leaves
     its default to the recipe and has no --imgsz/--native here: its final evaluation predicts at
     the training size."""
     group = parser.add_argument_group("inference mode")
-    group.add_argument(flag, dest="mode", default=default, choices=MODES,
-                       help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)")
+    group.add_argument(
+        flag,
+        dest="mode",
+        default=default,
+        choices=MODES,
+        help="whole: one forward per image; slide: sliding windows (the paper's evaluation protocol)",
+    )
     if sizes:
-        group.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
-                           help="whole: the size images are resized to (default: the size the model was trained at)")
-        group.add_argument("--native", action="store_true",
-                           help="whole: one forward at each image's own size (rounded up to 14)")
+        group.add_argument(
+            "--imgsz",
+            type=int,
+            nargs=2,
+            default=None,
+            metavar=("W", "H"),
+            help="whole: the size images are resized to (default: the size the model was trained at)",
+        )
+        group.add_argument(
+            "--native", action="store_true", help="whole: one forward at each image's own size (rounded up to 14)"
+        )
     group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
     group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
     group.add_argument("--stride", type=at_least(1), default=341, help="slide: window step (default 341)")
-    group.add_argument("--scales", type=positive, nargs="+", default=[1.0], metavar="S",
-                       help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)")
+    group.add_argument(
+        "--scales",
+        type=positive,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="test-time scales, e.g. 0.75 1.0 1.25 (softmax-averaged)",
+    )
     group.add_argument("--flip", action="store_true", help="test-time horizontal flip (softmax-averaged)")
 
 
@@ -216,20 +277,35 @@ def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> Inference
         if native:
             raise ValueError("--imgsz and --native exclude each other")
         imgsz = tuple(round_to_patch(imgsz))
-    return InferenceMode(args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip)
+    return InferenceMode(
+        args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
     """Where the model comes from: a checkpoint of ours (with `several`, --model may be repeated:
     a list), or Meta's released head on a backbone."""
-    parser.add_argument("--model", default=None, action="append" if several else "store",
-                        help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
-                             "(run by onnxruntime)" + ("; repeat to offer several" if several else ""))
-    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
-                        help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
-                             "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags")
-    parser.add_argument("--head-layers", type=int, default=None, choices=HEAD_LAYERS,
-                        help="with --head-weights: check the head reads this many blocks (default: what the file says)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        action="append" if several else "store",
+        help="checkpoint written by train.py, e.g. best_model_iou.pth, or a model.onnx written by export.py "
+        "(run by onnxruntime)" + ("; repeat to offer several" if several else ""),
+    )
+    parser.add_argument(
+        "--head-weights",
+        default=None,
+        metavar="NAME|FILE",
+        help="instead of --model: Meta's released head, voc2012_linear, voc2012_ms, ade20k_linear, "
+        "ade20k_ms (downloaded once into the torch.hub cache) or such a file; with the backbone flags",
+    )
+    parser.add_argument(
+        "--head-layers",
+        type=int,
+        default=None,
+        choices=HEAD_LAYERS,
+        help="with --head-weights: check the head reads this many blocks (default: what the file says)",
+    )
     add_backbone_args(parser)
 
 
@@ -238,5 +314,7 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
     add_model_args(parser)
     parser.add_argument("--out-dir", default=str(default_out_dir))
     add_device_args(parser)
-    parser.add_argument("--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1")
+    parser.add_argument(
+        "--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1"
+    )
     add_mode_args(parser)

@@ -3,6 +3,7 @@
 Everything here is a default; `train.py` flags override it and checkpoints carry the values
 a model was trained with, so inference never has to read this file to interpret a model.
 """
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -11,16 +12,51 @@ OUTPUT_DIR = ROOT / "outputs"
 
 # Pascal VOC 2012: 20 object classes plus background, in the official index order.
 CLASSES: list[str] = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
-    "train", "tv/monitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "dining table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "potted plant",
+    "sheep",
+    "sofa",
+    "train",
+    "tv/monitor",
 ]
 # RGB colour of each class in the label PNGs (the standard VOC palette), same order as CLASSES.
 COLORS: list[tuple[int, int, int]] = [
-    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128),
-    (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0),
-    (128, 192, 0), (0, 64, 128),
+    (0, 0, 0),
+    (128, 0, 0),
+    (0, 128, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+    (128, 0, 128),
+    (0, 128, 128),
+    (128, 128, 128),
+    (64, 0, 0),
+    (192, 0, 0),
+    (64, 128, 0),
+    (192, 128, 0),
+    (64, 0, 128),
+    (192, 0, 128),
+    (64, 128, 128),
+    (192, 128, 128),
+    (0, 64, 0),
+    (128, 64, 0),
+    (0, 192, 0),
+    (128, 192, 0),
+    (0, 64, 128),
 ]
 # Object borders and "difficult" regions: excluded from the loss and from every metric.
 IGNORE_INDEX = 255
@@ -46,10 +82,28 @@ SEED = 42
 # 1500-step linear warmup, 40k steps of batch 16 on 518x518 crops (dinokit/data/augmentations.py), evaluated
 # with sliding windows. Flags given on the command line win; a resumed run keeps its checkpoint's.
 RECIPES: dict[str, dict[str, object]] = {
-    "seed": {"epochs": EPOCHS, "steps": None, "batch": BATCH_SIZE, "imgsz": list(IMG_SIZE), "lr": LEARNING_RATE,
-             "backbone_lr": None, "weight_decay": WEIGHT_DECAY, "scheduler": "multistep", "warmup_steps": 0,
-             "mode": "whole"},
-    "paper": {"epochs": None, "steps": 40000, "batch": 16, "imgsz": [518, 518], "lr": 1e-3,
-              "backbone_lr": None, "weight_decay": 1e-4, "scheduler": "poly", "warmup_steps": 1500,
-              "mode": "slide"},
+    "seed": {
+        "epochs": EPOCHS,
+        "steps": None,
+        "batch": BATCH_SIZE,
+        "imgsz": list(IMG_SIZE),
+        "lr": LEARNING_RATE,
+        "backbone_lr": None,
+        "weight_decay": WEIGHT_DECAY,
+        "scheduler": "multistep",
+        "warmup_steps": 0,
+        "mode": "whole",
+    },
+    "paper": {
+        "epochs": None,
+        "steps": 40000,
+        "batch": 16,
+        "imgsz": [518, 518],
+        "lr": 1e-3,
+        "backbone_lr": None,
+        "weight_decay": 1e-4,
+        "scheduler": "poly",
+        "warmup_steps": 1500,
+        "mode": "slide",
+    },
 }

@@ -9,11 +9,12 @@ Images and masks are paired by file stem (hidden files skipped, one file per ste
 values mean is dinokit/data/labels.py; how files are read, dinokit/data/image_files.py; the
 check of every pair before training, dinokit/data/data_check.py; image sizes, dinokit/data/resize.py.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import albumentations as A
 import numpy as np
@@ -50,8 +51,15 @@ def pair_folders(images_dir: Path, labels_dir: Path, what: str) -> list[tuple[Pa
 class SegmentationDataset(Dataset):
     """Yields `(image [3, H, W] float32, mask [H, W] int64)`; masks resize with nearest neighbour."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, transform: A.Compose,
-                 mask_format: str = "auto", *, seed: int = config.SEED):
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        color_map: ColorMap,
+        transform: A.Compose,
+        mask_format: str = "auto",
+        *,
+        seed: int = config.SEED,
+    ):
         self.pairs = pairs
         self.color_map = color_map
         self.transform = transform
@@ -127,15 +135,24 @@ class PairDataset(Dataset):
         return read_image(image_path), read_mask(mask_path, self.color_map, self.mask_format)
 
 
-def build_datasets(data_dir: str | Path, imgsz: tuple[int, int], spec: DatasetSpec = VOC, *, threads: int = 2,
-                   seed: int = config.SEED, recipe: str = "seed") -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
+def build_datasets(
+    data_dir: str | Path,
+    imgsz: tuple[int, int],
+    spec: DatasetSpec = VOC,
+    *,
+    threads: int = 2,
+    seed: int = config.SEED,
+    recipe: str = "seed",
+) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
     """Train (augmented by `recipe`, dinokit/data/augmentations.py) and validation (resize only) datasets of
     `data_dir`, after `check_dataset` has decoded every file; the check's spec (mask format decided)
     is the one the datasets use."""
     splits = {split: find_pairs(data_dir, split) for split in ("train", "valid")}
     check = check_dataset(splits, spec, threads)
     color_map, mask_format = check.spec.color_map(), check.spec.mask_format
-    train = SegmentationDataset(splits["train"], color_map, train_transform(recipe, imgsz, color_map.ignore_index), mask_format, seed=seed)
+    train = SegmentationDataset(
+        splits["train"], color_map, train_transform(recipe, imgsz, color_map.ignore_index), mask_format, seed=seed
+    )
     valid = SegmentationDataset(splits["valid"], color_map, eval_transform(imgsz), mask_format, seed=seed)
     return train, valid, check
 
@@ -158,8 +175,9 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
-def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool, workers: int = 0,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: SegmentationDataset, batch_size: int, *, shuffle: bool, workers: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on (dataset seed, epoch); call
     `set_epoch` per epoch.
 
@@ -170,7 +188,9 @@ def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool,
     sampler = None
     if distributed():
         if shuffle:
-            sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=dataset.seed)
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, world_size(), rank(), shuffle=True, seed=dataset.seed
+            )
         else:
             sampler = ShardSampler(len(dataset), rank(), world_size())
     return torch.utils.data.DataLoader(

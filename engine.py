@@ -2,13 +2,15 @@
 
 Batches come either from a DataLoader (images) or from a `FeatureCache` (backbone features of a
 frozen backbone, computed once by `cache_features`; the storage is dinokit/training/feature_cache.py):
-the loop, the loss and the metrics are the same code either way. `LoopSettings` carries what every pass needs besides model and data.
+the loop, the loss and the metrics are the same code either way. `LoopSettings` carries what every
+pass needs besides model and data.
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,9 @@ class EpochResult:
     iou: list[float] = field(default_factory=list)  # per class, nan where a class never occurs
 
 
-def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over non-ignored pixels (in fp32 whatever the autocast dtype), and their count.
     A batch with no valid pixel gives 0, not nan."""
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
@@ -141,8 +145,17 @@ def train_one_epoch(
         batches, total = loader, len(loader)
     if max_steps is not None and max_steps < total:
         batches, total = itertools.islice(batches, max_steps), max_steps
-    return _run_epoch(model, batches, total, settings, desc=desc, from_features=cache is not None,
-                      optimizer=optimizer, scaler=scaler, after_step=after_step)
+    return _run_epoch(
+        model,
+        batches,
+        total,
+        settings,
+        desc=desc,
+        from_features=cache is not None,
+        optimizer=optimizer,
+        scaler=scaler,
+        after_step=after_step,
+    )
 
 
 @torch.no_grad()
@@ -159,8 +172,14 @@ def validate(
     if cache is None:
         return _run_epoch(model, loader, len(loader), settings, desc=desc, from_features=False)
     _require_built(cache)
-    return _run_epoch(model, cache.batches(loader.batch_size), cache.num_batches(loader.batch_size), settings,
-                      desc=desc, from_features=True)
+    return _run_epoch(
+        model,
+        cache.batches(loader.batch_size),
+        cache.num_batches(loader.batch_size),
+        settings,
+        desc=desc,
+        from_features=True,
+    )
 
 
 @torch.no_grad()
@@ -168,8 +187,9 @@ def cache_features(cache: FeatureCache, model: nn.Module, loader: DataLoader, se
     """One backbone pass over `loader` (which must not shuffle) filling `cache` in its order."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     model.eval()
-    for images, masks in tqdm(loader, desc=f"Caching {cache.name} features", leave=False, dynamic_ncols=True,
-                              disable=not is_main_process()):
+    for images, masks in tqdm(
+        loader, desc=f"Caching {cache.name} features", leave=False, dynamic_ncols=True, disable=not is_main_process()
+    ):
         with autocast(settings.device, settings.amp_dtype):
             features = model.extract_features(images.to(settings.device, non_blocking=True))
         # stored in the autocast dtype: the head would cast to it anyway

@@ -11,6 +11,7 @@ eval_<model file>_<split>_<mode>.json and confusion_<...>.png next to the checkp
 .onnx), which split and which mode, so evaluating another of them never replaces a report. Runs
 under torchrun: each process scores a shard, counts are all-reduced.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root laid out like the training data")
-    data.add_argument("--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)")
+    data.add_argument(
+        "--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)"
+    )
     data.add_argument("--images", default=None, metavar="DIR", help="score this image folder instead (with --labels)")
     data.add_argument("--labels", default=None, metavar="DIR", help="the masks of --images, paired by file stem")
     data.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images")
     add_mode_args(parser)
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", default=None, help="where eval_*.json and confusion_*.png go (default: beside the checkpoint)")
+    run.add_argument(
+        "--out-dir", default=None, help="where eval_*.json and confusion_*.png go (default: beside the checkpoint)"
+    )
     add_device_args(run)
-    run.add_argument("--seed-metric", action="store_true",
-                     help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches")
-    run.add_argument("--seed-batch", type=at_least(1), default=2, help="images per batch of --seed-metric (the seed trained with 2)")
+    run.add_argument(
+        "--seed-metric",
+        action="store_true",
+        help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches",
+    )
+    run.add_argument(
+        "--seed-batch", type=at_least(1), default=2, help="images per batch of --seed-metric (the seed trained with 2)"
+    )
     return parser
 
 
@@ -71,21 +81,37 @@ def main(args: argparse.Namespace) -> None:
     spec = dataset_spec(info, source=f"{name} (model_info)")
     check = check_dataset({split: pairs}, spec)
     print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
-    print(f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "
-          f"{predictor.mode.describe()}; {predictor.engine}")
+    print(
+        f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "
+        f"{predictor.mode.describe()}; {predictor.engine}"
+    )
     result = evaluate_pairs(predictor, pairs, workers=args.workers, seed_batch=args.seed_batch)
     for line in report_lines(result, predictor.classes):
         print(line)
     if args.seed_metric:
-        print(f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
-              f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}")
+        print(
+            f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
+            f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}"
+        )
     if is_main_process():
         name = f"{name}_{split}_{predictor.mode.tag()}"
-        write_json(out_dir / f"eval_{name}.json", report_json(
-            result, predictor.classes, checkpoint=str(args.model or args.head_weights), split=split,
-            mode=predictor.mode.describe(), seed_batch=args.seed_batch))
-        save_confusion_matrix(result.confusion, predictor.classes, out_dir / f"confusion_{name}.png",
-                              f"{name}: mIoU {result.scores.miou:.3f}")
+        write_json(
+            out_dir / f"eval_{name}.json",
+            report_json(
+                result,
+                predictor.classes,
+                checkpoint=str(args.model or args.head_weights),
+                split=split,
+                mode=predictor.mode.describe(),
+                seed_batch=args.seed_batch,
+            ),
+        )
+        save_confusion_matrix(
+            result.confusion,
+            predictor.classes,
+            out_dir / f"confusion_{name}.png",
+            f"{name}: mIoU {result.scores.miou:.3f}",
+        )
         print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
 
 

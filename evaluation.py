@@ -3,6 +3,7 @@
 ignore pixels excluded. Used by evaluate.py and by train.py's final evaluation; under torchrun
 each process scores its own shard and the counts are all-reduced, so N processes report what one
 measures."""
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,14 @@ class Evaluation:
     ms_per_image: float  # prediction time (model + resizing + TTA), measured on this process
 
 
-def evaluate_pairs(predictor: Predictor, pairs: list[tuple[Path, Path]], *, workers: int = 0, seed_batch: int = 2,
-                   desc: str = "Evaluate") -> Evaluation:
+def evaluate_pairs(
+    predictor: Predictor,
+    pairs: list[tuple[Path, Path]],
+    *,
+    workers: int = 0,
+    seed_batch: int = 2,
+    desc: str = "Evaluate",
+) -> Evaluation:
     """Predict every pair's image at its own size and score it against its mask."""
     dataset = PairDataset(pairs, predictor.color_map, predictor.mask_format)
     sampler = ShardSampler(len(dataset), rank(), world_size()) if distributed() else None
@@ -53,16 +60,24 @@ def evaluate_pairs(predictor: Predictor, pairs: list[tuple[Path, Path]], *, work
     confmat.reduce_from_all_processes(device)
     images = torch.tensor(count, device=device)
     all_reduce_sum(images)
-    return Evaluation(scores=confmat.compute(), confusion=confmat.mat.cpu(), seed_miou=seed.compute(device),
-                      images=int(images), ms_per_image=1000 * seconds / max(count, 1))
+    return Evaluation(
+        scores=confmat.compute(),
+        confusion=confmat.mat.cpu(),
+        seed_miou=seed.compute(device),
+        images=int(images),
+        ms_per_image=1000 * seconds / max(count, 1),
+    )
 
 
 def report_lines(evaluation: Evaluation, classes: list[str]) -> list[str]:
     """The summary and the per-class table that evaluate.py and train.py print."""
     s = evaluation.scores
-    lines = [f"pixel accuracy {s.pixel_accuracy:.4f} | mIoU {s.miou:.4f} | mean class accuracy {s.mean_class_accuracy:.4f}"
-             f" | frequency-weighted IoU {s.fwiou:.4f}  ({evaluation.images} images, {evaluation.ms_per_image:.0f} ms/image)",
-             f"{'class':<20} {'IoU':>7} {'acc':>7} {'share':>7}"]
+    lines = [
+        f"pixel accuracy {s.pixel_accuracy:.4f} | mIoU {s.miou:.4f} | mean class accuracy {s.mean_class_accuracy:.4f}"
+        f" | frequency-weighted IoU {s.fwiou:.4f}"
+        f"  ({evaluation.images} images, {evaluation.ms_per_image:.0f} ms/image)",
+        f"{'class':<20} {'IoU':>7} {'acc':>7} {'share':>7}",
+    ]
     for name, iou, acc, share in zip(classes, s.iou, s.class_accuracy, s.pixel_share):
         shown = [f"{v:7.4f}" if v == v else f"{'-':>7}" for v in (iou, acc, share)]
         lines.append(f"{name[:20]:<20} {' '.join(shown)}")
@@ -71,8 +86,17 @@ def report_lines(evaluation: Evaluation, classes: list[str]) -> list[str]:
 
 def report_json(evaluation: Evaluation, classes: list[str], **extra) -> dict:
     s = evaluation.scores
-    return {**extra, "images": evaluation.images, "ms_per_image": evaluation.ms_per_image,
-            "pixel_accuracy": s.pixel_accuracy, "miou": s.miou, "mean_class_accuracy": s.mean_class_accuracy,
-            "fwiou": s.fwiou, "seed_style_miou": evaluation.seed_miou,
-            "iou": dict(zip(classes, s.iou)), "class_accuracy": dict(zip(classes, s.class_accuracy)),
-            "pixel_share": dict(zip(classes, s.pixel_share)), "processes": world_size()}
+    return {
+        **extra,
+        "images": evaluation.images,
+        "ms_per_image": evaluation.ms_per_image,
+        "pixel_accuracy": s.pixel_accuracy,
+        "miou": s.miou,
+        "mean_class_accuracy": s.mean_class_accuracy,
+        "fwiou": s.fwiou,
+        "seed_style_miou": evaluation.seed_miou,
+        "iou": dict(zip(classes, s.iou)),
+        "class_accuracy": dict(zip(classes, s.class_accuracy)),
+        "pixel_share": dict(zip(classes, s.pixel_share)),
+        "processes": world_size(),
+    }

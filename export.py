@@ -11,6 +11,7 @@ is compared with PyTorch's on random and real images at two sizes (one not a mul
 float32 must agree to 1e-3 in every logit and in >= 99.99 % of predicted pixels, or nothing is
 written; fp16 and int8 print their agreement. Needs requirements-export.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,20 +54,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint written by train.py, e.g. best_model_iou.pth")
     parser.add_argument("--out", default=None, help="the .onnx file to write (default: beside --model, named after it)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS, metavar="N",
-                        help=f"ONNX opset {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET}: fused attention, onnxruntime >= 1.23; "
-                             "18 for older runtimes)")
-    parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
-                        help="any batch, height and width (default); --no-dynamic: exactly --imgsz, batch 1")
-    parser.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
-                        help="--no-dynamic: the one input size (default: the training size); --dynamic: the traced sample")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        choices=OPSETS,
+        metavar="N",
+        help=f"ONNX opset {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET}: fused attention, "
+        "onnxruntime >= 1.23; 18 for older runtimes)",
+    )
+    parser.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="any batch, height and width (default); --no-dynamic: exactly --imgsz, batch 1",
+    )
+    parser.add_argument(
+        "--imgsz",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("W", "H"),
+        help="--no-dynamic: the one input size (default: the training size); --dynamic: the traced sample",
+    )
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (for GPUs; inputs stay float32)")
-    precision.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the linear layers (CPU speed)")
-    parser.add_argument("--argmax", action="store_true", help="output class indices [B, H, W] (uint8) instead of logits")
-    parser.add_argument("--check-images", default=None, metavar="PATH",
-                        help="real images (a folder or a file) for the self-check (default: the training data's "
-                             "valid_images, when the checkpoint's folder still exists)")
+    precision.add_argument(
+        "--fp16", action="store_true", help="float16 weights and arithmetic (for GPUs; inputs stay float32)"
+    )
+    precision.add_argument(
+        "--int8", action="store_true", help="dynamic int8 quantisation of the linear layers (CPU speed)"
+    )
+    parser.add_argument(
+        "--argmax", action="store_true", help="output class indices [B, H, W] (uint8) instead of logits"
+    )
+    parser.add_argument(
+        "--check-images",
+        default=None,
+        metavar="PATH",
+        help="real images (a folder or a file) for the self-check (default: the training data's "
+        "valid_images, when the checkpoint's folder still exists)",
+    )
     parser.add_argument("--check-count", type=at_least(0), default=2, help="how many of them (default 2)")
     return parser
 
@@ -82,7 +109,8 @@ class Agreement:
 
     def line(self) -> str:
         difference = f"max |logit diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
-        return f"  {self.what:<24} {self.size[1]}x{self.size[0]}: {difference}argmax agreement {100 * self.agreement:.4f} %"
+        size = f"{self.size[1]}x{self.size[0]}"
+        return f"  {self.what:<24} {size}: {difference}argmax agreement {100 * self.agreement:.4f} %"
 
 
 def output_path(args: argparse.Namespace) -> Path:
@@ -118,7 +146,9 @@ def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, 
     return [(file.name, read_image(file)) for file in image_paths(path)[: args.check_count]]
 
 
-def compare(reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool) -> tuple[float | None, float]:
+def compare(
+    reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool
+) -> tuple[float | None, float]:
     """(max |logit difference|, argmax agreement) of the two engines on one normalised batch."""
     with torch.inference_mode():
         expected = reference(inputs)
@@ -127,9 +157,17 @@ def compare(reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Ten
     return None if argmax else (actual - expected).abs().max().item(), agreement
 
 
-def self_check(path: Path, reference: torch.nn.Module, info: dict, sizes: list[tuple[int, int]],
-               images: list[tuple[str, np.ndarray]], *, argmax: bool) -> list[Agreement]:
-    """onnxruntime's output for the written file vs the PyTorch model's, per size, on a random input and on each image."""
+def self_check(
+    path: Path,
+    reference: torch.nn.Module,
+    info: dict,
+    sizes: list[tuple[int, int]],
+    images: list[tuple[str, np.ndarray]],
+    *,
+    argmax: bool,
+) -> list[Agreement]:
+    """onnxruntime's output for the written file vs the PyTorch model's, per size, on a random input
+    and on each image."""
     exported = OnnxNetwork(path, device="cpu")
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -149,14 +187,17 @@ def verdict(results: list[Agreement], precision: str) -> str:
     summary = f"{difference}lowest argmax agreement {100 * lowest:.4f} % vs PyTorch float32"
     if precision == "fp32":
         if (worst is not None and worst > FP32_MAX_DIFFERENCE) or lowest < FP32_MIN_AGREEMENT:
-            raise UserError(f"export check failed: {summary} (float32 must agree to {FP32_MAX_DIFFERENCE:g} and "
-                            f"{100 * FP32_MIN_AGREEMENT:g} %); nothing was written")
+            raise UserError(
+                f"export check failed: {summary} (float32 must agree to {FP32_MAX_DIFFERENCE:g} and "
+                f"{100 * FP32_MIN_AGREEMENT:g} %); nothing was written"
+            )
         return f"check passed: {summary}"
     return f"{precision}: {summary} (not held to the float32 tolerance)"
 
 
-def write_onnx(model: torch.nn.Module, info: dict, target: Path, args: argparse.Namespace, size: tuple[int, int],
-               precision: str) -> None:
+def write_onnx(
+    model: torch.nn.Module, info: dict, target: Path, args: argparse.Namespace, size: tuple[int, int], precision: str
+) -> None:
     """Export, convert or quantise, and store the metadata, into `target`."""
     onnx = require("onnx")
     proto = export_network(model, size=size, dynamic=args.dynamic, opset=args.opset, argmax=args.argmax)
@@ -170,7 +211,9 @@ def write_onnx(model: torch.nn.Module, info: dict, target: Path, args: argparse.
         finally:
             float32.unlink(missing_ok=True)
         proto = onnx.load(target)
-    write_metadata(proto, info, output="classes" if args.argmax else "logits", precision=precision, dynamic=args.dynamic)
+    write_metadata(
+        proto, info, output="classes" if args.argmax else "logits", precision=precision, dynamic=args.dynamic
+    )
     onnx.save(proto, target)
 
 
@@ -188,9 +231,11 @@ def main(args: argparse.Namespace) -> None:
     images = check_images(args, checkpoint)
     weights = sum(tensor.numel() * 4 for tensor in checkpoint["model"].values() if tensor.is_floating_point())
     if weights >= SINGLE_FILE_LIMIT * 0.95:
-        raise UserError(f"{args.model}: {format_bytes(weights)} of float32 weights (ViT-{info['arch']['backbone']}) do not "
-                        "fit one ONNX file (protobuf's 2 GB limit); exporting with external weight files is not supported "
-                        "yet: use a smaller backbone")
+        raise UserError(
+            f"{args.model}: {format_bytes(weights)} of float32 weights (ViT-{info['arch']['backbone']}) do not "
+            "fit one ONNX file (protobuf's 2 GB limit); exporting with external weight files is not supported "
+            "yet: use a smaller backbone"
+        )
     reference = build_model_from_checkpoint(checkpoint, "cpu")
     traced = build_model_from_checkpoint(checkpoint, "cpu", timm=True)
     sizes = check_sizes(imgsz, args.dynamic)
@@ -201,8 +246,10 @@ def main(args: argparse.Namespace) -> None:
         write_onnx(traced, info, tmp, args, sizes[0], precision)
         exported_in = time.perf_counter() - started
         results = self_check(tmp, reference, info, sizes, images, argmax=args.argmax)
-        print(f"self-check: onnxruntime vs PyTorch ({len(images)} real image{'s' * (len(images) != 1)}"
-              f"{'' if images else '; give --check-images for real ones'} and a random input):")
+        print(
+            f"self-check: onnxruntime vs PyTorch ({len(images)} real image{'s' * (len(images) != 1)}"
+            f"{'' if images else '; give --check-images for real ones'} and a random input):"
+        )
         print("\n".join(result.line() for result in results))
         summary = verdict(results, precision)
         os.replace(tmp, out)
@@ -210,9 +257,11 @@ def main(args: argparse.Namespace) -> None:
         tmp.unlink(missing_ok=True)
     shape = "any size" if args.dynamic else f"{imgsz[0]}x{imgsz[1]} only"
     opset = opset_of(require("onnx").load(out, load_external_data=False))  # as written, not as asked
-    print(f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {opset}, {shape}, "
-          f"{'class indices' if args.argmax else 'logits'}) in {exported_in:.1f} s\n"
-          f"run it: python infer_image.py --model {out} --input IMAGES")
+    print(
+        f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {opset}, {shape}, "
+        f"{'class indices' if args.argmax else 'logits'}) in {exported_in:.1f} s\n"
+        f"run it: python infer_image.py --model {out} --input IMAGES"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ For each image writes, into --out-dir (default outputs/inference_results_image/)
   <stem>.jpg       the image with the predicted classes blended in, their names and a legend
   <stem>_mask.png  the raw prediction: a palette PNG whose pixel values are class indices
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def main(args: argparse.Namespace) -> None:
         atomic_write(out_dir / mask_name, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
     if done == 0:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
-    print(f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
-          f"({predictor.mode.describe()}), {predictor.engine}; results in {out_dir}")
+    print(
+        f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
+        f"({predictor.mode.describe()}), {predictor.engine}; results in {out_dir}"
+    )
 
 
 if __name__ == "__main__":

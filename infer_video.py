@@ -5,12 +5,13 @@
 Writes outputs/inference_results_video/<name>.mp4 (or into --out-dir): the same size and frame rate
 as the input, each frame overlaid with the predicted classes, their names, a legend and the FPS.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -28,7 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="a video file OpenCV can read (mp4, avi, ...)")
     add_inference_args(parser, config.OUTPUT_DIR / "inference_results_video")
     parser.add_argument("--show", action="store_true", help="display frames while processing (needs a display)")
-    parser.add_argument("--max-frames", type=at_least(0), default=0, help="stop after N frames (0: the whole clip), for a quick preview")
+    parser.add_argument(
+        "--max-frames", type=at_least(0), default=0, help="stop after N frames (0: the whole clip), for a quick preview"
+    )
     return parser
 
 
@@ -38,7 +41,10 @@ def show_frame(frame_rgb: np.ndarray) -> bool:
         cv2.imshow("DINOv2 segmentation", cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
         return cv2.waitKey(1) & 0xFF != ord("q")
     except cv2.error:
-        tqdm.write("warning: --show needs a display and the GUI build of OpenCV (pip install opencv-python); not showing", file=sys.stderr)
+        tqdm.write(
+            "warning: --show needs a display and the GUI build of OpenCV (pip install opencv-python); not showing",
+            file=sys.stderr,
+        )
         return False
 
 
@@ -74,10 +80,15 @@ def main(args: argparse.Namespace) -> None:
     if written == 0:
         raise ValueError(f"{source}: no frame could be decoded")
     if frame_count and written < frame_count:
-        print(f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
-              f"the output holds the frames before it", file=sys.stderr)
-    print(f"{written} frames, average {written / sum(timings):.2f} FPS ({predictor.mode.describe()}), "
-          f"{predictor.engine}; video saved to {out_path}")
+        print(
+            f"warning: {source}: stopped at frame {written} of {frame_count} (a frame could not be decoded); "
+            f"the output holds the frames before it",
+            file=sys.stderr,
+        )
+    print(
+        f"{written} frames, average {written / sum(timings):.2f} FPS ({predictor.mode.describe()}), "
+        f"{predictor.engine}; video saved to {out_path}"
+    )
 
 
 if __name__ == "__main__":

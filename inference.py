@@ -14,12 +14,14 @@ notebook. `InferenceMode` says how:
 Every pass produces logits at its own input size and is resized to the original size once, so a
 single window covering the whole image is exactly `whole` at that size.
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +58,8 @@ def slide_logits(model: torch.nn.Module, images: torch.Tensor, crop: int, stride
     windows = window_grid(height, width, crop, stride)
     total, count = None, images.new_zeros((1, 1, height, width))
     for start in range(0, len(windows), batch):  # windows of one image share a size: batch them
-        group = windows[start: start + batch]
-        logits = model(torch.cat([images[..., t:b, l:r] for t, b, l, r in group]))
+        group = windows[start : start + batch]
+        logits = model(torch.cat([images[..., top:bottom, left:right] for top, bottom, left, right in group]))
         if total is None:
             total = images.new_zeros((1, logits.shape[1], height, width), dtype=logits.dtype)
         for (top, bottom, left, right), window in zip(group, logits):
@@ -66,8 +68,16 @@ def slide_logits(model: torch.nn.Module, images: torch.Tensor, crop: int, stride
     return total / count
 
 
-def segment(model: torch.nn.Module, image: np.ndarray, mode: InferenceMode, *, mean: Sequence[float],
-            std: Sequence[float], device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def segment(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    mode: InferenceMode,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """`[num_classes, H, W]` scores for an RGB uint8 image: logits for a single pass, else the mean
     softmax probability of all passes (either way, argmax is the prediction)."""
     height, width = image.shape[:2]
@@ -91,8 +101,15 @@ def segment(model: torch.nn.Module, image: np.ndarray, mode: InferenceMode, *, m
 class Predictor:
     """A model with what interpreting it needs (classes, colours, normalisation) and an `InferenceMode`."""
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], *, device: torch.device,
-                 amp_dtype: torch.dtype | None = None, mode: InferenceMode | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: dict[str, Any],
+        *,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        mode: InferenceMode | None = None,
+    ):
         self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
         self.classes: list[str] = info["classes"]
         self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
@@ -103,8 +120,9 @@ class Predictor:
         self.mode = mode
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", amp: str = "auto",
-                        mode: InferenceMode | None = None) -> "Predictor":
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", amp: str = "auto", mode: InferenceMode | None = None
+    ) -> Predictor:
         """Rebuild the model from a checkpoint alone (classes, colours, size and normalisation travel in it)."""
         device = select_device(device)
         checkpoint = load_checkpoint(path, map_location="cpu")
@@ -112,8 +130,16 @@ class Predictor:
         return cls(model, checkpoint["model_info"], device=device, amp_dtype=select_precision(device, amp), mode=mode)
 
     @classmethod
-    def from_head(cls, path_or_name: str | Path, device: str = "auto", amp: str = "auto", mode: InferenceMode | None = None,
-                  *, head_layers: int | None = None, **backbone: Any) -> "Predictor":
+    def from_head(
+        cls,
+        path_or_name: str | Path,
+        device: str = "auto",
+        amp: str = "auto",
+        mode: InferenceMode | None = None,
+        *,
+        head_layers: int | None = None,
+        **backbone: Any,
+    ) -> Predictor:
         """Meta's released head (a name such as voc2012_ms, or a file) on a DINOv2 backbone built from
         `backbone` (Dinov2Segmentation's keywords: backbone, registers, source, weights, ...)."""
         device = select_device(device)
@@ -121,19 +147,21 @@ class Predictor:
         return cls(model.to(device), info, device=device, amp_dtype=select_precision(device, amp), mode=mode)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, device: str = "auto", mode: InferenceMode | None = None) -> "Predictor":
+    def from_onnx(cls, path: str | Path, device: str = "auto", mode: InferenceMode | None = None) -> Predictor:
         """A file written by export.py, run by onnxruntime (classes, colours, size and normalisation
         travel in its metadata). Pre- and post-processing are this class's own, as for a checkpoint."""
         network = OnnxNetwork(path, device=device)
         if network.static_size is not None:  # exported with --no-dynamic: the one size it takes
             size, mode = tuple(reversed(network.static_size)), mode or InferenceMode()
             if mode.mode != "whole" or mode.native or mode.scales != (1.0,) or mode.imgsz not in (None, size):
-                raise UserError(f"{path}: exported for {size[0]}x{size[1]} inputs only: it runs with --mode whole at that "
-                                "size (no --imgsz, --native, --scales); export with --dynamic for the others")
+                raise UserError(
+                    f"{path}: exported for {size[0]}x{size[1]} inputs only: it runs with --mode whole at that "
+                    "size (no --imgsz, --native, --scales); export with --dynamic for the others"
+                )
             mode = replace(mode, imgsz=size)
         return cls(network, network.info, device=torch.device("cpu"), mode=mode)
 
-    def with_mode(self, mode: InferenceMode) -> "Predictor":
+    def with_mode(self, mode: InferenceMode) -> Predictor:
         """The same network (shared, not copied) predicting in another mode."""
         return Predictor(self.model, self.info, device=self.device, amp_dtype=self.amp_dtype, mode=mode)
 
@@ -153,8 +181,15 @@ class Predictor:
     def scores(self, image: np.ndarray) -> torch.Tensor:
         """`[num_classes, H, W]` scores at the image's own size (see `segment`)."""
         self.model.eval()
-        return segment(self.model, image, self.mode, mean=self.info["mean"], std=self.info["std"],
-                       device=self.device, amp_dtype=self.amp_dtype)
+        return segment(
+            self.model,
+            image,
+            self.mode,
+            mean=self.info["mean"],
+            std=self.info["std"],
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+        )
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices (uint8) of an RGB uint8 image, at its own size."""
@@ -170,5 +205,6 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
         return Predictor.from_onnx(args.model, args.device, mode)  # onnxruntime picks from --device itself
     if args.model is not None:
         return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
-    return Predictor.from_head(args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers,
-                               **backbone_kwargs(args))
+    return Predictor.from_head(
+        args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers, **backbone_kwargs(args)
+    )

@@ -6,6 +6,7 @@ Masks are RGB colour PNGs in the VOC palette with a void (224,224,192) outline, 
 
     python make_sample_data.py --out input/voc_2012_segmentation_data --train 24 --valid 8
 """
+
 from __future__ import annotations
 
 import argparse

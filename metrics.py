@@ -4,6 +4,7 @@ Averaging per-batch mIoU is biased (a class absent from one batch drags that bat
 accumulating pixel counts over the split and computing the ratios once is the standard
 (torchvision references, mmseg) and what this module does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ class SegmentationScores:
     iou: list[float]  # per class; nan for a class in neither ground truth nor prediction
     mean_class_accuracy: float = float("nan")  # mean over classes present in the ground truth of their recall
     fwiou: float = float("nan")  # frequency-weighted IoU: IoU weighted by each class's share of the ground truth
-    class_accuracy: list[float] = field(default_factory=list)  # per class recall; nan where absent from the ground truth
+    class_accuracy: list[float] = field(
+        default_factory=list
+    )  # per class recall; nan where absent from the ground truth
     pixel_share: list[float] = field(default_factory=list)  # per class share of the valid ground-truth pixels
 
 
@@ -52,7 +55,11 @@ class ConfusionMatrix:
         all_reduce_sum(self.mat)
 
     def compute(self) -> SegmentationScores:
-        mat = self.mat.double().cpu() if self.mat is not None else torch.zeros(self.num_classes, self.num_classes).double()
+        mat = (
+            self.mat.double().cpu()
+            if self.mat is not None
+            else torch.zeros(self.num_classes, self.num_classes).double()
+        )
         correct = mat.diag()
         total = mat.sum()
         truth = mat.sum(1)

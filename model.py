@@ -3,12 +3,13 @@
 
 Run `python model.py` to print a torchinfo summary of the model at 644x644.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ class LinearHead(nn.Module):
             # --imgsz 14) has no batch statistics: normalise it with the running ones instead of
             # failing. SyncBatchNorm pools the values of every process and needs no such care.
             norm = self.norm
-            normed = F.batch_norm(features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+            normed = F.batch_norm(
+                features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+            )
             return self.classifier(normed)
         return self.classifier(self.norm(features))
 
@@ -81,20 +84,29 @@ class Dinov2Segmentation(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if head_layers not in HEAD_LAYERS or padding not in PADDINGS:
-            raise ValueError(f"--head-layers must be one of {HEAD_LAYERS} and padding one of {PADDINGS}; "
-                             f"got {head_layers}, {padding!r}")
+            raise ValueError(
+                f"--head-layers must be one of {HEAD_LAYERS} and padding one of {PADDINGS}; "
+                f"got {head_layers}, {padding!r}"
+            )
         spec = get_backbone_spec(backbone, registers)
         if hub_dir is not None:  # a local clone of the hub repository
             source = "local"
         # What it takes to rebuild this architecture; stored in every checkpoint.
-        self.arch = {"num_classes": num_classes, "backbone": backbone, "registers": registers, "source": source,
-                     "head_layers": head_layers, "padding": padding}
+        self.arch = {
+            "num_classes": num_classes,
+            "backbone": backbone,
+            "registers": registers,
+            "source": source,
+            "head_layers": head_layers,
+            "padding": padding,
+        }
         self.patch_size = spec.patch_size
         self.padding = padding
         self.out_indices = list(spec.out_indices[-head_layers:])
         self.hub_dir = str(hub_dir) if hub_dir is not None else None
-        self.backbone = load_backbone(backbone, registers=registers, source=source, weights=weights,
-                                      pretrained=pretrained, hub_dir=hub_dir)
+        self.backbone = load_backbone(
+            backbone, registers=registers, source=source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
+        )
         self.head = LinearHead(spec.embed_dim * head_layers, num_classes)
         self.fine_tune = fine_tune
         self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
@@ -103,7 +115,7 @@ class Dinov2Segmentation(nn.Module):
             self.backbone.mask_token.requires_grad_(False)
         self.train()
 
-    def train(self, mode: bool = True) -> "Dinov2Segmentation":
+    def train(self, mode: bool = True) -> Dinov2Segmentation:
         super().train(mode)
         if not self.fine_tune:
             self.backbone.eval()
@@ -203,7 +215,12 @@ def main(args: argparse.Namespace) -> None:
 
     model = Dinov2Segmentation(args.num_classes, fine_tune=args.fine_tune, **backbone_kwargs(args)).eval()
     width, height = args.imgsz
-    summary(model, input_size=(1, 3, height, width), depth=2, col_names=("input_size", "output_size", "num_params", "trainable"))
+    summary(
+        model,
+        input_size=(1, 3, height, width),
+        depth=2,
+        col_names=("input_size", "output_size", "num_params", "trainable"),
+    )
 
 
 if __name__ == "__main__":
@@ -214,13 +231,29 @@ class PatchFeatures:
     """A DINOv2 backbone reduced to one block's patch tokens (after its final norm): RGB images
     resized to `imgsz` (W, H; rounded up to 14) -> `[B, h, w, C]` float32 on the CPU."""
 
-    def __init__(self, backbone: str = "small", *, imgsz: Sequence[int] = (518, 518), layer: int | None = None,
-                 device: str = "auto", amp: str = "auto", registers: bool = False, source: str = "hub",
-                 hub_dir: str | Path | None = None, weights: str | Path | None = None, pretrained: bool = True):
+    def __init__(
+        self,
+        backbone: str = "small",
+        *,
+        imgsz: Sequence[int] = (518, 518),
+        layer: int | None = None,
+        device: str = "auto",
+        amp: str = "auto",
+        registers: bool = False,
+        source: str = "hub",
+        hub_dir: str | Path | None = None,
+        weights: str | Path | None = None,
+        pretrained: bool = True,
+    ):
         self.device = select_device(device)
         self.amp_dtype = select_precision(self.device, amp)
-        self.backbone = load_backbone(backbone, registers=registers, source=source, hub_dir=hub_dir, weights=weights,
-                                      pretrained=pretrained).to(self.device).eval()
+        self.backbone = (
+            load_backbone(
+                backbone, registers=registers, source=source, hub_dir=hub_dir, weights=weights, pretrained=pretrained
+            )
+            .to(self.device)
+            .eval()
+        )
         depth = len(backbone_blocks(self.backbone))
         self.layer = depth if layer is None else layer
         if not 1 <= self.layer <= depth:

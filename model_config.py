@@ -3,10 +3,12 @@
 `out_indices` are the four blocks whose patch tokens the linear head reads, as in the
 DINOv2 paper's multi-layer linear segmentation probe (the last four blocks).
 """
+
 from dataclasses import dataclass
 
 PATCH_SIZE = 14
-# Where a backbone comes from (dinokit/backbones/loading.py): torch.hub, timm, or a local clone of the dinov2 repository.
+# Where a backbone comes from (dinokit/backbones/loading.py): torch.hub, timm, or a local clone of the
+# dinov2 repository.
 SOURCES = ("hub", "timm", "local")
 
 

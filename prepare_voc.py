@@ -12,14 +12,15 @@ training split becomes every image with an augmented mask that is not in the val
 10,582 images, the set the DINOv2 paper trains on. The output folder is assembled under a
 temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import config
 from cli import ArgumentParser
@@ -41,10 +42,14 @@ class VocSource:
             except tarfile.TarError as err:
                 raise ValueError(f"{path}: not a readable tar archive ({err})") from err
             names = {m.name.lstrip("./"): m for m in self.tar.getmembers() if m.isfile()}
-            prefix = next((n[: n.index("ImageSets/Segmentation/")] for n in names if "ImageSets/Segmentation/" in n), None)
+            prefix = next(
+                (n[: n.index("ImageSets/Segmentation/")] for n in names if "ImageSets/Segmentation/" in n), None
+            )
             if prefix is None:
-                raise ValueError(f"{path}: no ImageSets/Segmentation in this archive; is it VOCtrainval_11-May-2012.tar?")
-            self.members = {n[len(prefix):]: m for n, m in names.items() if n.startswith(prefix)}
+                raise ValueError(
+                    f"{path}: no ImageSets/Segmentation in this archive; is it VOCtrainval_11-May-2012.tar?"
+                )
+            self.members = {n[len(prefix) :]: m for n, m in names.items() if n.startswith(prefix)}
         else:
             candidates = [path, path / "VOC2012", path / VOC_ROOT]
             root = next((c for c in candidates if (c / "ImageSets" / "Segmentation").is_dir()), None)
@@ -76,10 +81,14 @@ class VocSource:
 
 
 def read_list(source: VocSource, name: str) -> list[str]:
-    return [line.split()[0] for line in source.read_text(f"ImageSets/Segmentation/{name}.txt").splitlines() if line.strip()]
+    return [
+        line.split()[0] for line in source.read_text(f"ImageSets/Segmentation/{name}.txt").splitlines() if line.strip()
+    ]
 
 
-def prepare(source_path: Path, out: Path, aug_masks: Path | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
+def prepare(
+    source_path: Path, out: Path, aug_masks: Path | None = None, log: Callable[[str], None] = print
+) -> dict[str, int]:
     """Write the train/valid layout to `out`; returns the number of pairs per split."""
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: already exists and is not empty; remove it or choose another --out")
@@ -94,13 +103,18 @@ def prepare(source_path: Path, out: Path, aug_masks: Path | None = None, log: Ca
         augmented = sorted(p.stem for p in aug_masks.glob("*.png") if p.stem not in excluded)
         if not augmented:
             raise ValueError(f"{aug_masks}: no PNG masks outside the validation list")
-        train_masks = {stem: ("aug", aug_masks / f"{stem}.png") for stem in augmented if source.has(f"JPEGImages/{stem}.jpg")}
+        train_masks = {
+            stem: ("aug", aug_masks / f"{stem}.png") for stem in augmented if source.has(f"JPEGImages/{stem}.jpg")
+        }
     for stale in remove_stale_temp_files(out.parent):  # a conversion killed before: gigabytes of copies
         log(f"Removed {stale.name}: the staging folder of a conversion that was killed")
     staging = temp_path(out, directory=True)
     try:
         counts = {}
-        for split, items in (("train", train_masks), ("valid", {s: ("voc", f"SegmentationClass/{s}.png") for s in valid})):
+        for split, items in (
+            ("train", train_masks),
+            ("valid", {s: ("voc", f"SegmentationClass/{s}.png") for s in valid}),
+        ):
             (staging / f"{split}_images").mkdir()
             (staging / f"{split}_labels").mkdir()
             for stem, (kind, mask) in items.items():
@@ -136,9 +150,13 @@ def download(destination: Path) -> Path:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=None, help="VOCtrainval_11-May-2012.tar, or an extracted VOCdevkit / VOC2012 folder")
+    parser.add_argument(
+        "--source", default=None, help="VOCtrainval_11-May-2012.tar, or an extracted VOCdevkit / VOC2012 folder"
+    )
     parser.add_argument("--download", action="store_true", help="download the official tar into input/ first")
-    parser.add_argument("--aug-masks", default=None, help="SBD SegmentationClassAug folder: train on the 10,582-image set")
+    parser.add_argument(
+        "--aug-masks", default=None, help="SBD SegmentationClassAug folder: train on the 10,582-image set"
+    )
     parser.add_argument("--out", default=str(config.DATA_DIR))
     return parser
 

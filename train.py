@@ -2,7 +2,7 @@
 
     python train.py --epochs 20 --imgsz 640 640 --out-dir transfer_learning --batch 2
     python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
-    python train.py --recipe paper --data-dir input/voc_aug --out-dir paper_lin --head-layers 1   # the DINOv2 paper's protocol
+    python train.py --recipe paper --data-dir input/voc_aug --out-dir paper_lin --head-layers 1   # the paper's protocol
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
 last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the
@@ -11,6 +11,7 @@ A run owns that folder: another run's files there are refused unless --resume co
 --exist-ok starts over, and a lock keeps a second run out while this one works (dinokit/runs/run_folder.py).
 Runs under torchrun for several GPUs or machines (see README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -84,16 +86,51 @@ KEEP = "keep"  # what the run is: taken from the checkpoint; another value given
 CHANGE = "change"  # taken from the checkpoint unless given; a new value is applied, printed and recorded
 LOCAL = "local"  # where and how this process runs (no effect on the result): this invocation's own, not recorded
 RESUME_RULES = {
-    "data_dir": CHANGE, "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
-    "imgsz": KEEP, "workers": LOCAL,
-    "backbone": KEEP, "registers": KEEP, "source": CHANGE, "hub_dir": CHANGE, "weights": CHANGE, "no_pretrained": CHANGE,
-    "fine_tune": KEEP, "head_layers": KEEP, "head_weights": KEEP,
-    "recipe": KEEP, "epochs": CHANGE, "steps": CHANGE, "batch": KEEP, "lr": CHANGE, "weight_decay": CHANGE,
-    "scheduler": KEEP, "scheduler_epochs": KEEP, "scheduler_gamma": KEEP, "warmup_steps": KEEP, "backbone_lr": CHANGE,
-    "mode": CHANGE, "short_side": CHANGE, "crop": CHANGE, "stride": CHANGE, "scales": CHANGE, "flip": CHANGE,
-    "amp": CHANGE, "grad_checkpointing": LOCAL, "compile": LOCAL, "no_val_cache": LOCAL, "train_views": KEEP,
-    "cache_ram_gb": LOCAL, "out_dir": LOCAL, "device": LOCAL, "seed": CHANGE, "resume": LOCAL, "exist_ok": LOCAL,
-    "tensorboard": LOCAL, "tensorboard_images": LOCAL, "tensorboard_every": LOCAL, "dist_timeout": LOCAL,
+    "data_dir": CHANGE,
+    "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
+    "imgsz": KEEP,
+    "workers": LOCAL,
+    "backbone": KEEP,
+    "registers": KEEP,
+    "source": CHANGE,
+    "hub_dir": CHANGE,
+    "weights": CHANGE,
+    "no_pretrained": CHANGE,
+    "fine_tune": KEEP,
+    "head_layers": KEEP,
+    "head_weights": KEEP,
+    "recipe": KEEP,
+    "epochs": CHANGE,
+    "steps": CHANGE,
+    "batch": KEEP,
+    "lr": CHANGE,
+    "weight_decay": CHANGE,
+    "scheduler": KEEP,
+    "scheduler_epochs": KEEP,
+    "scheduler_gamma": KEEP,
+    "warmup_steps": KEEP,
+    "backbone_lr": CHANGE,
+    "mode": CHANGE,
+    "short_side": CHANGE,
+    "crop": CHANGE,
+    "stride": CHANGE,
+    "scales": CHANGE,
+    "flip": CHANGE,
+    "amp": CHANGE,
+    "grad_checkpointing": LOCAL,
+    "compile": LOCAL,
+    "no_val_cache": LOCAL,
+    "train_views": KEEP,
+    "cache_ram_gb": LOCAL,
+    "out_dir": LOCAL,
+    "device": LOCAL,
+    "seed": CHANGE,
+    "resume": LOCAL,
+    "exist_ok": LOCAL,
+    "tensorboard": LOCAL,
+    "tensorboard_images": LOCAL,
+    "tensorboard_every": LOCAL,
+    "dist_timeout": LOCAL,
 }
 
 
@@ -116,8 +153,11 @@ def main(args: argparse.Namespace) -> None:
             finished = True
         except NonFiniteLossError as err:
             last = out_dir / "last.pth"
-            kept = (f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint" if last.exists()
-                    else "no checkpoint was written")
+            kept = (
+                f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint"
+                if last.exists()
+                else "no checkpoint was written"
+            )
             raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
         except KeyboardInterrupt:
             print_resume_hint(out_dir, run.checkpoints.epochs_done)
@@ -147,8 +187,10 @@ def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -
         if name not in given:
             setattr(args, name, before)
         elif now != before and rule == KEEP:
-            raise ValueError(f"{args.resume}: checkpoint was trained with {flag} {before!r} but this run has {now!r}; "
-                             "a resumed run keeps it (start a new run to change it)")
+            raise ValueError(
+                f"{args.resume}: checkpoint was trained with {flag} {before!r} but this run has {now!r}; "
+                "a resumed run keeps it (start a new run to change it)"
+            )
         elif now != before:
             changes.append((flag, before, now))
     args.recipe = args.recipe or "seed"
@@ -171,10 +213,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
     if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
-        raise ValueError(f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice")
+        raise ValueError(
+            f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice"
+        )
     if args.recipe == "paper" and args.train_views == 1:
-        raise ValueError("--train-views 1 / --cache-train-features compute features of un-augmented images once; "
-                         "--recipe paper needs random crops: give --train-views 2 or more")
+        raise ValueError(
+            "--train-views 1 / --cache-train-features compute features of un-augmented images once; "
+            "--recipe paper needs random crops: give --train-views 2 or more"
+        )
 
 
 def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
@@ -214,22 +260,89 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
     """Data (checked), model, optimizer, schedule, caches and checkpoint files of a run."""
     imgsz = round_to_patch(args.imgsz)
     if list(imgsz) != list(args.imgsz):
-        print(f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} (a multiple of the patch size {PATCH_SIZE}).")
+        print(
+            f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} "
+            f"(a multiple of the patch size {PATCH_SIZE})."
+        )
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
     total_steps, args.epochs = plan_steps(args, len(train_loader), resumed)  # --steps: the epochs they end in
-    print(f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({args.epochs} epoch{'s' * (args.epochs != 1)} "
-          f"of {len(train_loader)}), AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, {args.scheduler} schedule"
-          + (f" after {args.warmup_steps} warmup steps" if args.warmup_steps else "") + ".")
-    if args.warmup_steps >= total_steps:
-        print(f"Note: --warmup-steps {args.warmup_steps} is not shorter than the run ({total_steps} steps): "
-              "the learning rate never reaches --lr.")
+    print_plan(args, total_steps, len(train_loader))
     if resumed is not None:  # a mismatch costs seconds, not a backbone download
         check_resume_matches(resumed, args, spec, args.resume)
+    model = build_model(args, spec, resumed, device)
+    amp_dtype = select_precision(device, args.amp)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(
+        optimizer,
+        args.scheduler,
+        total_steps=total_steps,
+        warmup_steps=args.warmup_steps,
+        milestones=args.scheduler_epochs,
+        gamma=args.scheduler_gamma,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    print_model(model, args, amp_dtype)
+    recorded = {name: _plain(value) for name, value in vars(args).items() if name in RESUME_RULES}
+    checkpoints = RunCheckpoints(
+        out_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        info=model_info(model, spec, imgsz),
+        args=recorded,
+    )
+    valid_cache, train_cache = build_caches(args, model, train_loader.dataset, imgsz, amp_dtype, out_dir)
+    return Run(
+        args=args,
+        out_dir=out_dir,
+        imgsz=imgsz,
+        total_steps=total_steps,
+        spec=spec,
+        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
+        train_loader=train_loader,
+        valid_loader=valid_loader,
+        model=model,
+        train_model=distribute(model, device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        checkpoints=checkpoints,
+        valid_cache=valid_cache,
+        train_cache=train_cache,
+    )
+
+
+def print_plan(args: argparse.Namespace, total_steps: int, steps_per_epoch: int) -> None:
+    epochs = f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch}"
+    warmup = f" after {args.warmup_steps} warmup steps" if args.warmup_steps else ""
+    print(
+        f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({epochs}), AdamW lr {args.lr:g} "
+        f"weight decay {args.weight_decay:g}, {args.scheduler} schedule{warmup}."
+    )
+    if args.warmup_steps >= total_steps:
+        print(
+            f"Note: --warmup-steps {args.warmup_steps} is not shorter than the run ({total_steps} steps): "
+            "the learning rate never reaches --lr."
+        )
+
+
+def build_model(
+    args: argparse.Namespace, spec: DatasetSpec, resumed: dict[str, Any] | None, device: torch.device
+) -> Dinov2Segmentation:
+    """The segmentation model on `device`, its head from Meta's released one with --head-weights."""
     # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.
-    padding = (resumed["model_info"]["arch"].get("padding", "bottom_right") if resumed is not None
-               else "center" if args.head_weights or args.recipe == "paper" else "bottom_right")
-    model = Dinov2Segmentation(len(spec.classes), fine_tune=args.fine_tune, head_layers=args.head_layers,
-                               padding=padding, **backbone_kwargs(args))
+    if resumed is not None:
+        padding = resumed["model_info"]["arch"].get("padding", "bottom_right")
+    else:
+        padding = "center" if args.head_weights or args.recipe == "paper" else "bottom_right"
+    model = Dinov2Segmentation(
+        len(spec.classes),
+        fine_tune=args.fine_tune,
+        head_layers=args.head_layers,
+        padding=padding,
+        **backbone_kwargs(args),
+    )
     if args.head_weights and resumed is None:
         load_released_head(model, args, spec)
     model.to(device)
@@ -237,51 +350,70 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         model.set_grad_checkpointing()
     if args.compile:
         model.compile_backbone()
-    amp_dtype = select_precision(device, args.amp)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args.scheduler, total_steps=total_steps,
-                                warmup_steps=args.warmup_steps, milestones=args.scheduler_epochs, gamma=args.scheduler_gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return model
+
+
+def print_model(model: Dinov2Segmentation, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> None:
+    total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{sum(p.numel() for p in model.parameters()):,} total parameters, {trainable:,} trainable "
-          f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: "
-          f"{str(amp_dtype).removeprefix('torch.') + ' autocast' if amp_dtype else 'fp32'}.")
-    checkpoints = RunCheckpoints(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                 info=model_info(model, spec, imgsz), args={k: _plain(v) for k, v in vars(args).items() if k in RESUME_RULES})
-    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
-    return Run(
-        args=args, out_dir=out_dir, imgsz=imgsz, total_steps=total_steps, spec=spec,
-        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
-        train_loader=train_loader, valid_loader=valid_loader,
-        model=model, train_model=distribute(model, device), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        checkpoints=checkpoints,
-        valid_cache=None if args.fine_tune or args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank()),
-        train_cache=(FeatureCache("train_views", budget, out_dir, views=args.train_views, rank=rank(),
-                                  key=train_views_key(args, model, train_loader.dataset, imgsz, amp_dtype))
-                     if args.train_views else None),
+    precision = f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32"
+    print(
+        f"{total:,} total parameters, {trainable:,} trainable "
+        f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: {precision}."
     )
 
 
-def build_data(args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
-               ) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+def build_caches(
+    args: argparse.Namespace,
+    model: Dinov2Segmentation,
+    train_set: SegmentationDataset,
+    imgsz: tuple[int, int],
+    amp_dtype: torch.dtype | None,
+    out_dir: Path,
+) -> tuple[FeatureCache | None, FeatureCache | None]:
+    """The frozen backbone's feature caches: validation (unless --no-val-cache) and --train-views."""
+    if args.fine_tune:
+        return None, None
+    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
+    valid = None if args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank())
+    train = None
+    if args.train_views:
+        key = train_views_key(args, model, train_set, imgsz, amp_dtype)
+        train = FeatureCache("train_views", budget, out_dir, views=args.train_views, rank=rank(), key=key)
+    return valid, train
+
+
+def build_data(
+    args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
+) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """The dataset description (mask format decided by the full check) and the two loaders."""
     spec = load_dataset_spec(args.data_dir, args.classes)
     print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set, check = build_datasets(args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1),
-                                                 seed=args.seed, recipe=args.recipe)
-    print(f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
-          + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items()))
+    train_set, valid_set, check = build_datasets(
+        args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1), seed=args.seed, recipe=args.recipe
+    )
+    print(
+        f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
+        + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items())
+    )
     for note in check.notes:
         print(f"Note: {note}")
     if args.batch > len(train_set):
-        raise ValueError(f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})")
+        raise ValueError(
+            f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})"
+        )
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, args.batch, shuffle=True, workers=args.workers, pin_memory=pin)
     valid_loader = make_loader(valid_set, args.batch, shuffle=False, workers=args.workers, pin_memory=pin)
-    print(f"Training images: {len(train_set)}, validation images: {len(valid_set)}, size {imgsz[0]}x{imgsz[1]}, device {device}")
+    print(
+        f"Training images: {len(train_set)}, validation images: {len(valid_set)}, "
+        f"size {imgsz[0]}x{imgsz[1]}, device {device}"
+    )
     if world_size() > 1:
-        print(f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
-              f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch.")
+        print(
+            f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
+            f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch."
+        )
     return check.spec, train_loader, valid_loader
 
 
@@ -292,11 +424,15 @@ def plan_steps(args: argparse.Namespace, steps_per_epoch: int, resumed: dict[str
     done = steps_done(history, steps_per_epoch)
     if args.steps is not None:
         if done >= args.steps:
-            raise ValueError(f"--steps {args.steps}: {args.resume} already holds {done} steps; give a larger --steps to train on")
+            raise ValueError(
+                f"--steps {args.steps}: {args.resume} already holds {done} steps; give a larger --steps to train on"
+            )
         return args.steps, len(history) + math.ceil((args.steps - done) / steps_per_epoch)
     if len(history) >= args.epochs:
-        raise ValueError(f"--epochs {args.epochs}: {args.resume} already holds {len(history)} epochs; "
-                         "give a larger --epochs to train on")
+        raise ValueError(
+            f"--epochs {args.epochs}: {args.resume} already holds {len(history)} epochs; "
+            "give a larger --epochs to train on"
+        )
     return done + (args.epochs - len(history)) * steps_per_epoch, args.epochs
 
 
@@ -329,11 +465,15 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
     for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
         saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
         if (saved_name, saved_color) != (name, tuple(color)):
-            raise ValueError(f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
-                             f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with")
+            raise ValueError(
+                f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
+                f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with"
+            )
     if info["ignore_index"] != spec.ignore_index:
-        raise ValueError(f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
-                         f"says {spec.ignore_index}")
+        raise ValueError(
+            f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
+            f"says {spec.ignore_index}"
+        )
 
 
 def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec: DatasetSpec) -> None:
@@ -341,10 +481,14 @@ def load_released_head(model: Dinov2Segmentation, args: argparse.Namespace, spec
     head, _ = read_checked_head(args.head_weights, args.backbone, args.registers, args.head_layers)
     classes = head["classifier.weight"].shape[0]
     if classes != len(spec.classes):
-        raise ValueError(f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
-                         f"{len(spec.classes)}; it can only start a run on data with its classes, in its order")
+        raise ValueError(
+            f"--head-weights {args.head_weights}: the head predicts {classes} classes but {spec.source} has "
+            f"{len(spec.classes)}; it can only start a run on data with its classes, in its order"
+        )
     model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
-    print(f"Head initialised from {args.head_weights} ({classes} classes, {args.head_layers} block(s), centred padding)")
+    print(
+        f"Head initialised from {args.head_weights} ({classes} classes, {args.head_layers} block(s), centred padding)"
+    )
 
 
 def build_optimizer(model: Dinov2Segmentation, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -367,16 +511,32 @@ def distribute(model: Dinov2Segmentation, device: torch.device) -> torch.nn.Modu
         return model
     if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
-def train_views_key(args: argparse.Namespace, model: Dinov2Segmentation, train_set: SegmentationDataset,
-                    imgsz: tuple[int, int], amp_dtype: torch.dtype | None) -> dict[str, Any]:
+def train_views_key(
+    args: argparse.Namespace,
+    model: Dinov2Segmentation,
+    train_set: SegmentationDataset,
+    imgsz: tuple[int, int],
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
     """What cached training views depend on; a cache left in the run folder under another key is rebuilt."""
-    return {"format": 1, "views": args.train_views, "recipe": args.recipe, "imgsz": list(imgsz), "seed": args.seed,
-            "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
-            "arch": {k: v for k, v in model.arch.items() if k != "num_classes"}, "weights": weights_digest(model.backbone),
-            "dtype": str(amp_dtype or torch.float32), "rank": rank(), "world_size": world_size()}
+    return {
+        "format": 1,
+        "views": args.train_views,
+        "recipe": args.recipe,
+        "imgsz": list(imgsz),
+        "seed": args.seed,
+        "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
+        "arch": {k: v for k, v in model.arch.items() if k != "num_classes"},
+        "weights": weights_digest(model.backbone),
+        "dtype": str(amp_dtype or torch.float32),
+        "rank": rank(),
+        "world_size": world_size(),
+    }
 
 
 def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
@@ -387,12 +547,19 @@ def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any
     follow_schedule_flags(run.optimizer, run.scheduler, run.args)
     restore_scaler(run.scaler, resumed.get("scaler", {}))
     start = resumed["epoch"] + 2
-    run.checkpoints.restore(resumed, [{"epoch": start, "flag": flag, "from": old, "to": new} for flag, old, new in changes])
-    print(f"Resumed from {run.args.resume} at epoch {start}" + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes) + ".")
+    run.checkpoints.restore(
+        resumed, [{"epoch": start, "flag": flag, "from": old, "to": new} for flag, old, new in changes]
+    )
+    print(
+        f"Resumed from {run.args.resume} at epoch {start}"
+        + "".join(f"; {flag} {new} (was {old})" for flag, old, new in changes)
+        + "."
+    )
 
 
-def follow_schedule_flags(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                          args: argparse.Namespace) -> None:
+def follow_schedule_flags(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace
+) -> None:
     """After restoring optimizer state: apply --lr/--backbone-lr/--weight-decay, so the schedule goes
     on as if the run had started with them (a restored state would otherwise keep the old values)."""
     factor = current_factor(scheduler)
@@ -425,9 +592,18 @@ def fit(run: Run) -> None:
             started = time.perf_counter()
             set_epoch(run.train_loader, epoch)
             shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
-            train_result = train_one_epoch(run.train_model, run.train_loader, run.optimizer, settings, epoch=epoch + 1,
-                                           scaler=run.scaler, cache=run.train_cache, generator=shuffle,
-                                           after_step=after_step, max_steps=run.total_steps - step)
+            train_result = train_one_epoch(
+                run.train_model,
+                run.train_loader,
+                run.optimizer,
+                settings,
+                epoch=epoch + 1,
+                scaler=run.scaler,
+                cache=run.train_cache,
+                generator=shuffle,
+                after_step=after_step,
+                max_steps=run.total_steps - step,
+            )
             step += min(len(run.train_loader), run.total_steps - step)
             sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
             valid_result = validate_split(run, "Valid")
@@ -459,15 +635,27 @@ def prepare_train_views(run: Run) -> None:
         source.transform = eval_transform(run.imgsz)
     dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
     width, height = run.imgsz
-    shapes = (len(dataset), run.model.feature_shape(height, width), run.settings.amp_dtype or torch.float32, (height, width))
+    shapes = (
+        len(dataset),
+        run.model.feature_shape(height, width),
+        run.settings.amp_dtype or torch.float32,
+        (height, width),
+    )
     if run.train_cache.reuse(*shapes):
         return
     what = "un-augmented images" if views == 1 else f"{views} augmented views per image"
-    print(f"Caching training features: {what}, {len(dataset)} backbone passes"
-          + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else ""))
+    print(
+        f"Caching training features: {what}, {len(dataset)} backbone passes"
+        + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else "")
+    )
     run.train_cache.allocate(*shapes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=run.settings.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=False,
+        num_workers=args.workers,
+        pin_memory=run.settings.device.type == "cuda",
+    )
     cache_features(run.train_cache, run.model, loader, run.settings)
 
 
@@ -492,9 +680,15 @@ def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
     if not run.args.tensorboard or not is_main_process():
         return None
     pairs = run.valid_loader.dataset.pairs[: run.args.tensorboard_images]
-    board = TrainingBoard(run.out_dir, classes=run.spec.classes, examples=pairs, color_map=run.spec.color_map(),
-                          mask_format=run.spec.mask_format, every=run.args.tensorboard_every,
-                          purge_step=steps_before if run.checkpoints.epochs_done else None)
+    board = TrainingBoard(
+        run.out_dir,
+        classes=run.spec.classes,
+        examples=pairs,
+        color_map=run.spec.color_map(),
+        mask_format=run.spec.mask_format,
+        every=run.args.tensorboard_every,
+        purge_step=steps_before if run.checkpoints.epochs_done else None,
+    )
     print(f"TensorBoard: {board.log_dir} (tensorboard --logdir {run.out_dir.parent})")
     return board
 
@@ -507,17 +701,27 @@ def validate_split(run: Run, desc: str) -> EpochResult:
 
 
 def print_epoch(kind: str, result: EpochResult) -> None:
-    print(f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
-          f"{kind} Epoch mIOU: {result.miou:.4f}")
+    print(
+        f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
+        f"{kind} Epoch mIOU: {result.miou:.4f}"
+    )
 
 
-def end_epoch(run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float) -> None:
+def end_epoch(
+    run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float
+) -> None:
     """Record the epoch (checkpoints, metrics.csv, curves) and report it."""
     row = {
-        "epoch": epoch + 1, "step": step,
-        "train_loss": train_result.loss, "train_pixacc": train_result.pixel_accuracy, "train_miou": train_result.miou,
-        "valid_loss": valid_result.loss, "valid_pixacc": valid_result.pixel_accuracy, "valid_miou": valid_result.miou,
-        "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
+        "epoch": epoch + 1,
+        "step": step,
+        "train_loss": train_result.loss,
+        "train_pixacc": train_result.pixel_accuracy,
+        "train_miou": train_result.miou,
+        "valid_loss": valid_result.loss,
+        "valid_pixacc": valid_result.pixel_accuracy,
+        "valid_miou": valid_result.miou,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
     }
     for name, value in run.checkpoints.end_epoch(row).items():
         print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
@@ -530,8 +734,13 @@ def end_epoch(run: Run, epoch: int, step: int, train_result: EpochResult, valid_
 
 def run_predictor(run: Run) -> Predictor:
     """The model being trained, predicting as inference will (whole image at the training size)."""
-    return Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
-                     mode=InferenceMode(imgsz=run.imgsz))
+    return Predictor(
+        run.model,
+        run.checkpoints.info,
+        device=run.settings.device,
+        amp_dtype=run.settings.amp_dtype,
+        mode=InferenceMode(imgsz=run.imgsz),
+    )
 
 
 def final_evaluation(run: Run) -> None:
@@ -540,24 +749,36 @@ def final_evaluation(run: Run) -> None:
     if distributed():
         torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
     best_path = run.checkpoints.load_best(run.settings.device)
-    predictor = Predictor(run.model, run.checkpoints.info, device=run.settings.device, amp_dtype=run.settings.amp_dtype,
-                          mode=mode_from_args(run.args, sizes=False))
+    predictor = Predictor(
+        run.model,
+        run.checkpoints.info,
+        device=run.settings.device,
+        amp_dtype=run.settings.amp_dtype,
+        mode=mode_from_args(run.args, sizes=False),
+    )
     print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
     result = evaluate_pairs(predictor, run.valid_loader.dataset.pairs, workers=run.args.workers, desc="Validate best")
     for line in report_lines(result, run.spec.classes):
         print(line)
     if is_main_process():
-        write_json(run.out_dir / "best_validation.json", report_json(
-            result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()))
+        write_json(
+            run.out_dir / "best_validation.json",
+            report_json(
+                result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()
+            ),
+        )
     print(f"Outputs in {run.out_dir}")
 
 
 def print_resume_hint(out_dir: Path, epochs_done: int) -> None:
     command = sys.argv[1:]
     if "--resume" in command:
-        del command[command.index("--resume"): command.index("--resume") + 2]
-    print(f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {epochs_done}; continue with:\n"
-          f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}", file=sys.stderr)
+        del command[command.index("--resume") : command.index("--resume") + 2]
+    print(
+        f"\nInterrupted. {out_dir / 'last.pth'} holds epoch {epochs_done}; continue with:\n"
+        f"  python train.py {' '.join(command)} --resume {out_dir / 'last.pth'}",
+        file=sys.stderr,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -571,77 +792,193 @@ def _plain(value: Any) -> Any:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_flags(parser)
+    add_model_flags(parser)
+    add_optimisation_flags(parser)
+    add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
+    add_speed_flags(parser)
+    add_run_flags(parser)
+    return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/")
-    data.add_argument("--classes", default=None, metavar="FILE",
-                      help="dataset description (JSON); default: <data-dir>/classes.json, else the VOC classes")
-    data.add_argument("--imgsz", type=int, nargs=2, default=None, metavar=("W", "H"),
-                      help="training/validation size, rounded up to a multiple of 14 (640 -> 644); "
-                           "--recipe paper: the side of its square crops (default: seed 640 640, paper 518 518)")
+    data.add_argument(
+        "--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/"
+    )
+    data.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE",
+        help="dataset description (JSON); default: <data-dir>/classes.json, else the VOC classes",
+    )
+    data.add_argument(
+        "--imgsz",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("W", "H"),
+        help="training/validation size, rounded up to a multiple of 14 (640 -> 644); "
+        "--recipe paper: the side of its square crops (default: seed 640 640, paper 518 518)",
+    )
     data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="DataLoader worker processes")
 
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_backbone_args(parser)
     parser.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen backbone)")
-    parser.add_argument("--head-layers", type=int, default=4, choices=HEAD_LAYERS,
-                        help="blocks the linear head reads: 4 = the last four (default, the paper's +ms head), 1 = the last (its lin head)")
-    parser.add_argument("--head-weights", default=None, metavar="NAME|FILE",
-                        help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)")
+    parser.add_argument(
+        "--head-layers",
+        type=int,
+        default=4,
+        choices=HEAD_LAYERS,
+        help="blocks the linear head reads: 4 = the last four (default, the paper's +ms head), "
+        "1 = the last (its lin head)",
+    )
+    parser.add_argument(
+        "--head-weights",
+        default=None,
+        metavar="NAME|FILE",
+        help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)",
+    )
 
+
+def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     # None = not given: a fresh run takes its recipe's default, a resumed run its checkpoint's value
     # (resolve_defaults; the defaults are config.RECIPES).
-    optim.add_argument("--recipe", default=None, choices=list(config.RECIPES),
-                       help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
-                            "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation)")
+    optim.add_argument(
+        "--recipe",
+        default=None,
+        choices=list(config.RECIPES),
+        help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
+        "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation)",
+    )
     optim.add_argument("--epochs", type=at_least(1), default=None, help=f"total epochs (default: seed {config.EPOCHS})")
-    optim.add_argument("--steps", type=at_least(1), default=None,
-                       help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper 40000)")
+    optim.add_argument(
+        "--steps",
+        type=at_least(1),
+        default=None,
+        help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper 40000)",
+    )
     optim.add_argument("--batch", type=at_least(1), default=None, help="images per step (default: seed 2, paper 16)")
     optim.add_argument("--lr", type=positive, default=None, help="AdamW learning rate (default: seed 1e-4, paper 1e-3)")
-    optim.add_argument("--weight-decay", type=non_negative, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)")
-    optim.add_argument("--scheduler", default=None, choices=SCHEDULERS,
-                       help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine: decay per step")
-    optim.add_argument("--scheduler-epochs", type=at_least(1), nargs="+", default=None, metavar="E",
-                       help="multistep: epochs after which the LR is multiplied by --scheduler-gamma")
+    optim.add_argument(
+        "--weight-decay", type=non_negative, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)"
+    )
+    optim.add_argument(
+        "--scheduler",
+        default=None,
+        choices=SCHEDULERS,
+        help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine: decay per step",
+    )
+    optim.add_argument(
+        "--scheduler-epochs",
+        type=at_least(1),
+        nargs="+",
+        default=None,
+        metavar="E",
+        help="multistep: epochs after which the LR is multiplied by --scheduler-gamma",
+    )
     optim.add_argument("--scheduler-gamma", type=positive, default=0.1)
-    optim.add_argument("--warmup-steps", type=at_least(0), default=None, metavar="N",
-                       help="poly / cosine: linear warmup over the first N optimizer steps (default: seed 0, paper 1500)")
-    optim.add_argument("--backbone-lr", type=positive, default=None,
-                       help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)")
+    optim.add_argument(
+        "--warmup-steps",
+        type=at_least(0),
+        default=None,
+        metavar="N",
+        help="poly / cosine: linear warmup over the first N optimizer steps (default: seed 0, paper 1500)",
+    )
+    optim.add_argument(
+        "--backbone-lr",
+        type=positive,
+        default=None,
+        help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)",
+    )
 
-    add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
 
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed and memory")
-    speed.add_argument("--grad-checkpointing", action="store_true",
-                       help="with --fine-tune: recompute block activations in backward (much less memory, ~30%% slower)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)")
-    speed.add_argument("--no-val-cache", action="store_true",
-                       help="re-run a frozen backbone on the validation split every epoch instead of caching its features")
-    speed.add_argument("--train-views", type=at_least(0), default=0, metavar="K",
-                       help="frozen backbone: compute K augmented views of every training image once, then each epoch "
-                            "trains the head on one view per image (K=1: one un-augmented view)")
-    speed.add_argument("--cache-train-features", dest="train_views", action="store_const", const=1,
-                       help="the same as --train-views 1 (the training features of un-augmented images, computed once)")
-    speed.add_argument("--cache-ram-gb", type=non_negative, default=None,
-                       help="feature caches larger than this go to a file in the run folder (default: a quarter of RAM)")
+    speed.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="with --fine-tune: recompute block activations in backward (much less memory, ~30%% slower)",
+    )
+    speed.add_argument(
+        "--compile", action="store_true", help="torch.compile the backbone (first epoch pays the compile time)"
+    )
+    speed.add_argument(
+        "--no-val-cache",
+        action="store_true",
+        help="re-run a frozen backbone on the validation split every epoch instead of caching its features",
+    )
+    speed.add_argument(
+        "--train-views",
+        type=at_least(0),
+        default=0,
+        metavar="K",
+        help="frozen backbone: compute K augmented views of every training image once, then each epoch "
+        "trains the head on one view per image (K=1: one un-augmented view)",
+    )
+    speed.add_argument(
+        "--cache-train-features",
+        dest="train_views",
+        action="store_const",
+        const=1,
+        help="the same as --train-views 1 (the training features of un-augmented images, computed once)",
+    )
+    speed.add_argument(
+        "--cache-ram-gb",
+        type=non_negative,
+        default=None,
+        help="feature caches larger than this go to a file in the run folder (default: a quarter of RAM)",
+    )
 
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)")
+    run.add_argument(
+        "--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)"
+    )
     add_device_args(run)
     run.add_argument("--seed", type=int, default=config.SEED)
-    run.add_argument("--resume", default=None, metavar="CKPT",
-                     help="continue from a last.pth: flags not given are the checkpoint's; what each flag may do on resume: RESUME_RULES")
-    run.add_argument("--exist-ok", action="store_true",
-                     help="start over in an --out-dir that holds another run (its files are deleted first)")
-    run.add_argument("--tensorboard", action="store_true",
-                     help="log curves and example predictions to <run folder>/tensorboard (tensorboard --logdir outputs/)")
-    run.add_argument("--tensorboard-images", type=at_least(0), default=4, metavar="N",
-                     help="--tensorboard: validation images shown with their predictions (default 4)")
-    run.add_argument("--tensorboard-every", type=at_least(1), default=1, metavar="E",
-                     help="--tensorboard: draw the example predictions every E epochs and after the last (default 1)")
-    run.add_argument("--dist-timeout", type=positive, default=30, metavar="MIN",
-                     help="torchrun: minutes a process waits for a dead or stuck peer before failing")
-    return parser
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT",
+        help="continue from a last.pth: flags not given are the checkpoint's; "
+        "what each flag may do on resume: RESUME_RULES",
+    )
+    run.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="start over in an --out-dir that holds another run (its files are deleted first)",
+    )
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log curves and example predictions to <run folder>/tensorboard (tensorboard --logdir outputs/)",
+    )
+    run.add_argument(
+        "--tensorboard-images",
+        type=at_least(0),
+        default=4,
+        metavar="N",
+        help="--tensorboard: validation images shown with their predictions (default 4)",
+    )
+    run.add_argument(
+        "--tensorboard-every",
+        type=at_least(1),
+        default=1,
+        metavar="E",
+        help="--tensorboard: draw the example predictions every E epochs and after the last (default 1)",
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=positive,
+        default=30,
+        metavar="MIN",
+        help="torchrun: minutes a process waits for a dead or stuck peer before failing",
+    )
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ the torchrun helpers (process group, ranks, collectives).
 One decision for training, evaluation, inference, export, classification and the notebooks:
 `select_device` and `select_precision` turn `--device` / `--amp` into a device and an autocast
 dtype (or None). Every torchrun helper is a no-op in a single process."""
+
 from __future__ import annotations
 
 import os
 import random
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -100,8 +102,9 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
-                                         device_id=device if device.type == "cuda" else None)
+    torch.distributed.init_process_group(
+        backend, timeout=timedelta(minutes=timeout_minutes), device_id=device if device.type == "cuda" else None
+    )
     if not is_main_process():  # only rank 0 talks (torchvision references' setup_for_distributed)
         import builtins
 

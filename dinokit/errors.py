@@ -5,6 +5,7 @@ defines its own error class is `__main__` when run, and `except model.SomeError`
 its `__main__.SomeError`; a shared base class matches either way. Scripts report them as one
 `error:` line and exit 1 (cli.run_cli).
 """
+
 from __future__ import annotations
 
 

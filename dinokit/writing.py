@@ -3,6 +3,7 @@ cleanup of a killed process's leftovers), strict JSON.
 
 A crash, kill -9 or full disk must never leave half a file where a whole one was expected;
 and what a killed process left behind must be recognisable as such, to be cleaned up later."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _UMASK = os.umask(0)  # read once: temporary files get the permissions a plain open() would give
 os.umask(_UMASK)
@@ -121,5 +123,3 @@ def write_json(path: str | Path, value: Any) -> None:
     """Atomically write `value` as strict JSON (nan -> null)."""
     text = json.dumps(json_ready(value), indent=1, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-

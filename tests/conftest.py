@@ -1,4 +1,5 @@
 """Shared fixtures. Every test runs offline: sockets are refused, backbones are random-init timm ViTs."""
+
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Fail loudly if anything in-process tries to open a network connection."""
+
     def refuse(*args, **kwargs):
         raise OSError("network access attempted in a test")
 
@@ -48,7 +50,10 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
     """Run one of the repository's scripts as a user would, capturing its output."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -56,7 +61,22 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
 def trained_run(tiny_dataset, tmp_path_factory):
     """A real 3-epoch train.py run on the tiny dataset: (run folder, its stdout)."""
     out_dir = tmp_path_factory.mktemp("run") / "transfer_learning"
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "120", "90",
-                        "--batch", "4", "--lr", "1e-3", "--out-dir", out_dir, *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "3",
+        "--imgsz",
+        "120",
+        "90",
+        "--batch",
+        "4",
+        "--lr",
+        "1e-3",
+        "--out-dir",
+        out_dir,
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result.stdout

@@ -1,4 +1,5 @@
 """Datasets other than VOC: description files, every mask format, VOC release conversion."""
+
 import json
 import socket
 import tarfile
@@ -41,7 +42,9 @@ def test_every_mask_format_reads_to_the_same_index_map(tmp_path):
 
 def test_index_mask_with_unknown_values_is_an_error(tmp_path):
     Image.fromarray(np.array([[0, 30, 30, 255]], np.uint8)).save(tmp_path / "m.png")
-    with pytest.raises(DatasetError, match=r"m\.png: index mask values outside the 21 classes and ignore index 255 .*30 x2"):
+    with pytest.raises(
+        DatasetError, match=r"m\.png: index mask values outside the 21 classes and ignore index 255 .*30 x2"
+    ):
         read_mask(tmp_path / "m.png", VOC_MAP)
 
 
@@ -56,9 +59,15 @@ def test_no_description_means_voc(tmp_path):
 
 
 def write_description(folder, **fields):
-    description = {"classes": [{"name": "road", "color": [128, 64, 128]}, {"name": "car", "color": [64, 0, 128]},
-                               {"name": "person", "color": [64, 64, 0]}],
-                   "ignore_color": [0, 0, 0], **fields}
+    description = {
+        "classes": [
+            {"name": "road", "color": [128, 64, 128]},
+            {"name": "car", "color": [64, 0, 128]},
+            {"name": "person", "color": [64, 64, 0]},
+        ],
+        "ignore_color": [0, 0, 0],
+        **fields,
+    }
     (folder / "classes.json").write_text(json.dumps(description))
     return folder / "classes.json"
 
@@ -70,15 +79,21 @@ def test_description_file_is_read(tmp_path):
     assert spec.ignore_colors == [(0, 0, 0)] and spec.ignore_index == 100 and spec.mask_format == "index"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"classes": []}, '"classes" must be a non-empty list'),
-    ({"classes": [{"name": "a"}]}, r'classes\[0\] must be \{"name": str, "color": \[r, g, b\]\}'),
-    ({"classes": [{"name": "a", "color": [1, 2]}]}, r"classes\[0\].color must be \[r, g, b\] with integers 0-255"),
-    ({"classes": [{"name": "a", "color": [1, 2, 3]}, {"name": "b", "color": [1, 2, 3]}]}, "the same colour is listed twice"),
-    ({"ignore_index": 1}, r'"ignore_index" must be an integer in \[3, 255\]'),
-    ({"mask_format": "jpeg"}, '"mask_format" must be one of auto, color, index'),
-    ({"ignore_colors": [[0, 0, 0]]}, 'give "ignore_color" or "ignore_colors", not both'),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": []}, '"classes" must be a non-empty list'),
+        ({"classes": [{"name": "a"}]}, r'classes\[0\] must be \{"name": str, "color": \[r, g, b\]\}'),
+        ({"classes": [{"name": "a", "color": [1, 2]}]}, r"classes\[0\].color must be \[r, g, b\] with integers 0-255"),
+        (
+            {"classes": [{"name": "a", "color": [1, 2, 3]}, {"name": "b", "color": [1, 2, 3]}]},
+            "the same colour is listed twice",
+        ),
+        ({"ignore_index": 1}, r'"ignore_index" must be an integer in \[3, 255\]'),
+        ({"mask_format": "jpeg"}, '"mask_format" must be one of auto, color, index'),
+        ({"ignore_colors": [[0, 0, 0]]}, 'give "ignore_color" or "ignore_colors", not both'),
+    ],
+)
 def test_bad_description_fields_name_file_and_field(tmp_path, change, message):
     write_description(tmp_path, **change)
     with pytest.raises(DatasetError, match=f"classes.json: {message}"):
@@ -95,12 +110,33 @@ def test_unreadable_or_missing_description_file(tmp_path):
 
 def test_three_class_dataset_trains_end_to_end(tmp_path):
     colors = [(128, 64, 128), (64, 0, 128), (64, 64, 0)]
-    data = make_dataset(tmp_path / "street", n_train=6, n_valid=3, size=(70, 56), class_ids=(1, 2), colors=colors,
-                        void_color=(0, 0, 0), seed=2)
+    data = make_dataset(
+        tmp_path / "street",
+        n_train=6,
+        n_valid=3,
+        size=(70, 56),
+        class_ids=(1, 2),
+        colors=colors,
+        void_color=(0, 0, 0),
+        seed=2,
+    )
     write_description(data)
     out = tmp_path / "run"
-    result = run_script("train.py", "--data-dir", data, "--epochs", "1", "--imgsz", "56", "42", "--batch", "3",
-                        "--out-dir", out, *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        data,
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "3",
+        "--out-dir",
+        out,
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 classes from" in result.stdout
     assert any(line.startswith("road ") for line in result.stdout.splitlines())  # the per-class table
@@ -135,7 +171,11 @@ def test_voc_tar_conversion(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Removed .voc.tmp-" in result.stdout
     assert "Wrote 3 training and 2 validation pairs" in result.stdout
-    assert sorted(p.name for p in (out / "train_images").iterdir()) == ["2007_000001.jpg", "2007_000002.jpg", "2007_000003.jpg"]
+    assert sorted(p.name for p in (out / "train_images").iterdir()) == [
+        "2007_000001.jpg",
+        "2007_000002.jpg",
+        "2007_000003.jpg",
+    ]
     assert sorted(p.name for p in (out / "valid_labels").iterdir()) == ["2007_000004.png", "2007_000005.png"]
     assert Image.open(out / "valid_labels" / "2007_000004.png").mode == "P"  # official masks copied as they are
     assert [p.name for p in out.parent.iterdir()] == ["voc"]  # no staging folder left
@@ -148,15 +188,30 @@ def test_extracted_devkit_with_sbd_augmented_masks_trains(tmp_path):
     aug = tmp_path / "SegmentationClassAug"
     aug.mkdir()
     for stem in ("2007_000001", "2007_000004", "2008_000009", "2011_999999"):  # a val stem, one without image
-        Image.fromarray(np.random.default_rng(1).choice([0, 7, 255], size=(40, 50)).astype(np.uint8)).save(aug / f"{stem}.png")
+        Image.fromarray(np.random.default_rng(1).choice([0, 7, 255], size=(40, 50)).astype(np.uint8)).save(
+            aug / f"{stem}.png"
+        )
     out = tmp_path / "voc_aug"
     result = run_script("prepare_voc.py", "--source", devkit, "--aug-masks", aug, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     # train = augmented masks minus the validation list, where the image exists
     assert sorted(p.stem for p in (out / "train_labels").iterdir()) == ["2007_000001", "2008_000009"]
     assert Image.open(out / "train_labels" / "2008_000009.png").mode == "L"
-    trained = run_script("train.py", "--data-dir", out, "--epochs", "1", "--imgsz", "56", "42", "--batch", "2",
-                         "--out-dir", tmp_path / "run", *OFFLINE)  # palette and index masks side by side
+    trained = run_script(
+        "train.py",
+        "--data-dir",
+        out,
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "2",
+        "--out-dir",
+        tmp_path / "run",
+        *OFFLINE,
+    )  # palette and index masks side by side
     assert trained.returncode == 0, trained.stderr[-2000:]
 
 

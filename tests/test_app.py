@@ -1,4 +1,5 @@
 """The web demo (app.py): the page's work without a browser, then the real page in headless Chromium."""
+
 import importlib
 import os
 import shutil
@@ -65,7 +66,9 @@ def test_results_of_old_requests_are_deleted(demo, tiny_dataset):
 def test_slide_mode_shares_the_network(demo):
     demo, predictor = demo
     slide = demo.predictor("tiny", "slide")
-    assert slide.model is predictor.model and slide.mode.mode == "slide" and demo.predictor("tiny", "whole") is predictor
+    assert (
+        slide.model is predictor.model and slide.mode.mode == "slide" and demo.predictor("tiny", "whole") is predictor
+    )
 
 
 def test_limits_and_bad_files_are_user_errors(demo, tmp_path):
@@ -84,8 +87,9 @@ def test_video_tab_writes_a_browser_playable_clip(demo, tmp_path):
     demo, _ = demo
     make_video(tmp_path / "clip.mp4", frames=6, size=(64, 48))
     seen = []
-    out, status = demo.segment_video(str(tmp_path / "clip.mp4"), "tiny", "whole", 0.5,
-                                     lambda fraction, desc: seen.append(fraction))
+    out, status = demo.segment_video(
+        str(tmp_path / "clip.mp4"), "tiny", "whole", 0.5, lambda fraction, desc: seen.append(fraction)
+    )
     assert out.endswith("clip_segmented.webm") and status.startswith("4 frames (the first 4 of 6: --max-video-frames)")
     capture = cv2.VideoCapture(out)
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4 and capture.read()[1].shape == (48, 64, 3)
@@ -126,9 +130,22 @@ def free_port() -> int:
 def server(checkpoint, tiny_dataset):
     browser_or_skip()
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port),
-                                "--examples", str(tiny_dataset / "valid_images")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--examples",
+            str(tiny_dataset / "valid_images"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     deadline = time.monotonic() + 180
@@ -171,10 +188,13 @@ def test_page_segments_an_upload_and_survives_a_bad_one(server, checkpoint, tiny
 
         upload(page, fake)  # a text file named .jpg: a message in the page, the server goes on
         page.click("#segment-image")
-        page.wait_for_function("() => document.querySelector('#image-status').innerText.includes('Could not')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelector('#image-status').innerText.includes('Could not')", timeout=60_000
+        )
         status = page.inner_text("#image-status")
-        assert status.startswith("Could not segment it: notes.jpg: not a readable image (UnidentifiedImageError"), status
+        assert status.startswith("Could not segment it: notes.jpg: not a readable image (UnidentifiedImageError"), (
+            status
+        )
         page.screenshot(path=str(ARTIFACTS / "web_demo_error.png"), full_page=True)
         assert process.poll() is None
 

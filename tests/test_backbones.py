@@ -1,6 +1,7 @@
 """Every way a user gets a backbone: torch.hub cached, a local dinov2 clone, Meta's .pth through
 --weights with each source, and the errors when the pieces don't fit. All offline: the hub code
 is Meta's own DINOv2 model (the `dinov2` package) behind a hubconf.py written like Meta's."""
+
 import shutil
 import textwrap
 
@@ -15,7 +16,7 @@ from tests.conftest import OFFLINE, run_script
 OUT_INDICES = [8, 9, 10, 11]
 # Mirrors facebookresearch/dinov2's hubconf: build the ViT, then fetch the released weights by URL
 # through torch.hub's checkpoint cache.
-HUBCONF = textwrap.dedent('''
+HUBCONF = textwrap.dedent("""
     dependencies = ["torch"]
     import torch
     from dinov2.models.vision_transformer import vit_base, vit_small
@@ -34,7 +35,7 @@ HUBCONF = textwrap.dedent('''
 
     def dinov2_vitb14(*, pretrained=True, **kwargs):
         return _make(vit_base, "dinov2_vitb14", pretrained)
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,9 @@ def test_timm_features_equal_the_hub_features_at_every_size(meta_backbone, meta_
         assert relative <= 1e-5, f"{height}x{width}: {relative:.2e}"
 
 
-def test_complete_hub_cache_loads_pretrained_weights_without_network(hub_dir, meta_weights, meta_backbone, tmp_path, monkeypatch):
+def test_complete_hub_cache_loads_pretrained_weights_without_network(
+    hub_dir, meta_weights, meta_backbone, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     shutil.copytree(hub_dir, tmp_path / "hub" / "facebookresearch_dinov2_main")
     (tmp_path / "hub" / "checkpoints").mkdir()
@@ -124,16 +127,22 @@ def test_hub_dir_without_hubconf_is_explained(tmp_path):
 
 
 def test_weights_of_another_size_name_the_field(meta_weights):
-    with pytest.raises(ValueError, match=r"embed dim 384 and 12 blocks, but the model is dinov2_vitb14 .*pass --backbone small"):
+    with pytest.raises(
+        ValueError, match=r"embed dim 384 and 12 blocks, but the model is dinov2_vitb14 .*pass --backbone small"
+    ):
         load_backbone("base", source="timm", weights=meta_weights)
 
 
 def test_register_mismatch_names_the_flag(meta_backbone, meta_weights, tmp_path):
     with_registers = tmp_path / "reg.pth"
     torch.save(dict(meta_backbone.state_dict(), register_tokens=torch.zeros(1, 4, 384)), with_registers)
-    with pytest.raises(ValueError, match="weights with register tokens but the model is dinov2_vits14; add --registers"):
+    with pytest.raises(
+        ValueError, match="weights with register tokens but the model is dinov2_vits14; add --registers"
+    ):
         load_backbone("small", source="timm", weights=with_registers)
-    with pytest.raises(ValueError, match="weights without register tokens but the model is dinov2_vits14_reg; drop --registers"):
+    with pytest.raises(
+        ValueError, match="weights without register tokens but the model is dinov2_vits14_reg; drop --registers"
+    ):
         load_backbone("small", registers=True, source="timm", weights=meta_weights)
 
 
@@ -144,11 +153,22 @@ def test_segmentation_checkpoint_given_as_weights_is_explained(trained_run):
 
 def test_resume_with_other_flags_names_the_field(trained_run, tiny_dataset):
     last = trained_run[0] / "last.pth"
-    common = ("--data-dir", tiny_dataset, "--epochs", "5", "--resume", last, "--out-dir", trained_run[0].parent / "other")
+    common = (
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "5",
+        "--resume",
+        last,
+        "--out-dir",
+        trained_run[0].parent / "other",
+    )
     result = run_script("train.py", *common, *OFFLINE, "--backbone", "base")
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {last}: checkpoint was trained with --backbone 'small' but this run has 'base'; "
-                                     "a resumed run keeps it (start a new run to change it)")
+    assert result.stderr.strip() == (
+        f"error: {last}: checkpoint was trained with --backbone 'small' but this run has 'base'; "
+        "a resumed run keeps it (start a new run to change it)"
+    )
     result = run_script("train.py", *common, *OFFLINE, "--fine-tune")
     assert "checkpoint was trained with --fine-tune False but this run has True" in result.stderr
 
@@ -156,8 +176,26 @@ def test_resume_with_other_flags_names_the_field(trained_run, tiny_dataset):
 @pytest.fixture(scope="module")
 def hub_trained_checkpoint(hub_dir, meta_weights, tiny_dataset, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hub_run")
-    result = run_script("train.py", "--hub-dir", hub_dir, "--weights", meta_weights, "--data-dir", tiny_dataset,
-                        "--epochs", "1", "--imgsz", "56", "42", "--batch", "4", "--workers", "0", "--out-dir", out_dir)
+    result = run_script(
+        "train.py",
+        "--hub-dir",
+        hub_dir,
+        "--weights",
+        meta_weights,
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--workers",
+        "0",
+        "--out-dir",
+        out_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir / "final_model.pth"
 
@@ -167,7 +205,9 @@ def test_train_py_with_a_local_clone_and_official_weights(hub_trained_checkpoint
     assert info["arch"]["source"] == "local" and info["hub_dir"] == str(hub_dir)
 
 
-def test_checkpoint_rebuilds_with_timm_when_the_hub_code_is_gone(hub_trained_checkpoint, hub_dir, image_518, tmp_path, capsys):
+def test_checkpoint_rebuilds_with_timm_when_the_hub_code_is_gone(
+    hub_trained_checkpoint, hub_dir, image_518, tmp_path, capsys
+):
     checkpoint = load_checkpoint(hub_trained_checkpoint)
     with torch.no_grad():
         expected = build_model_from_checkpoint(checkpoint)(image_518)

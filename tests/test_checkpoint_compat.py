@@ -1,5 +1,6 @@
 """Checkpoints written by earlier code keep working: the format-1 fixture in tests/fixtures was
 written by the code of its time (the script beside it says how) and is never regenerated."""
+
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,22 @@ def test_an_old_checkpoint_predicts_and_resumes(tmp_path):
     assert predictor.classes == ["background", "road", "car"]
     assert predictor.predict(np.zeros((30, 50, 3), np.uint8)).shape == (30, 50)
     data = write_dataset(tmp_path / "data")
-    result = run_script("train.py", "--data-dir", data, "--out-dir", tmp_path / "run", "--resume", OLD, "--epochs", "2",
-                        "--imgsz", "56", "42", "--batch", "2", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        data,
+        "--out-dir",
+        tmp_path / "run",
+        "--resume",
+        OLD,
+        "--epochs",
+        "2",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "2",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resumed from" in result.stdout and "at epoch 2" in result.stdout

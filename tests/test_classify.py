@@ -1,4 +1,5 @@
 """classify.py: image folders classified from frozen DINOv2 embeddings, by kNN and a linear probe."""
+
 import csv
 import json
 import math
@@ -49,7 +50,11 @@ def test_equal_votes_rank_the_lower_class_first():
 
 def test_knn_in_small_chunks_equals_knn_in_one(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    train, labels, queries = torch.randn(300, 8, generator=g), torch.randint(0, 4, (300,), generator=g), torch.randn(50, 8, generator=g)
+    train, labels, queries = (
+        torch.randn(300, 8, generator=g),
+        torch.randint(0, 4, (300,), generator=g),
+        torch.randn(50, 8, generator=g),
+    )
     whole = knn_votes(train, labels, queries, k=7, num_classes=4)
     monkeypatch.setattr(classifiers, "KNN_MEMORY", 4 * 300 * 3)  # 3 queries per chunk
     chunked = knn_votes(train, labels, queries, k=7, num_classes=4)
@@ -77,9 +82,14 @@ def test_the_linear_probe_separates_separable_embeddings_and_the_sweep_keeps_the
 def test_preprocessing_is_torchvisions_resize_and_centre_crop():
     transforms = pytest.importorskip("torchvision.transforms")
     image = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
-    reference = transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
-        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     ours = ClassificationTransform(224, 0.875)(image)
     assert ours.shape == (3, 224, 224)
     assert torch.allclose(ours, reference(Image.fromarray(image)), atol=1e-6)
@@ -95,10 +105,15 @@ def test_stored_embeddings_are_the_models_class_tokens(tmp_path):
     stored = extract(backbone, files, transform, device=torch.device("cpu"), batch_size=3)
     assert stored["cls"].shape == (4, 4, 384) and stored["avgpool"].shape == (4, 384)
     with torch.no_grad():
-        tokens = backbone.vit.forward_features(torch.stack([transform(np.asarray(Image.open(f).convert("RGB"))) for f in files]))
+        tokens = backbone.vit.forward_features(
+            torch.stack([transform(np.asarray(Image.open(f).convert("RGB"))) for f in files])
+        )
     assert torch.allclose(stored["cls"][:, -1], tokens[:, 0], atol=1e-5)
     assert torch.allclose(stored["avgpool"], tokens[:, 1:].mean(1), atol=1e-5)
-    assert linear_input(stored, "cls+avgpool", 4).shape == (4, 5 * 384) and linear_input(stored, "cls", 1).shape == (4, 384)
+    assert linear_input(stored, "cls+avgpool", 4).shape == (4, 5 * 384) and linear_input(stored, "cls", 1).shape == (
+        4,
+        384,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +134,18 @@ def classified(folders, tmp_path_factory):
 
 def test_a_run_writes_every_artefact_and_reports_each_method(classified):
     out, stdout = classified
-    for name in ("embeddings_train.pt", "embeddings_val.pt", "metrics.json", "metrics.csv", "loss.png", "accuracy.png",
-                 "confusion_knn.png", "confusion_linear.png", "neighbours.png", "classifier.pth"):
+    for name in (
+        "embeddings_train.pt",
+        "embeddings_val.pt",
+        "metrics.json",
+        "metrics.csv",
+        "loss.png",
+        "accuracy.png",
+        "confusion_knn.png",
+        "confusion_linear.png",
+        "neighbours.png",
+        "classifier.pth",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert "3 classes; 18 training and 6 validation images; 2 non-image or hidden files skipped" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -134,7 +159,9 @@ def test_a_run_writes_every_artefact_and_reports_each_method(classified):
 
 def test_a_second_run_reuses_the_embeddings_until_a_file_changes(classified, folders):
     out, _ = classified
-    again = run_script("classify.py", "--data-dir", folders, "--out-dir", out, *SMALL, "--features", "cls+avgpool", "--layers", "4")
+    again = run_script(
+        "classify.py", "--data-dir", folders, "--out-dir", out, *SMALL, "--features", "cls+avgpool", "--layers", "4"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train: 18 embeddings from the cache (embeddings_train.pt); extraction skipped" in again.stdout
     assert "Features: cls+avgpool, last 4 block(s), 1920 dimensions" in again.stdout
@@ -149,23 +176,52 @@ def test_a_second_run_reuses_the_embeddings_until_a_file_changes(classified, fol
 
 def test_predict_on_a_folder_writes_one_row_per_image(classified, folders, tmp_path):
     out, _ = classified
-    result = run_script("classify.py", "--predict", "--model", out / "classifier.pth", "--input", folders / "val",
-                        "--out-dir", tmp_path / "pred", "--workers", "0")
+    result = run_script(
+        "classify.py",
+        "--predict",
+        "--model",
+        out / "classifier.pth",
+        "--input",
+        folders / "val",
+        "--out-dir",
+        tmp_path / "pred",
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "pred" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and set(rows[0]) == {"file", "linear_class", "linear_probability", "knn_class", "knn_vote_share"}
+    assert len(rows) == 6 and set(rows[0]) == {
+        "file",
+        "linear_class",
+        "linear_probability",
+        "knn_class",
+        "knn_vote_share",
+    }
     assert {row["knn_class"] for row in rows} <= {"class_0", "class_1", "class_2"}
     assert "6 images ->" in result.stdout
 
 
 def test_val_fraction_splits_one_folder_per_class_reproducibly(tmp_path):
     make_image_folders(tmp_path / "made", classes=2, n_train=5, n_val=0)
-    first, second = read_class_folders(tmp_path / "made" / "train", 0.4, seed=1), read_class_folders(tmp_path / "made" / "train", 0.4, seed=1)
+    first, second = (
+        read_class_folders(tmp_path / "made" / "train", 0.4, seed=1),
+        read_class_folders(tmp_path / "made" / "train", 0.4, seed=1),
+    )
     assert first.val.files == second.val.files and len(first.val) == 4 and len(first.train) == 6
     assert not set(first.val.files) & set(first.train.files)
-    result = run_script("classify.py", "--data-dir", tmp_path / "made" / "train", "--val-fraction", "0.4",
-                        "--out-dir", tmp_path / "run", "--method", "knn", *SMALL)
+    result = run_script(
+        "classify.py",
+        "--data-dir",
+        tmp_path / "made" / "train",
+        "--val-fraction",
+        "0.4",
+        "--out-dir",
+        tmp_path / "run",
+        "--method",
+        "knn",
+        *SMALL,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert sum(len(files) for files in split["val"].values()) == 4
@@ -189,13 +245,16 @@ def broken_folders(tmp_path, problem):
     return root
 
 
-@pytest.mark.parametrize("problem, flags, message", [
-    ("empty class", (), "class_1: class folder has no images"),
-    ("unknown val class", (), "class_9: class not in"),
-    ("one class", (), "1 class folder (class_0); classification needs at least 2"),
-    ("unreadable image", (), "train_1_001.jpg"),
-    ("none", ("--k", "7"), "--k 7: larger than the training set (6 images"),
-])
+@pytest.mark.parametrize(
+    "problem, flags, message",
+    [
+        ("empty class", (), "class_1: class folder has no images"),
+        ("unknown val class", (), "class_9: class not in"),
+        ("one class", (), "1 class folder (class_0); classification needs at least 2"),
+        ("unreadable image", (), "train_1_001.jpg"),
+        ("none", ("--k", "7"), "--k 7: larger than the training set (6 images"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, problem, flags, message):
     root = broken_folders(tmp_path, problem)
     result = run_script("classify.py", "--data-dir", root, "--out-dir", tmp_path / "out", *SMALL, *flags)
@@ -209,16 +268,43 @@ def test_classifiers_and_segmentation_checkpoints_are_not_mixed_up(classified, t
     out, _ = classified
     segmentation = trained_run[0] / "best_model_iou.pth"
     wrong_way = run_script("classify.py", "--predict", "--model", segmentation, "--input", tmp_path)
-    assert wrong_way.returncode == 1 and "is a training checkpoint, not an image classifier; it goes to --model of" in wrong_way.stderr
+    assert (
+        wrong_way.returncode == 1
+        and "is a training checkpoint, not an image classifier; it goes to --model of" in wrong_way.stderr
+    )
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
-    other_way = run_script("infer_image.py", "--model", out / "classifier.pth", "--input", tmp_path / "a.png",
-                           "--out-dir", tmp_path / "o")
-    assert other_way.returncode == 1 and "is an image classifier, not a training checkpoint; it goes to classify.py --predict --model" in other_way.stderr
+    other_way = run_script(
+        "infer_image.py", "--model", out / "classifier.pth", "--input", tmp_path / "a.png", "--out-dir", tmp_path / "o"
+    )
+    assert (
+        other_way.returncode == 1
+        and "is an image classifier, not a training checkpoint; it goes to classify.py --predict --model"
+        in other_way.stderr
+    )
 
 
 def test_bench_measures_extraction_and_knn_over_stored_embeddings():
-    result = run_script("bench.py", "--skip", "epochs", "inference", "modes", "memory", "export", "--cls-images", "8",
-                        "--cls-imgsz", "56", "--knn-stored", "5000", "--repeats", "2", "--batch", "2", "--workers", "0")
+    result = run_script(
+        "bench.py",
+        "--skip",
+        "epochs",
+        "inference",
+        "modes",
+        "memory",
+        "export",
+        "--cls-images",
+        "8",
+        "--cls-imgsz",
+        "56",
+        "--knn-stored",
+        "5000",
+        "--repeats",
+        "2",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| embedding extraction, 8 images" in result.stdout and "images/s" in result.stdout
     assert "| kNN, k=20, 1000 queries over 5,000 stored 384-d embeddings" in result.stdout

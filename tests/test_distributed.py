@@ -1,4 +1,5 @@
 """torchrun + DDP on CPU (gloo): exact metrics over the whole split, rank-0-only outputs, resume, failures."""
+
 import json
 import math
 import os
@@ -23,9 +24,22 @@ FLAGS = ("--imgsz", "56", "42", "--batch", "2", "--lr", "1e-3", "--source", "tim
 
 
 def torchrun(*args, processes=2, timeout=600):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                           str(ROOT / "train.py"), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            str(ROOT / "train.py"),
+            *map(str, args),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +85,29 @@ def test_only_rank_zero_prints_and_writes(two_process_run):
     out, result = two_process_run
     assert result.stdout.count("EPOCH: 1/2") == 1
     assert "2 processes x batch 2 = global batch 4 per step (gloo)" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "best_model_iou.pth", "best_model_loss.pth", "final_model.pth", "last.pth", "metrics.csv",
-        "loss.png", "accuracy.png", "miou.png", "best_validation.json", "tensorboard"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "best_model_iou.pth",
+            "best_model_loss.pth",
+            "final_model.pth",
+            "last.pth",
+            "metrics.csv",
+            "loss.png",
+            "accuracy.png",
+            "miou.png",
+            "best_validation.json",
+            "tensorboard",
+        ]
+    )
     events = list((out / "tensorboard").iterdir())  # one writer: rank 0's
     assert len(events) == 1 and events[0].name.startswith("events.out.tfevents.")
 
 
 def test_all_ranks_resume_from_the_same_checkpoint(two_process_run, uneven_dataset, tmp_path):
     out, _ = two_process_run
-    result = torchrun("--data-dir", uneven_dataset, "--out-dir", tmp_path, "--epochs", "3", "--resume", out / "last.pth", *FLAGS)
+    result = torchrun(
+        "--data-dir", uneven_dataset, "--out-dir", tmp_path, "--epochs", "3", "--resume", out / "last.pth", *FLAGS
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stdout and result.stdout.count("EPOCH: 3/3") == 1
     assert len((tmp_path / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
@@ -98,7 +125,7 @@ def test_a_failing_rank_ends_the_job_with_its_message(uneven_dataset, tmp_path):
     assert "error (rank 1): " in result.stderr and "valid_0001.png: colours not in the class palette" in result.stderr
 
 
-RANK_ONE_FAILS = '''
+RANK_ONE_FAILS = """
 import sys, argparse, torch
 sys.path.insert(0, sys.argv[1])
 from cli import run_cli
@@ -112,18 +139,25 @@ def main(args):
 
 sys.argv = sys.argv[:1]
 run_cli(main, argparse.ArgumentParser())
-'''
+"""
 
 
 def test_each_rank_reports_its_own_error(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(RANK_ONE_FAILS)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(ROOT)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode != 0
     assert "error (rank 1): CUDA out of memory. Tried to allocate 2.00 GiB (simulated)" in result.stderr
-    assert "error (rank 0): a collective operation failed, most likely because another process failed first" in result.stderr
+    assert (
+        "error (rank 0): a collective operation failed, most likely because another process failed first"
+        in result.stderr
+    )
 
 
 def free_port():
@@ -136,14 +170,36 @@ def test_two_machines_without_a_shared_filesystem(uneven_dataset, tmp_path):
     """Two torchrun "nodes" whose run folders are different directories, as on two machines: only
     rank 0 writes checkpoints, so the final evaluation must not need to read them on rank 1."""
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               str(ROOT / "train.py"), "--data-dir", str(uneven_dataset), "--out-dir", str(tmp_path / f"node{node}"),
-                               "--epochs", "1", *FLAGS],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(ROOT / "train.py"),
+                "--data-dir",
+                str(uneven_dataset),
+                "--out-dir",
+                str(tmp_path / f"node{node}"),
+                "--epochs",
+                "1",
+                *FLAGS,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for node in (0, 1)
+    ]
     results = [node.communicate(timeout=300) for node in nodes]
-    for node, (stdout, stderr) in zip(nodes, results):
+    for node, (_, stderr) in zip(nodes, results):
         assert node.returncode == 0, stderr[-3000:]
     assert json.loads((tmp_path / "node0" / "best_validation.json").read_text())["processes"] == 2
     assert not (tmp_path / "node1").exists()  # nothing was written on the second machine
@@ -151,7 +207,9 @@ def test_two_machines_without_a_shared_filesystem(uneven_dataset, tmp_path):
 
 def test_training_views_under_torchrun_cache_each_ranks_own_shard(uneven_dataset, tmp_path):
     # 6 training images: 3 per rank, 2 views each; 7 validation images shared 4 + 3
-    result = torchrun("--data-dir", uneven_dataset, "--out-dir", tmp_path, "--epochs", "2", "--train-views", "2", *FLAGS)
+    result = torchrun(
+        "--data-dir", uneven_dataset, "--out-dir", tmp_path, "--epochs", "2", "--train-views", "2", *FLAGS
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on this process's 3 images" in result.stdout
     assert "Backbone passes: 19 images (2 processes)" in result.stdout

@@ -1,5 +1,6 @@
 """Evaluation at original resolution, the inference modes (whole, slide, multi-scale + flip) and
 the seed-style metric, each against something computed by hand."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,16 @@ from model import Dinov2Segmentation
 from tests.conftest import ROOT, run_script
 
 CPU = torch.device("cpu")
-INFO = {"classes": ["background", "red", "green"], "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]], "ignore_colors": [],
-        "ignore_index": 255, "mask_format": "auto", "imgsz": [28, 28], "mean": [0, 0, 0], "std": [1, 1, 1]}
+INFO = {
+    "classes": ["background", "red", "green"],
+    "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+    "ignore_colors": [],
+    "ignore_index": 255,
+    "mask_format": "auto",
+    "imgsz": [28, 28],
+    "mean": [0, 0, 0],
+    "std": [1, 1, 1],
+}
 
 
 def pointwise_model() -> nn.Module:
@@ -91,7 +100,7 @@ def test_overlapping_windows_average_their_logits(vit):
     assert window_grid(28, 56, 28, 14) == [(0, 28, 0, 28), (0, 28, 14, 42), (0, 28, 28, 56)]
     with torch.no_grad():
         slid = slide_logits(vit, images, crop=28, stride=14)
-        windows = [vit(images[..., :, left:left + 28]) for left in (0, 14, 28)]
+        windows = [vit(images[..., :, left : left + 28]) for left in (0, 14, 28)]
     # pixel (5, 20): in windows 1 and 2 at columns 20 and 6; pixel (5, 3): window 1 alone
     assert torch.allclose(slid[0, :, 5, 20], (windows[0][0, :, 5, 20] + windows[1][0, :, 5, 6]) / 2, atol=1e-5)
     assert torch.allclose(slid[0, :, 5, 3], windows[0][0, :, 5, 3], atol=1e-5)
@@ -130,9 +139,26 @@ def test_evaluate_py_on_a_test_split_under_torchrun_equals_one_process(trained_r
     single = run_script("evaluate.py", *flags, "--out-dir", tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     assert "mean class accuracy" in single.stdout and "seed-style mIoU" in single.stdout
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "evaluate.py"), *map(str, flags), "--out-dir", str(tmp_path / "two"), "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "evaluate.py"),
+            *map(str, flags),
+            "--out-dir",
+            str(tmp_path / "two"),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one_report = json.loads((tmp_path / "one" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())
     two_report = json.loads((tmp_path / "two" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())

@@ -1,5 +1,6 @@
 """ONNX export and onnxruntime inference: the file reproduces PyTorch at any size, carries what
 inference needs, and runs behind the same scripts; broken files are one-line errors."""
+
 import json
 
 import cv2
@@ -27,7 +28,9 @@ from dinokit.prediction.deployment import OnnxNetwork, export_network, write_met
 def test_bicubic_matrix_is_the_position_embedding_interpolation(out_size):
     grid = torch.randn(1, 8, 37, 37, generator=torch.Generator().manual_seed(0))
     scale = (out_size + POS_EMBED_OFFSET) / 37
-    expected = grid if out_size == 37 else F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    expected = (
+        grid if out_size == 37 else F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    )
     matrix = bicubic_matrix(out_size, 37)
     torch.testing.assert_close(matrix @ grid @ matrix.T, expected, atol=2e-5, rtol=1e-5)
     if out_size == 37:  # Meta's code skips the interpolation at 518x518; so must the graph
@@ -48,7 +51,11 @@ def test_export_checks_itself_against_pytorch_before_writing(exported):
     _, out, stdout = exported
     assert out.is_file() and not list(out.parent.glob(".*tmp-*"))
     assert "check passed" in stdout
-    sizes = {line.split(":")[0].split()[-1] for line in stdout.splitlines() if "argmax agreement" in line and "random" in line}
+    sizes = {
+        line.split(":")[0].split()[-1]
+        for line in stdout.splitlines()
+        if "argmax agreement" in line and "random" in line
+    }
     assert sizes == {"126x98", "94x73"}  # the training size and one that is not a multiple of 14
     assert "valid_0000.jpg" in stdout  # real images: the training data's validation split
 
@@ -97,14 +104,26 @@ def test_evaluate_py_scores_the_onnx_file_as_the_checkpoint(exported, tiny_datas
     checkpoint, out, _ = exported
     reports = []
     for model in (checkpoint, out):
-        result = run_script("evaluate.py", "--model", model, "--data-dir", tiny_dataset, "--split", "valid",
-                            "--out-dir", tmp_path, "--workers", "0")
+        result = run_script(
+            "evaluate.py",
+            "--model",
+            model,
+            "--data-dir",
+            tiny_dataset,
+            "--split",
+            "valid",
+            "--out-dir",
+            tmp_path,
+            "--workers",
+            "0",
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         reports.append(json.loads((tmp_path / f"eval_{model.name}_valid_whole-126x98.json").read_text()))
     assert "onnxruntime CPU (fp32)" in result.stdout
     pth, onnx_ = reports
     assert onnx_["miou"] == pytest.approx(pth["miou"], abs=1e-4) and onnx_["pixel_accuracy"] == pytest.approx(
-        pth["pixel_accuracy"], abs=1e-4)
+        pth["pixel_accuracy"], abs=1e-4
+    )
 
 
 def test_slide_mode_and_video_run_through_onnxruntime(exported, tiny_dataset, tmp_path):
@@ -115,7 +134,9 @@ def test_slide_mode_and_video_run_through_onnxruntime(exported, tiny_dataset, tm
     assert (Predictor.from_onnx(out, "cpu", mode).predict(image) == expected).mean() >= 0.9999
 
     make_video(tmp_path / "clip.mp4", frames=6)
-    result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", out, "--out-dir", tmp_path / "video")
+    result = run_script(
+        "infer_video.py", "--input", tmp_path / "clip.mp4", "--model", out, "--out-dir", tmp_path / "video"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "6 frames" in result.stdout and "onnxruntime CPU (fp32)" in result.stdout
     capture = cv2.VideoCapture(str(tmp_path / "video" / "clip.mp4"))
@@ -133,12 +154,22 @@ def test_int8_static_argmax_export(exported, tiny_dataset, tmp_path):
     assert network.info["output"] == "classes" and network.static_size == (98, 126)
     scores = network(torch.randn(1, 3, 98, 126))
     assert scores.shape == (1, 21, 98, 126) and torch.equal(scores.sum(1), torch.ones(1, 98, 126))  # one-hot
-    result = run_script("infer_image.py", "--input", tiny_dataset / "valid_images", "--model", out, "--mode", "slide",
-                        "--out-dir", tmp_path / "slide")
+    result = run_script(
+        "infer_image.py",
+        "--input",
+        tiny_dataset / "valid_images",
+        "--model",
+        out,
+        "--mode",
+        "slide",
+        "--out-dir",
+        tmp_path / "slide",
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {out}: exported for 126x98 inputs only: it runs with --mode whole at that size (no --imgsz, --native, "
-        "--scales); export with --dynamic for the others"]
+        "--scales); export with --dynamic for the others"
+    ]
     assert not (tmp_path / "slide").exists()
 
 
@@ -165,22 +196,30 @@ def test_broken_onnx_files_are_one_line_errors(exported, tiny_dataset, tmp_path)
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(out.read_bytes()[:5000])
     foreign = tmp_path / "foreign.onnx"  # a valid ONNX graph, but not one of ours
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["images"], ["logits"])], "g",
-                                   [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
-                                   [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3, 4, 4])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["images"], ["logits"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign)
-    expected = {truncated: f"error: {truncated}: not a readable ONNX model (truncated or not an ONNX file): ",
-                foreign: f"error: {foreign}: an ONNX model without this project's metadata"}
+    expected = {
+        truncated: f"error: {truncated}: not a readable ONNX model (truncated or not an ONNX file): ",
+        foreign: f"error: {foreign}: an ONNX model without this project's metadata",
+    }
     for path, message in expected.items():
-        result = run_script("infer_image.py", "--input", tiny_dataset / "valid_images", "--model", path,
-                            "--out-dir", tmp_path / "out")
+        result = run_script(
+            "infer_image.py", "--input", tiny_dataset / "valid_images", "--model", path, "--out-dir", tmp_path / "out"
+        )
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith(message), result.stderr
         assert not (tmp_path / "out").exists()
     result = run_script("export.py", "--model", out)  # an .onnx is not a checkpoint to export
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {out}: is an ONNX model, not a training checkpoint; it goes to --model of "
-                                     "infer_image.py / infer_video.py / evaluate.py / app.py")
+    assert result.stderr.strip() == (
+        f"error: {out}: is an ONNX model, not a training checkpoint; it goes to --model of "
+        "infer_image.py / infer_video.py / evaluate.py / app.py"
+    )
 
 
 def test_failed_self_check_writes_nothing(exported, tmp_path, monkeypatch, capsys):
@@ -191,8 +230,11 @@ def test_failed_self_check_writes_nothing(exported, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(export, "self_check", lambda *a, **k: [export.Agreement("random", (98, 126), 0.5, 0.97)])
     out = tmp_path / "model.onnx"
     args = export.get_args_parser().parse_args(["--model", str(checkpoint), "--out", str(out)])
-    with pytest.raises(UserError, match=r"export check failed: max \|logit diff\| 5.00e-01, lowest argmax agreement "
-                                        r"97.0000 % .* nothing was written"):
+    with pytest.raises(
+        UserError,
+        match=r"export check failed: max \|logit diff\| 5.00e-01, lowest argmax agreement "
+        r"97.0000 % .* nothing was written",
+    ):
         export.main(args)
     assert list(tmp_path.iterdir()) == []
 
@@ -211,7 +253,9 @@ def test_the_documented_snippet_runs_the_file_without_pytorch(exported, tiny_dat
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shutil.copy(out, tmp_path / "best_model_iou.onnx")
     shutil.copy(sorted((tiny_dataset / "valid_images").iterdir())[0], tmp_path / "photo.jpg")
-    code = "import sys; sys.modules['torch'] = None\n" + snippet + "\nprint(mask.shape, mask.max() < len(meta['classes']))"
+    code = (
+        "import sys; sys.modules['torch'] = None\n" + snippet + "\nprint(mask.shape, mask.max() < len(meta['classes']))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["(98,", "126)", "True"]
@@ -224,6 +268,8 @@ def test_weights_too_large_for_one_onnx_file_are_refused_before_tracing(exported
     checkpoint, _, _ = exported
     monkeypatch.setattr(export, "SINGLE_FILE_LIMIT", 1000)  # ViT-g's 4.4 GB, scaled down
     args = export.get_args_parser().parse_args(["--model", str(checkpoint), "--out", str(tmp_path / "m.onnx")])
-    with pytest.raises(UserError, match=r"of float32 weights \(ViT-small\) do not fit one ONNX file \(protobuf's 2 GB limit\)"):
+    with pytest.raises(
+        UserError, match=r"of float32 weights \(ViT-small\) do not fit one ONNX file \(protobuf's 2 GB limit\)"
+    ):
         export.main(args)
     assert list(tmp_path.iterdir()) == []

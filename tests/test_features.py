@@ -1,5 +1,6 @@
 """visualize_features.py: the PCA against hand-made cases, colours shared across images, the
 foreground split, and the script on images, a video and bad inputs (random-init ViT-S/14)."""
+
 import cv2
 import numpy as np
 import pytest
@@ -59,13 +60,23 @@ def test_foreground_is_the_smaller_side_of_the_first_component(object_share):
 
 def test_images_get_a_map_and_an_overlay_at_their_size(tiny_dataset, tmp_path):
     out = tmp_path / "maps"
-    result = run_script("visualize_features.py", "--input", tiny_dataset / "valid_images", "--out-dir", out,
-                        "--save-features", "--layer", "9", *BACKBONE)
+    result = run_script(
+        "visualize_features.py",
+        "--input",
+        tiny_dataset / "valid_images",
+        "--out-dir",
+        out,
+        "--save-features",
+        "--layer",
+        "9",
+        *BACKBONE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PCA of block 9 over 5 images (5x4 patches each): all 100 patches" in result.stdout
     names = sorted(p.stem for p in (tiny_dataset / "valid_images").iterdir())
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}_pca.png" for n in names] + [f"{n}_overlay.jpg" for n in names] + ["features.pt"])
+        [f"{n}_pca.png" for n in names] + [f"{n}_overlay.jpg" for n in names] + ["features.pt"]
+    )
     side_by_side = np.array(Image.open(out / f"{names[0]}_pca.png"))
     assert side_by_side.shape == (90, 240, 3)  # image | map, at the image's 120x90
     colours = side_by_side[:, 120:].reshape(-1, 3)
@@ -76,8 +87,18 @@ def test_images_get_a_map_and_an_overlay_at_their_size(tiny_dataset, tmp_path):
 
 
 def test_foreground_run_blacks_out_the_background(tiny_dataset, tmp_path):
-    result = run_script("visualize_features.py", "--input", tiny_dataset / "valid_images", "--out-dir", tmp_path,
-                        "--foreground", "0.5", "--upsample", "bilinear", *BACKBONE)
+    result = run_script(
+        "visualize_features.py",
+        "--input",
+        tiny_dataset / "valid_images",
+        "--out-dir",
+        tmp_path,
+        "--foreground",
+        "0.5",
+        "--upsample",
+        "bilinear",
+        *BACKBONE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "foreground = first component" in result.stdout and "the larger side is background" in result.stdout
     maps = [np.array(Image.open(p))[:, 120:] for p in sorted(tmp_path.glob("*_pca.png"))]
@@ -87,8 +108,17 @@ def test_foreground_run_blacks_out_the_background(tiny_dataset, tmp_path):
 
 def test_video_map_keeps_frame_count_size_and_fps(tmp_path):
     make_video(tmp_path / "clip.mp4", frames=7, size=(64, 48), fps=12.0)
-    result = run_script("visualize_features.py", "--input", tmp_path / "clip.mp4", "--out-dir", tmp_path / "out",
-                        "--side-by-side", "--batch", "3", *BACKBONE)
+    result = run_script(
+        "visualize_features.py",
+        "--input",
+        tmp_path / "clip.mp4",
+        "--out-dir",
+        tmp_path / "out",
+        "--side-by-side",
+        "--batch",
+        "3",
+        *BACKBONE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "7 frames" in result.stdout
     capture = cv2.VideoCapture(str(tmp_path / "out" / "clip_pca.mp4"))
@@ -97,10 +127,23 @@ def test_video_map_keeps_frame_count_size_and_fps(tmp_path):
 
 
 def test_a_sampled_pca_when_the_features_do_not_fit(tiny_dataset, tmp_path):
-    result = run_script("visualize_features.py", "--input", tiny_dataset / "valid_images", "--out-dir", tmp_path,
-                        "--max-memory-gb", "0", "--pca-sample", "30", *BACKBONE)
+    result = run_script(
+        "visualize_features.py",
+        "--input",
+        tiny_dataset / "valid_images",
+        "--out-dir",
+        tmp_path,
+        "--max-memory-gb",
+        "0",
+        "--pca-sample",
+        "30",
+        *BACKBONE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "a seeded sample of 30 patches (features recomputed for the maps" in result.stdout and len(list(tmp_path.glob("*_pca.png"))) == 5
+    assert (
+        "a seeded sample of 30 patches (features recomputed for the maps" in result.stdout
+        and len(list(tmp_path.glob("*_pca.png"))) == 5
+    )
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -108,8 +151,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     Image.new("RGB", (40, 30)).save(tmp_path / "one.png")
     cases = {
-        (tmp_path / "empty",): f"error: {tmp_path / 'empty'}: no image files (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff)",
-        (tmp_path / "broken.mp4",): f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video (corrupt or unsupported codec)",
+        (
+            tmp_path / "empty",
+        ): f"error: {tmp_path / 'empty'}: no image files (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff)",
+        (
+            tmp_path / "broken.mp4",
+        ): f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video (corrupt or unsupported codec)",
         (tmp_path / "one.png", "--layer", "13"): "error: --layer 13: ViT-small has blocks 1 to 12",
     }
     for args, message in cases.items():
@@ -129,9 +176,11 @@ def test_features_notebook_executes_headless(tiny_dataset):
     notebook = nbformat.read(ROOT / "notebooks" / "features.ipynb", as_version=4)
     next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])).source = (
         f"IMAGES = {str(tiny_dataset / 'valid_images')!r}\nBACKBONE = dict(source='timm', pretrained=False)\n"
-        "IMGSZ = (70, 56)\nLAYER = None\nNUM_IMAGES = 3\nFOREGROUND = 0.5")
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        "IMGSZ = (70, 56)\nLAYER = None\nNUM_IMAGES = 3\nFOREGROUND = 0.5"
+    )
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs)

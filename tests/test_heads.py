@@ -1,5 +1,6 @@
 """Meta's released heads in mmseg layout, loaded without mmseg; linear (1 block) and ms (4 blocks)
 heads; Meta's centred padding; the errors when a head does not fit."""
+
 import os
 
 import cv2
@@ -39,8 +40,16 @@ def meta_bnhead(state, inputs):
     inputs (bilinear to the first's size), BatchNorm with running statistics, dropout off, 1x1 conv."""
     size = inputs[0].shape[2:]
     x = torch.cat([F.interpolate(i, size=size, mode="bilinear", align_corners=False) for i in inputs], dim=1)
-    x = F.batch_norm(x, state["decode_head.bn.running_mean"], state["decode_head.bn.running_var"],
-                     state["decode_head.bn.weight"], state["decode_head.bn.bias"], False, 0.0, 1e-5)
+    x = F.batch_norm(
+        x,
+        state["decode_head.bn.running_mean"],
+        state["decode_head.bn.running_var"],
+        state["decode_head.bn.weight"],
+        state["decode_head.bn.bias"],
+        False,
+        0.0,
+        1e-5,
+    )
     return F.conv2d(x, state["decode_head.conv_seg.weight"], state["decode_head.conv_seg.bias"])
 
 
@@ -63,12 +72,21 @@ def test_an_ade20k_head_brings_the_150_classes_and_their_palette(tmp_path):
     assert info["colors"][0] == [120, 120, 120]
 
 
-@pytest.mark.parametrize("channels, classes, flags, message", [
-    (768, 21, {}, "the head reads 768-channel features, but --backbone small gives 384 per block .* pass --backbone base --head-layers 1"),
-    (384, 21, {"head_layers": 4}, "a linear head reading 1 block.*pass --head-layers 1"),
-    (1536, 21, {"head_layers": 1}, r"a multi-layer \(ms\) head reading 4 block.*pass --head-layers 4"),
-    (384, 10, {}, "a head for 10 classes, neither VOC 2012 \\(21\\) nor ADE20K \\(150\\)"),
-])
+@pytest.mark.parametrize(
+    "channels, classes, flags, message",
+    [
+        (
+            768,
+            21,
+            {},
+            "the head reads 768-channel features, but --backbone small gives 384 per block "
+            ".* pass --backbone base --head-layers 1",
+        ),
+        (384, 21, {"head_layers": 4}, "a linear head reading 1 block.*pass --head-layers 1"),
+        (1536, 21, {"head_layers": 1}, r"a multi-layer \(ms\) head reading 4 block.*pass --head-layers 4"),
+        (384, 10, {}, "a head for 10 classes, neither VOC 2012 \\(21\\) nor ADE20K \\(150\\)"),
+    ],
+)
 def test_heads_that_do_not_fit_are_one_clear_error(tmp_path, channels, classes, flags, message):
     mmseg_head_file(tmp_path / "head.pth", channels, classes)
     with pytest.raises(HeadWeightsError, match=message):
@@ -78,7 +96,9 @@ def test_heads_that_do_not_fit_are_one_clear_error(tmp_path, channels, classes, 
 def test_head_names_resolve_to_meta_urls_and_load_from_the_hub_cache_offline(tmp_path):
     url = head_url("voc2012_ms", "base")
     assert url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_voc2012_ms_head.pth"
-    with pytest.raises(HeadWeightsError, match="could not load dinov2_vits14_voc2012_linear_head.pth .*offline, copy it into"):
+    with pytest.raises(
+        HeadWeightsError, match="could not load dinov2_vits14_voc2012_linear_head.pth .*offline, copy it into"
+    ):
         model_with_head("voc2012_linear", **BACKBONE)  # sockets are refused in tests
     cache = torch.hub.get_dir()
     os.makedirs(os.path.join(cache, "checkpoints"), exist_ok=True)
@@ -98,8 +118,21 @@ def test_centred_padding_is_metas_center_padding():
 def test_infer_image_with_a_released_head_and_no_training(tmp_path):
     mmseg_head_file(tmp_path / "voc_ms.pth", 1536, 21)
     cv2.imwrite(str(tmp_path / "photo.jpg"), np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8))
-    result = run_script("infer_image.py", "--input", tmp_path / "photo.jpg", "--head-weights", tmp_path / "voc_ms.pth",
-                        "--source", "timm", "--no-pretrained", "--imgsz", "56", "42", "--out-dir", tmp_path / "out")
+    result = run_script(
+        "infer_image.py",
+        "--input",
+        tmp_path / "photo.jpg",
+        "--head-weights",
+        tmp_path / "voc_ms.pth",
+        "--source",
+        "timm",
+        "--no-pretrained",
+        "--imgsz",
+        "56",
+        "42",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     mask = Image.open(tmp_path / "out" / "photo_mask.png")
     assert mask.mode == "P" and mask.size == (61, 45) and np.array(mask).max() < 21  # VOC class indices
@@ -108,8 +141,23 @@ def test_infer_image_with_a_released_head_and_no_training(tmp_path):
 
 
 def test_a_one_block_head_trains_end_to_end(tiny_dataset, tmp_path):
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path, "--epochs", "1", "--imgsz", "56", "42",
-                        "--batch", "4", "--head-layers", "1", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--out-dir",
+        tmp_path,
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--head-layers",
+        "1",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "best_model_iou.pth", weights_only=True)
     assert checkpoint["model_info"]["arch"]["head_layers"] == 1

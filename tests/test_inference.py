@@ -1,4 +1,5 @@
 """infer_image.py, infer_video.py and the notebook, run on a checkpoint from a real (tiny) training run."""
+
 import cv2
 import numpy as np
 import pytest
@@ -30,8 +31,8 @@ def test_indexed_png_stores_class_indices_with_the_palette(checkpoint, tmp_path)
     indexed_png(mask, predictor.color_map).save(tmp_path / "m.png")
     loaded = Image.open(tmp_path / "m.png")
     assert loaded.mode == "P" and np.array_equal(np.array(loaded), mask)
-    assert loaded.getpalette()[15 * 3: 15 * 3 + 3] == [192, 128, 128]  # person
-    assert loaded.getpalette()[255 * 3: 255 * 3 + 3] == [224, 224, 192]  # void
+    assert loaded.getpalette()[15 * 3 : 15 * 3 + 3] == [192, 128, 128]  # person
+    assert loaded.getpalette()[255 * 3 : 255 * 3 + 3] == [224, 224, 192]  # void
 
 
 def test_overlay_leaves_background_pixels_untouched(checkpoint):
@@ -63,12 +64,17 @@ def test_infer_image_on_a_folder_of_odd_sizes(checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gray.jpg", "gray_mask.png", "wide.jpg", "wide_mask.png"]
 
 
-@pytest.mark.parametrize("make_input, message", [
-    (lambda tmp: tmp / "missing", "no such file or folder"),
-    (lambda tmp: tmp, "no image files"),
-])
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda tmp: tmp / "missing", "no such file or folder"),
+        (lambda tmp: tmp, "no image files"),
+    ],
+)
 def test_infer_image_errors(checkpoint, tmp_path, make_input, message):
-    result = run_script("infer_image.py", "--input", make_input(tmp_path), "--model", checkpoint, "--out-dir", tmp_path / "o")
+    result = run_script(
+        "infer_image.py", "--input", make_input(tmp_path), "--model", checkpoint, "--out-dir", tmp_path / "o"
+    )
     assert result.returncode == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -77,7 +83,10 @@ def test_infer_image_rejects_a_truncated_checkpoint(checkpoint, tmp_path):
     broken.write_bytes(checkpoint.read_bytes()[:1000])
     (tmp_path / "a.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((20, 20, 3), np.uint8))[1].tobytes())
     result = run_script("infer_image.py", "--input", tmp_path / "a.jpg", "--model", broken, "--out-dir", tmp_path / "o")
-    assert result.returncode == 1 and "broken.pth: not a readable training checkpoint (truncated or damaged)" in result.stderr
+    assert (
+        result.returncode == 1
+        and "broken.pth: not a readable training checkpoint (truncated or damaged)" in result.stderr
+    )
 
 
 def make_video(path, frames=20, size=(150, 110), fps=12.0):
@@ -99,8 +108,17 @@ def read_video(path):
 
 def test_infer_video_keeps_frame_count_size_and_fps(checkpoint, tmp_path):
     make_video(tmp_path / "clip.mp4", frames=20, size=(150, 110), fps=12.0)
-    result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", checkpoint,
-                        "--out-dir", tmp_path / "out", "--device", "cpu")
+    result = run_script(
+        "infer_video.py",
+        "--input",
+        tmp_path / "clip.mp4",
+        "--model",
+        checkpoint,
+        "--out-dir",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_video(tmp_path / "out" / "clip.mp4") == (20, (150, 110), 12.0)
     assert "20 frames, average" in result.stdout and "FPS" in result.stdout
@@ -111,7 +129,9 @@ def test_infer_video_truncated_clip_ends_cleanly_with_a_playable_file(checkpoint
     make_video(tmp_path / "clip.avi", frames=20, size=(96, 64), fps=10.0)
     data = (tmp_path / "clip.avi").read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])  # the rest of the stream is missing
-    result = run_script("infer_video.py", "--input", tmp_path / "cut.avi", "--model", checkpoint, "--out-dir", tmp_path / "out")
+    result = run_script(
+        "infer_video.py", "--input", tmp_path / "cut.avi", "--model", checkpoint, "--out-dir", tmp_path / "out"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     frames, size, _ = read_video(tmp_path / "out" / "cut.mp4")
     assert 0 < frames < 20 and size == (96, 64)
@@ -120,7 +140,9 @@ def test_infer_video_truncated_clip_ends_cleanly_with_a_playable_file(checkpoint
 @pytest.mark.parametrize("name, content", [("fake.mp4", b"\x00" * 1000), ("notes.jpg", b"a text file, not a video")])
 def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path, name, content):
     (tmp_path / name).write_bytes(content)  # OpenCV "opens" notes.jpg as an image sequence without a frame size
-    result = run_script("infer_video.py", "--input", tmp_path / name, "--model", checkpoint, "--out-dir", tmp_path / "out")
+    result = run_script(
+        "infer_video.py", "--input", tmp_path / name, "--model", checkpoint, "--out-dir", tmp_path / "out"
+    )
     assert result.returncode == 1 and f"{name}: cannot be opened as a video" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -132,36 +154,56 @@ def run_notebook(parameters: str) -> list:
 
     notebook = nbformat.read(ROOT / "notebooks" / "visualize.ipynb", as_version=4)
     next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])).source = parameters
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     return outputs
 
 
 def test_notebook_executes_headless(trained_run, tiny_dataset):
-    outputs = run_notebook(f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
-                           f"HEAD_WEIGHTS = None\nNUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True")
+    outputs = run_notebook(
+        f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
+        f"HEAD_WEIGHTS = None\nNUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True"
+    )
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # samples, curves, predictions, IoU bars
     assert any("mIoU" in o.get("text", "") for o in outputs)
 
 
 def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path):
     mmseg_head_file(tmp_path / "voc_linear.pth", 384, 21)
-    outputs = run_notebook(f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = None\nHEAD_WEIGHTS = {str(tmp_path / 'voc_linear.pth')!r}\n"
-                           "BACKBONE = dict(source='timm', pretrained=False)\nNUM_SAMPLES = 1\nDEVICE = 'cpu'\n"
-                           "MODE = 'slide'\nSCALES = [1.0]\nFLIP = False")
+    outputs = run_notebook(
+        f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = None\nHEAD_WEIGHTS = {str(tmp_path / 'voc_linear.pth')!r}\n"
+        "BACKBONE = dict(source='timm', pretrained=False)\nNUM_SAMPLES = 1\nDEVICE = 'cpu'\n"
+        "MODE = 'slide'\nSCALES = [1.0]\nFLIP = False"
+    )
     text = "".join(o.get("text", "") for o in outputs)
     assert "no training curves" in text and "slide" in text and "mIoU" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, predictions, IoU bars
 
 
-@pytest.mark.parametrize("mode", [("--native", "--flip"), ("--mode", "slide", "--short-side", "42", "--crop", "42",
-                                                            "--stride", "28", "--scales", "1.0", "1.5", "--flip")])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ("--native", "--flip"),
+        ("--mode", "slide", "--short-side", "42", "--crop", "42", "--stride", "28", "--scales", "1.0", "1.5", "--flip"),
+    ],
+)
 def test_infer_image_in_every_inference_mode(checkpoint, tmp_path, mode):
     cv2.imwrite(str(tmp_path / "odd.jpg"), np.random.default_rng(3).integers(0, 255, (45, 61, 3), dtype=np.uint8))
-    result = run_script("infer_image.py", "--input", tmp_path / "odd.jpg", "--model", checkpoint, "--out-dir", tmp_path / "o",
-                        "--device", "cpu", *mode)
+    result = run_script(
+        "infer_image.py",
+        "--input",
+        tmp_path / "odd.jpg",
+        "--model",
+        checkpoint,
+        "--out-dir",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        *mode,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(tmp_path / "o" / "odd_mask.png").size == (61, 45)
     assert ("+ flip" in result.stdout) and (("slide" in result.stdout) == ("slide" in mode))

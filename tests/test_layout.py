@@ -1,5 +1,6 @@
 """The repository's shape: scripts and the core at the root, the machinery in `dinokit/`, imports
 running one way (scripts -> root modules -> the package), never into a script, never in a cycle."""
+
 import ast
 from pathlib import Path
 
@@ -7,13 +8,38 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "dinokit"
 
 # The root's modules, written once: the commands, and the core they are built around.
-SCRIPTS = {"train", "evaluate", "classify", "infer_image", "infer_video", "prepare_voc", "bench", "make_sample_data",
-           "export", "app", "visualize_features"}
-CORE = {"config", "model_config", "datasets", "engine", "model", "metrics", "utils", "checkpoint", "inference",
-        "evaluation", "cli"}
+SCRIPTS = {
+    "train",
+    "evaluate",
+    "classify",
+    "infer_image",
+    "infer_video",
+    "prepare_voc",
+    "bench",
+    "make_sample_data",
+    "export",
+    "app",
+    "visualize_features",
+}
+CORE = {
+    "config",
+    "model_config",
+    "datasets",
+    "engine",
+    "model",
+    "metrics",
+    "utils",
+    "checkpoint",
+    "inference",
+    "evaluation",
+    "cli",
+}
 PURE_DATA = {"config", "model_config"}  # the only root modules the package may read
 HANDFUL = 5  # core modules beyond the design's named ones
-FOUNDATION = ("errors.py", "writing.py")  # the package's two rules, under every folder: how a mistake is reported, how a file is written
+FOUNDATION = (
+    "errors.py",
+    "writing.py",
+)  # the package's two rules, under every folder: how a mistake is reported, how a file is written
 
 
 def module_name(path: Path) -> str:
@@ -49,8 +75,11 @@ def test_the_root_holds_the_scripts_and_the_core_and_nothing_else():
 
 
 def test_the_package_imports_no_root_module_but_pure_data():
-    offenders = {name: sorted(imported - PURE_DATA) for name, imported in imports().items()
-                 if name.startswith(PACKAGE) and imported - PURE_DATA - {m for m in imported if m.startswith(PACKAGE)}}
+    offenders = {
+        name: sorted(imported - PURE_DATA)
+        for name, imported in imports().items()
+        if name.startswith(PACKAGE) and imported - PURE_DATA - {m for m in imported if m.startswith(PACKAGE)}
+    }
     assert offenders == {}
 
 

@@ -2,6 +2,7 @@
 
 Grouped as the README's robustness section: data read wrongly without a word, files destroyed
 or mixed up, recovery that did not recover. Scripts run as users run them, in a subprocess."""
+
 import csv
 import json
 import os
@@ -59,7 +60,7 @@ def make_binary_dataset(root, classes=BINARY_CLASSES, n_train=4, n_valid=2):
         (root / f"{split}_labels").mkdir(parents=True)
         for i in range(count):
             mask = np.zeros((42, 56), np.uint8)
-            mask[10:30, 15 + i: 40 + i] = 255
+            mask[10:30, 15 + i : 40 + i] = 255
             image = rng.integers(0, 80, (42, 56, 3), dtype=np.uint8)
             image[mask > 0] = 220
             cv2.imwrite(str(root / f"{split}_images" / f"{i}.jpg"), image)
@@ -74,8 +75,21 @@ def test_binary_masks_with_a_white_class_are_read_as_that_class(tmp_path):
     assert check.spec.mask_format == "color" and "value 255 is the ignore index" in check.notes[0]
     _, mask = train.load_pair(0)
     assert set(np.unique(mask)) == {0, 1}  # the defect is class 1, not "ignore"
-    result = run_script("train.py", "--data-dir", data, "--out-dir", tmp_path / "run", "--epochs", "1", "--imgsz", "56", "42",
-                        "--batch", "2", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        data,
+        "--out-dir",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "2",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "single-channel masks are read as gray colours" in result.stdout
     assert load_checkpoint(tmp_path / "run" / "last.pth")["model_info"]["mask_format"] == "color"
@@ -120,7 +134,9 @@ def test_images_and_masks_follow_one_orientation_rule(tmp_path):
 def test_a_mask_drawn_on_the_unrotated_pixels_is_explained(dataset):
     image = cv2.cvtColor(cv2.imread(str(dataset / "train_images" / "train_0000.jpg")), cv2.COLOR_BGR2RGB)
     exif_jpeg(dataset / "train_images" / "train_0000.jpg", image, orientation=6)  # displayed 48x64
-    with pytest.raises(DatasetError, match="train_0000.png: mask is 64x48 but its image train_0000.jpg is 48x64 after its EXIF"):
+    with pytest.raises(
+        DatasetError, match="train_0000.png: mask is 64x48 but its image train_0000.jpg is 48x64 after its EXIF"
+    ):
         build_datasets(dataset, (56, 42))
 
 
@@ -131,7 +147,7 @@ def test_damaged_jpeg_stops_before_training_naming_the_file(dataset, tmp_path, d
     if damage == "truncated":
         data = data[: len(data) * 2 // 3]
     else:
-        data[len(data) // 2: len(data) // 2 + 40] = bytes(40)  # libjpeg: "Corrupt JPEG data", decoded as garbage
+        data[len(data) // 2 : len(data) // 2 + 40] = bytes(40)  # libjpeg: "Corrupt JPEG data", decoded as garbage
     path.write_bytes(bytes(data))
     assert cv2.imread(str(path)) is not None  # OpenCV (and PIL) would have trained on it
     result = train_cli(dataset, tmp_path / "out")
@@ -139,27 +155,45 @@ def test_damaged_jpeg_stops_before_training_naming_the_file(dataset, tmp_path, d
     assert "EPOCH" not in result.stdout
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"classes": [{"name": "a", "color": [1, 2, 3]}], "ignore_colour": [0, 0, 0]}, "unknown key 'ignore_colour'.*did you mean 'ignore_color'"),
-    ({"classes": [{"name": "a", "color": [1, 2, 3], "colour": [1, 2, 3]}]}, r"classes\[0\]: unknown key 'colour'"),
-    ({"classes": [{"name": "a", "color": [1, 2, 3]}, {"name": "a", "color": [4, 5, 6]}]}, r"classes\[1\].name 'a' is already the name of classes\[0\]"),
-    ({"classes": [{"name": "a", "color": [True, 0, 0]}]}, r"classes\[0\].color must be \[r, g, b\] with integers"),
-    ({"classes": [{"name": "a", "color": [1.0, 0, 0]}]}, r"classes\[0\].color must be \[r, g, b\] with integers"),
-    ({"classes": [{"name": "a", "color": [1, 2, 3]}], "ignore_index": True}, '"ignore_index" must be an integer'),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"classes": [{"name": "a", "color": [1, 2, 3]}], "ignore_colour": [0, 0, 0]},
+            "unknown key 'ignore_colour'.*did you mean 'ignore_color'",
+        ),
+        ({"classes": [{"name": "a", "color": [1, 2, 3], "colour": [1, 2, 3]}]}, r"classes\[0\]: unknown key 'colour'"),
+        (
+            {"classes": [{"name": "a", "color": [1, 2, 3]}, {"name": "a", "color": [4, 5, 6]}]},
+            r"classes\[1\].name 'a' is already the name of classes\[0\]",
+        ),
+        ({"classes": [{"name": "a", "color": [True, 0, 0]}]}, r"classes\[0\].color must be \[r, g, b\] with integers"),
+        ({"classes": [{"name": "a", "color": [1.0, 0, 0]}]}, r"classes\[0\].color must be \[r, g, b\] with integers"),
+        ({"classes": [{"name": "a", "color": [1, 2, 3]}], "ignore_index": True}, '"ignore_index" must be an integer'),
+    ],
+)
 def test_dataset_descriptions_are_validated_strictly(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_dataset_spec(raw, "classes.json")
 
 
 def test_documentation_keys_are_allowed():
-    spec = parse_dataset_spec({"classes": [{"name": "a", "color": [1, 2, 3]}], "source": "CamVid", "counts": {"train": 3},
-                               "_comment": "anything"}, "classes.json")
+    spec = parse_dataset_spec(
+        {
+            "classes": [{"name": "a", "color": [1, 2, 3]}],
+            "source": "CamVid",
+            "counts": {"train": 3},
+            "_comment": "anything",
+        },
+        "classes.json",
+    )
     assert spec.classes == ["a"]
 
 
 def test_strict_description_through_train_py(dataset, tmp_path):
-    (dataset / "classes.json").write_text(json.dumps({"classes": [{"name": "a", "color": [0, 0, 0]}], "ignore_colour": [1, 1, 1]}))
+    (dataset / "classes.json").write_text(
+        json.dumps({"classes": [{"name": "a", "color": [0, 0, 0]}], "ignore_colour": [1, 1, 1]})
+    )
     assert_one_line_error(train_cli(dataset, tmp_path / "out"), "classes.json: unknown key 'ignore_colour'")
 
 
@@ -194,6 +228,7 @@ def test_json_reports_write_null_for_undefined_numbers(trained_run):
 
 # ---------------------------------------------------------------- 2. files destroyed or mixed up
 
+
 @pytest.fixture(scope="module")
 def checkpoint(trained_run):
     return trained_run[0] / "best_model_iou.pth"
@@ -204,9 +239,13 @@ def test_infer_image_never_writes_over_its_inputs(checkpoint, tmp_path):
     folder.mkdir()
     cv2.imwrite(str(folder / "a.jpg"), np.full((30, 40, 3), 90, np.uint8))
     before = (folder / "a.jpg").read_bytes()
-    result = run_script("infer_image.py", "--input", folder, "--model", checkpoint, "--out-dir", folder, "--device", "cpu")
+    result = run_script(
+        "infer_image.py", "--input", folder, "--model", checkpoint, "--out-dir", folder, "--device", "cpu"
+    )
     assert_one_line_error(result, "is the folder of the inputs")
-    result = run_script("infer_image.py", "--input", folder / "a.jpg", "--model", checkpoint, "--out-dir", folder, "--device", "cpu")
+    result = run_script(
+        "infer_image.py", "--input", folder / "a.jpg", "--model", checkpoint, "--out-dir", folder, "--device", "cpu"
+    )
     assert_one_line_error(result, f"--out-dir {folder}: is the folder of the inputs")
     assert (folder / "a.jpg").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
 
@@ -221,8 +260,17 @@ def write_video(path, frames, size=(64, 48)):
 def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
     # written under a private temporary name, then renamed: the result must not stay owner-only (0600)
     write_video(tmp_path / "clip.mp4", 2)
-    result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", checkpoint, "--out-dir", tmp_path / "out",
-                        "--device", "cpu")
+    result = run_script(
+        "infer_video.py",
+        "--input",
+        tmp_path / "clip.mp4",
+        "--model",
+        checkpoint,
+        "--out-dir",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     umask = os.umask(0)
     os.umask(umask)
@@ -232,7 +280,17 @@ def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
 def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", 3)
     before = (tmp_path / "clip.mp4").read_bytes()
-    result = run_script("infer_video.py", "--input", tmp_path / "clip.mp4", "--model", checkpoint, "--out-dir", tmp_path, "--device", "cpu")
+    result = run_script(
+        "infer_video.py",
+        "--input",
+        tmp_path / "clip.mp4",
+        "--model",
+        checkpoint,
+        "--out-dir",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(result, f"--out-dir {tmp_path}: is the folder of the inputs")
     assert (tmp_path / "clip.mp4").read_bytes() == before
 
@@ -263,9 +321,12 @@ def test_an_incomplete_video_never_replaces_the_previous_result(checkpoint, tmp_
             self.writer.release()
 
     monkeypatch.setattr(infer_video.cv2, "VideoWriter", DiskFullWriter)
-    args = infer_video.get_args_parser().parse_args(["--input", str(tmp_path / "clip.mp4"), "--model", str(checkpoint),
-                                                    "--out-dir", str(out), "--device", "cpu"])
-    with pytest.raises(OSError, match=r"incomplete \(2 of 6 frames; disk full\?\); any earlier result was left as it was"):
+    args = infer_video.get_args_parser().parse_args(
+        ["--input", str(tmp_path / "clip.mp4"), "--model", str(checkpoint), "--out-dir", str(out), "--device", "cpu"]
+    )
+    with pytest.raises(
+        OSError, match=r"incomplete \(2 of 6 frames; disk full\?\); any earlier result was left as it was"
+    ):
         infer_video.main(args)
     assert (out / "clip.mp4").read_bytes() == b"the previous, complete result"
     assert sorted(p.name for p in out.iterdir()) == ["clip.mp4"]
@@ -276,9 +337,24 @@ def test_ctrl_c_during_a_video_keeps_the_previous_result(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "clip.mp4").write_bytes(b"the previous, complete result")
-    process = subprocess.Popen([sys.executable, str(ROOT / "infer_video.py"), "--input", str(tmp_path / "clip.mp4"),
-                                "--model", str(checkpoint), "--out-dir", str(out), "--device", "cpu"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "infer_video.py"),
+            "--input",
+            str(tmp_path / "clip.mp4"),
+            "--model",
+            str(checkpoint),
+            "--out-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not [p for p in out.iterdir() if p.name.startswith(".clip.mp4.tmp-")] and time.time() < deadline:
         time.sleep(0.2)
@@ -309,10 +385,19 @@ def test_a_rerun_without_resume_does_not_overwrite_the_previous_run(dataset, tmp
 def test_a_second_run_in_the_same_folder_at_once_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from pathlib import Path; from run_folder import RunLock; "
-                               "lock = RunLock(Path(sys.argv[2])); lock.acquire(); print('locked', flush=True); time.sleep(600)",
-                               str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]); "
+            "from pathlib import Path; from run_folder import RunLock; "
+            "lock = RunLock(Path(sys.argv[2])); lock.acquire(); print('locked', flush=True); time.sleep(600)",
+            str(ROOT),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     assert_one_line_error(train_cli(dataset, out), "another run is using this folder", f"pid {holder.pid}")
     holder.send_signal(signal.SIGKILL)  # a killed run does not leave the folder blocked
@@ -341,7 +426,11 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
 
     cache = feature_cache.FeatureCache("valid", memory_budget=0, disk_dir=tmp_path)
     monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**9})())
-    with pytest.raises(OSError, match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; free space, raise --cache-ram-gb .*--no-val-cache"):
+    with pytest.raises(
+        OSError,
+        match=r"valid feature cache needs 4.00 GB on disk but 1.00 GB are free; "
+        r"free space, raise --cache-ram-gb .*--no-val-cache",
+    ):
         cache.allocate(1000, (1000, 1000), torch.float32, (32, 32))  # refused before anything is allocated
     monkeypatch.undo()
 
@@ -356,6 +445,7 @@ def test_a_file_cache_that_cannot_fit_on_disk_is_one_error_not_a_bus_error(tmp_p
 
 # ---------------------------------------------------------------- 3. recovery that does not recover
 
+
 def read_rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -364,8 +454,23 @@ def read_rows(path):
 def test_flags_given_on_resume_override_the_checkpoint(dataset, tmp_path):
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--lr", "1e-3").returncode == 0
-    result = run_script("train.py", "--data-dir", dataset, "--out-dir", out, *SMALL, *OFFLINE,
-                        "--resume", out / "last.pth", "--epochs", "2", "--lr", "2e-4", "--weight-decay", "0.05")
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        out,
+        *SMALL,
+        *OFFLINE,
+        "--resume",
+        out / "last.pth",
+        "--epochs",
+        "2",
+        "--lr",
+        "2e-4",
+        "--weight-decay",
+        "0.05",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--lr 0.0002 (was 0.001)" in result.stdout and "--weight-decay 0.05 (was 0.01)" in result.stdout
     assert [float(row["lr"]) for row in read_rows(out / "metrics.csv")] == [1e-3, 2e-4]
@@ -373,8 +478,19 @@ def test_flags_given_on_resume_override_the_checkpoint(dataset, tmp_path):
     assert checkpoint["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
     assert {"epoch": 2, "flag": "--lr", "from": 1e-3, "to": 2e-4} in checkpoint["overrides"]
     # Not given: the checkpoint's values, not the parser's defaults.
-    result = run_script("train.py", "--data-dir", dataset, "--out-dir", out, *SMALL, *OFFLINE,
-                        "--resume", out / "last.pth", "--epochs", "3")
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        out,
+        *SMALL,
+        *OFFLINE,
+        "--resume",
+        out / "last.pth",
+        "--epochs",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert [float(row["lr"]) for row in read_rows(out / "metrics.csv")][-1] == 2e-4
 
@@ -383,9 +499,24 @@ def test_resume_with_other_class_names_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     assert train_cli(dataset, out).returncode == 0
     spec = load_dataset_spec(dataset)
-    renamed = [{"name": "cat" if n == "dog" else ("dog" if n == "cat" else n), "color": list(c)} for n, c in zip(spec.classes, spec.colors)]
+    renamed = [
+        {"name": "cat" if n == "dog" else ("dog" if n == "cat" else n), "color": list(c)}
+        for n, c in zip(spec.classes, spec.colors)
+    ]
     (dataset / "classes.json").write_text(json.dumps({"classes": renamed, "ignore_color": [224, 224, 192]}))
-    result = run_script("train.py", "--data-dir", dataset, "--out-dir", out, *SMALL, *OFFLINE, "--resume", out / "last.pth", "--epochs", "2")
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        out,
+        *SMALL,
+        *OFFLINE,
+        "--resume",
+        out / "last.pth",
+        "--epochs",
+        "2",
+    )
     assert_one_line_error(result, "class 8 is 'cat' (64, 0, 0) in the checkpoint but 'dog' (64, 0, 0)")
 
 
@@ -398,11 +529,37 @@ def test_resuming_a_bf16_or_fp32_run_with_fp16_starts_a_fresh_loss_scaler():
 
 
 def test_a_batch_of_one_with_a_one_token_grid_trains(dataset, tmp_path):
-    result = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "run", "--epochs", "1",
-                        "--imgsz", "14", "14", "--batch", "5", *OFFLINE)  # 6 images: batches of 5 and 1
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "14",
+        "14",
+        "--batch",
+        "5",
+        *OFFLINE,
+    )  # 6 images: batches of 5 and 1
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "run1", "--epochs", "1",
-                        "--imgsz", "14", "14", "--batch", "1", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "run1",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "14",
+        "14",
+        "--batch",
+        "1",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
 """`train.py --recipe paper`: the DINOv2 paper's augmentation, schedule and length, as one switch."""
+
 import csv
 import json
 
@@ -44,7 +45,11 @@ def test_crops_smaller_than_518_are_padded_bottom_right_with_the_mean_and_ignore
     transform.transforms[0] = RandomRescale(short_side=100, ratio_range=(1.0, 1.0))  # 100 x 133: smaller than the crop
     image = np.full((300, 400, 3), 200, np.uint8)
     out = transform(image=image, mask=np.ones((300, 400), np.uint8))
-    assert (out["mask"][:100, :133] != 255).all() and (out["mask"][100:] == 255).all() and (out["mask"][:, 133:] == 255).all()
+    assert (
+        (out["mask"][:100, :133] != 255).all()
+        and (out["mask"][100:] == 255).all()
+        and (out["mask"][:, 133:] == 255).all()
+    )
     assert np.abs(out["image"][100:]).max() == 0 and np.abs(out["image"][:100, :133]).max() > 0
 
 
@@ -87,8 +92,9 @@ def test_photometric_distortion_follows_mmseg_order_and_truncation():
     assert brighter_then_contrast.tolist() == [[[30, 165, 255]]]  # uint8(10 + 10.7) = 20, * 1.5 = 30; 260 clips to 255
     unchanged = distortion.apply(image, contrast_first=False, contrast=None, **plain)
     assert unchanged.tolist() == image.tolist()
-    hue_turned = distortion.apply(np.array([[[255, 0, 0]]], np.uint8), contrast_first=True, contrast=None,
-                                  **{**plain, "hue": 60})  # red (hue 0) + 60 of OpenCV's 0-180 (120 degrees) = green
+    hue_turned = distortion.apply(
+        np.array([[[255, 0, 0]]], np.uint8), contrast_first=True, contrast=None, **{**plain, "hue": 60}
+    )  # red (hue 0) + 60 of OpenCV's 0-180 (120 degrees) = green
     assert hue_turned.tolist() == [[[0, 255, 0]]]
 
 
@@ -101,12 +107,29 @@ def paper_args(*flags: str):
 def test_the_paper_recipe_sets_the_papers_optimisation_and_flags_given_win():
     args = paper_args()
     assert (args.batch, args.imgsz, args.lr, args.weight_decay) == (16, [518, 518], 1e-3, 1e-4)
-    assert (args.scheduler, args.warmup_steps, args.steps, args.epochs, args.mode) == ("poly", 1500, 40000, None, "slide")
+    assert (args.scheduler, args.warmup_steps, args.steps, args.epochs, args.mode) == (
+        "poly",
+        1500,
+        40000,
+        None,
+        "slide",
+    )
     given = paper_args("--batch", "8", "--epochs", "3")
-    assert (given.batch, given.epochs, given.steps) == (8, 3, None)  # --epochs counts the run instead of the recipe's steps
+    assert (given.batch, given.epochs, given.steps) == (
+        8,
+        3,
+        None,
+    )  # --epochs counts the run instead of the recipe's steps
     seed = get_args_parser().parse_args([])
     resolve_defaults(seed, resumed=None)
-    assert (seed.recipe, seed.batch, seed.epochs, seed.steps, seed.scheduler, seed.mode) == ("seed", 2, 20, None, "multistep", "whole")
+    assert (seed.recipe, seed.batch, seed.epochs, seed.steps, seed.scheduler, seed.mode) == (
+        "seed",
+        2,
+        20,
+        None,
+        "multistep",
+        "whole",
+    )
 
 
 def test_the_paper_schedule_by_hand_at_steps_0_1500_and_40000():
@@ -126,12 +149,33 @@ def test_the_paper_schedule_by_hand_at_steps_0_1500_and_40000():
 
 def test_train_py_counts_a_paper_run_in_steps_and_resumes_to_a_longer_one(tiny_dataset, tmp_path):
     # 12 images, batch 4: 3 steps per epoch; --steps 5 is one full epoch and one of 2 steps
-    flags = ["--data-dir", tiny_dataset, "--out-dir", tmp_path, "--imgsz", "56", "56", "--batch", "4",
-             "--warmup-steps", "0", "--short-side", "56", "--crop", "56", "--stride", "28", *OFFLINE]
+    flags = [
+        "--data-dir",
+        tiny_dataset,
+        "--out-dir",
+        tmp_path,
+        "--imgsz",
+        "56",
+        "56",
+        "--batch",
+        "4",
+        "--warmup-steps",
+        "0",
+        "--short-side",
+        "56",
+        "--crop",
+        "56",
+        "--stride",
+        "28",
+        *OFFLINE,
+    ]
     result = run_script("train.py", "--recipe", "paper", "--steps", "5", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Recipe paper: 5 steps of batch 4 (2 epochs of 3)" in result.stdout
-    assert "slide (short side 56, crop 56, stride 28)" in json.loads((tmp_path / "best_validation.json").read_text())["mode"]
+    assert (
+        "slide (short side 56, crop 56, stride 28)"
+        in json.loads((tmp_path / "best_validation.json").read_text())["mode"]
+    )
     checkpoint = load_checkpoint(tmp_path / "last.pth")
     assert checkpoint["args"]["recipe"] == "paper" and checkpoint["model_info"]["arch"]["padding"] == "center"
     resumed = run_script("train.py", "--resume", tmp_path / "last.pth", "--steps", "8", *flags)
@@ -143,12 +187,18 @@ def test_train_py_counts_a_paper_run_in_steps_and_resumes_to_a_longer_one(tiny_d
     assert "--steps 8 (was 5)" in resumed.stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--recipe", "paper", "--imgsz", "518", "392"], "--recipe paper trains on square crops"),
-    (["--recipe", "paper", "--cache-train-features"], "--recipe paper needs random crops: give --train-views 2 or more"),
-    (["--epochs", "3", "--steps", "10"], "--epochs and --steps exclude each other"),
-    (["--warmup-steps", "10"], "--warmup-steps needs --scheduler poly or cosine"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--recipe", "paper", "--imgsz", "518", "392"], "--recipe paper trains on square crops"),
+        (
+            ["--recipe", "paper", "--cache-train-features"],
+            "--recipe paper needs random crops: give --train-views 2 or more",
+        ),
+        (["--epochs", "3", "--steps", "10"], "--epochs and --steps exclude each other"),
+        (["--warmup-steps", "10"], "--warmup-steps needs --scheduler poly or cosine"),
+    ],
+)
 def test_flags_that_contradict_the_recipe_stop_before_any_data_is_read(flags, message, tmp_path):
     result = run_script("train.py", "--data-dir", tmp_path / "missing", "--out-dir", tmp_path / "out", *flags, *OFFLINE)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,4 +1,5 @@
 """The bad-input catalogue (one clear line, exit 1, nothing half-written) and crash-safe, exact resume."""
+
 import csv
 import errno
 import os
@@ -95,7 +96,9 @@ def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
     from dinokit.errors import one_line
 
     pairs = [(dataset / "valid_images" / "valid_0000.jpg", dataset / "valid_labels" / "missing.png")]
-    loader = make_loader(SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, shuffle=False, workers=1)
+    loader = make_loader(
+        SegmentationDataset(pairs, VOC.color_map(), eval_transform((56, 42))), 1, shuffle=False, workers=1
+    )
     with pytest.raises(Exception) as excinfo:
         next(iter(loader))
     assert one_line(excinfo.value) == f"{pairs[0][1]}: file not found"
@@ -111,12 +114,15 @@ def test_grayscale_and_rgba_images_are_converted(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (("--batch", "7"), "--batch 7 is larger than the training split (6 images"),
-    (("--imgsz", "9000", "100"), "--imgsz 9000 100: each side must be in [14, 4096]"),
-    (("--amp", "fp16", "--device", "cpu"), "--amp fp16 needs a GPU"),
-    (("--grad-checkpointing",), "--grad-checkpointing only matters with --fine-tune"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (("--batch", "7"), "--batch 7 is larger than the training split (6 images"),
+        (("--imgsz", "9000", "100"), "--imgsz 9000 100: each side must be in [14, 4096]"),
+        (("--amp", "fp16", "--device", "cpu"), "--amp fp16 needs a GPU"),
+        (("--grad-checkpointing",), "--grad-checkpointing only matters with --fine-tune"),
+    ],
+)
 def test_bad_flags(dataset, tmp_path, flags, fragment):
     assert_one_line_error(train_cli(dataset, tmp_path / "out", *flags), fragment)
     assert_nothing_written(tmp_path / "out")
@@ -127,7 +133,9 @@ def test_checkpoint_of_another_class_count_is_refused(trained_run, tmp_path):
     checkpoint["model_info"]["arch"]["num_classes"] = 5  # weights are for 21 classes
     torch.save(checkpoint, tmp_path / "edited.pth")
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 20, 3), np.uint8))
-    result = run_script("infer_image.py", "--input", tmp_path / "a.png", "--model", tmp_path / "edited.pth", "--out-dir", tmp_path / "o")
+    result = run_script(
+        "infer_image.py", "--input", tmp_path / "a.png", "--model", tmp_path / "edited.pth", "--out-dir", tmp_path / "o"
+    )
     assert_one_line_error(result, "checkpoint weights do not fit the model")
 
 
@@ -155,7 +163,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="last.pth: could not be written \\(No space left on device\\); the previous file is unchanged"):
+    with pytest.raises(
+        OSError, match="last.pth: could not be written \\(No space left on device\\); the previous file is unchanged"
+    ):
         save_checkpoint({"epoch": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
@@ -172,8 +182,13 @@ def test_nan_loss_names_the_step(tiny_dataset):
         model.head.classifier.bias.fill_(float("nan"))
     optimizer = torch.optim.AdamW(model.head.parameters())
     with pytest.raises(NonFiniteLossError, match="Train 3, step 1/3: loss is nan"):
-        train_one_epoch(model, make_loader(train_set, 4, shuffle=True, workers=0), optimizer,
-                        LoopSettings(torch.device("cpu"), num_classes=21), epoch=3)
+        train_one_epoch(
+            model,
+            make_loader(train_set, 4, shuffle=True, workers=0),
+            optimizer,
+            LoopSettings(torch.device("cpu"), num_classes=21),
+            epoch=3,
+        )
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
@@ -188,8 +203,12 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, t
 
     monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
     args = train.get_args_parser().parse_args(
-        ["--data-dir", str(dataset), "--out-dir", str(tmp_path), "--epochs", "3", *SMALL, *OFFLINE])
-    with pytest.raises(NonFiniteLossError, match=r"training diverged: Train 2, step 1/2: loss is nan; .*last.pth \(epoch 1\) is the last good checkpoint"):
+        ["--data-dir", str(dataset), "--out-dir", str(tmp_path), "--epochs", "3", *SMALL, *OFFLINE]
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"training diverged: Train 2, step 1/2: loss is nan; .*last.pth \(epoch 1\) is the last good checkpoint",
+    ):
         train.main(args)
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
     assert not (tmp_path / "final_model.pth").exists()
@@ -201,10 +220,32 @@ def read_metrics(path):
 
 
 def start_training(data, out, epochs):
-    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--out-dir", str(out),
-               "--epochs", str(epochs), *SMALL, "--lr", "1e-3", *OFFLINE[:3], "--workers", "1", "--seed", "7"]
-    return command, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--data-dir",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        *SMALL,
+        "--lr",
+        "1e-3",
+        *OFFLINE[:3],
+        "--workers",
+        "1",
+        "--seed",
+        "7",
+    ]
+    return command, subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(process, text):
@@ -215,8 +256,23 @@ def wait_for(process, text):
 
 
 def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
-    reference = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "straight", "--epochs", "3",
-                           *SMALL, "--lr", "1e-3", *OFFLINE[:3], "--workers", "1", "--seed", "7")
+    reference = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "straight",
+        "--epochs",
+        "3",
+        *SMALL,
+        "--lr",
+        "1e-3",
+        *OFFLINE[:3],
+        "--workers",
+        "1",
+        "--seed",
+        "7",
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     _, process = start_training(dataset, tmp_path / "killed", 3)
@@ -224,11 +280,30 @@ def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert load_checkpoint(tmp_path / "killed" / "last.pth")["epoch"] == 1
-    resumed = run_script("train.py", "--data-dir", dataset, "--out-dir", tmp_path / "killed", "--epochs", "3",
-                         *SMALL, "--lr", "1e-3", *OFFLINE[:3], "--workers", "1", "--seed", "7",
-                         "--resume", tmp_path / "killed" / "last.pth")
+    resumed = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "killed",
+        "--epochs",
+        "3",
+        *SMALL,
+        "--lr",
+        "1e-3",
+        *OFFLINE[:3],
+        "--workers",
+        "1",
+        "--seed",
+        "7",
+        "--resume",
+        tmp_path / "killed" / "last.pth",
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, got = read_metrics(tmp_path / "straight" / "metrics.csv"), read_metrics(tmp_path / "killed" / "metrics.csv")
+    expected, got = (
+        read_metrics(tmp_path / "straight" / "metrics.csv"),
+        read_metrics(tmp_path / "killed" / "metrics.csv"),
+    )
     assert len(got) == 3
     for row_expected, row_got in zip(expected, got):
         assert row_got == pytest.approx(row_expected, rel=1e-5, abs=1e-6)

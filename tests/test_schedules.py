@@ -1,4 +1,5 @@
 """Learning-rate schedules: poly / cosine with mmcv-style linear warmup, per optimizer step."""
+
 import csv
 
 import pytest
@@ -31,8 +32,27 @@ def test_a_step_schedule_moves_the_optimizer_every_step():
 
 def test_train_py_steps_a_poly_schedule_per_optimizer_step(tiny_dataset, tmp_path):
     # 12 training images, batch 4: 3 steps per epoch, 6 in all
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path, "--epochs", "2", "--imgsz", "56", "42",
-                        "--batch", "4", "--lr", "1e-3", "--scheduler", "poly", "--warmup-steps", "2", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--out-dir",
+        tmp_path,
+        "--epochs",
+        "2",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--lr",
+        "1e-3",
+        "--scheduler",
+        "poly",
+        "--warmup-steps",
+        "2",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "metrics.csv") as f:
         lrs = [float(row["lr"]) for row in csv.DictReader(f)]

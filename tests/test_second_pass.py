@@ -2,6 +2,7 @@
 a misleading error (issue 24), grouped as the issue and the README's troubleshooting are:
 images read wrongly, outputs that replaced other results, resumed runs that were not the run they
 said, flags accepted that could not work, misleading errors, a video smaller than its input."""
+
 import argparse
 import json
 import resource
@@ -76,18 +77,33 @@ def cmyk_image():
     return Image.fromarray(pixels, mode="CMYK")
 
 
-@pytest.mark.parametrize("name, write, expected", [
-    ("gray.png", lambda p: Image.fromarray(GRAY, mode="L").save(p), gray3(GRAY)),
-    ("bilevel.png", lambda p: Image.fromarray(GRAY > 127).convert("1").save(p), gray3(np.where(GRAY > 127, 255, 0).astype(np.uint8))),
-    ("palette.png", lambda p: palette_image().save(p), np.array([[[200, 10, 20], [30, 140, 50]], [[7, 8, 250], [30, 140, 50]]])),
-    ("rgba.png", lambda p: rgba_image().save(p), RGB),
-    ("gray_alpha.png", lambda p: Image.fromarray(np.dstack([GRAY, GRAY[::-1]]), mode="LA").save(p), gray3(GRAY)),
-    ("gray16.png", lambda p: Image.fromarray(SIXTEEN).save(p), gray3(HIGH_BYTE)),
-    ("gray16.tif", lambda p: Image.fromarray(SIXTEEN).save(p), gray3(HIGH_BYTE)),
-    ("int32.tif", lambda p: Image.fromarray(SIXTEEN.astype(np.int32), mode="I").save(p), gray3(HIGH_BYTE)),
-    ("float.tif", lambda p: Image.fromarray(GRAY.astype(np.float32) / 255, mode="F").save(p), gray3(GRAY)),
-    ("cmyk.tif", lambda p: cmyk_image().save(p), np.array([[[0, 255, 255], [0, 0, 0]], [[255, 255, 255], [255, 0, 0]]])),
-])
+@pytest.mark.parametrize(
+    "name, write, expected",
+    [
+        ("gray.png", lambda p: Image.fromarray(GRAY, mode="L").save(p), gray3(GRAY)),
+        (
+            "bilevel.png",
+            lambda p: Image.fromarray(GRAY > 127).convert("1").save(p),
+            gray3(np.where(GRAY > 127, 255, 0).astype(np.uint8)),
+        ),
+        (
+            "palette.png",
+            lambda p: palette_image().save(p),
+            np.array([[[200, 10, 20], [30, 140, 50]], [[7, 8, 250], [30, 140, 50]]]),
+        ),
+        ("rgba.png", lambda p: rgba_image().save(p), RGB),
+        ("gray_alpha.png", lambda p: Image.fromarray(np.dstack([GRAY, GRAY[::-1]]), mode="LA").save(p), gray3(GRAY)),
+        ("gray16.png", lambda p: Image.fromarray(SIXTEEN).save(p), gray3(HIGH_BYTE)),
+        ("gray16.tif", lambda p: Image.fromarray(SIXTEEN).save(p), gray3(HIGH_BYTE)),
+        ("int32.tif", lambda p: Image.fromarray(SIXTEEN.astype(np.int32), mode="I").save(p), gray3(HIGH_BYTE)),
+        ("float.tif", lambda p: Image.fromarray(GRAY.astype(np.float32) / 255, mode="F").save(p), gray3(GRAY)),
+        (
+            "cmyk.tif",
+            lambda p: cmyk_image().save(p),
+            np.array([[[0, 255, 255], [0, 0, 0]], [[255, 255, 255], [255, 0, 0]]]),
+        ),
+    ],
+)
 def test_every_pixel_format_is_read_by_one_rule(tmp_path, name, write, expected):
     write(tmp_path / name)
     assert np.array_equal(read_image(tmp_path / name), expected)
@@ -99,13 +115,22 @@ def test_sixteen_bit_colour_files_follow_the_same_rule(tmp_path):
         assert np.array_equal(read_image(tmp_path / name), expected), name
 
 
-@pytest.mark.parametrize("name, write, message", [
-    ("hdr.tif", lambda p: Image.fromarray(np.array([[0.0, 2.5]], np.float32), mode="F").save(p),
-     "a float image with values 0..2.5; float images are read as intensities in 0..1"),
-    ("nan.tif", lambda p: Image.fromarray(np.array([[0.5, np.nan]], np.float32), mode="F").save(p), "and NaN/inf"),
-    ("int32.tif", lambda p: Image.fromarray(np.array([[0, 70000]], np.int32), mode="I").save(p),
-     "a 32-bit integer image with values 0..70000"),
-])
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        (
+            "hdr.tif",
+            lambda p: Image.fromarray(np.array([[0.0, 2.5]], np.float32), mode="F").save(p),
+            "a float image with values 0..2.5; float images are read as intensities in 0..1",
+        ),
+        ("nan.tif", lambda p: Image.fromarray(np.array([[0.5, np.nan]], np.float32), mode="F").save(p), "and NaN/inf"),
+        (
+            "int32.tif",
+            lambda p: Image.fromarray(np.array([[0, 70000]], np.int32), mode="I").save(p),
+            "a 32-bit integer image with values 0..70000",
+        ),
+    ],
+)
 def test_pixel_values_outside_the_rule_are_refused_naming_the_file(tmp_path, name, write, message):
     write(tmp_path / name)
     with pytest.raises(DatasetError, match="^" + str(tmp_path / name).replace("\\", "\\\\") + ": ") as caught:
@@ -125,7 +150,9 @@ def test_a_sixteen_bit_image_is_segmented_as_its_eight_bit_copy(checkpoint, tmp_
     Image.fromarray(ramp).save(tmp_path / "a" / "scan.png")
     Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "b" / "scan.png")
     for name in ("a", "b"):
-        result = run_script("infer_image.py", "--input", tmp_path / name, "--model", checkpoint, "--out-dir", tmp_path / f"out_{name}")
+        result = run_script(
+            "infer_image.py", "--input", tmp_path / name, "--model", checkpoint, "--out-dir", tmp_path / f"out_{name}"
+        )
         assert result.returncode == 0, result.stderr[-2000:]
     drawn = cv2.imread(str(tmp_path / "out_a" / "scan.jpg"))
     assert np.array_equal(drawn, cv2.imread(str(tmp_path / "out_b" / "scan.jpg")))
@@ -137,13 +164,15 @@ def test_training_data_in_a_refused_format_stops_before_training(tmp_path):
     first = sorted((data / "train_images").iterdir())[0]
     Image.fromarray(np.full((48, 64), 3.0, np.float32), mode="F").save(first.with_suffix(".tif"))
     first.unlink()
-    result = run_script("train.py", "--data-dir", data, "--out-dir", tmp_path / "run", "--epochs", "1",
-                        "--imgsz", "56", "42", *OFFLINE)
+    result = run_script(
+        "train.py", "--data-dir", data, "--out-dir", tmp_path / "run", "--epochs", "1", "--imgsz", "56", "42", *OFFLINE
+    )
     one_line_error(result, f"{first.with_suffix('.tif')}: a float image with values 3..3")
     assert "EPOCH" not in result.stdout
 
 
 # --- 2. outputs that replaced other results -------------------------------------------------------
+
 
 def class_folders(root, classes=("ants", "bees"), per_class=4):
     """An ImageFolder: per class, images of one colour with noise (kNN and a probe can tell them apart)."""
@@ -163,19 +192,37 @@ def test_classify_refuses_a_training_run_folder(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
     before = files_of(run)
-    result = run_script("classify.py", "--data-dir", class_folders(tmp_path / "photos"), "--val-fraction", "0.5",
-                        "--out-dir", run, *CLASSIFY)
+    result = run_script(
+        "classify.py",
+        "--data-dir",
+        class_folders(tmp_path / "photos"),
+        "--val-fraction",
+        "0.5",
+        "--out-dir",
+        run,
+        *CLASSIFY,
+    )
     one_line_error(result, f"{run}: holds a training run (train.py): last.pth", "choose another --out-dir")
     assert files_of(run) == before
 
 
 def test_train_refuses_a_classifier_folder(tmp_path, tiny_dataset):
     out = tmp_path / "classifier"
-    result = run_script("classify.py", "--data-dir", class_folders(tmp_path / "photos"), "--val-fraction", "0.5",
-                        "--out-dir", out, *CLASSIFY)
+    result = run_script(
+        "classify.py",
+        "--data-dir",
+        class_folders(tmp_path / "photos"),
+        "--val-fraction",
+        "0.5",
+        "--out-dir",
+        out,
+        *CLASSIFY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     before = files_of(out)
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", out, "--epochs", "1", "--exist-ok", *OFFLINE)
+    result = run_script(
+        "train.py", "--data-dir", tiny_dataset, "--out-dir", out, "--epochs", "1", "--exist-ok", *OFFLINE
+    )
     one_line_error(result, f"{out}: holds a classifier (classify.py)")
     assert files_of(out) == before
 
@@ -184,12 +231,14 @@ def test_a_classifier_rerun_leaves_only_its_own_results(tmp_path):
     photos, out = class_folders(tmp_path / "photos"), tmp_path / "classifier"
     first = run_script("classify.py", "--data-dir", photos, "--val-fraction", "0.5", "--out-dir", out, *CLASSIFY)
     assert first.returncode == 0, first.stderr[-2000:]
-    predicted = run_script("classify.py", "--predict", "--model", out / "classifier.pth", "--input", photos / "ants",
-                           "--workers", "0")
+    predicted = run_script(
+        "classify.py", "--predict", "--model", out / "classifier.pth", "--input", photos / "ants", "--workers", "0"
+    )
     assert predicted.returncode == 0 and (out / "predictions.csv").exists(), predicted.stderr[-2000:]
     assert {"metrics.csv", "confusion_linear.png"} <= set(files_of(out))
-    second = run_script("classify.py", "--data-dir", photos, "--val-fraction", "0.5", "--out-dir", out, *CLASSIFY,
-                        "--method", "knn")
+    second = run_script(
+        "classify.py", "--data-dir", photos, "--val-fraction", "0.5", "--out-dir", out, *CLASSIFY, "--method", "knn"
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert "from the cache" in second.stdout  # the embeddings were kept
     left = set(files_of(out)) & set(CLASSIFIER_RESULTS)
@@ -206,8 +255,17 @@ def test_a_classifier_run_that_fails_leaves_no_half_set_of_results(tmp_path, mon
 
     monkeypatch.setattr(checkpoint_module, "_torch_save", full_disk)
     out = tmp_path / "classifier"
-    args = classify.get_args_parser().parse_args(["--data-dir", str(class_folders(tmp_path / "photos")), "--val-fraction",
-                                                  "0.5", "--out-dir", str(out), *CLASSIFY])
+    args = classify.get_args_parser().parse_args(
+        [
+            "--data-dir",
+            str(class_folders(tmp_path / "photos")),
+            "--val-fraction",
+            "0.5",
+            "--out-dir",
+            str(out),
+            *CLASSIFY,
+        ]
+    )
     with pytest.raises(OSError, match=r"classifier.pth: could not be written \(No space left on device\)$"):
         classify.main(args)
     assert not set(files_of(out)) & set(CLASSIFIER_RESULTS)
@@ -216,12 +274,25 @@ def test_a_classifier_run_that_fails_leaves_no_half_set_of_results(tmp_path, mon
 def test_evaluation_reports_say_what_was_evaluated(checkpoint, tiny_dataset, tmp_path):
     reports = []
     for flags in ((), ("--flip",), ("--mode", "slide", "--short-side", "60", "--crop", "56", "--stride", "28")):
-        result = run_script("evaluate.py", "--model", checkpoint, "--data-dir", tiny_dataset, "--out-dir", tmp_path,
-                            "--workers", "0", *flags)
+        result = run_script(
+            "evaluate.py",
+            "--model",
+            checkpoint,
+            "--data-dir",
+            tiny_dataset,
+            "--out-dir",
+            tmp_path,
+            "--workers",
+            "0",
+            *flags,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         reports.append(sorted(p.name for p in tmp_path.glob("eval_*.json")))
-    assert reports[-1] == ["eval_best_model_iou.pth_valid_slide-60-56-28.json", "eval_best_model_iou.pth_valid_whole-126x98.json",
-                           "eval_best_model_iou.pth_valid_whole-126x98_flip.json"]
+    assert reports[-1] == [
+        "eval_best_model_iou.pth_valid_slide-60-56-28.json",
+        "eval_best_model_iou.pth_valid_whole-126x98.json",
+        "eval_best_model_iou.pth_valid_whole-126x98_flip.json",
+    ]
     assert len(list(tmp_path.glob("confusion_*.png"))) == 3
 
 
@@ -230,7 +301,10 @@ def test_feature_maps_refuse_the_input_folder_like_inference(tmp_path):
     images.mkdir()
     cv2.imwrite(str(images / "a.png"), np.zeros((30, 40, 3), np.uint8))
     before = files_of(images)
-    for script, extra in (("visualize_features.py", ("--source", "timm", "--no-pretrained")), ("infer_image.py", ("--model", "x.pth"))):
+    for script, extra in (
+        ("visualize_features.py", ("--source", "timm", "--no-pretrained")),
+        ("infer_image.py", ("--model", "x.pth")),
+    ):
         result = run_script(script, "--input", images, "--out-dir", images, *extra)
         one_line_error(result, f"--out-dir {images}: is the folder of the inputs")
     assert files_of(images) == before
@@ -249,15 +323,20 @@ def test_export_removes_the_temporary_files_of_killed_exports(checkpoint, tmp_pa
     out.mkdir()
     stale = out / f".m.onnx.tmp-{socket.gethostname()}-{dead_pid()}-abcdefgh.onnx"
     stale.write_bytes(b"x" * 1000)
-    result = run_script("export.py", "--model", checkpoint, "--out", out / "m.onnx", "--check-images", tmp_path / "none")
+    result = run_script(
+        "export.py", "--model", checkpoint, "--out", out / "m.onnx", "--check-images", tmp_path / "none"
+    )
     one_line_error(result, "--check-images")  # fails after claiming its folder, before exporting
     assert not stale.exists() and f"Removed {stale.name}" in result.stdout
 
 
-@pytest.mark.parametrize("script, flags", [
-    ("export.py", ("--out", "{blocker}/m.onnx")),
-    ("evaluate.py", ("--out-dir", "{blocker}/reports")),
-])
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("export.py", ("--out", "{blocker}/m.onnx")),
+        ("evaluate.py", ("--out-dir", "{blocker}/reports")),
+    ],
+)
 def test_an_unwritable_output_folder_fails_before_the_work(checkpoint, tiny_dataset, tmp_path, script, flags):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -271,10 +350,30 @@ def test_a_refused_report_folder_stops_every_torchrun_process(checkpoint, tiny_d
     """Rank 0 checks the folder; its refusal reaches rank 1 instead of leaving it waiting in a collective."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "evaluate.py"), "--model", str(checkpoint), "--data-dir", str(tiny_dataset),
-                             "--out-dir", str(blocker / "reports"), "--device", "cpu", "--workers", "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "evaluate.py"),
+            "--model",
+            str(checkpoint),
+            "--data-dir",
+            str(tiny_dataset),
+            "--out-dir",
+            str(blocker / "reports"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"error (rank {rank}): {blocker / 'reports'}: cannot write there" in result.stderr, result.stderr[-3000:]
@@ -284,21 +383,50 @@ def test_a_refused_report_folder_stops_every_torchrun_process(checkpoint, tiny_d
 
 # One other value for every train.py flag, to try each on resume.
 OTHER_VALUES = {
-    "data_dir": ["--data-dir", "/elsewhere"], "classes": ["--classes", "other.json"], "imgsz": ["--imgsz", "320", "240"],
-    "workers": ["--workers", "7"], "backbone": ["--backbone", "base"], "registers": ["--registers"],
-    "source": ["--source", "timm"], "hub_dir": ["--hub-dir", "/clone"], "weights": ["--weights", "w.pth"],
-    "no_pretrained": ["--no-pretrained"], "fine_tune": ["--fine-tune"], "head_layers": ["--head-layers", "1"],
-    "head_weights": ["--head-weights", "voc2012_ms"], "recipe": ["--recipe", "paper"], "epochs": ["--epochs", "30"],
-    "steps": ["--steps", "500"], "batch": ["--batch", "8"], "lr": ["--lr", "2e-4"], "weight_decay": ["--weight-decay", "0.5"],
-    "scheduler": ["--scheduler", "cosine"], "scheduler_epochs": ["--scheduler-epochs", "3"],
-    "scheduler_gamma": ["--scheduler-gamma", "0.5"], "warmup_steps": ["--warmup-steps", "5"],
-    "backbone_lr": ["--backbone-lr", "1e-6"], "mode": ["--eval-mode", "slide"], "short_side": ["--short-side", "400"],
-    "crop": ["--crop", "448"], "stride": ["--stride", "300"], "scales": ["--scales", "0.5", "1"], "flip": ["--flip"],
-    "amp": ["--amp", "bf16"], "grad_checkpointing": ["--grad-checkpointing"], "compile": ["--compile"],
-    "no_val_cache": ["--no-val-cache"], "train_views": ["--train-views", "3"], "cache_ram_gb": ["--cache-ram-gb", "1"],
-    "out_dir": ["--out-dir", "elsewhere"], "device": ["--device", "cpu"], "seed": ["--seed", "5"],
-    "resume": ["--resume", "other.pth"], "exist_ok": ["--exist-ok"], "tensorboard": ["--tensorboard"],
-    "tensorboard_images": ["--tensorboard-images", "2"], "tensorboard_every": ["--tensorboard-every", "3"],
+    "data_dir": ["--data-dir", "/elsewhere"],
+    "classes": ["--classes", "other.json"],
+    "imgsz": ["--imgsz", "320", "240"],
+    "workers": ["--workers", "7"],
+    "backbone": ["--backbone", "base"],
+    "registers": ["--registers"],
+    "source": ["--source", "timm"],
+    "hub_dir": ["--hub-dir", "/clone"],
+    "weights": ["--weights", "w.pth"],
+    "no_pretrained": ["--no-pretrained"],
+    "fine_tune": ["--fine-tune"],
+    "head_layers": ["--head-layers", "1"],
+    "head_weights": ["--head-weights", "voc2012_ms"],
+    "recipe": ["--recipe", "paper"],
+    "epochs": ["--epochs", "30"],
+    "steps": ["--steps", "500"],
+    "batch": ["--batch", "8"],
+    "lr": ["--lr", "2e-4"],
+    "weight_decay": ["--weight-decay", "0.5"],
+    "scheduler": ["--scheduler", "cosine"],
+    "scheduler_epochs": ["--scheduler-epochs", "3"],
+    "scheduler_gamma": ["--scheduler-gamma", "0.5"],
+    "warmup_steps": ["--warmup-steps", "5"],
+    "backbone_lr": ["--backbone-lr", "1e-6"],
+    "mode": ["--eval-mode", "slide"],
+    "short_side": ["--short-side", "400"],
+    "crop": ["--crop", "448"],
+    "stride": ["--stride", "300"],
+    "scales": ["--scales", "0.5", "1"],
+    "flip": ["--flip"],
+    "amp": ["--amp", "bf16"],
+    "grad_checkpointing": ["--grad-checkpointing"],
+    "compile": ["--compile"],
+    "no_val_cache": ["--no-val-cache"],
+    "train_views": ["--train-views", "3"],
+    "cache_ram_gb": ["--cache-ram-gb", "1"],
+    "out_dir": ["--out-dir", "elsewhere"],
+    "device": ["--device", "cpu"],
+    "seed": ["--seed", "5"],
+    "resume": ["--resume", "other.pth"],
+    "exist_ok": ["--exist-ok"],
+    "tensorboard": ["--tensorboard"],
+    "tensorboard_images": ["--tensorboard-images", "2"],
+    "tensorboard_every": ["--tensorboard-every", "3"],
     "dist_timeout": ["--dist-timeout", "5"],
 }
 
@@ -322,7 +450,9 @@ def test_each_flag_on_resume_follows_its_rule(flag):
     args = train.get_args_parser().parse_args(argv)
     rule = train.RESUME_RULES[flag]
     if rule == train.KEEP:
-        with pytest.raises(ValueError, match=f"checkpoint was trained with --{flag.replace('_', '-')} .* but this run has"):
+        with pytest.raises(
+            ValueError, match=f"checkpoint was trained with --{flag.replace('_', '-')} .* but this run has"
+        ):
             train.resolve_defaults(args, {"args": saved})
         return
     changes = train.resolve_defaults(args, {"args": saved})
@@ -342,10 +472,13 @@ def test_flags_not_given_on_resume_are_the_checkpoints():
     assert args.workers != 7  # where this process runs is its own
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--imgsz", "56", "42"), "checkpoint was trained with --imgsz [120, 90] but this run has [56, 42]"),
-    (("--train-views", "2"), "checkpoint was trained with --train-views 0 but this run has 2"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--imgsz", "56", "42"), "checkpoint was trained with --imgsz [120, 90] but this run has [56, 42]"),
+        (("--train-views", "2"), "checkpoint was trained with --train-views 0 but this run has 2"),
+    ],
+)
 def test_a_resume_that_would_be_another_run_is_refused(trained_run, tmp_path, flags, message):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
@@ -357,26 +490,37 @@ def test_a_resume_that_would_be_another_run_is_refused(trained_run, tmp_path, fl
 
 # --- 4. flags that cannot work, refused when parsed ------------------------------------------------
 
-@pytest.mark.parametrize("script, flags, message", [
-    ("app.py", ("--max-upload-mb", "0"), "argument --max-upload-mb: must be > 0, got 0"),
-    ("export.py", ("--model", "m.pth", "--opset", "5"), "argument --opset: invalid choice: 5"),
-])
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("app.py", ("--max-upload-mb", "0"), "argument --max-upload-mb: must be > 0, got 0"),
+        ("export.py", ("--model", "m.pth", "--opset", "5"), "argument --opset: invalid choice: 5"),
+    ],
+)
 def test_numeric_flags_are_checked_when_parsed(script, flags, message):
     result = run_script(script, *flags)
     assert one_line_error(result, message, code=2).endswith(f"(see {script} --help)")
 
 
-@pytest.mark.parametrize("script, flags, message", [
-    ("app", ("--port", "99999"), "argument --port: must be in 1..65535, got 99999"),
-    ("export", ("--model", "m.pth", "--opset", "99"), "argument --opset: invalid choice: 99 (choose from 18, 19, 20, 21, 22, 23)"),
-    ("train", ("--batch", "0"), "argument --batch: must be >= 1, got 0"),
-    ("train", ("--lr", "-1"), "argument --lr: must be > 0, got -1"),
-    ("classify", ("--temperature", "nan"), "argument --temperature: must be a number, got 'nan'"),
-    ("evaluate", ("--workers", "-1"), "argument --workers: must be >= 0, got -1"),
-    ("infer_image", ("--input", "x", "--alpha", "1.5"), "argument --alpha: must be in [0, 1], got 1.5"),
-    ("infer_video", ("--input", "x", "--max-frames", "-3"), "argument --max-frames: must be >= 0, got -3"),
-    ("visualize_features", ("--input", "x", "--batch", "0"), "argument --batch: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("app", ("--port", "99999"), "argument --port: must be in 1..65535, got 99999"),
+        (
+            "export",
+            ("--model", "m.pth", "--opset", "99"),
+            "argument --opset: invalid choice: 99 (choose from 18, 19, 20, 21, 22, 23)",
+        ),
+        ("train", ("--batch", "0"), "argument --batch: must be >= 1, got 0"),
+        ("train", ("--lr", "-1"), "argument --lr: must be > 0, got -1"),
+        ("classify", ("--temperature", "nan"), "argument --temperature: must be a number, got 'nan'"),
+        ("evaluate", ("--workers", "-1"), "argument --workers: must be >= 0, got -1"),
+        ("infer_image", ("--input", "x", "--alpha", "1.5"), "argument --alpha: must be in [0, 1], got 1.5"),
+        ("infer_video", ("--input", "x", "--max-frames", "-3"), "argument --max-frames: must be >= 0, got -3"),
+        ("visualize_features", ("--input", "x", "--batch", "0"), "argument --batch: must be >= 1, got 0"),
+    ],
+)
 def test_every_scripts_ranges_are_declared_with_its_flags(script, flags, message, capsys):
     """The same parser class as above, each script's own ranges (in-process: start-up is seconds each)."""
     parser = __import__(script).get_args_parser()
@@ -398,16 +542,26 @@ def test_a_port_in_use_is_named_as_the_flag_before_the_models_load(checkpoint):
 
 # --- 5. errors that say what a file is ------------------------------------------------------------
 
+
 @pytest.fixture
 def odd_files(tmp_path, checkpoint):
     photo = tmp_path / "notes.jpg"
     cv2.imwrite(str(photo), np.zeros((20, 20, 3), np.uint8))
     head = tmp_path / "head.pth"  # Meta's layout: a 4-layer ViT-S head for the 21 VOC classes
     width = 4 * 384
-    torch.save({"state_dict": {"decode_head.conv_seg.weight": torch.zeros(21, width, 1, 1),
-                               "decode_head.conv_seg.bias": torch.zeros(21), "decode_head.bn.weight": torch.ones(width),
-                               "decode_head.bn.bias": torch.zeros(width), "decode_head.bn.running_mean": torch.zeros(width),
-                               "decode_head.bn.running_var": torch.ones(width)}}, head)
+    torch.save(
+        {
+            "state_dict": {
+                "decode_head.conv_seg.weight": torch.zeros(21, width, 1, 1),
+                "decode_head.conv_seg.bias": torch.zeros(21),
+                "decode_head.bn.weight": torch.ones(width),
+                "decode_head.bn.bias": torch.zeros(width),
+                "decode_head.bn.running_mean": torch.zeros(width),
+                "decode_head.bn.running_var": torch.ones(width),
+            }
+        },
+        head,
+    )
     unsafe = tmp_path / "pickled.pth"
     torch.save({"config": argparse.Namespace(a=1)}, unsafe)  # a Python object a safe load refuses
     onnx_like = tmp_path / "model.pth"
@@ -415,20 +569,49 @@ def odd_files(tmp_path, checkpoint):
     return {"photo": photo, "head": head, "unsafe": unsafe, "onnx": onnx_like, "checkpoint": checkpoint}
 
 
-@pytest.mark.parametrize("script, flag, file, message", [
-    ("infer_image.py", "--head-weights", "photo", "notes.jpg: is a JPEG image, not a segmentation head"),
-    ("infer_image.py", "--weights", "checkpoint", "best_model_iou.pth: is a training checkpoint, not backbone weights; "
-                                                  "it goes to --model of infer_image.py"),
-    ("infer_image.py", "--weights", "head", "head.pth: is a segmentation head, not backbone weights; it goes to --head-weights"),
-    ("train.py", "--resume", "onnx", "model.pth: is an ONNX model, not a training checkpoint; it goes to --model of"),
-    ("train.py", "--resume", "unsafe", "pickled.pth: not a readable training checkpoint (it holds Python objects that a "
-                                       "safe load refuses"),
-    ("export.py", "--model", "head", "head.pth: is a segmentation head, not a training checkpoint; it goes to --head-weights"),
-])
+@pytest.mark.parametrize(
+    "script, flag, file, message",
+    [
+        ("infer_image.py", "--head-weights", "photo", "notes.jpg: is a JPEG image, not a segmentation head"),
+        (
+            "infer_image.py",
+            "--weights",
+            "checkpoint",
+            "best_model_iou.pth: is a training checkpoint, not backbone weights; it goes to --model of infer_image.py",
+        ),
+        (
+            "infer_image.py",
+            "--weights",
+            "head",
+            "head.pth: is a segmentation head, not backbone weights; it goes to --head-weights",
+        ),
+        (
+            "train.py",
+            "--resume",
+            "onnx",
+            "model.pth: is an ONNX model, not a training checkpoint; it goes to --model of",
+        ),
+        (
+            "train.py",
+            "--resume",
+            "unsafe",
+            "pickled.pth: not a readable training checkpoint (it holds Python objects that a safe load refuses",
+        ),
+        (
+            "export.py",
+            "--model",
+            "head",
+            "head.pth: is a segmentation head, not a training checkpoint; it goes to --head-weights",
+        ),
+    ],
+)
 def test_a_file_given_to_the_wrong_flag_is_named_for_what_it_is(odd_files, tmp_path, script, flag, file, message):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 20, 3), np.uint8))
-    common = {"infer_image.py": ("--input", tmp_path / "a.png", "--out-dir", tmp_path / "o", "--source", "timm"),
-              "train.py": ("--data-dir", tmp_path, *OFFLINE), "export.py": ()}[script]
+    common = {
+        "infer_image.py": ("--input", tmp_path / "a.png", "--out-dir", tmp_path / "o", "--source", "timm"),
+        "train.py": ("--data-dir", tmp_path, *OFFLINE),
+        "export.py": (),
+    }[script]
     if flag == "--weights":
         common += ("--head-weights", odd_files["head"])
     result = run_script(script, *common, flag, odd_files[file])
@@ -437,23 +620,41 @@ def test_a_file_given_to_the_wrong_flag_is_named_for_what_it_is(odd_files, tmp_p
 
 def test_an_offline_head_download_says_nothing_about_the_backbone(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 20, 3), np.uint8))
-    result = run_script("infer_image.py", "--input", tmp_path / "a.png", "--out-dir", tmp_path / "o",
-                        "--head-weights", "voc2012_ms", "--source", "timm", "--no-pretrained")
+    result = run_script(
+        "infer_image.py",
+        "--input",
+        tmp_path / "a.png",
+        "--out-dir",
+        tmp_path / "o",
+        "--head-weights",
+        "voc2012_ms",
+        "--source",
+        "timm",
+        "--no-pretrained",
+    )
     line = one_line_error(result, "could not load dinov2_vits14_voc2012_ms_head.pth", "pass its path to --head-weights")
     assert "backbone" not in line
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
     """torch's own writer turned a full disk into `RuntimeError: [enforce fail at inline_container.cc]`."""
+
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
 
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from checkpoint import save_checkpoint; "
-            "from cli import ArgumentParser, run_cli; parser = ArgumentParser(); parser.add_argument('root'); "
-            "parser.add_argument('out'); run_cli(lambda a: save_checkpoint({'model': torch.zeros(10**6)}, a.out), parser)")
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "last.pth")], capture_output=True,
-                            text=True, preexec_fn=limit_file_size, timeout=120)
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from checkpoint import save_checkpoint; "
+        "from cli import ArgumentParser, run_cli; parser = ArgumentParser(); parser.add_argument('root'); "
+        "parser.add_argument('out'); run_cli(lambda a: save_checkpoint({'model': torch.zeros(10**6)}, a.out), parser)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(tmp_path / "last.pth")],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        timeout=120,
+    )
     one_line_error(result, f"{tmp_path / 'last.pth'}: could not be written (File too large)")
     assert list(tmp_path.iterdir()) == []
 
@@ -473,6 +674,7 @@ def test_errors_in_the_web_page_keep_their_quotes():
 
 
 # --- 6. a video keeps every pixel of its input -----------------------------------------------------
+
 
 def test_an_odd_sized_clip_keeps_its_last_column_and_row(tmp_path):
     frame = np.zeros((119, 161, 3), np.uint8)

@@ -1,4 +1,5 @@
 """The speed features change how fast results come, never what they are."""
+
 import pytest
 import torch
 
@@ -62,8 +63,10 @@ def test_training_from_cached_features_learns(frozen_model, loaders, tmp_path):
     cache_features(cache, frozen_model, make_loader(train_loader.dataset, 4, shuffle=False, workers=0), FP32)
     optimizer = torch.optim.AdamW(frozen_model.head.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    losses = [train_one_epoch(frozen_model, train_loader, optimizer, FP32, cache=cache, generator=generator).loss
-              for _ in range(4)]
+    losses = [
+        train_one_epoch(frozen_model, train_loader, optimizer, FP32, cache=cache, generator=generator).loss
+        for _ in range(4)
+    ]
     assert losses[-1] < losses[0]
 
 
@@ -114,8 +117,26 @@ def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
 
 
 def test_train_py_with_cached_train_features(tiny_dataset, tmp_path):
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "3", "--imgsz", "56", "42", "--batch", "4",
-                        "--lr", "1e-2", "--cache-train-features", "--cache-ram-gb", "0", "--out-dir", tmp_path, *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "3",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--cache-train-features",
+        "--cache-ram-gb",
+        "0",
+        "--out-dir",
+        tmp_path,
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_views feature cache: 12 images x 1536x3x4 float32" in result.stdout + result.stderr
     assert "valid feature cache: 5 images" in result.stdout + result.stderr

@@ -1,4 +1,5 @@
 """train.py --tensorboard: the curves and example predictions are in the event files, at the right steps."""
+
 import csv
 import math
 
@@ -6,8 +7,9 @@ import pytest
 
 from tests.conftest import OFFLINE, run_script
 
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                        reason="pip install tensorboard")
+event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator", reason="pip install tensorboard"
+)
 
 
 def read_events(folder):
@@ -24,8 +26,26 @@ def scalars(events, tag):
 def board_run(tiny_dataset, tmp_path_factory):
     """2 epochs of 3 steps (12 images, batch 4), poly schedule, examples every epoch."""
     out = tmp_path_factory.mktemp("board") / "run"
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "2", "--imgsz", "56", "42", "--batch", "4",
-                        "--scheduler", "poly", "--tensorboard", "--tensorboard-images", "2", "--out-dir", out, *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "2",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--scheduler",
+        "poly",
+        "--tensorboard",
+        "--tensorboard-images",
+        "2",
+        "--out-dir",
+        out,
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout
 
@@ -45,8 +65,13 @@ def test_epoch_scalars_equal_metrics_csv(board_run):
     out, _ = board_run
     events = read_events(out / "tensorboard")
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    for tag, column in (("loss/train", "train_loss"), ("loss/valid", "valid_loss"), ("miou/valid", "valid_miou"),
-                        ("pixel_accuracy/train", "train_pixacc"), ("miou/train", "train_miou")):
+    for tag, column in (
+        ("loss/train", "train_loss"),
+        ("loss/valid", "valid_loss"),
+        ("miou/valid", "valid_miou"),
+        ("pixel_accuracy/train", "train_pixacc"),
+        ("miou/train", "train_miou"),
+    ):
         assert scalars(events, tag) == pytest.approx({int(r["epoch"]): float(r[column]) for r in rows}, rel=1e-6), tag
     per_class = [tag for tag in events.Tags()["scalars"] if tag.startswith("iou_valid/")]
     assert "iou_valid/background" in per_class and sorted(scalars(events, per_class[0])) == [1, 2]
@@ -65,8 +90,22 @@ def test_example_predictions_beside_the_ground_truth(board_run, tiny_dataset):
 
 def test_exist_ok_removes_the_previous_runs_events(board_run, tiny_dataset):
     out, _ = board_run
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--epochs", "1", "--imgsz", "56", "42", "--batch", "4",
-                        "--out-dir", out, "--exist-ok", *OFFLINE)
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--epochs",
+        "1",
+        "--imgsz",
+        "56",
+        "42",
+        "--batch",
+        "4",
+        "--out-dir",
+        out,
+        "--exist-ok",
+        *OFFLINE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorboard" in result.stdout.split("--exist-ok: deleted the previous run's")[1].splitlines()[0]
     assert not (out / "tensorboard").exists()

@@ -1,4 +1,5 @@
 """A real `train.py` run on a generated VOC-format dataset, and what a user does with its outputs."""
+
 import csv
 import json
 
@@ -21,8 +22,16 @@ def read_metrics(out_dir):
 
 def test_three_epochs_lower_the_loss_and_write_every_artefact(trained_run):
     out_dir, stdout = trained_run
-    for name in ("best_model_loss.pth", "best_model_iou.pth", "final_model.pth", "last.pth",
-                 "metrics.csv", "loss.png", "accuracy.png", "miou.png"):
+    for name in (
+        "best_model_loss.pth",
+        "best_model_iou.pth",
+        "final_model.pth",
+        "last.pth",
+        "metrics.csv",
+        "loss.png",
+        "accuracy.png",
+        "miou.png",
+    ):
         assert (out_dir / name).stat().st_size > 0, name
     assert not list(out_dir.glob("*.tmp"))  # no half-written files left behind
     rows = read_metrics(out_dir)
@@ -45,14 +54,22 @@ def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_
     assert set(checkpoint) >= {"model", "optimizer", "scheduler", "epoch", "metrics", "args"}
 
 
-
 def test_final_validation_is_what_evaluate_py_measures(trained_run, tiny_dataset, tmp_path):
     # train.py's last figure: the best checkpoint on the validation split at original resolution,
     # by the same code as evaluate.py (the per-epoch figures are at the training size).
     out_dir, stdout = trained_run
     final = json.loads((out_dir / "best_validation.json").read_text())
-    result = run_script("evaluate.py", "--model", out_dir / "best_model_iou.pth", "--data-dir", tiny_dataset,
-                        "--out-dir", tmp_path, "--workers", "0")
+    result = run_script(
+        "evaluate.py",
+        "--model",
+        out_dir / "best_model_iou.pth",
+        "--data-dir",
+        tiny_dataset,
+        "--out-dir",
+        tmp_path,
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads((tmp_path / "eval_best_model_iou.pth_valid_whole-126x98.json").read_text())
     assert final["checkpoint"] == "best_model_iou.pth" and final["images"] == evaluated["images"] == 5
@@ -70,7 +87,9 @@ def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(tra
     with torch.no_grad():
         assert torch.equal(model_a(valid_set[0][0][None]), model_b(valid_set[0][0][None]))
     # The reloaded weights are the trained ones: they reproduce the validation metrics recorded at save time.
-    result = validate(model_a, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
+    result = validate(
+        model_a, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21)
+    )
     assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
     assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
 
@@ -85,15 +104,20 @@ def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--data-dir", "/nonexistent/data"), "error: /nonexistent/data/train_images: folder not found"),
-    (("--device", "cuda:0"), "error: --device cuda:0: CUDA is not available"),
-    (("--imgsz", "8", "8"), "error: --imgsz 8 8: each side must be in [14, 4096]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--data-dir", "/nonexistent/data"), "error: /nonexistent/data/train_images: folder not found"),
+        (("--device", "cuda:0"), "error: --device cuda:0: CUDA is not available"),
+        (("--imgsz", "8", "8"), "error: --imgsz 8 8: each side must be in [14, 4096]"),
+    ],
+)
 def test_bad_input_is_one_line_error_and_nonzero_exit(tiny_dataset, tmp_path, flags, message):
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    result = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path / "run", "--epochs", "1", *OFFLINE, *flags)
+    result = run_script(
+        "train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path / "run", "--epochs", "1", *OFFLINE, *flags
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]

@@ -1,4 +1,5 @@
 """--train-views K: a frozen backbone runs K times per training image in a whole run, augmentation kept."""
+
 import csv
 import os
 import signal
@@ -21,10 +22,24 @@ FLAGS = ("--imgsz", "56", "42", "--batch", "4", "--lr", "1e-3", "--seed", "7", "
 CPU = LoopSettings(torch.device("cpu"), 21, 255, None)
 
 
-def test_the_backbone_runs_k_times_per_training_image_and_once_per_validation_image(tiny_dataset, trained_run, tmp_path):
+def test_the_backbone_runs_k_times_per_training_image_and_once_per_validation_image(
+    tiny_dataset, trained_run, tmp_path
+):
     # 12 training and 5 validation images, 3 epochs: 2 x 12 + 5 passes, against 3 x 12 + 5 without views
-    views = run_script("train.py", "--data-dir", tiny_dataset, "--out-dir", tmp_path / "views", "--epochs", "3",
-                       "--train-views", "2", *FLAGS, "--workers", "0")
+    views = run_script(
+        "train.py",
+        "--data-dir",
+        tiny_dataset,
+        "--out-dir",
+        tmp_path / "views",
+        "--epochs",
+        "3",
+        "--train-views",
+        "2",
+        *FLAGS,
+        "--workers",
+        "0",
+    )
     assert views.returncode == 0, views.stderr[-3000:]
     assert "Caching training features: 2 augmented views per image, 24 backbone passes" in views.stdout
     assert "Backbone passes: 29 images" in views.stdout
@@ -82,11 +97,29 @@ def test_only_a_complete_cache_with_the_same_key_is_reused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_views_cache_the_disk_cannot_hold_is_refused_before_any_backbone_pass(tiny_dataset, tmp_path, monkeypatch, capsys):
+def test_a_views_cache_the_disk_cannot_hold_is_refused_before_any_backbone_pass(
+    tiny_dataset, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    args = train.get_args_parser().parse_args(["--data-dir", str(tiny_dataset), "--out-dir", str(tmp_path), "--epochs", "2",
-                                               "--train-views", "4", *FLAGS, "--workers", "0"])
-    with pytest.raises(OSError, match=r"the train_views feature cache needs .* on disk but 1.00 kB are free; free space or lower --train-views"):
+    args = train.get_args_parser().parse_args(
+        [
+            "--data-dir",
+            str(tiny_dataset),
+            "--out-dir",
+            str(tmp_path),
+            "--epochs",
+            "2",
+            "--train-views",
+            "4",
+            *FLAGS,
+            "--workers",
+            "0",
+        ]
+    )
+    with pytest.raises(
+        OSError,
+        match=r"the train_views feature cache needs .* on disk but 1.00 kB are free; free space or lower --train-views",
+    ):
         train.main(args)
     assert "Caching train_views features" not in capsys.readouterr().err
     assert not list(tmp_path.glob("train_views*"))
@@ -96,16 +129,23 @@ def test_a_killed_views_run_reuses_its_cache_and_resumes_to_the_same_metrics(tin
     common = ["--data-dir", str(tiny_dataset), "--epochs", "3", "--train-views", "3", *FLAGS, "--workers", "1"]
     straight = run_script("train.py", *common, "--out-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out-dir", str(tmp_path / "killed")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *common, "--out-dir", str(tmp_path / "killed")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in process.stdout:
         if "EPOCH: 3/3" in line:  # epochs 1 and 2 saved: kill it in the middle of epoch 3
             break
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (tmp_path / "killed" / "train_views.rank0.json").is_file()
-    resumed = run_script("train.py", *common, "--out-dir", tmp_path / "killed", "--resume", tmp_path / "killed" / "last.pth")
+    resumed = run_script(
+        "train.py", *common, "--out-dir", tmp_path / "killed", "--resume", tmp_path / "killed" / "last.pth"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "train_views feature cache: 36 images reused from" in resumed.stdout
     assert "Backbone passes: 5 images" in resumed.stdout  # only the validation split, once
@@ -119,7 +159,11 @@ def test_a_killed_views_run_reuses_its_cache_and_resumes_to_the_same_metrics(tin
 
 
 def test_views_are_refused_with_fine_tuning_and_with_one_view_of_the_paper_recipe(tmp_path):
-    for flags, message in ((["--fine-tune", "--train-views", "2"], "--train-views / --cache-train-features need a frozen backbone"),
-                           (["--recipe", "paper", "--cache-train-features"], "--recipe paper needs random crops: give --train-views 2")):
-        result = run_script("train.py", "--data-dir", tmp_path / "missing", "--out-dir", tmp_path / "out", *flags, *OFFLINE)
+    for flags, message in (
+        (["--fine-tune", "--train-views", "2"], "--train-views / --cache-train-features need a frozen backbone"),
+        (["--recipe", "paper", "--cache-train-features"], "--recipe paper needs random crops: give --train-views 2"),
+    ):
+        result = run_script(
+            "train.py", "--data-dir", tmp_path / "missing", "--out-dir", tmp_path / "out", *flags, *OFFLINE
+        )
         assert result.returncode == 1 and message in result.stderr

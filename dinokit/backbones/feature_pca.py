@@ -7,6 +7,7 @@ features' covariance (`torch.linalg.eigh`: exact and deterministic; the covarian
 each signed so that its largest loading is positive, so the same input gives the same colours on
 every run. Colours are each component's projection min-max scaled over the whole input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +34,10 @@ class FeaturePca:
         """`[..., C]` features -> `[..., k]` values in [0, 1], scaled by the fitted input's range."""
         return ((self.project(features) - self.low) / (self.high - self.low).clamp(min=1e-12)).clamp(0, 1)
 
-    def to(self, device: torch.device | str) -> "FeaturePca":
+    def to(self, device: torch.device | str) -> FeaturePca:
         return FeaturePca(*(t.to(device) for t in (self.mean, self.components, self.variance, self.low, self.high)))
 
-    def scaled_to(self, features: torch.Tensor) -> "FeaturePca":
+    def scaled_to(self, features: torch.Tensor) -> FeaturePca:
         """The same components with `low`/`high` measured on `features` (all patches, when the
         components were fitted on a sample)."""
         scores = self.project(features)
@@ -59,8 +60,13 @@ def fit_pca(features: torch.Tensor, components: int = 3) -> FeaturePca:
     signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
     top = top * signs
     scores = centred @ top.T
-    return FeaturePca(mean.float(), top.float(), values[-components:].flip(0).float(),
-                      scores.min(0).values.float(), scores.max(0).values.float())
+    return FeaturePca(
+        mean.float(),
+        top.float(),
+        values[-components:].flip(0).float(),
+        scores.min(0).values.float(),
+        scores.max(0).values.float(),
+    )
 
 
 def foreground_split(first: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:

@@ -7,13 +7,14 @@ Whatever the source, the backbone answers `get_intermediate_layers(x, n=out_indi
 reshape=True)` with a tuple of `[B, C, H/14, W/14]` patch-token maps, so the rest of the code
 never asks where it came from. The size table (names, widths, tapped layers) is model_config.py.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,18 @@ class TimmDinov2(nn.Module):
         vit._pos_embed = types.MethodType(official_pos_embed, vit)  # an instance attribute: the state dict is unchanged
 
     def get_intermediate_layers(
-        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False, return_class_token: bool = False,
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
         norm: bool = True,
     ) -> tuple[torch.Tensor, ...] | tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         # timm skips the final LayerNorm unless asked; the hub model applies it by default. With
         # return_class_token each entry is (patch tokens, class token [B, C]), as the hub model's.
-        outputs = self.vit.get_intermediate_layers(x, n=n, reshape=reshape, norm=norm, return_prefix_tokens=return_class_token)
+        outputs = self.vit.get_intermediate_layers(
+            x, n=n, reshape=reshape, norm=norm, return_prefix_tokens=return_class_token
+        )
         if return_class_token:
             return tuple((patches, prefix[:, 0]) for patches, prefix in outputs)
         return tuple(outputs)
@@ -83,8 +90,12 @@ def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
         grid = bicubic_matrix(height, side) @ grid @ bicubic_matrix(width, side).T
         patch = grid.permute(1, 2, 0).reshape(1, height * width, dim)
     elif (height, width) != (side, side):
-        patch = F.interpolate(patch.reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
-                              scale_factor=((height + POS_EMBED_OFFSET) / side, (width + POS_EMBED_OFFSET) / side))
+        patch = F.interpolate(
+            patch.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=False,
+            scale_factor=((height + POS_EMBED_OFFSET) / side, (width + POS_EMBED_OFFSET) / side),
+        )
         patch = patch.permute(0, 2, 3, 1).reshape(1, height * width, dim)
     pos_embed = torch.cat([prefix, patch], dim=1).to(x.dtype)
     x = x.view(batch, -1, dim)
@@ -172,7 +183,7 @@ def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: backbone weights file not found")
     state = read_torch_file(path, "backbone weights")
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
-        state = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
         raise ValueError(f"{path}: not a DINOv2 backbone state dict (no cls_token / pos_embed)")
     return state
@@ -193,14 +204,22 @@ def check_weights_match(state: dict[str, torch.Tensor], spec: BackboneSpec, regi
     """A clear error naming the field when weights of one backbone are given for another."""
     found = describe_official_weights(state)
     if (found["embed_dim"], found["depth"]) != (spec.embed_dim, spec.depth):
-        sizes = [s for s in SIZES if (get_backbone_spec(s).embed_dim, get_backbone_spec(s).depth) == (found["embed_dim"], found["depth"])]
+        sizes = [
+            s
+            for s in SIZES
+            if (get_backbone_spec(s).embed_dim, get_backbone_spec(s).depth) == (found["embed_dim"], found["depth"])
+        ]
         fix = f"; pass --backbone {sizes[0]}" if sizes else ""
-        raise ValueError(f"{path}: weights of a ViT with embed dim {found['embed_dim']} and {found['depth']} blocks, "
-                         f"but the model is {spec.hub_name} (embed dim {spec.embed_dim}, {spec.depth} blocks){fix}")
+        raise ValueError(
+            f"{path}: weights of a ViT with embed dim {found['embed_dim']} and {found['depth']} blocks, "
+            f"but the model is {spec.hub_name} (embed dim {spec.embed_dim}, {spec.depth} blocks){fix}"
+        )
     if found["registers"] != registers:
         fix = "add --registers" if found["registers"] else "drop --registers"
-        raise ValueError(f"{path}: weights {'with' if found['registers'] else 'without'} register tokens "
-                         f"but the model is {spec.hub_name}; {fix}")
+        raise ValueError(
+            f"{path}: weights {'with' if found['registers'] else 'without'} register tokens "
+            f"but the model is {spec.hub_name}; {fix}"
+        )
 
 
 def load_official_weights(backbone: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -221,7 +240,7 @@ def hub_state_to_timm(state: dict[str, torch.Tensor], timm_backbone: TimmDinov2)
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     prefix = "backbone."
-    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     converted = checkpoint_filter_fn(backbone, timm_backbone.vit)
     rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
     return {**rest, **{f"{prefix}vit.{k}": v for k, v in converted.items()}}

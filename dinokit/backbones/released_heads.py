@@ -8,6 +8,7 @@ dinov2_vit…14_{voc2012,ade20k}_{linear,ms}_head.pth`: mmseg checkpoints whose
 heads the last four (resize_concat of equal-sized maps, i.e. a plain concatenation here); both
 are exactly this project's `LinearHead`. The model gets Meta's centred padding (model.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,8 +54,10 @@ def read_head_file(path_or_name: str | Path, backbone: str = "small", registers:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except Exception as err:  # URLError, HTTPError, unpickling errors
         file = url.rsplit("/", 1)[1]
-        raise HeadWeightsError(f"could not load {file} ({url}): {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                               "offline, copy it into $TORCH_HOME/hub/checkpoints/ or pass its path to --head-weights") from err
+        raise HeadWeightsError(
+            f"could not load {file} ({url}): {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            "offline, copy it into $TORCH_HOME/hub/checkpoints/ or pass its path to --head-weights"
+        ) from err
 
 
 def head_state(raw: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
@@ -67,36 +70,53 @@ def head_state(raw: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
         key = key.removeprefix("decode_head.")
         for old, new in renames.items():
             if key.startswith(old) and torch.is_tensor(tensor):
-                head[new + key[len(old):]] = tensor
-    needed = {"norm.weight", "norm.bias", "norm.running_mean", "norm.running_var", "classifier.weight", "classifier.bias"}
+                head[new + key[len(old) :]] = tensor
+    needed = {
+        "norm.weight",
+        "norm.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "classifier.weight",
+        "classifier.bias",
+    }
     if not needed <= head.keys():
-        raise HeadWeightsError(f"{where}: not a DINOv2 BNHead checkpoint (no decode_head.bn.* / decode_head.conv_seg.* tensors)")
+        raise HeadWeightsError(
+            f"{where}: not a DINOv2 BNHead checkpoint (no decode_head.bn.* / decode_head.conv_seg.* tensors)"
+        )
     return head
 
 
-def check_head_fits(head: dict[str, torch.Tensor], backbone: str, registers: bool, head_layers: int | None,
-                    where: str) -> int:
+def check_head_fits(
+    head: dict[str, torch.Tensor], backbone: str, registers: bool, head_layers: int | None, where: str
+) -> int:
     """The number of blocks the head reads; a head for another backbone or layer count is an error naming the fix."""
     width = head["norm.weight"].numel()
     embed = get_backbone_spec(backbone, registers).embed_dim
     if width not in (embed * n for n in HEAD_LAYERS):
-        fits = [f"--backbone {s} --head-layers {n}" for s in SIZES for n in HEAD_LAYERS
-                if get_backbone_spec(s).embed_dim * n == width]
-        raise HeadWeightsError(f"{where}: the head reads {width}-channel features, but --backbone {backbone} gives "
-                               f"{embed} per block ({' or '.join(f'{embed * n}' for n in HEAD_LAYERS)}); "
-                               f"{'pass ' + ' or '.join(fits) if fits else 'no DINOv2 size fits'}")
+        fits = [
+            f"--backbone {s} --head-layers {n}"
+            for s in SIZES
+            for n in HEAD_LAYERS
+            if get_backbone_spec(s).embed_dim * n == width
+        ]
+        raise HeadWeightsError(
+            f"{where}: the head reads {width}-channel features, but --backbone {backbone} gives "
+            f"{embed} per block ({' or '.join(f'{embed * n}' for n in HEAD_LAYERS)}); "
+            f"{'pass ' + ' or '.join(fits) if fits else 'no DINOv2 size fits'}"
+        )
     layers = width // embed
     if head_layers is not None and head_layers != layers:
         kind = "linear" if layers == 1 else "multi-layer (ms)"
-        raise HeadWeightsError(f"{where}: a {kind} head reading {layers} block(s), but --head-layers {head_layers}; "
-                               f"pass --head-layers {layers} or leave it out")
+        raise HeadWeightsError(
+            f"{where}: a {kind} head reading {layers} block(s), but --head-layers {head_layers}; "
+            f"pass --head-layers {layers} or leave it out"
+        )
     return layers
 
 
-def read_checked_head(path_or_name: str | Path, backbone: str, registers: bool,
-                      head_layers: int | None) -> tuple[dict[str, torch.Tensor], int]:
+def read_checked_head(
+    path_or_name: str | Path, backbone: str, registers: bool, head_layers: int | None
+) -> tuple[dict[str, torch.Tensor], int]:
     """A released head's `LinearHead` state and the number of blocks it reads, checked against the backbone."""
     head = head_state(read_head_file(path_or_name, backbone, registers), str(path_or_name))
     return head, check_head_fits(head, backbone, registers, head_layers, str(path_or_name))
-
-

@@ -5,11 +5,13 @@ block's patch tokens, all after the final LayerNorm — the inputs of the DINOv2
 probe (dinov2/eval/linear.py, `create_linear_input`). `--features` and `--layers` only choose
 among them (`linear_input`), so changing them never extracts again.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +36,13 @@ class ClassificationTransform:
     (bicubic, PIL; 224 / 0.875 = 256 as in dinov2/data/transforms.py), centre crop imgsz x imgsz
     (torchvision's rounding), scale to [0, 1], normalise with ImageNet mean/std."""
 
-    def __init__(self, imgsz: int = 224, crop_pct: float = 0.875, mean: Sequence[float] = config.MEAN,
-                 std: Sequence[float] = config.STD):
+    def __init__(
+        self,
+        imgsz: int = 224,
+        crop_pct: float = 0.875,
+        mean: Sequence[float] = config.MEAN,
+        std: Sequence[float] = config.STD,
+    ):
         self.imgsz, self.crop_pct = imgsz, crop_pct
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -67,18 +74,28 @@ class ImageFiles(Dataset):
 
 
 @torch.inference_mode()
-def extract(backbone: nn.Module, files: Sequence[Path], transform: ClassificationTransform, *, device: torch.device,
-            batch_size: int = 64, workers: int = 0, desc: str = "Embeddings") -> dict[str, torch.Tensor]:
+def extract(
+    backbone: nn.Module,
+    files: Sequence[Path],
+    transform: ClassificationTransform,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    desc: str = "Embeddings",
+) -> dict[str, torch.Tensor]:
     """{"cls": [N, 4, C], "avgpool": [N, C]} float32 on the CPU, for `files` in order. Mixed
     precision is the caller's: run it under `utils.autocast`."""
     workers = min(workers, os.cpu_count() or 1, -(-len(files) // batch_size))  # no idle decoding processes
-    loader = DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ImageFiles(files, transform), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     backbone.eval()
     class_tokens, averages = [], []
     for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        blocks = backbone.get_intermediate_layers(images.to(device, non_blocking=True), n=STORED_BLOCKS,
-                                                  return_class_token=True, norm=True)
+        blocks = backbone.get_intermediate_layers(
+            images.to(device, non_blocking=True), n=STORED_BLOCKS, return_class_token=True, norm=True
+        )
         class_tokens.append(torch.stack([cls for _, cls in blocks], dim=1).float().cpu())
         averages.append(blocks[-1][0].float().mean(dim=1).cpu())
     return {"cls": torch.cat(class_tokens), "avgpool": torch.cat(averages)}
@@ -88,7 +105,9 @@ def linear_input(embeddings: dict[str, torch.Tensor], features: str = "cls", lay
     """The classifier input: class tokens of the last `layers` blocks, concatenated in block order,
     then (cls+avgpool) the last block's mean patch token, as `create_linear_input` builds it."""
     if features not in FEATURES or layers not in LAYERS:
-        raise ValueError(f"--features {features} --layers {layers}: choose --features {'/'.join(FEATURES)}, --layers 1 or 4")
+        raise ValueError(
+            f"--features {features} --layers {layers}: choose --features {'/'.join(FEATURES)}, --layers 1 or 4"
+        )
     parts = [embeddings["cls"][:, -layers:].flatten(1)]
     if features == "cls+avgpool":
         parts.append(embeddings["avgpool"])
@@ -98,8 +117,14 @@ def linear_input(embeddings: dict[str, torch.Tensor], features: str = "cls", lay
 def cache_key(backbone: dict[str, Any], transform: ClassificationTransform, files: Sequence[Path]) -> dict[str, Any]:
     """Everything the stored embeddings depend on (`backbone`: the builder's settings, see
     classify.backbone_identity)."""
-    return {"format": CACHE_FORMAT, "backbone": backbone, "imgsz": transform.imgsz, "crop_pct": transform.crop_pct,
-            "files": fingerprint_files(files), "count": len(files)}
+    return {
+        "format": CACHE_FORMAT,
+        "backbone": backbone,
+        "imgsz": transform.imgsz,
+        "crop_pct": transform.crop_pct,
+        "files": fingerprint_files(files),
+        "count": len(files),
+    }
 
 
 class EmbeddingCache:
@@ -118,8 +143,14 @@ class EmbeddingCache:
             return None, f"{self.path.name} is unreadable"
         changed = [name for name in key if stored.get("key", {}).get(name) != key[name]]
         if changed:
-            reasons = {"files": "the files changed", "count": "the files changed", "backbone": "another backbone",
-                       "imgsz": "another --imgsz", "crop_pct": "another --crop-pct", "format": "an older cache format"}
+            reasons = {
+                "files": "the files changed",
+                "count": "the files changed",
+                "backbone": "another backbone",
+                "imgsz": "another --imgsz",
+                "crop_pct": "another --crop-pct",
+                "format": "an older cache format",
+            }
             return None, ", ".join(dict.fromkeys(reasons[name] for name in changed))
         return {"cls": stored["cls"], "avgpool": stored["avgpool"]}, "cached"
 

@@ -8,6 +8,7 @@ Class names are the folder names, in sorted order (their index is the label). Im
 found at any depth, by extension in any case; hidden files and folders, and files that are not
 images, are skipped and counted.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,14 +93,18 @@ def read_class_folders(data_dir: str | Path, val_fraction: float | None = None, 
     if has_splits and val_fraction is not None:
         raise DatasetError(f"{root}: has train/ and val/ already; drop --val-fraction")
     if not has_splits and val_fraction is None:
-        raise DatasetError(f"{root}: no train/ and val/ class folders; for one folder of class folders add --val-fraction 0.2")
+        raise DatasetError(
+            f"{root}: no train/ and val/ class folders; for one folder of class folders add --val-fraction 0.2"
+        )
     if has_splits:
         classes = [p.name for p in _class_folders(root / "train")]
         _check_class_count(root / "train", classes)
         val_classes = [p.name for p in _class_folders(root / "val")]
         unknown = [c for c in val_classes if c not in classes]
         if unknown:
-            raise DatasetError(f"{root / 'val' / unknown[0]}: class not in {root / 'train'} (train has: {', '.join(classes)})")
+            raise DatasetError(
+                f"{root / 'val' / unknown[0]}: class not in {root / 'train'} (train has: {', '.join(classes)})"
+            )
         train, skipped_train = _read_split(root / "train", classes)
         present = [c for c in classes if c in val_classes]  # val may lack a class; labels index `classes`
         val, skipped_val = _read_split(root / "val", present)
@@ -126,7 +131,7 @@ def split_per_class(split: Split, num_classes: int, val_fraction: float, seed: i
         raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     train, val = Split(), Split()
     for label in range(num_classes):
-        files = [f for f, l in zip(split.files, split.labels) if l == label]
+        files = [file for file, of in zip(split.files, split.labels) if of == label]
         if len(files) < 2:
             raise DatasetError(f"{files[0].parent}: 1 image; a train/val split needs at least 2 per class")
         count = min(len(files) - 1, max(1, math.ceil(len(files) * val_fraction)))

@@ -13,6 +13,7 @@ mmsegmentation 0.x's standard ones (mmseg/datasets/pipelines/transforms.py, 0.27
 Every random draw goes through the transform's own `py_random`, so `seed_augmentation` makes a
 sample's augmentation a function of (seed, epoch, index) whichever worker loads it.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,26 +34,32 @@ CAT_MAX_RATIO = 0.75
 def seed_train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
     """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
     width, height = imgsz
-    return A.Compose([
-        A.Resize(height, width),
-        A.HorizontalFlip(p=0.5),
-        A.RandomBrightnessContrast(p=0.2),
-        A.Rotate(limit=25, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=0.5),
-        A.Normalize(mean=config.MEAN, std=config.STD),
-    ])
+    return A.Compose(
+        [
+            A.Resize(height, width),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(p=0.2),
+            A.Rotate(limit=25, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=0.5),
+            A.Normalize(mean=config.MEAN, std=config.STD),
+        ]
+    )
 
 
 def paper_train_transform(crop: int = PAPER_CROP, ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
     """The DINOv2 paper's augmentation (module docstring): every sample comes out `crop` x `crop`."""
-    return A.Compose([
-        RandomRescale(PAPER_SHORT_SIDE, PAPER_RATIO_RANGE),
-        ClassBalancedCrop(crop, CAT_MAX_RATIO, ignore_index),
-        A.HorizontalFlip(p=0.5),
-        PhotoMetricDistortion(),
-        A.Normalize(mean=config.MEAN, std=config.STD),
-        # mmseg pads after Normalize with 0 (= the mean colour), masks with the ignore index.
-        A.PadIfNeeded(crop, crop, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
-    ])
+    return A.Compose(
+        [
+            RandomRescale(PAPER_SHORT_SIDE, PAPER_RATIO_RANGE),
+            ClassBalancedCrop(crop, CAT_MAX_RATIO, ignore_index),
+            A.HorizontalFlip(p=0.5),
+            PhotoMetricDistortion(),
+            A.Normalize(mean=config.MEAN, std=config.STD),
+            # mmseg pads after Normalize with 0 (= the mean colour), masks with the ignore index.
+            A.PadIfNeeded(
+                crop, crop, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
+            ),
+        ]
+    )
 
 
 def train_transform(recipe: str, imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
@@ -94,7 +101,9 @@ class ClassBalancedCrop(A.DualTransform):
 
     ATTEMPTS = 10
 
-    def __init__(self, size: int = PAPER_CROP, cat_max_ratio: float = CAT_MAX_RATIO, ignore_index: int = config.IGNORE_INDEX):
+    def __init__(
+        self, size: int = PAPER_CROP, cat_max_ratio: float = CAT_MAX_RATIO, ignore_index: int = config.IGNORE_INDEX
+    ):
         super().__init__(p=1.0)
         self.size, self.cat_max_ratio, self.ignore_index = size, cat_max_ratio, ignore_index
 
@@ -136,8 +145,13 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
     here or last (coin flip), saturation x[0.5, 1.5], hue +-18 (OpenCV's 0-180 hue), each applied
     with probability 1/2; every step clips to 0-255 and truncates to uint8, as mmseg's `convert`."""
 
-    def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
-                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ):
         super().__init__(p=1.0)
         self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
         self.saturation_range, self.hue_delta = saturation_range, hue_delta
@@ -153,8 +167,16 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
             "hue": draw.randint(-self.hue_delta, self.hue_delta) if coin() else None,
         }
 
-    def apply(self, img: np.ndarray, brightness: float | None, contrast_first: bool, contrast: float | None,
-              saturation: float | None, hue: int | None, **params: Any) -> np.ndarray:
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float | None,
+        contrast_first: bool,
+        contrast: float | None,
+        saturation: float | None,
+        hue: int | None,
+        **params: Any,
+    ) -> np.ndarray:
         if brightness is not None:
             img = _convert(img, beta=brightness)
         if contrast is not None and contrast_first:
@@ -189,4 +211,3 @@ def seed_augmentation(transform: A.Compose, *key: int) -> None:
     for target, child in zip([transform, *transform.transforms], children):
         target.random_generator = np.random.default_rng(child)
         target.py_random = random.Random(int(child.generate_state(1)[0]))
-

@@ -3,6 +3,7 @@ every mask value checked, the single-channel mask format decided, labelled pixel
 Everything found is reported at once, in one line, instead of one problem per run (or a
 silently wrong run).
 """
+
 from __future__ import annotations
 
 import time
@@ -34,11 +35,15 @@ def _check_pair(image_path: Path, mask_path: Path, color_map: ColorMap, mask_for
     if rotated:
         width, height = height, width
     if pixels.shape[:2] != (height, width):
-        problem = (f"{mask_path}: mask is {pixels.shape[1]}x{pixels.shape[0]} but its image {image_path.name} "
-                   f"is {width}x{height}")
+        problem = (
+            f"{mask_path}: mask is {pixels.shape[1]}x{pixels.shape[0]} but its image {image_path.name} "
+            f"is {width}x{height}"
+        )
         if rotated and pixels.shape[:2] == (width, height):
-            problem += (" after its EXIF orientation is applied (images and masks are both read upright); the mask "
-                        "fits the unrotated pixels: rotate the mask, or save the image upright without the tag")
+            problem += (
+                " after its EXIF orientation is applied (images and masks are both read upright); the mask "
+                "fits the unrotated pixels: rotate the mask, or save the image upright without the tag"
+            )
         return _PairCheck(problem)
     if pixels.ndim == 2:
         return _PairCheck(gray=np.unique(pixels, return_counts=True))
@@ -71,8 +76,10 @@ def check_dataset(splits: dict[str, list[tuple[Path, Path]]], spec: DatasetSpec,
     started = time.perf_counter()
     color_map = spec.color_map()
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        checks = {split: list(pool.map(lambda pair: _check_pair(*pair, color_map, spec.mask_format), pairs))
-                  for split, pairs in splits.items()}
+        checks = {
+            split: list(pool.map(lambda pair: _check_pair(*pair, color_map, spec.mask_format), pairs))
+            for split, pairs in splits.items()
+        }
     problems = [c.problem for split in checks.values() for c in split if c.problem]
     if problems:
         raise DatasetError(_summary(problems))
@@ -82,26 +89,38 @@ def check_dataset(splits: dict[str, list[tuple[Path, Path]]], spec: DatasetSpec,
     for split, split_checks in checks.items():
         labelled[split] = 0
         for (_, mask_path), check in zip(splits[split], split_checks):
-            labelled[split] += check.labelled if check.gray is None else _count_gray(check.gray, color_map, mask_format, mask_path, problems)
+            labelled[split] += (
+                check.labelled
+                if check.gray is None
+                else _count_gray(check.gray, color_map, mask_format, mask_path, problems)
+            )
     if problems:
         raise DatasetError(_summary(problems))
     empty = [split for split, count in labelled.items() if count == 0]
     if empty:
-        raise DatasetError(f"the {' and '.join(empty)} split{'s have' if len(empty) > 1 else ' has'} no labelled pixel: every "
-                           f"mask pixel is ignored ({_ignored_description(spec)}); check the masks and the dataset description")
+        raise DatasetError(
+            f"the {' and '.join(empty)} split{'s have' if len(empty) > 1 else ' has'} no labelled pixel: every "
+            f"mask pixel is ignored ({_ignored_description(spec)}); check the masks and the dataset description"
+        )
     pairs = sum(len(p) for p in splits.values())
-    return DatasetCheck(replace(spec, mask_format=mask_format), [note] if note else [], labelled, pairs, time.perf_counter() - started)
+    return DatasetCheck(
+        replace(spec, mask_format=mask_format), [note] if note else [], labelled, pairs, time.perf_counter() - started
+    )
 
 
-def _count_gray(gray: tuple[np.ndarray, np.ndarray], color_map: ColorMap, mask_format: str, path: Path, problems: list[str]) -> int:
+def _count_gray(
+    gray: tuple[np.ndarray, np.ndarray], color_map: ColorMap, mask_format: str, path: Path, problems: list[str]
+) -> int:
     """Labelled pixels of a single-channel mask's value histogram; unknown values go to `problems`."""
     values, counts = gray
     meanings = color_map.value_meanings(mask_format, int(values.max()) + 1)[values]
     if (meanings < 0).any():
         listed = ", ".join(f"{v} x{n}" for v, n in list(zip(values[meanings < 0], counts[meanings < 0]))[:5])
         kind = "gray colours" if mask_format == "color" else "class indices"
-        problems.append(f"{path}: mask values that are neither {kind} of the {color_map.num_classes} classes nor ignored "
-                        f"(pixel counts): {listed}")
+        problems.append(
+            f"{path}: mask values that are neither {kind} of the {color_map.num_classes} classes nor ignored "
+            f"(pixel counts): {listed}"
+        )
         return 0
     return int(counts[(meanings >= 0) & (meanings < color_map.num_classes)].sum())
 

@@ -7,13 +7,15 @@ A file given to the wrong flag (an .onnx renamed .pth, a head given to --weights
 
 Also a list of files' identity (`fingerprint_files`): what caches made from them are keyed by.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -21,15 +23,23 @@ from dinokit.errors import UserError
 
 # Which flag of which script takes each kind of file.
 TAKES = {
-    "training checkpoint": "--model of infer_image.py / infer_video.py / evaluate.py / export.py / app.py, or train.py --resume",
+    "training checkpoint": (
+        "--model of infer_image.py / infer_video.py / evaluate.py / export.py / app.py, or train.py --resume"
+    ),
     "image classifier": "classify.py --predict --model",
     "segmentation head": "--head-weights",
     "backbone weights": "--weights",
     "ONNX model": "--model of infer_image.py / infer_video.py / evaluate.py / app.py",
 }
 
-_IMAGE_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
-                (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"))
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+)
 
 
 class FileKindError(UserError, ValueError):
@@ -67,8 +77,13 @@ def _looks_like_onnx(head: bytes) -> bool:
 
 def describe(kind: str) -> str:
     """A sniffed kind in words, for messages."""
-    return {"torch": "a PyTorch file", "torch-legacy": "a PyTorch file (legacy format)", "onnx": "an ONNX model",
-            "safetensors": "a safetensors file", "empty": "an empty file"}.get(kind, kind)
+    return {
+        "torch": "a PyTorch file",
+        "torch-legacy": "a PyTorch file (legacy format)",
+        "onnx": "an ONNX model",
+        "safetensors": "a safetensors file",
+        "empty": "an empty file",
+    }.get(kind, kind)
 
 
 def torch_contents(value: Any) -> str | None:
@@ -123,8 +138,9 @@ def _load_torch(path: Path, wanted: str, map_location: str | torch.device) -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise FileKindError(f"{path}: not a readable {wanted.removeprefix('a ').removeprefix('an ')} "
-                            f"({_reason(err)})") from err
+        raise FileKindError(
+            f"{path}: not a readable {wanted.removeprefix('a ').removeprefix('an ')} ({_reason(err)})"
+        ) from err
 
 
 def _reason(err: BaseException) -> str:

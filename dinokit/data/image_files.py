@@ -4,12 +4,13 @@ orientation applied (as photo viewers and annotation tools show them).
 `verify_image` additionally decodes JPEGs with libjpeg-turbo in strict mode, because PIL and
 OpenCV turn corrupt data into grey or garbled pixels with at most a warning on stderr.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -35,7 +36,9 @@ def _reading(path: str | Path) -> Iterator[None]:
         raise DatasetError(f"{path}: file not found") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         detail = str(err).splitlines()[0] if str(err) else ""
-        raise DatasetError(f"{path}: not a readable image ({err.__class__.__name__}{': ' + detail if detail else ''})") from err
+        raise DatasetError(
+            f"{path}: not a readable image ({err.__class__.__name__}{': ' + detail if detail else ''})"
+        ) from err
 
 
 def _load(path: str | Path) -> Image.Image:
@@ -120,8 +123,10 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
 
 def _sixteen_bit_gray(pixels: np.ndarray, mode: str, path: str | Path) -> np.ndarray:
     if mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-        raise DatasetError(f"{path}: a 32-bit integer image with values {pixels.min()}..{pixels.max()}; only 8- and "
-                           "16-bit integer images are read (save it as a 16-bit PNG or TIFF)")
+        raise DatasetError(
+            f"{path}: a 32-bit integer image with values {pixels.min()}..{pixels.max()}; only 8- and "
+            "16-bit integer images are read (save it as a 16-bit PNG or TIFF)"
+        )
     return (pixels.astype(np.uint32) >> 8).astype(np.uint8)
 
 
@@ -129,8 +134,10 @@ def _unit_float_gray(pixels: np.ndarray, path: str | Path) -> np.ndarray:
     if not np.isfinite(pixels).all() or (pixels.size and (pixels.min() < 0 or pixels.max() > 1)):
         finite = pixels[np.isfinite(pixels)]
         found = f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite values"
-        raise DatasetError(f"{path}: a float image with values {found}{'' if np.isfinite(pixels).all() else ' and NaN/inf'}; "
-                           "float images are read as intensities in 0..1 (scale it, or save it as an 8- or 16-bit image)")
+        raise DatasetError(
+            f"{path}: a float image with values {found}{'' if np.isfinite(pixels).all() else ' and NaN/inf'}; "
+            "float images are read as intensities in 0..1 (scale it, or save it as an 8- or 16-bit image)"
+        )
     return np.rint(pixels * 255).astype(np.uint8)
 
 
@@ -161,8 +168,11 @@ def list_image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found")
-    files = [p for p in sorted(folder.iterdir())
-             if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    files = [
+        p
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    ]
     if not files:
         raise DatasetError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     by_stem: dict[str, list[str]] = {}
@@ -171,8 +181,10 @@ def list_image_files(folder: str | Path) -> list[Path]:
     clashes = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
     if clashes:
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
-        raise DatasetError(f"{folder}: files share a name, so one would shadow the other: {'; '.join(clashes[:3])}{more}; "
-                           "keep one file per name")
+        raise DatasetError(
+            f"{folder}: files share a name, so one would shadow the other: {'; '.join(clashes[:3])}{more}; "
+            "keep one file per name"
+        )
     return files
 
 

@@ -10,13 +10,14 @@ RGB(A) colour masks and palette ('P') masks are mapped by colour through `ColorM
 single-channel masks (8 or 16 bit) are class indices, or gray colours (0/255 binary masks) when
 `mask_format` says "color" or `resolve_mask_format` decides so for the whole dataset.
 """
+
 from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -35,10 +36,18 @@ def _color_code(rgb: np.ndarray) -> np.ndarray:
 class ColorMap:
     """The one colour <-> class-index mapping used by training, inference and the notebook."""
 
-    def __init__(self, colors: Sequence[Color], ignore_colors: Sequence[Color] = (), ignore_index: int = config.IGNORE_INDEX,
-                 *, shared_colors: bool = False):
+    def __init__(
+        self,
+        colors: Sequence[Color],
+        ignore_colors: Sequence[Color] = (),
+        ignore_index: int = config.IGNORE_INDEX,
+        *,
+        shared_colors: bool = False,
+    ):
         if not 0 < len(colors) <= 254 or not len(colors) <= ignore_index <= 255:
-            raise ValueError(f"need 1..254 classes and an ignore index in [num_classes, 255]; got {len(colors)}, {ignore_index}")
+            raise ValueError(
+                f"need 1..254 classes and an ignore index in [num_classes, 255]; got {len(colors)}, {ignore_index}"
+            )
         self.colors = np.array(colors, dtype=np.uint8).reshape(-1, 3)
         self.ignore_colors = np.array(ignore_colors, dtype=np.uint8).reshape(-1, 3)
         self.ignore_index = ignore_index
@@ -77,8 +86,10 @@ class ColorMap:
         if bad.any():
             values, counts = np.unique(index[bad], return_counts=True)
             listed = ", ".join(f"{v} x{n}" for v, n in list(zip(values, counts))[:5])
-            raise DatasetError(f"{source}: index mask values outside the {self.num_classes} classes and ignore index "
-                               f"{self.ignore_index} (pixel counts): {listed}")
+            raise DatasetError(
+                f"{source}: index mask values outside the {self.num_classes} classes and ignore index "
+                f"{self.ignore_index} (pixel counts): {listed}"
+            )
         return index.astype(np.uint8)
 
     def value_meanings(self, mask_format: str, size: int = 256) -> np.ndarray:
@@ -87,7 +98,10 @@ class ColorMap:
         or -1 for values that are neither."""
         meanings = np.full(max(size, 256), -1, dtype=np.int32)
         if mask_format == "color":
-            for value, colors in ((self.ignore_index, self.ignore_colors), *((c, self.colors[c:c + 1]) for c in range(self.num_classes))):
+            for value, colors in (
+                (self.ignore_index, self.ignore_colors),
+                *((c, self.colors[c : c + 1]) for c in range(self.num_classes)),
+            ):
                 for color in colors:
                     if color[0] == color[1] == color[2]:
                         meanings[color[0]] = value
@@ -151,8 +165,10 @@ def _unknown_keys(given, allowed: set[str], where: str) -> None:
     if unknown:
         guesses = [difflib.get_close_matches(k, sorted(allowed), n=1) for k in unknown]
         hints = "".join(f" ({k!r}: did you mean {g[0]!r}?)" for k, g in zip(unknown, guesses) if g)
-        raise ValueError(f"{where}unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hints}; "
-                         f"allowed: {', '.join(sorted(allowed))} (and documentation keys: {', '.join(sorted(INFO_KEYS))})")
+        raise ValueError(
+            f"{where}unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hints}; "
+            f"allowed: {', '.join(sorted(allowed))} (and documentation keys: {', '.join(sorted(INFO_KEYS))})"
+        )
 
 
 def parse_dataset_spec(raw, source: str) -> DatasetSpec:
@@ -168,7 +184,9 @@ def parse_dataset_spec(raw, source: str) -> DatasetSpec:
         if not entry["name"].strip():
             raise ValueError(f"classes[{i}].name is empty")
         if entry["name"] in names:
-            raise ValueError(f"classes[{i}].name {entry['name']!r} is already the name of classes[{names.index(entry['name'])}]")
+            raise ValueError(
+                f"classes[{i}].name {entry['name']!r} is already the name of classes[{names.index(entry['name'])}]"
+            )
         names.append(entry["name"])
         colors.append(_color(entry["color"], f"classes[{i}].color"))
     if "ignore_color" in raw and "ignore_colors" in raw:
@@ -210,11 +228,11 @@ def mask_to_indices(pixels: np.ndarray, color_map: ColorMap, mask_format: str, s
     if pixels.ndim == 2:
         if mask_format == "color":
             if pixels.max(initial=0) > 255:
-                raise DatasetError(f"{source}: 16-bit values cannot be gray colours, but mask_format is \"color\"")
+                raise DatasetError(f'{source}: 16-bit values cannot be gray colours, but mask_format is "color"')
             return color_map.encode(np.repeat(pixels.astype(np.uint8)[..., None], 3, axis=2), source)
         return color_map.check_indices(pixels, source)
     if mask_format == "index":
-        raise DatasetError(f"{source}: a colour mask, but the dataset description says mask_format \"index\"")
+        raise DatasetError(f'{source}: a colour mask, but the dataset description says mask_format "index"')
     return color_map.encode(pixels, source)
 
 
@@ -235,7 +253,10 @@ def resolve_mask_format(spec: DatasetSpec, gray_values: np.ndarray) -> tuple[str
         return spec.mask_format, None
     color_map = spec.color_map()
     size = int(gray_values.max()) + 1
-    as_index, as_color = color_map.value_meanings("index", size)[gray_values], color_map.value_meanings("color", size)[gray_values]
+    as_index, as_color = (
+        color_map.value_meanings("index", size)[gray_values],
+        color_map.value_meanings("color", size)[gray_values],
+    )
     index_ok, color_ok = bool((as_index >= 0).all()), bool((as_color >= 0).all())
     if not color_ok or (as_index == as_color).all():
         return "auto", None  # index masks; values that are not classes are reported per file
@@ -245,10 +266,15 @@ def resolve_mask_format(spec: DatasetSpec, gray_values: np.ndarray) -> tuple[str
     else:
         ignored = gray_values[(as_index == color_map.ignore_index) & (as_color < color_map.num_classes)]
         if not len(ignored):
-            raise DatasetError(f"{spec.source}: single-channel masks with values {listed} fit the classes both as "
-                               "class indices and as gray colours, with different results; "
-                               'set "mask_format": "index" or "color" in the dataset description')
+            raise DatasetError(
+                f"{spec.source}: single-channel masks with values {listed} fit the classes both as "
+                "class indices and as gray colours, with different results; "
+                'set "mask_format": "index" or "color" in the dataset description'
+            )
         owners = ", ".join(repr(spec.classes[as_color[gray_values == v][0]]) for v in ignored)
-        why = f"value {', '.join(map(str, ignored.tolist()))} is the ignore index but the description lists it as the colour of {owners}"
-    return "color", (f"single-channel masks are read as gray colours: {why} (mask_format \"auto\"; "
-                     'set "mask_format": "index" in the dataset description to read them as class indices)')
+        values = ", ".join(map(str, ignored.tolist()))
+        why = f"value {values} is the ignore index but the description lists it as the colour of {owners}"
+    return "color", (
+        f'single-channel masks are read as gray colours: {why} (mask_format "auto"; '
+        'set "mask_format": "index" in the dataset description to read them as class indices)'
+    )

@@ -1,9 +1,10 @@
 """Image sizes: the patch-multiple rules for `--imgsz`, and the resize + normalise that validation,
 feature caches, inference, export and the feature maps all apply."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import albumentations as A
 import numpy as np
@@ -28,7 +29,9 @@ def round_to_patch(imgsz: Sequence[int], patch_size: int = PATCH_SIZE) -> tuple[
     return tuple(math.ceil(side / patch_size) * patch_size for side in imgsz)  # type: ignore[return-value]
 
 
-def eval_transform(imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, std: Sequence[float] = config.STD) -> A.Compose:
+def eval_transform(
+    imgsz: tuple[int, int], mean: Sequence[float] = config.MEAN, std: Sequence[float] = config.STD
+) -> A.Compose:
     """Resize + normalise: validation, feature caches and inference all preprocess with this."""
     width, height = imgsz
     return A.Compose([A.Resize(height, width), A.Normalize(mean=mean, std=std)])

@@ -5,10 +5,11 @@ Each image is a noisy background with a few filled shapes; each shape's class de
 colour, so even a random-init backbone's features separate the classes and a short run learns.
 Masks are RGB colour PNGs in the VOC palette with a void (224,224,192) outline, as in real VOC.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -16,8 +17,13 @@ import numpy as np
 import config
 
 
-def make_pair(rng: np.random.Generator, size: tuple[int, int], class_ids: Sequence[int],
-              colors: Sequence[Sequence[int]], void_color: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+def make_pair(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    class_ids: Sequence[int],
+    colors: Sequence[Sequence[int]],
+    void_color: Sequence[int] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One `(image RGB, colour mask RGB)` pair of `size` (W, H) with 1-3 shapes of classes drawn from `class_ids`."""
     width, height = size
     image = rng.normal(110, 20, (height, width, 3)).clip(0, 255).astype(np.uint8)
@@ -43,9 +49,16 @@ def make_pair(rng: np.random.Generator, size: tuple[int, int], class_ids: Sequen
     return image, mask
 
 
-def make_dataset(root: str | Path, n_train: int = 24, n_valid: int = 8, size: tuple[int, int] = (160, 120),
-                 class_ids: Sequence[int] = (1, 7, 8, 12, 15), colors: Sequence[Sequence[int]] = config.COLORS,
-                 void_color: Sequence[int] | None = config.IGNORE_COLORS[0], seed: int = 0) -> Path:
+def make_dataset(
+    root: str | Path,
+    n_train: int = 24,
+    n_valid: int = 8,
+    size: tuple[int, int] = (160, 120),
+    class_ids: Sequence[int] = (1, 7, 8, 12, 15),
+    colors: Sequence[Sequence[int]] = config.COLORS,
+    void_color: Sequence[int] | None = config.IGNORE_COLORS[0],
+    seed: int = 0,
+) -> Path:
     """Write `{train,valid}_{images,labels}/` under `root` (JPEG images, PNG masks) and return `root`."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -55,13 +68,23 @@ def make_dataset(root: str | Path, n_train: int = 24, n_valid: int = 8, size: tu
         for i in range(count):
             image, mask = make_pair(rng, size, class_ids, colors, void_color)
             stem = f"{split}_{i:04d}"
-            cv2.imwrite(str(root / f"{split}_images" / f"{stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(
+                str(root / f"{split}_images" / f"{stem}.jpg"),
+                cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 95],
+            )
             cv2.imwrite(str(root / f"{split}_labels" / f"{stem}.png"), cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
     return root
 
 
-def make_image_folders(root: str | Path, classes: int = 3, n_train: int = 6, n_val: int = 2,
-                       size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+def make_image_folders(
+    root: str | Path,
+    classes: int = 3,
+    n_train: int = 6,
+    n_val: int = 2,
+    size: tuple[int, int] = (64, 48),
+    seed: int = 0,
+) -> Path:
     """Write `train/<class>/` and `val/<class>/` under `root`: noisy images whose mean colour is the
     class's, as JPEGs (every third with an upper-case .JPG), and return `root`."""
     root = Path(root)
@@ -71,7 +94,9 @@ def make_image_folders(root: str | Path, classes: int = 3, n_train: int = 6, n_v
         for label in range(classes):
             folder = root / split / f"class_{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            color = np.array([(label * 97 + 40) % 256, (label * 53 + 120) % 256, (label * 151 + 200) % 256], dtype=np.float64)
+            color = np.array(
+                [(label * 97 + 40) % 256, (label * 53 + 120) % 256, (label * 151 + 200) % 256], dtype=np.float64
+            )
             for i in range(count):
                 image = (color + rng.normal(0, 25, (height, width, 3))).clip(0, 255).astype(np.uint8)
                 suffix = ".JPG" if i % 3 == 2 else ".jpg"

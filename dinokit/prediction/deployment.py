@@ -8,6 +8,7 @@ checkpoint carries, so `Predictor.from_onnx` needs nothing else.
 
 `onnx`, `onnxscript` and `onnxruntime` are optional (requirements-export.txt): imported where used.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def require(module: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as err:
-        raise OnnxUnavailableError(f"{module} is not installed ({err}); pip install -r requirements-export.txt") from err
+        raise OnnxUnavailableError(
+            f"{module} is not installed ({err}); pip install -r requirements-export.txt"
+        ) from err
 
 
 class ExportedNetwork(nn.Module):
@@ -58,8 +61,9 @@ class ExportedNetwork(nn.Module):
         return classes.to(torch.uint8) if self.num_classes <= 256 else classes
 
 
-def export_network(model: nn.Module, *, size: tuple[int, int], dynamic: bool, opset: int = DEFAULT_OPSET,
-                   argmax: bool = False) -> Any:
+def export_network(
+    model: nn.Module, *, size: tuple[int, int], dynamic: bool, opset: int = DEFAULT_OPSET, argmax: bool = False
+) -> Any:
     """The traced ONNX graph (`onnx.ModelProto`) of `model` (eval mode, on the CPU). `size` (H, W) is
     the sample traced with; a static export accepts only that size, a dynamic one any size and batch."""
     require("onnxscript")
@@ -69,20 +73,34 @@ def export_network(model: nn.Module, *, size: tuple[int, int], dynamic: bool, op
     shapes = None
     if dynamic:
         side = dict(min=PATCH_SIZE, max=MAX_SIDE)
-        shapes = {"images": {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", **side),
-                             3: torch.export.Dim("width", **side)}}
+        shapes = {
+            "images": {
+                0: torch.export.Dim("batch", min=1, max=1024),
+                2: torch.export.Dim("height", **side),
+                3: torch.export.Dim("width", **side),
+            }
+        }
     else:
         sample = sample[:1]
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(network, (sample,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                                    input_names=["images"], output_names=["classes" if argmax else "logits"],
-                                    verbose=False)
+        program = torch.onnx.export(
+            network,
+            (sample,),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            input_names=["images"],
+            output_names=["classes" if argmax else "logits"],
+            verbose=False,
+        )
     proto = program.model_proto
     written = opset_of(proto)
     if written != opset:  # the converter gives up with warnings only, leaving the graph at its own opset
-        raise UserError(f"--opset {opset}: the exporter could not convert the graph (it stayed at opset {written}); "
-                        f"nothing was written; use one of {OPSETS.start}..{OPSETS.stop - 1}")
+        raise UserError(
+            f"--opset {opset}: the exporter could not convert the graph (it stayed at opset {written}); "
+            f"nothing was written; use one of {OPSETS.start}..{OPSETS.stop - 1}"
+        )
     return proto
 
 
@@ -104,8 +122,9 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation of the linear layers (MatMul with constant weights): int8 weights,
     activations quantised per call from their observed range."""
     quantization = require("onnxruntime.quantization")
-    quantization.quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"],
-                                  weight_type=quantization.QuantType.QInt8)
+    quantization.quantize_dynamic(
+        str(source), str(target), op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8
+    )
 
 
 def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: str, dynamic: bool) -> None:
@@ -115,16 +134,20 @@ def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: 
     del proto.metadata_props[:]
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
-    proto.doc_string = (f"DINOv2 segmentation ({len(info['classes'])} classes). Input 'images': float32 [B, 3, H, W], "
-                        f"RGB / 255, minus mean, divided by std (metadata). Output: {output}.")
+    proto.doc_string = (
+        f"DINOv2 segmentation ({len(info['classes'])} classes). Input 'images': float32 [B, 3, H, W], "
+        f"RGB / 255, minus mean, divided by std (metadata). Output: {output}."
+    )
 
 
 def read_metadata(path: str | Path, entries: list[Any]) -> dict[str, Any]:
     """The metadata `write_metadata` stored, from a session's `custom_metadata_map` entries."""
     values = dict(entries)
     if "classes" not in values or "format" not in values:
-        raise UserError(f"{path}: an ONNX model without this project's metadata (classes, colours, normalisation); "
-                        "export it with export.py")
+        raise UserError(
+            f"{path}: an ONNX model without this project's metadata (classes, colours, normalisation); "
+            "export it with export.py"
+        )
     try:
         return {key: json.loads(value) for key, value in values.items()}
     except json.JSONDecodeError as err:
@@ -136,8 +159,10 @@ def providers_for(device: str) -> list[Any]:
     onnxruntime build has it (onnxruntime-gpu), else the CPU."""
     available = require("onnxruntime").get_available_providers()
     if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-        raise UserError(f"--device {device}: this onnxruntime has no CUDA provider (available: {', '.join(available)}); "
-                        "pip install onnxruntime-gpu, or --device cpu")
+        raise UserError(
+            f"--device {device}: this onnxruntime has no CUDA provider (available: {', '.join(available)}); "
+            "pip install onnxruntime-gpu, or --device cpu"
+        )
     if device.startswith("cuda") or device == "auto" and "CUDAExecutionProvider" in available:
         index = int(device.split(":")[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
@@ -164,8 +189,9 @@ class OnnxNetwork(nn.Module):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:  # onnxruntime's own classes (Fail, InvalidProtobuf, InvalidGraph, ...)
-            raise UserError(f"{path}: not a readable ONNX model (truncated or not an ONNX file): "
-                            f"{str(err).splitlines()[0][:200]}") from err
+            raise UserError(
+                f"{path}: not a readable ONNX model (truncated or not an ONNX file): {str(err).splitlines()[0][:200]}"
+            ) from err
         self.info = read_metadata(path, self.session.get_modelmeta().custom_metadata_map.items())
         self.input_name = self.session.get_inputs()[0].name
         self.static_size = None if self.info["dynamic"] else tuple(self.session.get_inputs()[0].shape[2:])
@@ -177,9 +203,11 @@ class OnnxNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.static_size is not None and tuple(images.shape[2:]) != self.static_size:
-            raise UserError(f"{self.path}: exported for {self.static_size[1]}x{self.static_size[0]} inputs only "
-                            f"(not {images.shape[3]}x{images.shape[2]}); use --mode whole at that size, "
-                            "or export with --dynamic")
+            raise UserError(
+                f"{self.path}: exported for {self.static_size[1]}x{self.static_size[0]} inputs only "
+                f"(not {images.shape[3]}x{images.shape[2]}); use --mode whole at that size, "
+                "or export with --dynamic"
+            )
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         output = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
         if self.info["output"] == "classes":

@@ -1,8 +1,10 @@
 """Drawing a predicted mask for people: a colour overlay, class names at their regions, a legend,
 and the raw prediction as a palette PNG. Shared by the inference scripts and the notebook."""
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -36,8 +38,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, color_map: ColorMap, alpha: flo
     return blended
 
 
-def draw_class_names(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], min_fraction: float = 0.005,
-                     skip: Sequence[int] = ()) -> np.ndarray:
+def draw_class_names(
+    image: np.ndarray, mask: np.ndarray, classes: Sequence[str], min_fraction: float = 0.005, skip: Sequence[int] = ()
+) -> np.ndarray:
     """Write each class's name at the most interior point of its region (regions < min_fraction and
     classes in `skip` left out)."""
     out = image.copy()
@@ -77,7 +80,9 @@ def draw_legend(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], col
     return out
 
 
-def render(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], color_map: ColorMap, alpha: float = 0.5) -> np.ndarray:
+def render(
+    image: np.ndarray, mask: np.ndarray, classes: Sequence[str], color_map: ColorMap, alpha: float = 0.5
+) -> np.ndarray:
     """Overlay + class names + legend: what infer_image.py and infer_video.py write."""
     drawn = overlay(image, mask, color_map, alpha)
     unblended = [i for i, color in enumerate(color_map.colors) if not color.any()]  # e.g. VOC background

@@ -1,6 +1,7 @@
 """How a prediction is made: `InferenceMode` (whole or slide, test-time scales and flip), the
 settings that inference.py follows and that every report and result name states (inference.py
 explains the modes)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ class InferenceMode:
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
         if self.mode == "slide" and not 0 < self.stride <= self.crop:
-            raise ValueError(f"--stride {self.stride} must be in [1, --crop {self.crop}] (windows must overlap or touch)")
+            raise ValueError(
+                f"--stride {self.stride} must be in [1, --crop {self.crop}] (windows must overlap or touch)"
+            )
         if self.mode == "slide" and min(self.crop, self.short_side) < PATCH_SIZE:
             raise ValueError(f"--crop and --short-side must be at least the patch size {PATCH_SIZE}")
 
@@ -39,7 +42,11 @@ class InferenceMode:
 
     def describe(self) -> str:
         if self.mode == "whole":
-            base = "whole at each image's own size" if self.native or not self.imgsz else f"whole at {self.imgsz[0]}x{self.imgsz[1]}"
+            base = (
+                "whole at each image's own size"
+                if self.native or not self.imgsz
+                else f"whole at {self.imgsz[0]}x{self.imgsz[1]}"
+            )
         else:
             base = f"slide (short side {self.short_side}, crop {self.crop}, stride {self.stride})"
         tta = f", scales {' '.join(f'{s:g}' for s in self.scales)}" if self.scales != (1.0,) else ""

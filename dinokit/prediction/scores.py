@@ -1,4 +1,5 @@
 """Class scores -> class indices: the one argmax every prediction, metric and export goes through."""
+
 from __future__ import annotations
 
 import torch

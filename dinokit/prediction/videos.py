@@ -9,6 +9,7 @@ width and height and would crop an odd one (a 161x119 clip became 160x118, its l
 lost). A frame of odd size is padded instead, by repeating its last column / row: no input pixel is
 dropped, and the result is at most one pixel wider and taller than the input.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -52,7 +53,9 @@ def open_video(path: str | Path) -> tuple[cv2.VideoCapture, VideoInfo]:
         raise ValueError(f"{path}: cannot be opened as a video (corrupt or unsupported codec)")
     fps = capture.get(cv2.CAP_PROP_FPS)
     size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    return capture, VideoInfo(fps if fps and fps > 0 else 25.0, size, max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
+    return capture, VideoInfo(
+        fps if fps and fps > 0 else 25.0, size, max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+    )
 
 
 def read_frames(capture: cv2.VideoCapture, max_frames: int = 0) -> Iterator[np.ndarray]:
@@ -143,8 +146,11 @@ def _stderr_filtered(harmless: tuple[str, ...]):
             os.dup2(saved, fd)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if not any(text in line for text in harmless)]
+            kept = [
+                line
+                for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(text in line for text in harmless)
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -164,8 +170,10 @@ def verify_video(path: Path, frames: int, size: tuple[int, int]) -> None:
         capture.release()
     if count != frames or not last_ok:
         found = f"{count} of {frames} frames" if count != frames else "its last frame cannot be decoded"
-        raise OSError(f"{path.parent}: the video written there is incomplete ({found}; disk full?); "
-                      "any earlier result was left as it was")
+        raise OSError(
+            f"{path.parent}: the video written there is incomplete ({found}; disk full?); "
+            "any earlier result was left as it was"
+        )
 
 
 def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
@@ -177,8 +185,9 @@ def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
     return frame
 
 
-def segmented_frames(frames: Iterable[np.ndarray], predictor: Segmenter, alpha: float,
-                     timings: list[float]) -> Iterator[np.ndarray]:
+def segmented_frames(
+    frames: Iterable[np.ndarray], predictor: Segmenter, alpha: float, timings: list[float]
+) -> Iterator[np.ndarray]:
     """Each RGB frame with its prediction drawn in (classes, legend, FPS); the seconds each
     prediction took are appended to `timings`."""
     for image in frames:

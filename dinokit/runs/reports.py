@@ -1,5 +1,6 @@
 """What runs write and print for people: metrics.csv, the loss / pixel accuracy / mIoU curves,
 confusion matrices, neighbour galleries, and sizes in bytes as people read them."""
+
 from __future__ import annotations
 
 import csv
@@ -24,11 +25,19 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 # (metric, axis label, file) of train.py's curves; history rows hold train_<metric> and valid_<metric>
-SEGMENTATION_CURVES = (("loss", "Loss", "loss.png"), ("pixacc", "Pixel accuracy", "accuracy.png"), ("miou", "mIoU", "miou.png"))
+SEGMENTATION_CURVES = (
+    ("loss", "Loss", "loss.png"),
+    ("pixacc", "Pixel accuracy", "accuracy.png"),
+    ("miou", "mIoU", "miou.png"),
+)
 
 
-def save_plots(history: list[dict[str, float]], out_dir: str | Path, curves=SEGMENTATION_CURVES,
-               splits: tuple[str, str] = ("train", "valid")) -> None:
+def save_plots(
+    history: list[dict[str, float]],
+    out_dir: str | Path,
+    curves=SEGMENTATION_CURVES,
+    splits: tuple[str, str] = ("train", "valid"),
+) -> None:
     """One PNG per curve: the training and validation values of a metric per epoch."""
     import matplotlib
 

@@ -19,6 +19,7 @@ training run keeps its files apart from other training runs' (`claim_run_folder`
   a checkpoint inside it) or starts over (`--exist-ok`, which deletes the old run's files first,
   so nothing stale, e.g. a `best_model_iou.pth` of an older run, can be mistaken for this run's).
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,8 +27,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dinokit.errors import UserError
 from dinokit.writing import remove_stale_temp_files, temp_path
@@ -38,16 +39,36 @@ except ImportError:  # Windows: no lockf; runs are then not guarded against each
     fcntl = None
 
 # Everything train.py writes into a run folder.
-RUN_FILES = ("last.pth", "best_model_loss.pth", "best_model_iou.pth", "final_model.pth", "metrics.csv",
-             "best_validation.json", "test_metrics.json", "loss.png", "accuracy.png", "miou.png",
-             "tensorboard")  # a folder (--tensorboard)
+RUN_FILES = (
+    "last.pth",
+    "best_model_loss.pth",
+    "best_model_iou.pth",
+    "final_model.pth",
+    "metrics.csv",
+    "best_validation.json",
+    "test_metrics.json",
+    "loss.png",
+    "accuracy.png",
+    "miou.png",
+    "tensorboard",
+)  # a folder (--tensorboard)
 # test_metrics.json: the name of best_validation.json before it was computed at original resolution
 LOCK_NAME = ".lock"
 
 # Everything classify.py writes into its folder; the embedding caches are kept across reruns.
 CLASSIFIER_CACHES = ("embeddings_train.pt", "embeddings_val.pt")
-CLASSIFIER_RESULTS = ("classifier.pth", "split.json", "metrics.json", "metrics.csv", "loss.png", "accuracy.png",
-                      "confusion_knn.png", "confusion_linear.png", "neighbours.png", "predictions.csv")
+CLASSIFIER_RESULTS = (
+    "classifier.pth",
+    "split.json",
+    "metrics.json",
+    "metrics.csv",
+    "loss.png",
+    "accuracy.png",
+    "confusion_knn.png",
+    "confusion_linear.png",
+    "neighbours.png",
+    "predictions.csv",
+)
 
 # The runs that own their folder, by the files they write; those both write show only that one of them is there.
 RUN_KINDS = {"training run": RUN_FILES, "classifier": (*CLASSIFIER_RESULTS, *CLASSIFIER_CACHES)}
@@ -72,8 +93,9 @@ def folder_run(folder: Path) -> tuple[str | None, list[str]]:
     return ("run", shared) if shared else (None, [])
 
 
-def claim_output_folder(folder: str | Path, *, run: str | None = None, beside: str | Path | None = None,
-                        inputs: Iterable[str | Path] = ()) -> Path:
+def claim_output_folder(
+    folder: str | Path, *, run: str | None = None, beside: str | Path | None = None, inputs: Iterable[str | Path] = ()
+) -> Path:
     """Check `folder` by the rule in the module docstring before any work, and clean up after killed
     processes there. `run`: the kind of run this script is (its own folders are allowed); `beside`:
     the model file whose folder is always allowed (evaluate.py, export.py). A folder that did not
@@ -82,16 +104,20 @@ def claim_output_folder(folder: str | Path, *, run: str | None = None, beside: s
     inputs = [Path(p) for p in inputs]
     held = {p.resolve().parent for p in inputs if p.is_file()} | {p.resolve() for p in inputs if p.is_dir()}
     if folder.resolve() in held:
-        raise RunFolderError(f"--out-dir {folder}: is the folder of the inputs; results would be mixed with (and could "
-                             "replace) them: choose another --out-dir")
+        raise RunFolderError(
+            f"--out-dir {folder}: is the folder of the inputs; results would be mixed with (and could "
+            "replace) them: choose another --out-dir"
+        )
     found, shown = folder_run(folder)
     own_model_folder = beside is not None and Path(beside).resolve().parent == folder.resolve()
     if found == "run" and run is not None:
         found = run  # only the files both runs write: the run's own checks decide
     if found is not None and found != run and not own_model_folder:
         what = RUN_NAMES.get(found, "the results of another run")
-        raise RunFolderError(f"{folder}: holds {what}: {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; "
-                             "choose another --out-dir")
+        raise RunFolderError(
+            f"{folder}: holds {what}: {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; "
+            "choose another --out-dir"
+        )
     check_writable(folder, keep=run is not None)
     for path in remove_stale_temp_files(folder):
         print(f"Removed {path.name}: a temporary file of a process that was killed")
@@ -104,7 +130,9 @@ def check_writable(folder: Path, *, keep: bool) -> None:
     created = next((p for p in [folder, *folder.parents][::-1] if not p.exists()), None)
     blocking = next((p for p in [folder, *folder.parents] if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise RunFolderError(f"{folder}: cannot write there ({blocking} is a file, not a folder); choose another --out-dir")
+        raise RunFolderError(
+            f"{folder}: cannot write there ({blocking} is a file, not a folder); choose another --out-dir"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         temp_path(folder / "write-check").unlink()
@@ -134,8 +162,10 @@ class RunLock:
                 handle.seek(0)
                 owner = handle.read().strip() or "another process"
                 handle.close()
-                raise RunFolderError(f"{self.path.parent}: another run is using this folder ({owner}); "
-                                     "wait for it to finish or choose another --out-dir") from None
+                raise RunFolderError(
+                    f"{self.path.parent}: another run is using this folder ({owner}); "
+                    "wait for it to finish or choose another --out-dir"
+                ) from None
             try:  # the previous holder may have deleted the file between our open and our lock
                 if os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino:
                     break
@@ -166,7 +196,8 @@ def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok
                 raise RunFolderError(
                     f"{folder}: holds another run ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
                     f"continue it with --resume {folder / 'last.pth'}, start over with --exist-ok "
-                    "(its files are deleted), or choose another --out-dir")
+                    "(its files are deleted), or choose another --out-dir"
+                )
             for name in existing:
                 path = folder / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

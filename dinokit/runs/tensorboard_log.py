@@ -5,11 +5,13 @@ epoch: train/valid loss, pixel accuracy and mIoU, and each class's validation Io
 `--tensorboard-every` epochs (and the last): a fixed set of validation images, ground truth and
 prediction side by side. Only rank 0 writes. View with `tensorboard --logdir outputs/`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,14 +36,25 @@ class TrainingBoard:
     """One run's TensorBoard writer; `purge_step` (a resumed run's steps done) drops the events a
     killed run wrote after its last checkpoint, so resumed curves do not fold back on themselves."""
 
-    def __init__(self, run_dir: Path, *, classes: Sequence[str], examples: Sequence[tuple[Path, Path]],
-                 color_map: ColorMap, mask_format: str, every: int, purge_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        classes: Sequence[str],
+        examples: Sequence[tuple[Path, Path]],
+        color_map: ColorMap,
+        mask_format: str,
+        every: int,
+        purge_step: int | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = run_dir / LOG_DIR
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
         self.classes, self.every = list(classes), every
-        self.examples = [(image.stem, read_image(image), read_mask(mask, color_map, mask_format)) for image, mask in examples]
+        self.examples = [
+            (image.stem, read_image(image), read_mask(mask, color_map, mask_format)) for image, mask in examples
+        ]
 
     def log_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
         self.writer.add_scalar("step/loss", loss.item(), step)
@@ -62,7 +75,9 @@ class TrainingBoard:
             return
         for name, image, truth in self.examples:
             prediction = predictor.predict(image)
-            pair = np.concatenate([overlay(image, truth, predictor.color_map), overlay(image, prediction, predictor.color_map)], 1)
+            pair = np.concatenate(
+                [overlay(image, truth, predictor.color_map), overlay(image, prediction, predictor.color_map)], 1
+            )
             self.writer.add_image(f"valid/{name} (truth | prediction)", pair, epoch, dataformats="HWC")
         self.writer.flush()
 

@@ -1,13 +1,14 @@
 """The frozen backbone's features of a split, computed once and reused every epoch (train.py's
 validation cache and --train-views), in RAM or in file-backed tensors of the run folder."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -27,8 +28,16 @@ class FeatureCache:
     a cache killed while building has no record and is rebuilt.
     """
 
-    def __init__(self, name: str, memory_budget: int, disk_dir: str | Path, *, key: dict | None = None, views: int = 1,
-                 rank: int = 0):
+    def __init__(
+        self,
+        name: str,
+        memory_budget: int,
+        disk_dir: str | Path,
+        *,
+        key: dict | None = None,
+        views: int = 1,
+        rank: int = 0,
+    ):
         self.name = name
         self.views = views  # consecutive cached samples per image (--train-views), one drawn per pass
         self.memory_budget = memory_budget
@@ -44,7 +53,9 @@ class FeatureCache:
     def _stable_path(self, part: str) -> Path:
         return self.disk_dir / f"{self.name}.rank{self.rank}.{part}"
 
-    def allocate(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> None:
+    def allocate(
+        self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]
+    ) -> None:
         """Reserve the storage (size printed; a disk that cannot hold it refused before any work)."""
         feature_bytes = count * math.prod(feature_shape) * dtype.itemsize
         mask_bytes = count * math.prod(mask_shape)
@@ -55,15 +66,24 @@ class FeatureCache:
         else:
             if self.key is not None:  # a previous cache of this name is replaced
                 self.discard()
-            paths = (self._stable_path("features"), self._stable_path("masks")) if self.key is not None else (None, None)
+            paths = (
+                (self._stable_path("features"), self._stable_path("masks")) if self.key is not None else (None, None)
+            )
             in_ram = self.key is None  # masks are small: in RAM unless the cache must survive the process
             reserved = self._reserve_files(feature_bytes, 0 if in_ram else mask_bytes, paths)
             self.features = _mapped(reserved[0], (count, *feature_shape), dtype)
-            self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8) if in_ram else _mapped(reserved[1], (count, *mask_shape), torch.uint8)
-            where = f"a file ({reserved[0]}{'' if self.key is not None else f'; memory budget {format_bytes(self.memory_budget)}'})"
+            self.masks = (
+                torch.empty((count, *mask_shape), dtype=torch.uint8)
+                if in_ram
+                else _mapped(reserved[1], (count, *mask_shape), torch.uint8)
+            )
+            budget = "" if self.key is not None else f"; memory budget {format_bytes(self.memory_budget)}"
+            where = f"a file ({reserved[0]}{budget})"
         shape = "x".join(map(str, feature_shape))
-        print(f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
-              f"= {format_bytes(feature_bytes + mask_bytes)} in {where}")
+        print(
+            f"{self.name} feature cache: {count} images x {shape} {str(dtype).removeprefix('torch.')} "
+            f"= {format_bytes(feature_bytes + mask_bytes)} in {where}"
+        )
 
     def _reserve_files(self, feature_bytes: int, mask_bytes: int, paths: tuple[Path | None, Path | None]) -> list[Path]:
         """Cache files with all their bytes allocated on disk up front. A sparse file would be
@@ -74,10 +94,13 @@ class FeatureCache:
             hint = "free space or lower --train-views"
         else:
             hint = "free space, raise --cache-ram-gb (to keep it in memory), or " + (
-                "use --no-val-cache" if self.name == "valid" else "lower --train-views")
+                "use --no-val-cache" if self.name == "valid" else "lower --train-views"
+            )
         if feature_bytes + mask_bytes > free:
-            raise OSError(f"{self.disk_dir}: the {self.name} feature cache needs {format_bytes(feature_bytes + mask_bytes)} "
-                          f"on disk but {format_bytes(free)} are free; {hint}")
+            raise OSError(
+                f"{self.disk_dir}: the {self.name} feature cache needs {format_bytes(feature_bytes + mask_bytes)} "
+                f"on disk but {format_bytes(free)} are free; {hint}"
+            )
         reserved = []
         for size, stable in zip((feature_bytes, mask_bytes), paths):
             if size == 0:
@@ -94,13 +117,17 @@ class FeatureCache:
                 for made in [*reserved, path]:  # nothing half-reserved stays behind
                     made.unlink(missing_ok=True)
                 self.files = [f for f in self.files if f not in reserved]
-                raise OSError(f"{path.parent}: the {self.name} feature cache ({format_bytes(size)}) could not be "
-                              f"reserved on disk ({err.strerror or err}); {hint}") from err
+                raise OSError(
+                    f"{path.parent}: the {self.name} feature cache ({format_bytes(size)}) could not be "
+                    f"reserved on disk ({err.strerror or err}); {hint}"
+                ) from err
             self.files.append(path)
             reserved.append(path)
         return reserved
 
-    def reuse(self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]) -> bool:
+    def reuse(
+        self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]
+    ) -> bool:
         """Map a complete cache left by a run with the same key (a resumed run); False if there is none."""
         record = self._stable_path("json")
         try:
@@ -124,12 +151,13 @@ class FeatureCache:
         """Store the next batch, in order; the first batch reserves room for `count` samples stored as `dtype`."""
         if self.features is None:
             self.allocate(count, tuple(features.shape[1:]), dtype, tuple(masks.shape[1:]))
-        self.features[self.filled: self.filled + len(features)] = features.to("cpu", self.features.dtype)
-        self.masks[self.filled: self.filled + len(features)] = masks.to(torch.uint8)
+        self.features[self.filled : self.filled + len(features)] = features.to("cpu", self.features.dtype)
+        self.masks[self.filled : self.filled + len(features)] = masks.to(torch.uint8)
         self.filled += len(features)
 
     def finish(self) -> None:
-        """Mark the cache complete; a resumable cache writes its record last, atomically, which makes the files reusable."""
+        """Mark the cache complete. A resumable cache writes its record last, atomically: the record is
+        what makes its files reusable."""
         if self.key is not None:
             write_json(self._stable_path("json"), self.key)
         self.ready = True
@@ -138,8 +166,9 @@ class FeatureCache:
         """Cached samples (0 when this process's share of the split is empty)."""
         return len(self.features) if self.features is not None else 0
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (features, masks). With `views` > 1 the cache holds that many consecutive views
         of each image, and every pass draws one view per image (from `generator`) before shuffling."""
         views = self.views
@@ -148,7 +177,7 @@ class FeatureCache:
         if views > 1:
             order = order * views + torch.randint(views, (count,), generator=generator)
         for start in range(0, count, batch_size):
-            index = order[start: start + batch_size]
+            index = order[start : start + batch_size]
             if not shuffle and views == 1:  # contiguous slices: no gather copy
                 index = slice(start, start + len(index))
             yield self.features[index].float(), self.masks[index].long()

@@ -4,6 +4,7 @@ linear warmup (the DINOv2 paper's segmentation recipe: poly, power 1, 1500 warmu
 The warmup follows mmcv's `linear` warmup, which Meta's mmseg configs use: during the first
 `warmup` steps the decayed rate is scaled by 1 - (1 - 1e-6) (1 - step / warmup), from a
 millionth of it up to all of it."""
+
 from __future__ import annotations
 
 import math
@@ -36,12 +37,22 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
     def state_dict(self) -> dict:
         """The position only: a resumed run's schedule shape comes from its flags (a longer --steps
         stretches the decay to the new end), not from the checkpoint."""
-        return {key: value for key, value in super().state_dict().items()
-                if key not in ("kind", "total_steps", "warmup_steps")}
+        return {
+            key: value
+            for key, value in super().state_dict().items()
+            if key not in ("kind", "total_steps", "warmup_steps")
+        }
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, *, total_steps: int, warmup_steps: int = 0,
-                    milestones: list[int] | None = None, gamma: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    milestones: list[int] | None = None,
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
     """`multistep`: MultiStepLR over epochs (step it once per epoch); `poly`/`cosine`: `StepSchedule`."""
     check_schedule(kind, warmup_steps)
     if kind == "multistep":
@@ -64,4 +75,4 @@ def current_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
     if isinstance(scheduler, StepSchedule):
         return scheduler.factor()
     decays = sum(count for milestone, count in scheduler.milestones.items() if milestone <= scheduler.last_epoch)
-    return scheduler.gamma ** decays
+    return scheduler.gamma**decays
