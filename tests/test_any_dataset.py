@@ -108,6 +108,7 @@ def test_unreadable_or_missing_description_file(tmp_path):
         load_dataset_spec(tmp_path, tmp_path / "other.json")
 
 
+@pytest.mark.slow
 def test_three_class_dataset_trains_end_to_end(tmp_path):
     colors = [(128, 64, 128), (64, 0, 128), (64, 64, 0)]
     data = make_dataset(
@@ -160,6 +161,7 @@ def make_devkit(root, stems=("2007_000001", "2007_000002", "2007_000003", "2007_
     return root / "VOCdevkit"
 
 
+@pytest.mark.slow
 def test_voc_tar_conversion(tmp_path):
     devkit = make_devkit(tmp_path / "src")
     with tarfile.open(tmp_path / "VOCtrainval_11-May-2012.tar", "w") as tar:
@@ -183,6 +185,7 @@ def test_voc_tar_conversion(tmp_path):
     assert again.returncode == 1 and "already exists and is not empty" in again.stderr
 
 
+@pytest.mark.slow
 def test_extracted_devkit_with_sbd_augmented_masks_trains(tmp_path):
     devkit = make_devkit(tmp_path / "src")
     aug = tmp_path / "SegmentationClassAug"
@@ -215,6 +218,7 @@ def test_extracted_devkit_with_sbd_augmented_masks_trains(tmp_path):
     assert trained.returncode == 0, trained.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_prepare_voc_errors(tmp_path):
     result = run_script("prepare_voc.py", "--source", tmp_path)
     assert result.returncode == 1 and "no ImageSets/Segmentation below it" in result.stderr

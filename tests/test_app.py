@@ -22,6 +22,8 @@ from inference import Predictor
 from tests.conftest import ROOT
 from tests.test_inference import make_video
 
+pytestmark = pytest.mark.slow  # every test builds the demo's model; one drives a browser
+
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "outputs" / "test_artifacts"))
 
 
@@ -102,7 +104,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def browser_or_skip():
-    """Playwright with Debian's chromium (README "Web demo"); CI sets REQUIRE_BROWSER=1 so a missing
+    """Playwright with Debian's chromium (docs/demo.md); CI sets REQUIRE_BROWSER=1 so a missing
     browser fails there instead of skipping."""
     missing = None
     sync_playwright = None

@@ -76,6 +76,7 @@ def test_local_hub_dir_runs_meta_code(hub_dir):
     assert [tuple(m.shape) for m in maps] == [(1, 384, 4, 5)] * 4
 
 
+@pytest.mark.slow
 def test_official_weights_give_the_same_features_from_every_source(hub_dir, meta_backbone, meta_weights, image_518):
     reference = features(meta_backbone, image_518)
     via_hub_code = features(load_backbone("small", source="local", hub_dir=hub_dir, weights=meta_weights), image_518)
@@ -88,6 +89,7 @@ def test_official_weights_give_the_same_features_from_every_source(hub_dir, meta
         torch.testing.assert_close(timm_map, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height, width", [(224, 224), (644, 644), (224, 308), (98, 126), (518, 518)])
 def test_timm_features_equal_the_hub_features_at_every_size(meta_backbone, meta_weights, height, width):
     # Meta's code interpolates the position embeddings its own way; the timm source must match it
@@ -151,6 +153,7 @@ def test_segmentation_checkpoint_given_as_weights_is_explained(trained_run):
         load_backbone("small", source="timm", weights=trained_run[0] / "best_model_iou.pth")
 
 
+@pytest.mark.slow
 def test_resume_with_other_flags_names_the_field(trained_run, tiny_dataset):
     last = trained_run[0] / "last.pth"
     common = (
@@ -200,11 +203,13 @@ def hub_trained_checkpoint(hub_dir, meta_weights, tiny_dataset, tmp_path_factory
     return out_dir / "final_model.pth"
 
 
+@pytest.mark.slow
 def test_train_py_with_a_local_clone_and_official_weights(hub_trained_checkpoint, hub_dir):
     info = load_checkpoint(hub_trained_checkpoint)["model_info"]
     assert info["arch"]["source"] == "local" and info["hub_dir"] == str(hub_dir)
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_with_timm_when_the_hub_code_is_gone(
     hub_trained_checkpoint, hub_dir, image_518, tmp_path, capsys
 ):
@@ -219,12 +224,14 @@ def test_checkpoint_rebuilds_with_timm_when_the_hub_code_is_gone(
         torch.testing.assert_close(model(image_518), expected, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_model_py_accepts_a_hub_dir(hub_dir):
     result = run_script("model.py", "--hub-dir", hub_dir, "--no-pretrained", "--imgsz", "224", "224")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DinoVisionTransformer" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_meta_code_exports_through_timm(hub_trained_checkpoint, tmp_path):
     """export.py traces timm's code with the keys converted and checks the file against Meta's own model."""
     pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.txt")

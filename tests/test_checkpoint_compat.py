@@ -4,6 +4,7 @@ written by the code of its time (the script beside it says how) and is never reg
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
@@ -23,6 +24,7 @@ def test_an_old_checkpoint_rebuilds_the_model_that_wrote_it():
     assert torch.allclose(logits, expected["logits"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_predicts_and_resumes(tmp_path):
     predictor = Predictor.from_checkpoint(OLD, device="cpu")
     assert predictor.classes == ["background", "road", "car"]

@@ -132,6 +132,7 @@ def classified(folders, tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_a_run_writes_every_artefact_and_reports_each_method(classified):
     out, stdout = classified
     for name in (
@@ -157,6 +158,7 @@ def test_a_run_writes_every_artefact_and_reports_each_method(classified):
     assert not list(out.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_the_embeddings_until_a_file_changes(classified, folders):
     out, _ = classified
     again = run_script(
@@ -174,6 +176,7 @@ def test_a_second_run_reuses_the_embeddings_until_a_file_changes(classified, fol
     assert "val: 6 embeddings extracted" in third.stdout and "cache: the files changed" in third.stdout
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_writes_one_row_per_image(classified, folders, tmp_path):
     out, _ = classified
     result = run_script(
@@ -202,6 +205,7 @@ def test_predict_on_a_folder_writes_one_row_per_image(classified, folders, tmp_p
     assert "6 images ->" in result.stdout
 
 
+@pytest.mark.slow
 def test_val_fraction_splits_one_folder_per_class_reproducibly(tmp_path):
     make_image_folders(tmp_path / "made", classes=2, n_train=5, n_val=0)
     first, second = (
@@ -245,6 +249,7 @@ def broken_folders(tmp_path, problem):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "problem, flags, message",
     [
@@ -264,6 +269,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, problem, flags, mess
     assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".pth", ".pt", ".json", ".csv")]
 
 
+@pytest.mark.slow
 def test_classifiers_and_segmentation_checkpoints_are_not_mixed_up(classified, trained_run, tmp_path):
     out, _ = classified
     segmentation = trained_run[0] / "best_model_iou.pth"
@@ -283,6 +289,7 @@ def test_classifiers_and_segmentation_checkpoints_are_not_mixed_up(classified, t
     )
 
 
+@pytest.mark.slow
 def test_bench_measures_extraction_and_knn_over_stored_embeddings():
     result = run_script(
         "bench.py",

@@ -20,6 +20,8 @@ from evaluation import evaluate_pairs
 from inference import Predictor
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test starts torchrun processes
+
 FLAGS = ("--imgsz", "56", "42", "--batch", "2", "--lr", "1e-3", "--source", "timm", "--no-pretrained", "--workers", "0")
 
 
@@ -129,7 +131,7 @@ RANK_ONE_FAILS = """
 import sys, argparse, torch
 sys.path.insert(0, sys.argv[1])
 from cli import run_cli
-from distributed import all_reduce_sum, init_distributed, rank
+from utils import all_reduce_sum, init_distributed, rank
 
 def main(args):
     init_distributed("cpu", 0.5)

@@ -133,6 +133,7 @@ def test_split(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_py_on_a_test_split_under_torchrun_equals_one_process(trained_run, test_split, tmp_path):
     checkpoint = trained_run[0] / "best_model_iou.pth"
     flags = ("--model", checkpoint, "--data-dir", test_split, "--split", "test", "--workers", "0", "--seed-metric")

@@ -23,6 +23,8 @@ pytest.importorskip("onnxscript", reason="pip install -r requirements-export.txt
 
 from dinokit.prediction.deployment import OnnxNetwork, export_network, write_metadata  # noqa: E402  (needs the packages above)
 
+pytestmark = pytest.mark.slow  # every test exports a model (module fixture) and runs onnxruntime
+
 
 @pytest.mark.parametrize("out_size", [16, 23, 37, 46, 1])
 def test_bicubic_matrix_is_the_position_embedding_interpolation(out_size):

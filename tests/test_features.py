@@ -58,6 +58,7 @@ def test_foreground_is_the_smaller_side_of_the_first_component(object_share):
     assert torch.equal(mask.view(-1), expected) and flipped == (object_share > 0.5)
 
 
+@pytest.mark.slow
 def test_images_get_a_map_and_an_overlay_at_their_size(tiny_dataset, tmp_path):
     out = tmp_path / "maps"
     result = run_script(
@@ -86,6 +87,7 @@ def test_images_get_a_map_and_an_overlay_at_their_size(tiny_dataset, tmp_path):
     assert saved["layer"] == 9
 
 
+@pytest.mark.slow
 def test_foreground_run_blacks_out_the_background(tiny_dataset, tmp_path):
     result = run_script(
         "visualize_features.py",
@@ -106,6 +108,7 @@ def test_foreground_run_blacks_out_the_background(tiny_dataset, tmp_path):
     assert 0.3 < black < 1.0  # the larger side, masked; the rest coloured
 
 
+@pytest.mark.slow
 def test_video_map_keeps_frame_count_size_and_fps(tmp_path):
     make_video(tmp_path / "clip.mp4", frames=7, size=(64, 48), fps=12.0)
     result = run_script(
@@ -126,6 +129,7 @@ def test_video_map_keeps_frame_count_size_and_fps(tmp_path):
     assert (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (128, 48)
 
 
+@pytest.mark.slow
 def test_a_sampled_pca_when_the_features_do_not_fit(tiny_dataset, tmp_path):
     result = run_script(
         "visualize_features.py",
@@ -146,6 +150,7 @@ def test_a_sampled_pca_when_the_features_do_not_fit(tiny_dataset, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
@@ -167,6 +172,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_features_notebook_executes_headless(tiny_dataset):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

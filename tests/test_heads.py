@@ -115,6 +115,7 @@ def test_centred_padding_is_metas_center_padding():
         assert model(torch.randn(1, 3, 20, 31)).shape == (1, 3, 20, 31)
 
 
+@pytest.mark.slow
 def test_infer_image_with_a_released_head_and_no_training(tmp_path):
     mmseg_head_file(tmp_path / "voc_ms.pth", 1536, 21)
     cv2.imwrite(str(tmp_path / "photo.jpg"), np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8))
@@ -140,6 +141,7 @@ def test_infer_image_with_a_released_head_and_no_training(tmp_path):
     assert neither.returncode == 1 and "give --model CKPT (a model trained here) or --head-weights" in neither.stderr
 
 
+@pytest.mark.slow
 def test_a_one_block_head_trains_end_to_end(tiny_dataset, tmp_path):
     result = run_script(
         "train.py",
@@ -164,6 +166,7 @@ def test_a_one_block_head_trains_end_to_end(tiny_dataset, tmp_path):
     assert checkpoint["model"]["head.classifier.weight"].shape == (21, 384, 1, 1)
 
 
+@pytest.mark.slow
 def test_training_can_start_from_a_released_head(tiny_dataset, tmp_path):
     mmseg_head_file(tmp_path / "voc_ms.pth", 1536, 21)
     flags = ("--data-dir", tiny_dataset, "--epochs", "1", "--imgsz", "56", "42", "--batch", "4", *OFFLINE)

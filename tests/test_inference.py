@@ -45,6 +45,7 @@ def test_overlay_leaves_background_pixels_untouched(checkpoint):
     assert blended[0, 0].tolist() == [146, 114, 114]  # halfway between grey 100 and person (192,128,128)
 
 
+@pytest.mark.slow
 def test_infer_image_on_a_folder_of_odd_sizes(checkpoint, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -64,6 +65,7 @@ def test_infer_image_on_a_folder_of_odd_sizes(checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gray.jpg", "gray_mask.png", "wide.jpg", "wide_mask.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_input, message",
     [
@@ -78,6 +80,7 @@ def test_infer_image_errors(checkpoint, tmp_path, make_input, message):
     assert result.returncode == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_infer_image_rejects_a_truncated_checkpoint(checkpoint, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(checkpoint.read_bytes()[:1000])
@@ -106,6 +109,7 @@ def read_video(path):
     return count, size, fps
 
 
+@pytest.mark.slow
 def test_infer_video_keeps_frame_count_size_and_fps(checkpoint, tmp_path):
     make_video(tmp_path / "clip.mp4", frames=20, size=(150, 110), fps=12.0)
     result = run_script(
@@ -125,6 +129,7 @@ def test_infer_video_keeps_frame_count_size_and_fps(checkpoint, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["clip.mp4"]  # no partial file left
 
 
+@pytest.mark.slow
 def test_infer_video_truncated_clip_ends_cleanly_with_a_playable_file(checkpoint, tmp_path):
     make_video(tmp_path / "clip.avi", frames=20, size=(96, 64), fps=10.0)
     data = (tmp_path / "clip.avi").read_bytes()
@@ -137,6 +142,8 @@ def test_infer_video_truncated_clip_ends_cleanly_with_a_playable_file(checkpoint
     assert 0 < frames < 20 and size == (96, 64)
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content", [("fake.mp4", b"\x00" * 1000), ("notes.jpg", b"a text file, not a video")])
 def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path, name, content):
     (tmp_path / name).write_bytes(content)  # OpenCV "opens" notes.jpg as an image sequence without a frame size
@@ -162,6 +169,7 @@ def run_notebook(parameters: str) -> list:
     return outputs
 
 
+@pytest.mark.slow
 def test_notebook_executes_headless(trained_run, tiny_dataset):
     outputs = run_notebook(
         f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
@@ -171,6 +179,7 @@ def test_notebook_executes_headless(trained_run, tiny_dataset):
     assert any("mIoU" in o.get("text", "") for o in outputs)
 
 
+@pytest.mark.slow
 def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path):
     mmseg_head_file(tmp_path / "voc_linear.pth", 384, 21)
     outputs = run_notebook(
@@ -183,6 +192,7 @@ def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, predictions, IoU bars
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode",
     [

@@ -91,6 +91,7 @@ def test_offline_hub_failure_is_one_clear_line(monkeypatch, capsys):
     assert str(exit_info.value).startswith("error: could not load dinov2_vits14 from torch.hub")
 
 
+@pytest.mark.slow
 def test_model_py_prints_a_summary():
     result = run_script("model.py", "--source", "timm", "--no-pretrained", "--imgsz", "224", "224")
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,6 @@
 """Inputs and faults that used to end with exit 0 and a wrong result, or a destroyed file (issue 11).
 
-Grouped as the README's robustness section: data read wrongly without a word, files destroyed
+Grouped as docs/troubleshooting.md is: data read wrongly without a word, files destroyed
 or mixed up, recovery that did not recover. Scripts run as users run them, in a subprocess."""
 
 import csv
@@ -69,6 +69,7 @@ def make_binary_dataset(root, classes=BINARY_CLASSES, n_train=4, n_valid=2):
     return root
 
 
+@pytest.mark.slow
 def test_binary_masks_with_a_white_class_are_read_as_that_class(tmp_path):
     data = make_binary_dataset(tmp_path / "binary")
     train, _, check = build_datasets(data, (56, 42), load_dataset_spec(data))
@@ -140,6 +141,7 @@ def test_a_mask_drawn_on_the_unrotated_pixels_is_explained(dataset):
         build_datasets(dataset, (56, 42))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_damaged_jpeg_stops_before_training_naming_the_file(dataset, tmp_path, damage):
     path = dataset / "train_images" / "train_0004.jpg"
@@ -234,6 +236,7 @@ def checkpoint(trained_run):
     return trained_run[0] / "best_model_iou.pth"
 
 
+@pytest.mark.slow
 def test_infer_image_never_writes_over_its_inputs(checkpoint, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -257,6 +260,7 @@ def write_video(path, frames, size=(64, 48)):
     writer.release()
 
 
+@pytest.mark.slow
 def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
     # written under a private temporary name, then renamed: the result must not stay owner-only (0600)
     write_video(tmp_path / "clip.mp4", 2)
@@ -277,6 +281,7 @@ def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
     assert (tmp_path / "out" / "clip.mp4").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", 3)
     before = (tmp_path / "clip.mp4").read_bytes()
@@ -332,6 +337,7 @@ def test_an_incomplete_video_never_replaces_the_previous_result(checkpoint, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["clip.mp4"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_video_keeps_the_previous_result(checkpoint, tmp_path):
     write_video(tmp_path / "clip.mp4", 400)
     out = tmp_path / "out"
@@ -369,6 +375,7 @@ def test_ctrl_c_during_a_video_keeps_the_previous_result(checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["clip.mp4"]
 
 
+@pytest.mark.slow
 def test_a_rerun_without_resume_does_not_overwrite_the_previous_run(dataset, tmp_path):
     out = tmp_path / "run"
     assert train_cli(dataset, out).returncode == 0
@@ -382,6 +389,7 @@ def test_a_rerun_without_resume_does_not_overwrite_the_previous_run(dataset, tmp
     assert not (out / ".lock").exists()  # a finished run leaves no lock behind
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_at_once_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -390,7 +398,7 @@ def test_a_second_run_in_the_same_folder_at_once_is_refused(dataset, tmp_path):
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, sys.argv[1]); "
-            "from pathlib import Path; from run_folder import RunLock; "
+            "from pathlib import Path; from dinokit.runs.run_folder import RunLock; "
             "lock = RunLock(Path(sys.argv[2])); lock.acquire(); print('locked', flush=True); time.sleep(600)",
             str(ROOT),
             str(out),
@@ -406,6 +414,7 @@ def test_a_second_run_in_the_same_folder_at_once_is_refused(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_temporary_files_of_killed_processes_are_removed_on_start(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -451,6 +460,7 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_flags_given_on_resume_override_the_checkpoint(dataset, tmp_path):
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--lr", "1e-3").returncode == 0
@@ -495,6 +505,7 @@ def test_flags_given_on_resume_override_the_checkpoint(dataset, tmp_path):
     assert [float(row["lr"]) for row in read_rows(out / "metrics.csv")][-1] == 2e-4
 
 
+@pytest.mark.slow
 def test_resume_with_other_class_names_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     assert train_cli(dataset, out).returncode == 0
@@ -528,6 +539,7 @@ def test_resuming_a_bf16_or_fp32_run_with_fp16_starts_a_fresh_loss_scaler():
     assert scaler.get_scale() == 2.0**16
 
 
+@pytest.mark.slow
 def test_a_batch_of_one_with_a_one_token_grid_trains(dataset, tmp_path):
     result = run_script(
         "train.py",

@@ -147,6 +147,7 @@ def test_the_paper_schedule_by_hand_at_steps_0_1500_and_40000():
     assert lrs[40000] == 0.0
 
 
+@pytest.mark.slow
 def test_train_py_counts_a_paper_run_in_steps_and_resumes_to_a_longer_one(tiny_dataset, tmp_path):
     # 12 images, batch 4: 3 steps per epoch; --steps 5 is one full epoch and one of 2 steps
     flags = [

@@ -79,6 +79,7 @@ def test_truncated_mask_is_found_before_training(dataset, tmp_path):
     assert "EPOCH" not in result.stdout
 
 
+@pytest.mark.slow
 def test_unknown_mask_colour_in_validation_is_found_before_training(dataset, tmp_path):
     mask_path = dataset / "valid_labels" / "valid_0001.png"
     mask = cv2.imread(str(mask_path))
@@ -104,6 +105,7 @@ def test_an_error_inside_a_dataloader_worker_is_one_line(dataset, tmp_path):
     assert one_line(excinfo.value) == f"{pairs[0][1]}: file not found"
 
 
+@pytest.mark.slow
 def test_grayscale_and_rgba_images_are_converted(dataset, tmp_path):
     image = cv2.imread(str(dataset / "train_images" / "train_0000.jpg"))
     cv2.imwrite(str(dataset / "train_images" / "train_0000.jpg"), cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
@@ -114,6 +116,7 @@ def test_grayscale_and_rgba_images_are_converted(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, fragment",
     [
@@ -128,6 +131,7 @@ def test_bad_flags(dataset, tmp_path, flags, fragment):
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_class_count_is_refused(trained_run, tmp_path):
     checkpoint = load_checkpoint(trained_run[0] / "best_model_iou.pth")
     checkpoint["model_info"]["arch"]["num_classes"] = 5  # weights are for 21 classes
@@ -255,6 +259,7 @@ def wait_for(process, text):
     pytest.fail(f"{text!r} never printed: {process.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
     reference = run_script(
         "train.py",
@@ -309,6 +314,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
         assert row_got == pytest.approx(row_expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_last_checkpoint_and_prints_the_resume_command(dataset, tmp_path):
     _, process = start_training(dataset, tmp_path, 3)
     wait_for(process, "EPOCH: 2/3")

@@ -30,6 +30,7 @@ def test_a_step_schedule_moves_the_optimizer_every_step():
         build_scheduler(optimizer, "multistep", total_steps=10, warmup_steps=4)
 
 
+@pytest.mark.slow
 def test_train_py_steps_a_poly_schedule_per_optimizer_step(tiny_dataset, tmp_path):
     # 12 training images, batch 4: 3 steps per epoch, 6 in all
     result = run_script(

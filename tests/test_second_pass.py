@@ -1,5 +1,5 @@
 """Inputs and faults of the newer scripts that ended with exit 0 and a wrong or replaced result, or
-a misleading error (issue 24), grouped as the issue and the README's troubleshooting are:
+a misleading error (issue 24), grouped as the issue and docs/troubleshooting.md are:
 images read wrongly, outputs that replaced other results, resumed runs that were not the run they
 said, flags accepted that could not work, misleading errors, a video smaller than its input."""
 
@@ -143,6 +143,7 @@ def checkpoint(trained_run):
     return trained_run[0] / "best_model_iou.pth"
 
 
+@pytest.mark.slow
 def test_a_sixteen_bit_image_is_segmented_as_its_eight_bit_copy(checkpoint, tmp_path):
     """infer_image.py read 16-bit PNGs as pure white (convert("RGB") clips every value to 255)."""
     ramp = (np.linspace(0, 65535, 90 * 120).reshape(90, 120)).astype(np.uint16)
@@ -159,6 +160,7 @@ def test_a_sixteen_bit_image_is_segmented_as_its_eight_bit_copy(checkpoint, tmp_
     assert (tmp_path / "out_a" / "scan_mask.png").read_bytes() == (tmp_path / "out_b" / "scan_mask.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_training_data_in_a_refused_format_stops_before_training(tmp_path):
     data = make_dataset(tmp_path / "data", n_train=4, n_valid=2, size=(64, 48), seed=3)
     first = sorted((data / "train_images").iterdir())[0]
@@ -188,6 +190,7 @@ def class_folders(root, classes=("ants", "bees"), per_class=4):
 CLASSIFY = ("--imgsz", "28", "--source", "timm", "--no-pretrained", "--workers", "0", "--k", "2", "--epochs", "2")
 
 
+@pytest.mark.slow
 def test_classify_refuses_a_training_run_folder(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
@@ -206,6 +209,7 @@ def test_classify_refuses_a_training_run_folder(trained_run, tmp_path):
     assert files_of(run) == before
 
 
+@pytest.mark.slow
 def test_train_refuses_a_classifier_folder(tmp_path, tiny_dataset):
     out = tmp_path / "classifier"
     result = run_script(
@@ -227,6 +231,7 @@ def test_train_refuses_a_classifier_folder(tmp_path, tiny_dataset):
     assert files_of(out) == before
 
 
+@pytest.mark.slow
 def test_a_classifier_rerun_leaves_only_its_own_results(tmp_path):
     photos, out = class_folders(tmp_path / "photos"), tmp_path / "classifier"
     first = run_script("classify.py", "--data-dir", photos, "--val-fraction", "0.5", "--out-dir", out, *CLASSIFY)
@@ -271,6 +276,7 @@ def test_a_classifier_run_that_fails_leaves_no_half_set_of_results(tmp_path, mon
     assert not set(files_of(out)) & set(CLASSIFIER_RESULTS)
 
 
+@pytest.mark.slow
 def test_evaluation_reports_say_what_was_evaluated(checkpoint, tiny_dataset, tmp_path):
     reports = []
     for flags in ((), ("--flip",), ("--mode", "slide", "--short-side", "60", "--crop", "56", "--stride", "28")):
@@ -296,6 +302,7 @@ def test_evaluation_reports_say_what_was_evaluated(checkpoint, tiny_dataset, tmp
     assert len(list(tmp_path.glob("confusion_*.png"))) == 3
 
 
+@pytest.mark.slow
 def test_feature_maps_refuse_the_input_folder_like_inference(tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
@@ -310,6 +317,7 @@ def test_feature_maps_refuse_the_input_folder_like_inference(tmp_path):
     assert files_of(images) == before
 
 
+@pytest.mark.slow
 def test_inference_refuses_a_training_run_folder(checkpoint, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(checkpoint.parent, run)
@@ -318,6 +326,7 @@ def test_inference_refuses_a_training_run_folder(checkpoint, tmp_path):
     one_line_error(result, f"{run}: holds a training run (train.py)")
 
 
+@pytest.mark.slow
 def test_export_removes_the_temporary_files_of_killed_exports(checkpoint, tmp_path):
     out = tmp_path / "exports"
     out.mkdir()
@@ -346,6 +355,7 @@ def test_an_unwritable_output_folder_fails_before_the_work(checkpoint, tiny_data
     assert "Scoring" not in result.stdout and "self-check" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_refused_report_folder_stops_every_torchrun_process(checkpoint, tiny_dataset, tmp_path):
     """Rank 0 checks the folder; its refusal reaches rank 1 instead of leaving it waiting in a collective."""
     blocker = tmp_path / "a_file"
@@ -472,6 +482,7 @@ def test_flags_not_given_on_resume_are_the_checkpoints():
     assert args.workers != 7  # where this process runs is its own
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -618,6 +629,7 @@ def test_a_file_given_to_the_wrong_flag_is_named_for_what_it_is(odd_files, tmp_p
     one_line_error(result, message)
 
 
+@pytest.mark.slow
 def test_an_offline_head_download_says_nothing_about_the_backbone(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 20, 3), np.uint8))
     result = run_script(
@@ -689,6 +701,7 @@ def test_an_odd_sized_clip_keeps_its_last_column_and_row(tmp_path):
     assert decoded[10:100, 10:150].mean() < 20
 
 
+@pytest.mark.slow
 def test_infer_video_keeps_an_odd_sized_clip_whole(checkpoint, tmp_path):
     clip = tmp_path / "odd.gif"  # OpenCV's own writers crop odd sizes even for lossless codecs; a GIF keeps them
     frames = [Image.fromarray(np.full((119, 161, 3), 60 * i, np.uint8)) for i in range(3)]

@@ -116,6 +116,7 @@ def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
     assert build_optimizer(model, args).param_groups[1]["lr"] == 5e-6
 
 
+@pytest.mark.slow
 def test_train_py_with_cached_train_features(tiny_dataset, tmp_path):
     result = run_script(
         "train.py",

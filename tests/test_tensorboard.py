@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import OFFLINE, run_script
 
+pytestmark = pytest.mark.slow  # every test reads a trained run's event files
+
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator", reason="pip install tensorboard"
 )

@@ -54,6 +54,7 @@ def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_
     assert set(checkpoint) >= {"model", "optimizer", "scheduler", "epoch", "metrics", "args"}
 
 
+@pytest.mark.slow
 def test_final_validation_is_what_evaluate_py_measures(trained_run, tiny_dataset, tmp_path):
     # train.py's last figure: the best checkpoint on the validation split at original resolution,
     # by the same code as evaluate.py (the per-epoch figures are at the training size).
@@ -94,6 +95,7 @@ def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(tra
     assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
     common = ("--data-dir", tiny_dataset, "--imgsz", "56", "42", "--batch", "4", "--out-dir", tmp_path, *OFFLINE)
     first = run_script("train.py", "--epochs", "1", *common)

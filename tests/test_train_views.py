@@ -22,6 +22,7 @@ FLAGS = ("--imgsz", "56", "42", "--batch", "4", "--lr", "1e-3", "--seed", "7", "
 CPU = LoopSettings(torch.device("cpu"), 21, 255, None)
 
 
+@pytest.mark.slow
 def test_the_backbone_runs_k_times_per_training_image_and_once_per_validation_image(
     tiny_dataset, trained_run, tmp_path
 ):
@@ -125,6 +126,7 @@ def test_a_views_cache_the_disk_cannot_hold_is_refused_before_any_backbone_pass(
     assert not list(tmp_path.glob("train_views*"))
 
 
+@pytest.mark.slow
 def test_a_killed_views_run_reuses_its_cache_and_resumes_to_the_same_metrics(tiny_dataset, tmp_path):
     common = ["--data-dir", str(tiny_dataset), "--epochs", "3", "--train-views", "3", *FLAGS, "--workers", "1"]
     straight = run_script("train.py", *common, "--out-dir", tmp_path / "straight")
@@ -158,6 +160,7 @@ def test_a_killed_views_run_reuses_its_cache_and_resumes_to_the_same_metrics(tin
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_views_are_refused_with_fine_tuning_and_with_one_view_of_the_paper_recipe(tmp_path):
     for flags, message in (
         (["--fine-tune", "--train-views", "2"], "--train-views / --cache-train-features need a frozen backbone"),
