@@ -7,6 +7,9 @@ SAMPLE_DATA ?= input/sample_voc
 # Backbone source, see docs/backbones.md: e.g. DEMO_FLAGS="--source timm --weights dinov2_vits14_pretrain.pth",
 # DEMO_FLAGS="--hub-dir ../dinov2 --weights dinov2_vits14_pretrain.pth", or DEMO_FLAGS="--source timm --no-pretrained".
 DEMO_FLAGS ?=
+# Test processes (pytest-xdist); each test module runs whole in one of them, so module fixtures are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: venv demo test test-fast lint format clean-demo
 
@@ -28,10 +31,10 @@ demo: venv $(SAMPLE_DATA)
 	$(BIN)/python train.py --data-dir $(SAMPLE_DATA) --epochs 3 --imgsz 224 224 --batch 4 --lr 1e-3 --workers 2 --out-dir demo --exist-ok $(DEMO_FLAGS)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: venv
 	$(BIN)/ruff check .
