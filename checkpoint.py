@@ -1,4 +1,5 @@
-"""The checkpoint format: what train.py saves, loading it safely, and rebuilding a model from it alone.
+"""The model's file formats: what train.py saves, loading it safely, rebuilding a model from it
+alone, and a training run's checkpoint files; Meta's released heads as a ready model too.
 
 A checkpoint is a plain dict: `format`, `model` (state dict), `optimizer`, `scheduler`, `scaler`,
 `epoch`, `metrics`, `best`, `history`, `overrides`, `args`, and `model_info` (`model_info` below:

@@ -1,10 +1,9 @@
 """What every script shares: how it ends (a user's mistake as one `error:` line and exit 1,
-Ctrl-C as exit 130) and the backbone flags.
+Ctrl-C as exit 130), its parser, and every flag that more than one script takes, declared once:
+device and precision, the backbone, the model (checkpoint, ONNX file or Meta's head), the
+inference mode; and what those flags become (`backbone_kwargs`, `mode_from_args`).
 
-Exceptions that mean "the input or the environment is wrong, not the code" derive from
-`UserError`, defined here, in a module no script runs as `__main__`: a script that defines its
-own error class (model.py) is `__main__` when run, and `except model.SomeError` would not match
-its `__main__.SomeError`; a shared base class matches either way.
+A user's mistake is a `dinokit.errors.UserError` (why a shared base class: see there).
 """
 
 from __future__ import annotations

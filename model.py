@@ -1,5 +1,6 @@
-"""The segmentation model: a DINOv2 backbone (dinokit/backbones/loading.py) + DINOv2's linear head (BatchNorm +
-1x1 conv over the patch tokens of the last four blocks), logits upsampled to the image.
+"""The segmentation model: a DINOv2 backbone (dinokit/backbones/loading.py) + DINOv2's linear head
+(BatchNorm + 1x1 conv over the patch tokens of the last block or the last four), logits upsampled
+to the image; and `PatchFeatures`, a backbone reduced to one block's patch features (feature maps).
 
 Run `python model.py` to print a torchinfo summary of the model at 644x644.
 """
