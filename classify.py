@@ -69,6 +69,15 @@ CURVES = (("loss", "Loss", "loss.png"), ("top1", "Top-1 accuracy", "accuracy.png
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_flags(parser)
+    add_backbone_args(parser)
+    add_classifier_flags(parser)
+    add_run_flags(parser)
+    add_prediction_flags(parser)
+    return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data-dir",
@@ -90,8 +99,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch", type=at_least(1), default=64, help="images per forward while extracting embeddings")
     data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="image decoding processes")
-    add_backbone_args(parser)
 
+
+def add_classifier_flags(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("classifiers")
     method.add_argument(
         "--features",
@@ -117,6 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     method.add_argument("--cosine", action="store_true", help="cosine learning-rate decay over the probe's steps")
     method.add_argument("--probe-batch", type=at_least(1), default=64, help="linear probe batch size")
 
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--out-dir",
@@ -126,11 +138,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_args(run)
     run.add_argument("--seed", type=int, default=0, help="the split, the probe's initialisation and batch order")
 
+
+def add_prediction_flags(parser: argparse.ArgumentParser) -> None:
     predict = parser.add_argument_group("prediction")
     predict.add_argument("--predict", action="store_true", help="classify --input with a classifier.pth")
     predict.add_argument("--model", default=None, help="a classifier.pth written by classify.py")
     predict.add_argument("--input", default=None, help="an image or a folder of images (searched recursively)")
-    return parser
 
 
 def main(args: argparse.Namespace) -> None:

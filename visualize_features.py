@@ -90,6 +90,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-frames", type=at_least(0), default=0, help="video: stop after N frames (0: the whole clip)"
     )
+    add_pca_flags(parser)
+    add_device_args(parser)
+    parser.add_argument("--out-dir", default=str(config.OUTPUT_DIR / "feature_maps"))
+    return parser
+
+
+def add_pca_flags(parser: argparse.ArgumentParser) -> None:
+    """What the PCA is fitted on and how much memory it may take."""
     parser.add_argument(
         "--save-features",
         action="store_true",
@@ -110,9 +118,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=at_least(1), default=8, help="images or frames per backbone forward")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patch sample")
-    add_device_args(parser)
-    parser.add_argument("--out-dir", default=str(config.OUTPUT_DIR / "feature_maps"))
-    return parser
 
 
 @dataclass
