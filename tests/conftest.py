@@ -1,5 +1,6 @@
 """Shared fixtures. Every test runs offline: sockets are refused, backbones are random-init timm ViTs."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dinokit.data.synthetic import make_dataset  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`make test &`) has SIGINT ignored,
+# and scripts started from it would inherit that: the Ctrl-C tests' scripts would never see theirs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Flags for an offline train.py run: random-init timm backbone, data loaded in-process.
 OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
