@@ -56,7 +56,9 @@ class FeatureCache:
     def allocate(
         self, count: int, feature_shape: tuple[int, ...], dtype: torch.dtype, mask_shape: tuple[int, ...]
     ) -> None:
-        """Reserve the storage (size printed; a disk that cannot hold it refused before any work)."""
+        """Reserve the storage (size printed; a disk that cannot hold it refused before any work); `add`
+        fills it from the start."""
+        self.filled = 0
         feature_bytes = count * math.prod(feature_shape) * dtype.itemsize
         mask_bytes = count * math.prod(mask_shape)
         if self.key is None and feature_bytes + mask_bytes <= self.memory_budget:
