@@ -16,6 +16,10 @@
 5. Export (export.py): ms/image of the predict path at --imgsz, PyTorch eager float32 against the
    onnxruntime float32 / int8 / float16 files, and each one's pixel agreement with PyTorch's
    predictions on --agreement-images (default: the generated images). Needs requirements-export.txt.
+6. Backbones side by side (--compare, default DINOv2 ViT-S/14, DINOv3 ViT-S/16 and ViT-B/16), random
+   init from timm, at --imgsz rounded up to each one's patch size (640 -> 644 = 46x46 tokens for /14,
+   640 = 40x40 for /16): a frozen training step at --batch, a forward at batch 1, and the bytes one
+   cached training view takes (features in the training precision + the uint8 mask).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from dinokit.classification.embeddings import ClassificationTransform, extract
 from dinokit.classification.image_folders import class_images
 from dinokit.data.image_files import list_image_files, read_image
 from dinokit.data.labels import VOC
-from dinokit.data.resize import preprocess
+from dinokit.data.resize import preprocess, round_to_patch
 from dinokit.data.synthetic import make_dataset, make_image_folders
 from dinokit.prediction.modes import InferenceMode
 from dinokit.runs.reports import format_bytes
@@ -52,9 +56,11 @@ from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_
 from inference import Predictor, window_grid
 from metrics import ConfusionMatrix
 from model import Dinov2Segmentation
+from model_config import BACKBONE_NAMES
 from utils import autocast, select_device, select_precision
 
 NUM_CLASSES = len(config.CLASSES)  # the synthetic benchmark data is VOC-coloured
+COMPARED_BACKBONES = ("dinov2_vits14", "dinov3_vits16", "dinov3_vitb16")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,7 +91,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="export: images on which each engine's predictions are compared (default: generated)",
     )
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=("epochs", "inference", "modes", "memory", "classification", "export")
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones"),
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=list(COMPARED_BACKBONES),
+        choices=BACKBONE_NAMES,
+        metavar="NAME",
+        help="backbones of the side-by-side section (default: %(default)s)",
     )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
@@ -237,7 +254,8 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
     predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, InferenceMode(imgsz=tuple(args.imgsz)))
     width, height = args.imgsz
     image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    tensor = preprocess(image, (height, width), config.MEAN, config.STD).to(device)
+    width, height = predictor.mode.imgsz  # rounded up to the backbone's patch size
+    tensor = preprocess(image, (height, width), predictor.info["mean"], predictor.info["std"]).to(device)
     backbone = predictor.model.backbone
 
     def bare():
@@ -267,6 +285,7 @@ def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -
     lines = ["| mode | forwards | ms/image |", "|---|---|---|"]
     for mode in modes:
         predictor = Predictor.from_checkpoint(checkpoint, str(device), args.amp, mode)
+        mode = predictor.mode  # with the backbone's window size
         forwards = sum(
             len(window_grid(*mode.pass_size(375, 500, scale), mode.crop, mode.stride)) if mode.mode == "slide" else 1
             for scale in mode.scales
@@ -416,6 +435,48 @@ def bench_export(args: argparse.Namespace, device: torch.device, out_dir: Path) 
     return lines + [f"\n({len(images)} agreement images from {folder}; export s includes its self-check)"]
 
 
+def bench_backbones(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Section 6 (module docstring): each --compare backbone at --imgsz rounded to its patch size."""
+    lines = [
+        "| backbone | patch | input | tokens | params | frozen train step ms | forward ms/image | cache bytes/view |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [backbone_row(name, args, device) for name in args.compare]
+    return lines + ["\n(random-init timm backbones: the timings do not depend on the weights' values)"]
+
+
+def backbone_row(name: str, args: argparse.Namespace, device: torch.device) -> str:
+    """One backbone's row of `bench_backbones`: a frozen training step, a batch-1 forward, a cached view's bytes."""
+    amp_dtype = select_precision(device, args.amp)
+    torch.manual_seed(0)
+    model = Dinov2Segmentation(NUM_CLASSES, backbone=name, source="timm", pretrained=False).to(device)
+    width, height = round_to_patch(args.imgsz, model.patch_size)
+    images = torch.randn(args.batch, 3, height, width, device=device)
+    target = torch.randint(0, NUM_CLASSES, (args.batch, height, width), device=device)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-5)
+
+    def step():
+        with autocast(device, amp_dtype):
+            loss, _ = pixel_cross_entropy(model.train()(images), target, config.IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def forward():
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            model.eval()(images[:1])
+
+    step(), forward()  # warm-up
+    train_ms, forward_ms = timed(step, args.repeats, device), timed(forward, args.repeats, device)
+    channels, rows, cols = model.feature_shape(height, width)
+    view = channels * rows * cols * (amp_dtype or torch.float32).itemsize + height * width
+    params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
+    return (
+        f"| {model.spec.hub_name} | {model.patch_size} | {width}x{height} | {cols}x{rows} | {params:.0f}M "
+        f"| {train_ms:.0f} | {forward_ms:.0f} | {format_bytes(view)} |"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
@@ -424,7 +485,7 @@ def main(args: argparse.Namespace) -> None:
     amp_dtype = select_precision(device, args.amp)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"# bench: ViT-{args.backbone} ({args.source}, "
+        f"# bench: {args.backbone} ({args.source}, "
         f"{'weights ' + args.weights if args.weights else 'random init'}), "
         f"{args.imgsz[0]}x{args.imgsz[1]}, batch {args.batch}, {name}, "
         f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, torch {torch.__version__}\n"
@@ -455,7 +516,10 @@ def main(args: argparse.Namespace) -> None:
                 f"## Export: PyTorch against onnxruntime at {args.imgsz[0]}x{args.imgsz[1]} "
                 f"(median of {args.repeats})\n"
             )
-            print("\n".join(bench_export(args, device, tmp)) + "\n")
+            print("\n".join(bench_export(args, device, tmp)) + "\n", flush=True)
+        if "backbones" not in args.skip:
+            print(f"## Backbones side by side at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
+            print("\n".join(bench_backbones(args, device)) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-import config
 from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_timm
 from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.data.labels import DatasetSpec
 from dinokit.writing import atomic_write
 from model import Dinov2Segmentation
+from model_config import get_backbone_spec
 from utils import broadcast_object, broadcast_state, is_main_process
 
 CHECKPOINT_FORMAT = 1
@@ -42,9 +42,22 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
         "ignore_colors": [list(c) for c in spec.ignore_colors],
         "mask_format": spec.mask_format,
         "imgsz": list(imgsz),
-        "mean": list(config.MEAN),
-        "std": list(config.STD),
+        "mean": list(model.mean),
+        "std": list(model.std),
+        # read from the backbone: the size rules and token layout of inference and export
+        "patch_size": model.patch_size,
+        "prefix_tokens": model.spec.prefix_tokens,
+        "licence": model.spec.licence,
     }
+
+
+def info_patch_size(info: dict[str, Any]) -> int:
+    """The patch size a model_info's backbone works in (checkpoints from before it was stored: from
+    the backbone's name)."""
+    if "patch_size" in info:
+        return int(info["patch_size"])
+    arch = info.get("arch", {})
+    return get_backbone_spec(arch.get("backbone", "small"), arch.get("registers", False)).patch_size
 
 
 def dataset_spec(info: dict[str, Any], source: str) -> DatasetSpec:
@@ -115,7 +128,9 @@ def build_model_from_checkpoint(
         pretrained=False,
         head_layers=arch.get("head_layers", 4),
         padding=arch.get("padding", "bottom_right"),
-    )  # older: 4, bottom_right
+        dropout=arch.get("dropout", 0.0),
+        normalization=arch.get("normalization", "imagenet"),
+    )  # older: 4, bottom_right, no dropout, ImageNet's normalisation
     state = checkpoint["model"]
     model = None
     if not timm or arch["source"] == "timm":

@@ -1,4 +1,4 @@
-"""Classify images with frozen DINOv2 embeddings: a weighted kNN and a linear probe, no backbone training.
+"""Classify images with frozen DINOv2 / DINOv3 embeddings: a weighted kNN and a linear probe, no backbone training.
 
     python classify.py --data-dir input/emds6                          # train/<class>/* and val/<class>/*
     python classify.py --data-dir input/photos --val-fraction 0.2      # one folder of class folders
@@ -59,7 +59,7 @@ from dinokit.classification.image_folders import ClassFolders, class_images, rea
 from dinokit.runs.reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
 from dinokit.runs.run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
 from dinokit.writing import write_json
-from model_config import PATCH_SIZE
+from model_config import BackboneSpec, get_backbone_spec
 from utils import autocast, seed_everything, select_device, select_precision
 
 METHODS = ("knn", "linear")
@@ -92,7 +92,10 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         help="split one folder of class folders: this share of each class to val (seeded by --seed)",
     )
     data.add_argument(
-        "--imgsz", type=int, default=224, help="centre-crop side (a multiple of 14; 224 -> short side 256)"
+        "--imgsz",
+        type=int,
+        default=224,
+        help="centre-crop side (a multiple of the patch size: 224 fits /14, /16 and ConvNeXt; 224 -> short side 256)",
     )
     data.add_argument(
         "--crop-pct", type=positive, default=0.875, help="resize the short side to imgsz / crop-pct first"
@@ -193,11 +196,16 @@ def check_args(args: argparse.Namespace) -> None:
     """Flag values that would only fail later, named."""
     if args.predict and (args.model is None or args.input is None):
         raise ValueError("--predict needs --model CLASSIFIER.pth and --input FILE_OR_FOLDER")
-    if args.imgsz < PATCH_SIZE or args.imgsz % PATCH_SIZE or not 0 < args.crop_pct <= 1:
+    spec = get_backbone_spec(args.backbone, args.registers)
+    patch = spec.patch_size
+    if args.imgsz < patch or args.imgsz % patch or not 0 < args.crop_pct <= 1:
         raise ValueError(
-            f"--imgsz {args.imgsz} --crop-pct {args.crop_pct}: the crop must be a multiple of {PATCH_SIZE} "
-            "(224, 518, ...) and crop-pct in (0, 1]"
+            f"--imgsz {args.imgsz} --crop-pct {args.crop_pct}: the crop must be a multiple of {spec.hub_name}'s "
+            f"patch size {patch} ({', '.join(str(patch * n) for n in (224 // patch, 518 // patch))}, ...) "
+            "and crop-pct in (0, 1]"
         )
+    if args.layers > max(spec.head_layers()):
+        raise ValueError(f"--layers {args.layers}: {spec.hub_name} gives one class token (its last stage); use 1")
 
 
 def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,6 +220,20 @@ def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
     return identity
 
 
+def identity_spec(identity: dict[str, Any]) -> BackboneSpec:
+    return get_backbone_spec(identity["backbone"], identity.get("registers", False))
+
+
+def backbone_normalization(identity: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the backbone's weights expect (DINOv3's satellite weights have their own)."""
+    return identity_spec(identity).normalization(identity.get("weights"))
+
+
+def stored_blocks(identity: dict[str, Any]) -> int:
+    """Class tokens kept per image: a ViT's last four blocks; a ConvNeXt's last stage."""
+    return max(identity_spec(identity).head_layers())
+
+
 def build_backbone(identity: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The frozen backbone `identity` describes (a random-init one drawn from its seed)."""
     kwargs = {k: identity[k] for k in ("registers", "source", "hub_dir", "weights", "pretrained")}
@@ -224,7 +246,7 @@ def build_backbone(identity: dict[str, Any], device: torch.device) -> torch.nn.M
 def embed_splits(args: argparse.Namespace, data: ClassFolders, out_dir: Path) -> tuple[dict, dict]:
     """Both splits' embeddings: from the cache when its key matches, else extracted (and cached)."""
     identity = backbone_identity(args)
-    transform = ClassificationTransform(args.imgsz, args.crop_pct)
+    transform = ClassificationTransform(args.imgsz, args.crop_pct, *backbone_normalization(identity))
     device = select_device(args.device)
     backbone, result = None, []
     for name, split in (("train", data.train), ("val", data.val)):
@@ -244,6 +266,7 @@ def embed_splits(args: argparse.Namespace, data: ClassFolders, out_dir: Path) ->
                     batch_size=args.batch,
                     workers=args.workers,
                     desc=f"Embeddings {name}",
+                    blocks=stored_blocks(identity),
                 )
             seconds = time.perf_counter() - started
             print(
@@ -386,8 +409,8 @@ def save_classifier(
                 "layers": args.layers,
                 "imgsz": args.imgsz,
                 "crop_pct": args.crop_pct,
-                "mean": list(config.MEAN),
-                "std": list(config.STD),
+                "mean": list(backbone_normalization(backbone_identity(args))[0]),
+                "std": list(backbone_normalization(backbone_identity(args))[1]),
             },
             "linear": linear.state_dict() if linear is not None else None,
             "knn": {"k": args.k, "temperature": args.temperature},
@@ -420,6 +443,7 @@ def predict(args: argparse.Namespace) -> None:
             device=device,
             batch_size=args.batch,
             workers=args.workers,
+            blocks=stored_blocks(classifier["backbone"]),
         )
     x = linear_input(embeddings, settings["features"], settings["layers"])
     rows = [{"file": str(f)} for f in files]

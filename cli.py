@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from dinokit.data.resize import check_imgsz, round_to_patch
+from dinokit.data.resize import check_imgsz
 from dinokit.errors import UserError, one_line
 from dinokit.prediction.modes import MODES, InferenceMode
-from model_config import HEAD_LAYERS, SIZES, SOURCES
+from model_config import BACKBONE_NAMES, HEAD_LAYERS, SOURCES
 from utils import AMP_CHOICES, distributed, rank
 
 
@@ -181,10 +181,18 @@ def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose a DINOv2 backbone and where it comes from (train, model, bench, ...)."""
-    group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", default="small", choices=SIZES, help="DINOv2 size: ViT-S/B/L/g 14")
-    group.add_argument("--registers", action="store_true", help="use the DINOv2 variant with 4 registers")
+    """The flags that choose a DINOv2 or DINOv3 backbone and where it comes from (train, model, bench, ...)."""
+    group = parser.add_argument_group("backbone (docs/backbones.md: names, sizes, licences)")
+    group.add_argument(
+        "--backbone",
+        default="small",
+        choices=BACKBONE_NAMES,
+        metavar="NAME",
+        help="Meta's hub name: dinov2_vits14 ... dinov2_vitg14[_reg], dinov3_vits16, dinov3_vits16plus, "
+        "dinov3_vitb16, dinov3_vitl16, dinov3_vith16plus, dinov3_vit7b16, dinov3_convnext_tiny/small/base/large; "
+        "or a DINOv2 size: small (default), base, large, giant. DINOv3 weights are under Meta's DINOv3 License",
+    )
+    group.add_argument("--registers", action="store_true", help="with a DINOv2 size: the variant with 4 registers")
     group.add_argument(
         "--source",
         default="hub",
@@ -195,13 +203,14 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
         "--hub-dir",
         default=None,
         metavar="PATH",
-        help="local clone of github.com/facebookresearch/dinov2 (implies --source local)",
+        help="local clone of github.com/facebookresearch/dinov2 or /dinov3 (implies --source local)",
     )
     group.add_argument(
         "--weights",
         default=None,
-        metavar="PATH",
-        help="local DINOv2 backbone state dict, e.g. dinov2_vits14_pretrain.pth",
+        metavar="PATH|URL",
+        help="Meta's backbone file, e.g. dinov2_vits14_pretrain.pth or dinov3_vits16_pretrain_lvd1689m-08c60483.pth; "
+        "DINOv3 (gated): the file or the signed URL Meta sent (needed with --source hub)",
     )
     group.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
 
@@ -255,7 +264,12 @@ def add_mode_args(
             "--native", action="store_true", help="whole: one forward at each image's own size (rounded up to 14)"
         )
     group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
-    group.add_argument("--crop", type=int, default=518, help="slide: window side (default 518)")
+    group.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="slide: window side (default: the papers' 518 for /14 backbones, 512 for DINOv3)",
+    )
     group.add_argument("--stride", type=at_least(1), default=341, help="slide: window step (default 341)")
     group.add_argument(
         "--scales",
@@ -275,7 +289,7 @@ def mode_from_args(args: argparse.Namespace, *, sizes: bool = True) -> Inference
         check_imgsz(imgsz)
         if native:
             raise ValueError("--imgsz and --native exclude each other")
-        imgsz = tuple(round_to_patch(imgsz))
+        imgsz = tuple(imgsz)  # rounded up to the model's patch size by the Predictor (InferenceMode.for_patch)
     return InferenceMode(
         args.mode, imgsz, native, args.short_side, args.crop, args.stride, tuple(args.scales), args.flip
     )

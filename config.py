@@ -63,14 +63,15 @@ IGNORE_INDEX = 255
 IGNORE_COLORS: list[tuple[int, int, int]] = [(224, 224, 192)]
 
 
-# DINOv2 was trained on ImageNet-normalised inputs.
+# DINOv2 and DINOv3 (LVD-1689M) were trained on ImageNet-normalised inputs; DINOv3's satellite
+# weights have their own (model_config.py), which a checkpoint records.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 # Training defaults (the seed article's reference run: 20 epochs, 640x640 -> 644x644, batch 2).
 EPOCHS = 20
 BATCH_SIZE = 2
-IMG_SIZE = (640, 640)  # (width, height); rounded up to a multiple of the patch size (14)
+IMG_SIZE = (640, 640)  # (width, height); rounded up to a multiple of the patch size (644 for /14, 640 for /16)
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
 WORKERS = 4
@@ -80,7 +81,11 @@ SEED = 42
 # the DINOv2 paper's linear-head protocol, as in Meta's mmseg configs (dinov2_vits14_voc2012_linear
 # _config.py and siblings): AdamW lr 1e-3 / weight decay 1e-4, poly decay (power 1) after a
 # 1500-step linear warmup, 40k steps of batch 16 on 518x518 crops (dinokit/data/augmentations.py), evaluated
-# with sliding windows. Flags given on the command line win; a resumed run keeps its checkpoint's.
+# with sliding windows. "dinov3": Meta's DINOv3 linear protocol (dinov3/eval/segmentation/configs/
+# config-ade20k-linear-training.yaml): 512 crops (rescale 0.5-2.0, flip), 40k steps of batch 16 (8 GPUs
+# x 2), AdamW lr 1e-3 / weight decay 1e-3, WarmupOneCycleLR (1500 warmup steps, then cosine to 0),
+# Dropout2d 0.1 before the head's BatchNorm, slide evaluation with 512 windows every 341 pixels.
+# Flags given on the command line win; a resumed run keeps its checkpoint's.
 RECIPES: dict[str, dict[str, object]] = {
     "seed": {
         "epochs": EPOCHS,
@@ -92,6 +97,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay": WEIGHT_DECAY,
         "scheduler": "multistep",
         "warmup_steps": 0,
+        "head_dropout": 0.0,
         "mode": "whole",
     },
     "paper": {
@@ -104,6 +110,20 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay": 1e-4,
         "scheduler": "poly",
         "warmup_steps": 1500,
+        "head_dropout": 0.0,
+        "mode": "slide",
+    },
+    "dinov3": {
+        "epochs": None,
+        "steps": 40000,
+        "batch": 16,
+        "imgsz": [512, 512],
+        "lr": 1e-3,
+        "backbone_lr": None,
+        "weight_decay": 1e-3,
+        "scheduler": "onecycle",
+        "warmup_steps": 1500,
+        "head_dropout": 0.1,
         "mode": "slide",
     },
 }

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 import config
-from dinokit.data.augmentations import seed_augmentation, train_transform
+from dinokit.data.augmentations import IMAGENET, Normalization, seed_augmentation, train_transform
 from dinokit.data.data_check import DatasetCheck, check_dataset
 from dinokit.data.image_files import DatasetError, list_image_files, read_image
 from dinokit.data.labels import VOC, ColorMap, DatasetSpec, read_mask
@@ -143,17 +143,24 @@ def build_datasets(
     threads: int = 2,
     seed: int = config.SEED,
     recipe: str = "seed",
+    normalization: Normalization = IMAGENET,
 ) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
     """Train (augmented by `recipe`, dinokit/data/augmentations.py) and validation (resize only) datasets of
     `data_dir`, after `check_dataset` has decoded every file; the check's spec (mask format decided)
-    is the one the datasets use."""
+    is the one the datasets use. `normalization`: (mean, std) of the backbone's weights."""
     splits = {split: find_pairs(data_dir, split) for split in ("train", "valid")}
     check = check_dataset(splits, spec, threads)
     color_map, mask_format = check.spec.color_map(), check.spec.mask_format
     train = SegmentationDataset(
-        splits["train"], color_map, train_transform(recipe, imgsz, color_map.ignore_index), mask_format, seed=seed
+        splits["train"],
+        color_map,
+        train_transform(recipe, imgsz, color_map.ignore_index, normalization),
+        mask_format,
+        seed=seed,
     )
-    valid = SegmentationDataset(splits["valid"], color_map, eval_transform(imgsz), mask_format, seed=seed)
+    valid = SegmentationDataset(
+        splits["valid"], color_map, eval_transform(imgsz, *normalization), mask_format, seed=seed
+    )
     return train, valid, check
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkpoint
 from cli import ArgumentParser, at_least, run_cli
 from dinokit.data.image_files import image_paths, read_image
 from dinokit.data.resize import check_imgsz, preprocess, round_to_patch
@@ -43,7 +43,6 @@ from dinokit.prediction.scores import predicted_classes
 from dinokit.runs.reports import format_bytes
 from dinokit.runs.run_folder import claim_output_folder
 from dinokit.writing import temp_path
-from model_config import PATCH_SIZE
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
@@ -122,14 +121,15 @@ def output_path(args: argparse.Namespace) -> Path:
     return out
 
 
-def check_sizes(imgsz: tuple[int, int], dynamic: bool) -> list[tuple[int, int]]:
+def check_sizes(imgsz: tuple[int, int], dynamic: bool, patch_size: int) -> list[tuple[int, int]]:
     """(H, W) sizes the self-check runs: the export size, and for a dynamic export a second one
-    that is not a multiple of the patch size (the padding and interpolation in the graph)."""
+    that is not a multiple of the backbone's patch size (the padding, and the position embedding's
+    interpolation or RoPE's coordinates, computed in the graph)."""
     width, height = imgsz
     if not dynamic:
         return [(height, width)]
-    odd = tuple(max(PATCH_SIZE + 1, side * 3 // 4) for side in (height, width))
-    odd = tuple(side + 1 if side % PATCH_SIZE == 0 else side for side in odd)
+    odd = tuple(max(patch_size + 1, side * 3 // 4) for side in (height, width))
+    odd = tuple(side + 1 if side % patch_size == 0 else side for side in odd)
     return [(height, width), odd]
 
 
@@ -226,19 +226,20 @@ def main(args: argparse.Namespace) -> None:
     info = checkpoint["model_info"]
     imgsz = args.imgsz or info["imgsz"]
     check_imgsz(imgsz)
-    imgsz = tuple(round_to_patch(imgsz)) if args.dynamic else tuple(imgsz)
+    patch_size = info_patch_size(info)
+    imgsz = tuple(round_to_patch(imgsz, patch_size)) if args.dynamic else tuple(imgsz)
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     images = check_images(args, checkpoint)
     weights = sum(tensor.numel() * 4 for tensor in checkpoint["model"].values() if tensor.is_floating_point())
     if weights >= SINGLE_FILE_LIMIT * 0.95:
         raise UserError(
-            f"{args.model}: {format_bytes(weights)} of float32 weights (ViT-{info['arch']['backbone']}) do not "
+            f"{args.model}: {format_bytes(weights)} of float32 weights ({info['arch']['backbone']}) do not "
             "fit one ONNX file (protobuf's 2 GB limit); exporting with external weight files is not supported "
             "yet: use a smaller backbone"
         )
     reference = build_model_from_checkpoint(checkpoint, "cpu")
     traced = build_model_from_checkpoint(checkpoint, "cpu", timm=True)
-    sizes = check_sizes(imgsz, args.dynamic)
+    sizes = check_sizes(imgsz, args.dynamic, patch_size)
 
     started = time.perf_counter()
     tmp = temp_path(out, suffix=".onnx")

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import build_model_from_checkpoint, load_checkpoint, model_with_head
+from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkpoint, model_with_head
 from cli import backbone_kwargs, mode_from_args
 from dinokit.data.file_kinds import sniff
 from dinokit.data.labels import ColorMap
-from dinokit.data.resize import preprocess, round_to_patch
+from dinokit.data.resize import preprocess
 from dinokit.errors import UserError
 from dinokit.prediction.deployment import OnnxNetwork
 from dinokit.prediction.modes import InferenceMode
@@ -116,8 +116,8 @@ class Predictor:
         self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
         mode = mode or InferenceMode()
         if mode.imgsz is None:
-            mode = replace(mode, imgsz=round_to_patch(info["imgsz"]))  # default: the training size
-        self.mode = mode
+            mode = replace(mode, imgsz=tuple(info["imgsz"]))  # default: the training size
+        self.mode = mode.for_patch(info_patch_size(info))
 
     @classmethod
     def from_checkpoint(

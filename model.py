@@ -1,6 +1,7 @@
-"""The segmentation model: a DINOv2 backbone (dinokit/backbones/loading.py) + DINOv2's linear head
-(BatchNorm + 1x1 conv over the patch tokens of the last block or the last four), logits upsampled
-to the image; and `PatchFeatures`, a backbone reduced to one block's patch features (feature maps).
+"""The segmentation model: a DINOv2 or DINOv3 backbone (dinokit/backbones/loading.py) + the papers'
+linear head (BatchNorm + 1x1 conv over the patch tokens of the last block or the last four), logits
+upsampled to the image; and `PatchFeatures`, a backbone reduced to one block's patch features
+(feature maps). Patch size, tapped blocks and normalisation come from the backbone (model_config.py).
 
 Run `python model.py` to print a torchinfo summary of the model at 644x644.
 """
@@ -18,20 +19,21 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-import config
 from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
 from dinokit.backbones.loading import backbone_blocks, exporting, load_backbone
 from dinokit.data.resize import preprocess, round_to_patch
 from dinokit.errors import UserError
-from model_config import HEAD_LAYERS, PATCH_SIZE, get_backbone_spec
+from model_config import BackboneSpec, get_backbone_spec
 from utils import autocast, select_device, select_precision
 
 
 class LinearHead(nn.Module):
-    """BatchNorm + 1x1 conv over the concatenated patch features: DINOv2's linear probe ("BNHead")."""
+    """BatchNorm + 1x1 conv over the concatenated patch features: DINOv2's linear probe ("BNHead");
+    with `dropout`, DINOv3's (Dropout2d on the features first, in training only)."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
         self.norm = nn.BatchNorm2d(in_channels)
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
@@ -46,15 +48,15 @@ class LinearHead(nn.Module):
                 features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
             )
             return self.classifier(normed)
-        return self.classifier(self.norm(features))
+        return self.classifier(self.norm(self.dropout(features)))
 
 
 PADDINGS = ("bottom_right", "center")
 
 
 class Dinov2Segmentation(nn.Module):
-    """DINOv2 features from the last `head_layers` blocks, concatenated, classified per patch,
-    upsampled to the image.
+    """DINOv2 / DINOv3 features from the last `head_layers` blocks (a ConvNeXt: its last stage),
+    concatenated, classified per patch, upsampled to the image.
 
     Any input size works: the image is zero-padded (after normalisation) to a multiple of the
     patch size, so the output is always `[B, num_classes, H, W]`. Two paddings, stored with the
@@ -80,27 +82,34 @@ class Dinov2Segmentation(nn.Module):
         fine_tune: bool = False,
         head_layers: int = 4,
         padding: str = "bottom_right",
+        dropout: float = 0.0,
+        normalization: str | None = None,
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if head_layers not in HEAD_LAYERS or padding not in PADDINGS:
-            raise ValueError(
-                f"--head-layers must be one of {HEAD_LAYERS} and padding one of {PADDINGS}; "
-                f"got {head_layers}, {padding!r}"
-            )
         spec = get_backbone_spec(backbone, registers)
+        check_head_layers(spec, head_layers)
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if hub_dir is not None:  # a local clone of the hub repository
             source = "local"
+        # The weights' normalisation: SAT-493M files have their own (model_config.py); a rebuilt
+        # model gets it from its checkpoint.
+        normalization = normalization or ("sat493m" if "sat493m" in str(weights or "").lower() else "imagenet")
+        self.mean, self.std = spec.normalization(normalization)
         # What it takes to rebuild this architecture; stored in every checkpoint.
         self.arch = {
             "num_classes": num_classes,
-            "backbone": backbone,
-            "registers": registers,
+            "backbone": spec.hub_name,
+            "registers": spec.hub_name.endswith("_reg"),
             "source": source,
             "head_layers": head_layers,
             "padding": padding,
+            "dropout": dropout,
+            "normalization": normalization,
         }
+        self.spec = spec
         self.patch_size = spec.patch_size
         self.padding = padding
         self.out_indices = list(spec.out_indices[-head_layers:])
@@ -108,7 +117,7 @@ class Dinov2Segmentation(nn.Module):
         self.backbone = load_backbone(
             backbone, registers=registers, source=source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
         )
-        self.head = LinearHead(spec.embed_dim * head_layers, num_classes)
+        self.head = LinearHead(spec.embed_dim * head_layers, num_classes, dropout)
         self.fine_tune = fine_tune
         self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
         self.backbone.requires_grad_(fine_tune)
@@ -130,7 +139,7 @@ class Dinov2Segmentation(nn.Module):
         return 0, pad_w, 0, pad_h
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated `[B, layers x C, ceil(H/14), ceil(W/14)]` patch features of normalised images
+        """Concatenated `[B, layers x C, ceil(H/p), ceil(W/p)]` patch features of normalised images
         (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
         self.backbone_images += images.shape[0]
         pads = self._pads(*images.shape[-2:])
@@ -193,6 +202,17 @@ class Dinov2Segmentation(nn.Module):
         self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
 
 
+def check_head_layers(spec: BackboneSpec, head_layers: int) -> None:
+    """The `--head-layers` values a backbone serves, with the fix in the error."""
+    if head_layers not in spec.head_layers():
+        if spec.is_convnext:
+            raise UserError(
+                f"--head-layers {head_layers}: {spec.hub_name}'s four stages differ in width and resolution; "
+                "a ConvNeXt feeds the head from its last stage: use --head-layers 1"
+            )
+        raise UserError(f"--head-layers must be one of {spec.head_layers()}, got {head_layers}")
+
+
 def _checkpointed(forward):
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -203,7 +223,7 @@ def _checkpointed(forward):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Print a summary of the DINOv2 segmentation model.")
+    parser = ArgumentParser(description="Print a summary of the segmentation model (DINOv2 or DINOv3 backbone).")
     add_backbone_args(parser)
     parser.add_argument("--num-classes", type=at_least(1), default=21)
     parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
@@ -229,8 +249,8 @@ if __name__ == "__main__":
 
 
 class PatchFeatures:
-    """A DINOv2 backbone reduced to one block's patch tokens (after its final norm): RGB images
-    resized to `imgsz` (W, H; rounded up to 14) -> `[B, h, w, C]` float32 on the CPU."""
+    """A backbone reduced to one block's patch tokens (after its final norm): RGB images resized to
+    `imgsz` (W, H; rounded up to the patch size) -> `[B, h, w, C]` float32 on the CPU."""
 
     def __init__(
         self,
@@ -255,17 +275,21 @@ class PatchFeatures:
             .to(self.device)
             .eval()
         )
+        spec = get_backbone_spec(backbone, registers)
         depth = len(backbone_blocks(self.backbone))
         self.layer = depth if layer is None else layer
-        if not 1 <= self.layer <= depth:
-            raise UserError(f"--layer {layer}: ViT-{backbone} has blocks 1 to {depth}")
-        self.size = tuple(reversed(round_to_patch(imgsz)))  # (H, W)
-        self.grid = (self.size[0] // PATCH_SIZE, self.size[1] // PATCH_SIZE)
+        if not 1 <= self.layer <= depth or (spec.is_convnext and self.layer != depth):
+            allowed = f"only its last stage, {depth}" if spec.is_convnext else f"blocks 1 to {depth}"
+            raise UserError(f"--layer {layer}: {spec.hub_name} has {allowed}")
+        self.mean, self.std = spec.normalization(weights)
+        patch = spec.patch_size
+        self.size = tuple(reversed(round_to_patch(imgsz, patch)))  # (H, W)
+        self.grid = (self.size[0] // patch, self.size[1] // patch)
         self.dim: int = self.backbone.embed_dim
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        batch = torch.cat([preprocess(image, self.size, config.MEAN, config.STD) for image in images]).to(self.device)
+        batch = torch.cat([preprocess(image, self.size, self.mean, self.std) for image in images]).to(self.device)
         with autocast(self.device, self.amp_dtype):
             (maps,) = self.backbone.get_intermediate_layers(batch, n=[self.layer - 1], reshape=True)
         return maps.float().permute(0, 2, 3, 1).cpu()

@@ -67,7 +67,7 @@ from engine import EpochResult, LoopSettings, NonFiniteLossError, cache_features
 from evaluation import evaluate_pairs, report_json, report_lines
 from inference import Predictor
 from model import Dinov2Segmentation
-from model_config import HEAD_LAYERS, PATCH_SIZE
+from model_config import HEAD_LAYERS, canonical_name, get_backbone_spec
 from utils import (
     all_reduce_sum,
     distributed,
@@ -109,6 +109,7 @@ RESUME_RULES = {
     "scheduler_epochs": KEEP,
     "scheduler_gamma": KEEP,
     "warmup_steps": KEEP,
+    "head_dropout": KEEP,
     "backbone_lr": CHANGE,
     "mode": CHANGE,
     "short_side": CHANGE,
@@ -197,6 +198,8 @@ def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -
     for name, default in config.RECIPES[args.recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.head_layers is None:  # a ViT's last four blocks; a ConvNeXt's last stage
+        args.head_layers = max(get_backbone_spec(args.backbone, args.registers).head_layers())
     if counted_in == "epochs":
         args.steps = None
     elif args.steps is not None:
@@ -212,15 +215,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
-    if args.recipe == "paper" and args.imgsz[0] != args.imgsz[1]:
+    cropped = args.recipe in ("paper", "dinov3")
+    if cropped and args.imgsz[0] != args.imgsz[1]:
         raise ValueError(
-            f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe paper trains on square crops; give one side twice"
+            f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe {args.recipe} trains on square crops; "
+            "give one side twice"
         )
-    if args.recipe == "paper" and args.train_views == 1:
+    if cropped and args.train_views == 1:
         raise ValueError(
             "--train-views 1 / --cache-train-features compute features of un-augmented images once; "
-            "--recipe paper needs random crops: give --train-views 2 or more"
+            f"--recipe {args.recipe} needs random crops: give --train-views 2 or more"
         )
+    spec = get_backbone_spec(args.backbone, args.registers)
+    if args.recipe == "dinov3" and spec.family != "dinov3":
+        print(f"Note: --recipe dinov3 on {spec.hub_name}: Meta's DINOv3 protocol on a DINOv2 backbone.")
 
 
 def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
@@ -258,11 +266,12 @@ class Run:
 
 def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, resumed: dict[str, Any] | None) -> Run:
     """Data (checked), model, optimizer, schedule, caches and checkpoint files of a run."""
-    imgsz = round_to_patch(args.imgsz)
+    patch_size = get_backbone_spec(args.backbone, args.registers).patch_size
+    imgsz = round_to_patch(args.imgsz, patch_size)
     if list(imgsz) != list(args.imgsz):
         print(
             f"Note: --imgsz {args.imgsz[0]} {args.imgsz[1]} rounded up to {imgsz[0]} {imgsz[1]} "
-            f"(a multiple of the patch size {PATCH_SIZE})."
+            f"(a multiple of the backbone's patch size {patch_size})."
         )
     spec, train_loader, valid_loader = build_data(args, imgsz, device)
     total_steps, args.epochs = plan_steps(args, len(train_loader), resumed)  # --steps: the epochs they end in
@@ -341,6 +350,8 @@ def build_model(
         fine_tune=args.fine_tune,
         head_layers=args.head_layers,
         padding=padding,
+        dropout=args.head_dropout,
+        normalization=resumed["model_info"]["arch"].get("normalization") if resumed is not None else None,
         **backbone_kwargs(args),
     )
     if args.head_weights and resumed is None:
@@ -361,6 +372,8 @@ def print_model(model: Dinov2Segmentation, args: argparse.Namespace, amp_dtype: 
         f"{total:,} total parameters, {trainable:,} trainable "
         f"({'fine-tuning' if args.fine_tune else 'frozen backbone'}); precision: {precision}."
     )
+    spec = model.spec
+    print(f"Backbone {spec.hub_name}: patch {spec.patch_size}, weights under the {spec.licence}.")
 
 
 def build_caches(
@@ -390,7 +403,13 @@ def build_data(
     spec = load_dataset_spec(args.data_dir, args.classes)
     print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
     train_set, valid_set, check = build_datasets(
-        args.data_dir, imgsz, spec, threads=min(8, os.cpu_count() or 1), seed=args.seed, recipe=args.recipe
+        args.data_dir,
+        imgsz,
+        spec,
+        threads=min(8, os.cpu_count() or 1),
+        seed=args.seed,
+        recipe=args.recipe,
+        normalization=get_backbone_spec(args.backbone, args.registers).normalization(args.weights),
     )
     print(
         f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
@@ -449,8 +468,11 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
     num_classes = len(spec.classes)
     family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
     fields = [
-        ("--backbone", arch["backbone"], args.backbone),
-        ("--registers", arch["registers"], args.registers),
+        (
+            "--backbone",
+            canonical_name(arch["backbone"], arch["registers"]),
+            canonical_name(args.backbone, args.registers),
+        ),
         ("number of classes", arch["num_classes"], num_classes),
         ("--source", family[arch["source"]], family[args.source]),
         ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
@@ -818,8 +840,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         default=None,
         metavar=("W", "H"),
-        help="training/validation size, rounded up to a multiple of 14 (640 -> 644); "
-        "--recipe paper: the side of its square crops (default: seed 640 640, paper 518 518)",
+        help="training/validation size, rounded up to a multiple of the backbone's patch size (640 -> 644 for "
+        "/14, 640 for /16); --recipe paper/dinov3: the side of its square crops (default: seed 640 640, "
+        "paper 518 518, dinov3 512 512)",
     )
     data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="DataLoader worker processes")
 
@@ -830,10 +853,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head-layers",
         type=int,
-        default=4,
+        default=None,
         choices=HEAD_LAYERS,
-        help="blocks the linear head reads: 4 = the last four (default, the paper's +ms head), "
-        "1 = the last (its lin head)",
+        help="blocks the linear head reads: 4 = the last four (default for ViTs, the DINOv2 paper's +ms head "
+        "input), 1 = the last (both papers' lin head; a ConvNeXt's last stage, its only choice)",
     )
     parser.add_argument(
         "--head-weights",
@@ -852,7 +875,9 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=list(config.RECIPES),
         help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
-        "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation)",
+        "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation); "
+        "dinov3: Meta's DINOv3 linear protocol (512 crops, 40k steps of 16, lr 1e-3, wd 1e-3, warmup + "
+        "one-cycle cosine, Dropout2d 0.1, slide 512/341)",
     )
     optim.add_argument("--epochs", type=at_least(1), default=None, help=f"total epochs (default: seed {config.EPOCHS})")
     optim.add_argument(
@@ -870,7 +895,8 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         "--scheduler",
         default=None,
         choices=SCHEDULERS,
-        help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine: decay per step",
+        help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine / onecycle (dinov3): "
+        "decay per step",
     )
     optim.add_argument(
         "--scheduler-epochs",
@@ -886,13 +912,21 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         type=at_least(0),
         default=None,
         metavar="N",
-        help="poly / cosine: linear warmup over the first N optimizer steps (default: seed 0, paper 1500)",
+        help="poly / cosine / onecycle: linear warmup over the first N optimizer steps "
+        "(default: seed 0, paper and dinov3 1500)",
     )
     optim.add_argument(
         "--backbone-lr",
         type=positive,
         default=None,
         help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)",
+    )
+    optim.add_argument(
+        "--head-dropout",
+        type=non_negative,
+        default=None,
+        metavar="P",
+        help="Dropout2d on the features before the head, in training (default: dinov3 0.1, else 0)",
     )
 
 

@@ -130,7 +130,7 @@ def test_hub_dir_without_hubconf_is_explained(tmp_path):
 
 def test_weights_of_another_size_name_the_field(meta_weights):
     with pytest.raises(
-        ValueError, match=r"embed dim 384 and 12 blocks, but the model is dinov2_vitb14 .*pass --backbone small"
+        ValueError, match=r"embed dim 384 and 12 blocks, but the model is dinov2_vitb14 .*pass --backbone dinov2_vits14"
     ):
         load_backbone("base", source="timm", weights=meta_weights)
 

@@ -43,7 +43,7 @@ def test_backbone_table_covers_all_sizes_and_registers():
     assert SIZES == ("small", "base", "large", "giant")
     assert get_backbone_spec("giant").out_indices == (36, 37, 38, 39)
     assert get_backbone_spec("large", registers=True).hub_name == "dinov2_vitl14_reg"
-    assert get_backbone_spec("base", registers=True).timm_name == "vit_base_patch14_reg4_dinov2.lvd142m"
+    assert get_backbone_spec("base", registers=True).timm_pretrained == "vit_base_patch14_reg4_dinov2.lvd142m"
     assert get_backbone_spec("small").head_in_channels == 4 * 384
 
 

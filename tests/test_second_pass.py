@@ -416,6 +416,7 @@ OTHER_VALUES = {
     "scheduler_epochs": ["--scheduler-epochs", "3"],
     "scheduler_gamma": ["--scheduler-gamma", "0.5"],
     "warmup_steps": ["--warmup-steps", "5"],
+    "head_dropout": ["--head-dropout", "0.2"],
     "backbone_lr": ["--backbone-lr", "1e-6"],
     "mode": ["--eval-mode", "slide"],
     "short_side": ["--short-side", "400"],

@@ -1,11 +1,12 @@
-"""Every way of obtaining a DINOv2 backbone, behind one contract.
+"""Every way of obtaining a DINOv2 or DINOv3 backbone, behind one contract.
 
-Sources: torch.hub (`facebookresearch/dinov2`, Meta's own code, from GitHub through the hub
-cache), a local clone of that repository (`--hub-dir`), or timm (the same architecture; builds
-offline with random weights and loads Meta's official `.pth` through timm's key converter).
+Sources: torch.hub (`facebookresearch/dinov2` or `/dinov3`, Meta's own code, from GitHub through
+the hub cache), a local clone of that repository (`--hub-dir`), or timm (the same architectures;
+builds offline with random weights and loads Meta's official `.pth` through timm's key converters).
 Whatever the source, the backbone answers `get_intermediate_layers(x, n=out_indices,
-reshape=True)` with a tuple of `[B, C, H/14, W/14]` patch-token maps, so the rest of the code
-never asks where it came from. The size table (names, widths, tapped layers) is model_config.py.
+reshape=True)` with a tuple of `[B, C, H/p, W/p]` patch-token maps (p: the backbone's
+`patch_size`), so the rest of the code never asks where it came from. The table of backbones
+(names, widths, patch sizes, tapped layers) is model_config.py; DINOv3's timm side is dinov3.py.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.backbones import dinov3
+from dinokit.backbones.dinov3 import exporting
 from dinokit.data.file_kinds import read_torch_file
 from dinokit.errors import UserError
-from model_config import SIZES, SOURCES, BackboneSpec, get_backbone_spec
+from model_config import BACKBONES, HUB_REPOS, SOURCES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
 HUB_REPO = "facebookresearch/dinov2:main"
@@ -108,13 +111,9 @@ def official_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a backbone from any source, in order."""
-    return backbone.vit.blocks if isinstance(backbone, TimmDinov2) else backbone.blocks
-
-
-def exporting() -> bool:
-    """True while torch.export traces the model (ONNX export): sizes are symbolic there."""
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+    """The transformer blocks (a ConvNeXt: its stages) of a backbone from any source, in order."""
+    inner = getattr(backbone, "vit", None) or getattr(backbone, "convnext", None) or backbone
+    return inner.blocks if hasattr(inner, "blocks") else inner.stages
 
 
 def bicubic_matrix(out_size: int | torch.SymInt, in_size: int) -> torch.Tensor:
@@ -139,35 +138,78 @@ def bicubic_matrix(out_size: int | torch.SymInt, in_size: int) -> torch.Tensor:
     return ((taps.unsqueeze(2) == torch.arange(in_size)) * weights.unsqueeze(2)).sum(1)
 
 
-def _load_hub(spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None) -> nn.Module:
+def _load_hub(
+    spec: BackboneSpec, pretrained: bool, hub_dir: str | Path | None = None, **hub_kwargs: object
+) -> nn.Module:
     """Meta's own model code: from GitHub through the torch.hub cache, or from a local clone."""
     if hub_dir is not None:
         if not (Path(hub_dir) / "hubconf.py").is_file():
             raise BackboneUnavailableError(
                 f"{hub_dir}: not a torch.hub directory (no hubconf.py); "
-                "git clone https://github.com/facebookresearch/dinov2 there, or use --source hub/timm"
+                f"git clone https://github.com/{HUB_REPOS[spec.family]} there, or use --source hub/timm"
             )
         repo, where = str(hub_dir), "local"
     else:
-        repo, where = HUB_REPO, "github"
+        repo, where = f"{HUB_REPOS[spec.family]}:main", "github"
     try:
-        return torch.hub.load(repo, spec.hub_name, source=where, pretrained=pretrained, trust_repo=True)
+        return torch.hub.load(repo, spec.hub_name, source=where, pretrained=pretrained, trust_repo=True, **hub_kwargs)
     except Exception as err:  # URLError, HTTPError, RuntimeError("no internet ..."), ...
-        raise BackboneUnavailableError(
-            f"could not load {spec.hub_name} from torch.hub ({repo}): {_first_line(err)}; {OFFLINE_HINT}"
-        ) from err
+        raise unavailable(f"could not load {spec.hub_name} from torch.hub ({repo})", err, spec) from err
 
 
 def _load_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
-    import timm
-
     try:
-        vit = timm.create_model(spec.timm_name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
-    except Exception as err:  # huggingface_hub connection / not-found errors
-        raise BackboneUnavailableError(
-            f"could not load {spec.timm_name} from timm: {_first_line(err)}; {OFFLINE_HINT}"
-        ) from err
+        if spec.family == "dinov3":
+            return dinov3.build_timm(spec, pretrained)
+        import timm
+
+        vit = timm.create_model(spec.timm_pretrained, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
+    except Exception as err:  # huggingface_hub connection / not-found / gated-repository errors
+        raise unavailable(f"could not load {spec.timm_pretrained} from timm", err, spec) from err
     return TimmDinov2(vit)
+
+
+def offline_hint(spec: BackboneSpec) -> str:
+    """The ways to a backbone without network access, for an error message."""
+    if spec.family == "dinov2":
+        return OFFLINE_HINT
+    return (
+        f"{spec.hub_name} weights are gated: request access at {dinov3.REQUEST_ACCESS}, then use one of: "
+        f"(1) --weights SIGNED_URL_OR_FILE (torch.hub); (2) --hub-dir PATH/TO/dinov3-clone --weights FILE; "
+        f"(3) --source timm --weights FILE (--source timm --no-pretrained gives a random-init smoke run)"
+    )
+
+
+def unavailable(what: str, err: BaseException, spec: BackboneSpec) -> BackboneUnavailableError:
+    """One line: what failed, why, and the fix (an expired signed URL gets its own)."""
+    reason = _first_line(err)
+    if "403" in reason and spec.family == "dinov3":
+        return BackboneUnavailableError(
+            f"{what}: {reason}; Meta's signed DINOv3 download URLs expire after some days: request a new link "
+            f"at {dinov3.REQUEST_ACCESS} (or download the .pth once and pass its path to --weights)"
+        )
+    return BackboneUnavailableError(f"{what}: {reason}; {offline_hint(spec)}")
+
+
+def is_url(weights: str | Path) -> bool:
+    return str(weights).startswith(("https://", "http://", "file://"))
+
+
+def downloaded_weights(weights: str | Path, spec: BackboneSpec) -> Path:
+    """A weights argument as a local file: a URL is downloaded once into torch.hub's checkpoint
+    folder under its file name (signed URLs carry their signature in the query, not the name)."""
+    if not is_url(weights):
+        return Path(weights)
+    from urllib.parse import urlparse
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(str(weights)).path).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(str(weights), str(path), progress=True)
+        except Exception as err:
+            raise unavailable(f"could not download {path.name}", err, spec) from err
+    return path
 
 
 def _first_line(err: BaseException) -> str:
@@ -205,9 +247,9 @@ def check_weights_match(state: dict[str, torch.Tensor], spec: BackboneSpec, regi
     found = describe_official_weights(state)
     if (found["embed_dim"], found["depth"]) != (spec.embed_dim, spec.depth):
         sizes = [
-            s
-            for s in SIZES
-            if (get_backbone_spec(s).embed_dim, get_backbone_spec(s).depth) == (found["embed_dim"], found["depth"])
+            s.hub_name
+            for s in BACKBONES.values()
+            if (s.family, s.embed_dim, s.depth) == ("dinov2", found["embed_dim"], found["depth"])
         ]
         fix = f"; pass --backbone {sizes[0]}" if sizes else ""
         raise ValueError(
@@ -229,21 +271,32 @@ def load_official_weights(backbone: nn.Module, state: dict[str, torch.Tensor], p
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state, target = checkpoint_filter_fn(state, backbone.vit), backbone.vit
+    _load_state(target, state, path)
+
+
+def _load_state(target: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Strict loading with a one-line error naming the file."""
+    if isinstance(target, (dinov3.TimmDinov3, dinov3.TimmConvNext)):
+        target = target.vit if isinstance(target, dinov3.TimmDinov3) else target.convnext
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: does not match the backbone architecture ({_first_line(err)})") from err
 
 
-def hub_state_to_timm(state: dict[str, torch.Tensor], timm_backbone: TimmDinov2) -> dict[str, torch.Tensor]:
+def hub_state_to_timm(state: dict[str, torch.Tensor], timm_backbone: nn.Module) -> dict[str, torch.Tensor]:
     """Convert a segmentation state dict with a hub (Meta-format) backbone to one for a timm backbone."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     prefix = "backbone."
     backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    converted = checkpoint_filter_fn(backbone, timm_backbone.vit)
+    if isinstance(timm_backbone, TimmDinov2):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        converted, inner = checkpoint_filter_fn(backbone, timm_backbone.vit), "vit."
+    else:
+        converted = dinov3.to_timm_state(backbone, timm_backbone)
+        inner = "convnext." if isinstance(timm_backbone, dinov3.TimmConvNext) else "vit."
     rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    return {**rest, **{f"{prefix}vit.{k}": v for k, v in converted.items()}}
+    return {**rest, **{f"{prefix}{inner}{k}": v for k, v in converted.items()}}
 
 
 def weights_digest(module: nn.Module, samples: int = 4096) -> str:
@@ -259,7 +312,7 @@ def weights_digest(module: nn.Module, samples: int = 4096) -> str:
 
 
 def load_backbone(
-    size: str = "small",
+    name: str = "small",
     *,
     registers: bool = False,
     source: str = "hub",
@@ -267,25 +320,56 @@ def load_backbone(
     pretrained: bool = True,
     hub_dir: str | Path | None = None,
 ) -> nn.Module:
-    """Build a DINOv2 backbone. Weights: `weights` file if given, else the source's pretrained ones
-    if `pretrained`, else random init (the architecture alone, e.g. for offline tests).
-    Sources: `hub` (torch.hub, GitHub + cache), `local` (a dinov2 clone at `hub_dir`), `timm`."""
-    spec = get_backbone_spec(size, registers)
+    """Build a DINOv2 or DINOv3 backbone (`name`: Meta's hub name, or a DINOv2 size + `registers`).
+    Weights: `weights` (a file; for DINOv3 also a signed URL) if given, else the source's pretrained
+    ones if `pretrained`, else random init (the architecture alone, e.g. for offline tests).
+    Sources: `hub` (torch.hub, GitHub + cache), `local` (a clone at `hub_dir`), `timm`."""
+    spec = get_backbone_spec(name, registers)
     if hub_dir is not None:
         source = "local"
+    if source not in SOURCES:
+        raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "local" and hub_dir is None:
+        raise ValueError(f"--source local needs --hub-dir PATH (a clone of {HUB_REPOS[spec.family]})")
+    if spec.family == "dinov3":
+        return _load_dinov3(spec, source, weights, pretrained, hub_dir)
     state = None
     if weights is not None:  # read and check the file before building anything
         state = read_official_weights(weights)
-        check_weights_match(state, spec, registers, weights)
+        check_weights_match(state, spec, spec.hub_name.endswith("_reg"), weights)
     download = pretrained and weights is None
-    if source in ("hub", "local"):
-        if source == "local" and hub_dir is None:
-            raise ValueError("--source local needs --hub-dir PATH (a clone of facebookresearch/dinov2)")
-        backbone = _load_hub(spec, download, hub_dir if source == "local" else None)
-    elif source == "timm":
+    if source == "timm":
         backbone = _load_timm(spec, download)
     else:
-        raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
+        backbone = _load_hub(spec, download, hub_dir)
     if state is not None:
         load_official_weights(backbone, state, weights)
     return backbone
+
+
+def _load_dinov3(
+    spec: BackboneSpec, source: str, weights: str | Path | None, pretrained: bool, hub_dir: str | Path | None
+) -> nn.Module:
+    """DINOv3: Meta's hub code takes the gated file or signed URL itself (`weights=`); timm builds the
+    architecture and our converter loads Meta's file into it."""
+    if source == "timm":
+        if weights is None:
+            return _load_timm(spec, pretrained)
+        path = downloaded_weights(weights, spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: backbone weights file not found")
+        state = dinov3.read_dinov3_weights(path, spec)
+        backbone = _load_timm(spec, pretrained=False)
+        _load_state(backbone, dinov3.to_timm_state(state, backbone), path)
+        return backbone
+    if weights is None:
+        if pretrained:
+            raise UserError(f"{spec.hub_name} from torch.hub needs --weights SIGNED_URL_OR_FILE: {offline_hint(spec)}")
+        return _load_hub(spec, False, hub_dir)
+    if not is_url(weights):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{weights}: backbone weights file not found")
+        dinov3.read_dinov3_weights(weights, spec)  # a clear error before Meta's strict load
+        weights = str(Path(weights).resolve())
+    dinov3.check_hub_weights_name(spec, str(weights))
+    return _load_hub(spec, True, hub_dir, weights=str(weights))

@@ -40,7 +40,13 @@ def head_url(name: str, backbone: str = "small", registers: bool = False) -> str
     if dataset not in HEAD_DATASETS or kind not in HEAD_KINDS:
         names = ", ".join(f"{d}_{k}" for d in HEAD_DATASETS for k in HEAD_KINDS)
         raise HeadWeightsError(f"--head-weights {name}: not a file, and not one of Meta's heads ({names})")
-    hub_name = get_backbone_spec(backbone, registers).hub_name
+    spec = get_backbone_spec(backbone, registers)
+    if spec.family != "dinov2":
+        raise HeadWeightsError(
+            f"--head-weights {name}: Meta released linear heads for DINOv2 backbones only (for DINOv3 just a "
+            f"Mask2Former on the 7B); train a head on {spec.hub_name} with train.py, or pass a DINOv2 --backbone"
+        )
+    hub_name = spec.hub_name
     return f"{HEAD_BASE_URL}/{hub_name}/{hub_name}_{dataset}_{kind}_head.pth"
 
 

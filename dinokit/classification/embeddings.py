@@ -1,9 +1,11 @@
-"""DINOv2 image embeddings for classification: preprocessing, extraction and the on-disk cache.
+"""DINOv2 / DINOv3 image embeddings for classification: preprocessing, extraction and the cache.
 
 Stored per image: the class token of each of the last four blocks and the average of the last
 block's patch tokens, all after the final LayerNorm — the inputs of the DINOv2 paper's linear
-probe (dinov2/eval/linear.py, `create_linear_input`). `--features` and `--layers` only choose
-among them (`linear_input`), so changing them never extracts again.
+probe (dinov2/eval/linear.py, `create_linear_input`). Registers / DINOv3's storage tokens are in
+neither. A ConvNeXt has no class token: its normalised mean over positions stands in, for its last
+stage only (its stages differ in width). `--features` and `--layers` only choose among them
+(`linear_input`), so changing them never extracts again.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def extract(
     batch_size: int = 64,
     workers: int = 0,
     desc: str = "Embeddings",
+    blocks: int = STORED_BLOCKS,
 ) -> dict[str, torch.Tensor]:
-    """{"cls": [N, 4, C], "avgpool": [N, C]} float32 on the CPU, for `files` in order. Mixed
+    """{"cls": [N, blocks, C], "avgpool": [N, C]} float32 on the CPU, for `files` in order. Mixed
     precision is the caller's: run it under `utils.autocast`."""
     workers = min(workers, os.cpu_count() or 1, -(-len(files) // batch_size))  # no idle decoding processes
     loader = DataLoader(
@@ -93,11 +96,11 @@ def extract(
     backbone.eval()
     class_tokens, averages = [], []
     for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        blocks = backbone.get_intermediate_layers(
-            images.to(device, non_blocking=True), n=STORED_BLOCKS, return_class_token=True, norm=True
+        outputs = backbone.get_intermediate_layers(
+            images.to(device, non_blocking=True), n=blocks, return_class_token=True, norm=True
         )
-        class_tokens.append(torch.stack([cls for _, cls in blocks], dim=1).float().cpu())
-        averages.append(blocks[-1][0].float().mean(dim=1).cpu())
+        class_tokens.append(torch.stack([cls for _, cls in outputs], dim=1).float().cpu())
+        averages.append(outputs[-1][0].float().mean(dim=1).cpu())
     return {"cls": torch.cat(class_tokens), "avgpool": torch.cat(averages)}
 
 
@@ -108,6 +111,8 @@ def linear_input(embeddings: dict[str, torch.Tensor], features: str = "cls", lay
         raise ValueError(
             f"--features {features} --layers {layers}: choose --features {'/'.join(FEATURES)}, --layers 1 or 4"
         )
+    if layers > embeddings["cls"].shape[1]:
+        raise ValueError(f"--layers {layers}: the backbone gives one class token (a ConvNeXt's last stage); use 1")
     parts = [embeddings["cls"][:, -layers:].flatten(1)]
     if features == "cls+avgpool":
         parts.append(embeddings["avgpool"])

@@ -1,4 +1,4 @@
-"""Training augmentation of each `--recipe`: the seed's, and the DINOv2 paper's.
+"""Training augmentation of each `--recipe`: the seed's, the DINOv2 paper's, and DINOv3's.
 
 `paper` is the pipeline of Meta's linear-head configs for VOC 2012 / ADE20K, which are
 mmsegmentation 0.x's standard ones (mmseg/datasets/pipelines/transforms.py, 0.27):
@@ -9,6 +9,11 @@ mmsegmentation 0.x's standard ones (mmseg/datasets/pipelines/transforms.py, 0.27
     PhotoMetricDistortion()                                -> PhotoMetricDistortion
     Normalize(ImageNet mean/std)                           -> A.Normalize
     Pad(size=crop_size, pad_val=0, seg_pad_val=255)        -> A.PadIfNeeded, bottom/right, after Normalize
+
+`dinov3` is Meta's DINOv3 linear-probe pipeline (dinov3/eval/segmentation/transforms.py,
+make_segmentation_train_transforms with config-ade20k-linear-training.yaml): the same chain, but the
+rescale sets the short side to int(512 r), r uniform in [0.5, 2.0], with no cap on the long side
+(`RandomRescale(long_side_cap=False)`), and 512 crops. Normalisation is the backbone's (model_config.py).
 
 Every random draw goes through the transform's own `py_random`, so `seed_augmentation` makes a
 sample's augmentation a function of (seed, epoch, index) whichever worker loads it.
@@ -29,9 +34,14 @@ PAPER_CROP = 518  # Meta's configs: crop_size (518, 518), 37 patches of 14
 PAPER_SHORT_SIDE = 512  # img_scale (2048, 512): short side 512, long side at most 2048
 PAPER_RATIO_RANGE = (0.5, 2.0)
 CAT_MAX_RATIO = 0.75
+DINOV3_CROP = 512  # Meta's DINOv3 config: img_size 512, crop_size [512, 512], 32 patches of 16
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+IMAGENET: Normalization = (config.MEAN, config.STD)
 
 
-def seed_train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
+def seed_train_transform(
+    imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX, normalization: Normalization = IMAGENET
+) -> A.Compose:
     """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
     width, height = imgsz
     return A.Compose(
@@ -40,20 +50,27 @@ def seed_train_transform(imgsz: tuple[int, int], ignore_index: int = config.IGNO
             A.HorizontalFlip(p=0.5),
             A.RandomBrightnessContrast(p=0.2),
             A.Rotate(limit=25, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=0.5),
-            A.Normalize(mean=config.MEAN, std=config.STD),
+            A.Normalize(*normalization),
         ]
     )
 
 
-def paper_train_transform(crop: int = PAPER_CROP, ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
-    """The DINOv2 paper's augmentation (module docstring): every sample comes out `crop` x `crop`."""
+def paper_train_transform(
+    crop: int = PAPER_CROP,
+    ignore_index: int = config.IGNORE_INDEX,
+    normalization: Normalization = IMAGENET,
+    *,
+    long_side_cap: bool = True,
+) -> A.Compose:
+    """The DINOv2 paper's augmentation, or with `long_side_cap=False` DINOv3's (module docstring):
+    every sample comes out `crop` x `crop`."""
     return A.Compose(
         [
-            RandomRescale(PAPER_SHORT_SIDE, PAPER_RATIO_RANGE),
+            RandomRescale(PAPER_SHORT_SIDE, PAPER_RATIO_RANGE, long_side_cap=long_side_cap),
             ClassBalancedCrop(crop, CAT_MAX_RATIO, ignore_index),
             A.HorizontalFlip(p=0.5),
             PhotoMetricDistortion(),
-            A.Normalize(mean=config.MEAN, std=config.STD),
+            A.Normalize(*normalization),
             # mmseg pads after Normalize with 0 (= the mean colour), masks with the ignore index.
             A.PadIfNeeded(
                 crop, crop, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
@@ -62,25 +79,42 @@ def paper_train_transform(crop: int = PAPER_CROP, ignore_index: int = config.IGN
     )
 
 
-def train_transform(recipe: str, imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX) -> A.Compose:
-    """The augmentation of `recipe`: the seed's at `imgsz`, or the paper's crops of side imgsz[0]."""
-    if recipe == "paper":
-        return paper_train_transform(imgsz[0], ignore_index)
-    return seed_train_transform(imgsz, ignore_index)
+def train_transform(
+    recipe: str,
+    imgsz: tuple[int, int],
+    ignore_index: int = config.IGNORE_INDEX,
+    normalization: Normalization = IMAGENET,
+) -> A.Compose:
+    """The augmentation of `recipe`: the seed's at `imgsz`, or the paper's / DINOv3's crops of side imgsz[0]."""
+    if recipe in ("paper", "dinov3"):
+        return paper_train_transform(imgsz[0], ignore_index, normalization, long_side_cap=recipe == "paper")
+    return seed_train_transform(imgsz, ignore_index, normalization)
 
 
 class RandomRescale(A.DualTransform):
     """mmseg `Resize` with `ratio_range`: draw r in `ratio_range`, rescale keeping the aspect ratio
     to the largest size with short side <= short_side * r and long side <= 4 * short_side * r
-    (mmcv.imrescale; size rounded with int(x + 0.5)); image bilinear, mask nearest."""
+    (mmcv.imrescale; size rounded with int(x + 0.5)); image bilinear, mask nearest.
+    `long_side_cap=False` is DINOv3's `FixedSideResize` instead: short side int(short_side * r)
+    exactly, the long side int(short * long / short_before + 0.5), uncapped."""
 
-    def __init__(self, short_side: int = PAPER_SHORT_SIDE, ratio_range: tuple[float, float] = PAPER_RATIO_RANGE):
+    def __init__(
+        self,
+        short_side: int = PAPER_SHORT_SIDE,
+        ratio_range: tuple[float, float] = PAPER_RATIO_RANGE,
+        long_side_cap: bool = True,
+    ):
         super().__init__(p=1.0)
-        self.short_side, self.ratio_range = short_side, ratio_range
+        self.short_side, self.ratio_range, self.long_side_cap = short_side, ratio_range, long_side_cap
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = data["image"].shape[:2]
         ratio = self.py_random.uniform(*self.ratio_range)
+        if not self.long_side_cap:
+            short = int(self.short_side * ratio)
+            if height > width:
+                return {"size": (short, int(short * height / width + 0.5))}
+            return {"size": (int(short * width / height + 0.5), short)}
         factor = min(4 * self.short_side * ratio / max(height, width), self.short_side * ratio / min(height, width))
         return {"size": (int(width * factor + 0.5), int(height * factor + 0.5))}
 
@@ -91,7 +125,7 @@ class RandomRescale(A.DualTransform):
         return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("short_side", "ratio_range")
+        return ("short_side", "ratio_range", "long_side_cap")
 
 
 class ClassBalancedCrop(A.DualTransform):

@@ -1,8 +1,9 @@
 """Exported models: a segmentation model as one ONNX file, and onnxruntime behind the model's call.
 
 The file holds the whole network, normalised image `[B, 3, H, W]` in, logits `[B, C, H, W]` (or
-class indices `[B, H, W]`) out; with dynamic shapes the padding to a multiple of 14 and the
-position-embedding interpolation are computed in the graph, so any size works. Its metadata holds
+class indices `[B, H, W]`) out; with dynamic shapes the padding to a multiple of the patch size
+and the position embedding (DINOv2's interpolation, DINOv3's RoPE coordinates) are computed in the
+graph, so any size works. Its metadata holds
 what interpreting it needs (classes, colours, mean/std, training size), the same `model_info` a
 checkpoint carries, so `Predictor.from_onnx` needs nothing else.
 
@@ -22,7 +23,6 @@ from torch import nn
 
 from dinokit.errors import UserError
 from dinokit.prediction.scores import predicted_classes
-from model_config import PATCH_SIZE
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 23  # the first with a fused Attention operator (onnxruntime >= 1.23); 18 for older runtimes
@@ -72,7 +72,7 @@ def export_network(
     sample = torch.zeros(batch, 3, *size)
     shapes = None
     if dynamic:
-        side = dict(min=PATCH_SIZE, max=MAX_SIDE)
+        side = dict(min=model.patch_size, max=MAX_SIDE)  # at least one patch of the model's backbone
         shapes = {
             "images": {
                 0: torch.export.Dim("batch", min=1, max=1024),
@@ -135,8 +135,8 @@ def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: 
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     proto.doc_string = (
-        f"DINOv2 segmentation ({len(info['classes'])} classes). Input 'images': float32 [B, 3, H, W], "
-        f"RGB / 255, minus mean, divided by std (metadata). Output: {output}."
+        f"{info['arch']['backbone']} segmentation ({len(info['classes'])} classes). "
+        f"Input 'images': float32 [B, 3, H, W], RGB / 255, minus mean, divided by std (metadata). Output: {output}."
     )
 
 

@@ -4,11 +4,18 @@ explains the modes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from dinokit.data.resize import round_to_patch
 from model_config import PATCH_SIZE
 
 MODES = ("whole", "slide")
+
+
+def default_crop(patch_size: int) -> int:
+    """The slide window of each paper's protocol: DINOv2 518 (37 patches of 14), DINOv3 512 (32 of
+    16; a ConvNeXt's 16 of 32): the largest multiple of the patch size up to 518."""
+    return 518 // patch_size * patch_size
 
 
 @dataclass(frozen=True)
@@ -19,22 +26,30 @@ class InferenceMode:
     imgsz: tuple[int, int] | None = None  # whole: (W, H) every image is resized to (Predictor: the training size)
     native: bool = False  # whole: each image at its own size instead
     short_side: int = 512  # slide: the short side is resized to this
-    crop: int = 518  # slide: window side
+    crop: int | None = None  # slide: window side (None: the backbone's own, `for_patch`)
     stride: int = 341  # slide: window step
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    patch_size: int = PATCH_SIZE  # the model's (for_patch): no pass is smaller than one patch
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
-        if self.mode == "slide" and not 0 < self.stride <= self.crop:
+        if self.mode == "slide" and self.crop is not None and not 0 < self.stride <= self.crop:
             raise ValueError(
                 f"--stride {self.stride} must be in [1, --crop {self.crop}] (windows must overlap or touch)"
             )
-        if self.mode == "slide" and min(self.crop, self.short_side) < PATCH_SIZE:
-            raise ValueError(f"--crop and --short-side must be at least the patch size {PATCH_SIZE}")
+        if self.mode == "slide" and min(self.crop or self.patch_size, self.short_side) < self.patch_size:
+            raise ValueError(f"--crop and --short-side must be at least the patch size {self.patch_size}")
+
+    def for_patch(self, patch_size: int) -> InferenceMode:
+        """This mode for a model of `patch_size`: `imgsz` rounded up to a multiple of it (640 -> 644
+        for a /14 backbone, 640 for a /16 one); the default window the papers' (`default_crop`)."""
+        imgsz = round_to_patch(self.imgsz, patch_size) if self.imgsz is not None else None
+        crop = self.crop if self.crop is not None else default_crop(patch_size)
+        return replace(self, imgsz=imgsz, crop=crop, patch_size=patch_size)
 
     @property
     def passes(self) -> int:
@@ -66,7 +81,9 @@ class InferenceMode:
         if self.mode == "slide":
             factor = self.short_side * scale / min(height, width)
         elif self.imgsz is not None and not self.native:
-            return max(PATCH_SIZE, round(self.imgsz[1] * scale)), max(PATCH_SIZE, round(self.imgsz[0] * scale))
+            return max(self.patch_size, round(self.imgsz[1] * scale)), max(
+                self.patch_size, round(self.imgsz[0] * scale)
+            )
         else:
             factor = scale
-        return max(PATCH_SIZE, round(height * factor)), max(PATCH_SIZE, round(width * factor))
+        return max(self.patch_size, round(height * factor)), max(self.patch_size, round(width * factor))

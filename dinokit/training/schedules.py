@@ -1,5 +1,8 @@
 """Learning-rate schedules: the seed's epoch milestones, or per-step poly / cosine decay after a
-linear warmup (the DINOv2 paper's segmentation recipe: poly, power 1, 1500 warmup steps).
+linear warmup (the DINOv2 paper's segmentation recipe: poly, power 1, 1500 warmup steps), or
+DINOv3's `onecycle` (its WarmupOneCycleLR with pct_start 0 and final_div_factor inf, from
+dinov3/eval/segmentation/schedulers.py: during the warmup the warmed-up rate times a linear decay
+1 - step / total, then cosine from the full rate to 0 at (step + 1) / total).
 
 The warmup follows mmcv's `linear` warmup, which Meta's mmseg configs use: during the first
 `warmup` steps the decayed rate is scaled by 1 - (1 - 1e-6) (1 - step / warmup), from a
@@ -11,17 +14,21 @@ import math
 
 import torch
 
-SCHEDULERS = ("multistep", "poly", "cosine")
+SCHEDULERS = ("multistep", "poly", "cosine", "onecycle")
 WARMUP_RATIO = 1e-6  # mmcv's warmup_ratio in Meta's segmentation configs
 
 
 def lr_factor(kind: str, step: int, total: int, warmup: int = 0, power: float = 1.0) -> float:
     """The multiple of the base learning rate at optimizer step `step` of `total`."""
     progress = min(step, total) / max(total, 1)
+    warming = step < warmup
+    warmup_factor = 1 - (1 - WARMUP_RATIO) * (1 - step / warmup) if warming else 1.0
+    if kind == "onecycle":
+        if warming:
+            return warmup_factor * (1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(step + 1, total) / max(total, 1)))
     factor = (1 - progress) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * progress))
-    if step < warmup:
-        factor *= 1 - (1 - WARMUP_RATIO) * (1 - step / warmup)
-    return factor
+    return factor * warmup_factor
 
 
 class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
