@@ -261,7 +261,9 @@ def add_mode_args(
             help="whole: the size images are resized to (default: the size the model was trained at)",
         )
         group.add_argument(
-            "--native", action="store_true", help="whole: one forward at each image's own size (rounded up to 14)"
+            "--native",
+            action="store_true",
+            help="whole: one forward at each image's own size (padded to the patch size)",
         )
     group.add_argument("--short-side", type=int, default=512, help="slide: resize the short side to this (default 512)")
     group.add_argument(

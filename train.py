@@ -1,8 +1,10 @@
-"""Train a linear segmentation head on DINOv2 features (frozen backbone), or fine-tune everything.
+"""Train a linear segmentation head on DINOv2 / DINOv3 features (frozen backbone), or fine-tune everything.
 
     python train.py --epochs 20 --imgsz 640 640 --out-dir transfer_learning --batch 2
     python train.py --epochs 20 --imgsz 640 640 --out-dir fine_tuning --batch 2 --fine-tune
     python train.py --recipe paper --data-dir input/voc_aug --out-dir paper_lin --head-layers 1   # the paper's protocol
+    python train.py --recipe dinov3 --backbone dinov3_vits16 --weights dinov3_vits16_pretrain_lvd1689m-08c60483.pth \
+        --head-layers 1 --out-dir dinov3_lin                                                     # DINOv3's protocol
 
 Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
 last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the

@@ -1,4 +1,4 @@
-"""See what the backbone sees: the first three principal components of DINOv2 patch features as RGB.
+"""See what the backbone sees: the first three principal components of DINOv2 / DINOv3 patch features as RGB.
 
     python visualize_features.py --input input/inference_data/images                 # a folder (or one image)
     python visualize_features.py --input clip.mp4 --side-by-side                      # a video
@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=(518, 518),
         metavar=("W", "H"),
-        help="size images are resized to, rounded up to 14 (default 518 518: a 37x37 grid)",
+        help="size images are resized to, rounded up to the patch size (default 518 518: 37x37 patches of 14, "
+        "33x33 of 16)",
     )
     parser.add_argument(
         "--layer",

@@ -366,10 +366,10 @@ def _load_dinov3(
         if pretrained:
             raise UserError(f"{spec.hub_name} from torch.hub needs --weights SIGNED_URL_OR_FILE: {offline_hint(spec)}")
         return _load_hub(spec, False, hub_dir)
+    dinov3.check_hub_weights_name(spec, str(weights))
     if not is_url(weights):
         if not Path(weights).is_file():
             raise FileNotFoundError(f"{weights}: backbone weights file not found")
         dinov3.read_dinov3_weights(weights, spec)  # a clear error before Meta's strict load
         weights = str(Path(weights).resolve())
-    dinov3.check_hub_weights_name(spec, str(weights))
     return _load_hub(spec, True, hub_dir, weights=str(weights))
