@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dinokit.data.file_kinds import read_torch_file
-from model_config import BackboneSpec
+from model_config import BACKBONES, BackboneSpec
 
 # Meta's hub code reads LVD vs SAT from a ViT-L file's `-<8 hex>.pth` suffix and fails without it.
 VITL_RELEASED_NAMES = "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth or dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
@@ -133,8 +133,6 @@ def read_dinov3_weights(path: str | Path, spec: BackboneSpec) -> dict[str, torch
         raise ValueError(f"{path}: not a {what} backbone state dict (no {marker}){found}")
     found_dim, found_depth = describe_dinov3_weights(state, spec)
     if (found_dim, found_depth) != (spec.embed_dim, spec.depth):
-        from model_config import BACKBONES
-
         fits = [
             s.hub_name
             for s in BACKBONES.values()
