@@ -43,6 +43,7 @@ from cli import (
     non_negative,
     positive,
     run_cli,
+    unit_interval,
 )
 from datasets import (
     SegmentationDataset,
@@ -327,9 +328,10 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
 def print_plan(args: argparse.Namespace, total_steps: int, steps_per_epoch: int) -> None:
     epochs = f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch}"
     warmup = f" after {args.warmup_steps} warmup steps" if args.warmup_steps else ""
+    dropout = f", Dropout2d {args.head_dropout:g} before the head" if args.head_dropout else ""
     print(
         f"Recipe {args.recipe}: {total_steps:,} steps of batch {args.batch} ({epochs}), AdamW lr {args.lr:g} "
-        f"weight decay {args.weight_decay:g}, {args.scheduler} schedule{warmup}."
+        f"weight decay {args.weight_decay:g}, {args.scheduler} schedule{warmup}{dropout}."
     )
     if args.warmup_steps >= total_steps:
         print(
@@ -866,6 +868,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME|FILE",
         help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)",
     )
+    parser.add_argument(
+        "--head-dropout",
+        type=unit_interval,
+        default=None,
+        metavar="P",
+        help="Dropout2d on the features before the head, in training (default: --recipe dinov3 0.1, else 0)",
+    )
 
 
 def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
@@ -886,12 +895,19 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=at_least(1),
         default=None,
-        help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper 40000)",
+        help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper and dinov3 40000)",
     )
-    optim.add_argument("--batch", type=at_least(1), default=None, help="images per step (default: seed 2, paper 16)")
-    optim.add_argument("--lr", type=positive, default=None, help="AdamW learning rate (default: seed 1e-4, paper 1e-3)")
     optim.add_argument(
-        "--weight-decay", type=non_negative, default=None, help="AdamW weight decay (default: seed 1e-2, paper 1e-4)"
+        "--batch", type=at_least(1), default=None, help="images per step (default: seed 2, paper and dinov3 16)"
+    )
+    optim.add_argument(
+        "--lr", type=positive, default=None, help="AdamW learning rate (default: seed 1e-4, paper and dinov3 1e-3)"
+    )
+    optim.add_argument(
+        "--weight-decay",
+        type=non_negative,
+        default=None,
+        help="AdamW weight decay (default: seed 1e-2, paper 1e-4, dinov3 1e-3)",
     )
     optim.add_argument(
         "--scheduler",
@@ -922,13 +938,6 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         type=positive,
         default=None,
         help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)",
-    )
-    optim.add_argument(
-        "--head-dropout",
-        type=non_negative,
-        default=None,
-        metavar="P",
-        help="Dropout2d on the features before the head, in training (default: dinov3 0.1, else 0)",
     )
 
 

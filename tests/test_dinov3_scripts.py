@@ -68,6 +68,22 @@ def test_export_computes_rope_for_sizes_that_are_not_multiples_of_16(dinov3_run,
     assert predictor.predict(torch.randint(0, 255, (50, 70, 3), dtype=torch.uint8).numpy()).shape == (50, 70)
 
 
+def test_dinov3_recipe_sets_metas_protocol(tiny_dataset, tmp_path):
+    result = run_script(
+        "train.py",
+        *("--data-dir", tiny_dataset, "--recipe", "dinov3", "--steps", "2", "--batch", "2", "--imgsz", "64", "64"),
+        *("--train-views", "2", "--short-side", "64", "--out-dir", tmp_path / "r", "--workers", "0", *DINOV3),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "Recipe dinov3: 2 steps of batch 2 (1 epoch of 6), AdamW lr 0.001 weight decay 0.001, onecycle schedule "
+        "after 1500 warmup steps, Dropout2d 0.1 before the head." in result.stdout
+    )
+    assert "slide (short side 64, crop 512, stride 341)" in result.stdout
+    arch = load_checkpoint(tmp_path / "r" / "final_model.pth")["model_info"]["arch"]
+    assert arch["dropout"] == 0.1 and arch["padding"] == "bottom_right"
+
+
 def test_fine_tune_with_gradient_checkpointing(tiny_dataset, tmp_path):
     result = run_script(
         "train.py",

@@ -271,7 +271,7 @@ def test_weights_too_large_for_one_onnx_file_are_refused_before_tracing(exported
     monkeypatch.setattr(export, "SINGLE_FILE_LIMIT", 1000)  # ViT-g's 4.4 GB, scaled down
     args = export.get_args_parser().parse_args(["--model", str(checkpoint), "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(
-        UserError, match=r"of float32 weights \(ViT-small\) do not fit one ONNX file \(protobuf's 2 GB limit\)"
+        UserError, match=r"of float32 weights \(dinov2_vits14\) do not fit one ONNX file \(protobuf's 2 GB limit\)"
     ):
         export.main(args)
     assert list(tmp_path.iterdir()) == []

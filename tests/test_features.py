@@ -162,7 +162,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (
             tmp_path / "broken.mp4",
         ): f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video (corrupt or unsupported codec)",
-        (tmp_path / "one.png", "--layer", "13"): "error: --layer 13: ViT-small has blocks 1 to 12",
+        (tmp_path / "one.png", "--layer", "13"): "error: --layer 13: dinov2_vits14 has blocks 1 to 12",
     }
     for args, message in cases.items():
         result = run_script("visualize_features.py", "--input", *args, "--out-dir", tmp_path / "out", *BACKBONE)
