@@ -33,9 +33,10 @@ import config
 from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
 from dinokit.data.image_files import DatasetError, image_pixels, list_image_files, read_image
 from dinokit.errors import UserError, one_line
+from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, depth_png, with_colour_bar
 from dinokit.prediction.drawing import class_shares, indexed_png, render
 from dinokit.prediction.modes import MODES, InferenceMode
-from dinokit.prediction.videos import open_video, read_frames, segmented_frames, write_video
+from dinokit.prediction.videos import depth_frames, open_video, read_frames, segmented_frames, write_video
 from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
 
@@ -109,16 +110,32 @@ class Demo:
         image = read_image(path)
         predictor = self.predictor(name, mode)
         started = time.perf_counter()
-        mask = predictor.predict(image)
+        prediction = predictor.predict(image)
         seconds = time.perf_counter() - started
-        png = self.output_path(f"{Path(path).stem}_mask.png")
-        atomic_write(png, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
-        drawn = render(image, mask, predictor.classes, predictor.color_map, alpha)
         status = (
             f"{image.shape[1]}x{image.shape[0]}, {1000 * seconds:.0f} ms ({predictor.mode.describe()}, "
             f"{predictor.engine})"
         )
-        return drawn, predictor.color_map.decode(mask), legend_html(mask, predictor), str(png), status
+        if predictor.task == "depth":
+            return (*self.depth_result(Path(path).stem, prediction, predictor), status)
+        png = self.output_path(f"{Path(path).stem}_mask.png")
+        atomic_write(png, lambda tmp: indexed_png(prediction, predictor.color_map).save(tmp, format="PNG"))
+        drawn = render(image, prediction, predictor.classes, predictor.color_map, alpha)
+        return drawn, predictor.color_map.decode(prediction), legend_html(prediction, predictor), str(png), status
+
+    def depth_result(self, stem: str, depth: np.ndarray, predictor: Predictor) -> tuple[Any, ...]:
+        """A depth model's page outputs: the depth in colour with its bar (twice: both image panes),
+        a summary in metres, and the 16-bit millimetre PNG to download."""
+        scale = (predictor.info["min_depth"], predictor.info["max_depth"])
+        png = self.output_path(f"{stem}_depth16.png")
+        atomic_write(png, lambda tmp: depth_png(depth).save(tmp, format="PNG"))
+        coloured = with_colour_bar(colorize(depth, scale), scale)
+        near, median, far = np.percentile(depth, [2, 50, 98])
+        summary = (
+            f"<p>depth (metres): nearest 2 % {near:.2f}, median {median:.2f}, farthest 2 % {far:.2f}; "
+            f"colour scale {scale[0]:g}-{scale[1]:g} m</p>"
+        )
+        return coloured, coloured, summary, str(png)
 
     def segment_video(self, path: str | None, name: str, mode: str, alpha: float, progress=None) -> tuple[str, str]:
         """(overlaid clip, status line) for one uploaded video; `progress(fraction, desc=...)` is Gradio's bar."""
@@ -133,9 +150,15 @@ class Demo:
                 )
             total = video.frames_to_read(self.max_frames)
             timings: list[float] = []
-            frames = segmented_frames(read_frames(capture, self.max_frames), self.predictor(name, mode), alpha, timings)
+            predictor, size = self.predictor(name, mode), video.size
+            frames = read_frames(capture, self.max_frames)
+            if predictor.task == "depth":
+                scale = (predictor.info["min_depth"], predictor.info["max_depth"])
+                frames, size = depth_frames(frames, predictor, scale, timings), (size[0] + PANEL_WIDTH, size[1])
+            else:
+                frames = segmented_frames(frames, predictor, alpha, timings)
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
-            written = write_video(out, with_progress(frames, total, progress), video.fps, video.size)
+            written = write_video(out, with_progress(frames, total, progress), video.fps, size)
         finally:
             capture.release()
         if written == 0:

@@ -23,8 +23,9 @@ from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_tim
 from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.data.labels import DatasetSpec
+from dinokit.depth.released import DepthHeadError, is_depth_head_name, read_depth_head
 from dinokit.writing import atomic_write
-from model import Dinov2Segmentation
+from model import DinoDepth, Dinov2Segmentation
 from model_config import get_backbone_spec
 from utils import broadcast_object, broadcast_state, is_main_process
 
@@ -269,7 +270,10 @@ def model_with_head(
     **backbone_kwargs,
 ) -> tuple[Dinov2Segmentation, dict[str, Any]]:
     """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
-    palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count."""
+    palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count; a depth head
+    (nyu_linear4, ... or such a file) gives a `DinoDepth` and its depth range."""
+    if is_depth_head(path_or_name):
+        return depth_model_with_head(path_or_name, backbone=backbone, registers=registers, **backbone_kwargs)
     where = str(path_or_name)
     head, layers = read_checked_head(path_or_name, backbone, registers, head_layers)
     num_classes = head["classifier.weight"].shape[0]
@@ -280,3 +284,53 @@ def model_with_head(
     )
     model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
     return model.eval(), model_info(model, SPEC_BY_CLASSES[num_classes], META_IMGSZ)
+
+
+def is_depth_head(path_or_name: str | Path) -> bool:
+    """Whether --head-weights names one of Meta's depth heads or holds one (by content)."""
+    if not Path(path_or_name).is_file():
+        return is_depth_head_name(str(path_or_name))
+    try:
+        value = read_torch_file(path_or_name, "depth head")
+    except FileKindError:  # another kind of file: the segmentation path names it
+        return False
+    return torch_contents(value) == "depth head"
+
+
+def depth_model_with_head(
+    path_or_name: str | Path, *, backbone: str = "small", registers: bool = False, **backbone_kwargs: Any
+) -> tuple[DinoDepth, dict[str, Any]]:
+    """Meta's depth head on its backbone, as dinov2/hub/depthers.py builds it (dinokit/depth/released.py),
+    and its `model_info` (task, depth range, normalisation, the size it runs at by default)."""
+    state, released = read_depth_head(path_or_name, backbone, registers)
+    model = DinoDepth(
+        head=released.head,
+        taps=released.taps,
+        min_depth=released.min_depth,
+        max_depth=released.max_depth,
+        backbone=backbone,
+        registers=registers,
+        padding="center",
+        **backbone_kwargs,
+    )
+    missing, _ = model.head.load_state_dict(state, strict=False)  # extra tensors (none known) are ignored
+    if missing:
+        raise DepthHeadError(f"{path_or_name}: the head file lacks {', '.join(missing[:3])} (a damaged file?)")
+    return model.eval(), depth_info(model, META_IMGSZ, dataset=released.dataset)
+
+
+def depth_info(model: DinoDepth, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
+    """A depth model's `model_info`: what inference needs to rebuild and interpret it."""
+    return {
+        "task": "depth",
+        "arch": dict(model.arch),
+        "hub_dir": model.hub_dir,
+        "imgsz": list(imgsz),
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "patch_size": model.patch_size,
+        "min_depth": model.head.min_depth,
+        "max_depth": model.head.max_depth,
+        "licence": model.spec.licence,
+        **extra,
+    }

@@ -333,3 +333,22 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
         "--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1"
     )
     add_mode_args(parser)
+    depth = parser.add_argument_group("depth models (Meta's depth heads: --head-weights nyu_linear4, ...)")
+    depth.add_argument(
+        "--depth-range",
+        type=non_negative,
+        nargs=2,
+        default=None,
+        metavar=("NEAR", "FAR"),
+        help="metres mapped to the colour scale, the same for every image and frame (default: the model's range)",
+    )
+
+
+def depth_range_from_args(args: argparse.Namespace, info: dict) -> tuple[float, float]:
+    """The metres of a depth model's colour scale: --depth-range, else the model's range (`info`: its model_info)."""
+    if args.depth_range is not None:
+        near, far = args.depth_range
+        if far <= near:
+            raise UserError(f"--depth-range {near:g} {far:g}: FAR must be greater than NEAR")
+        return near, far
+    return info["min_depth"], info["max_depth"]

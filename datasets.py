@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 import config
 from dinokit.data.augmentations import IMAGENET, Normalization, seed_augmentation, train_transform
 from dinokit.data.data_check import DatasetCheck, check_dataset
+from dinokit.data.depth_files import DepthSpec, list_depth_files, read_depth
 from dinokit.data.image_files import DatasetError, list_image_files, read_image
 from dinokit.data.labels import VOC, ColorMap, DatasetSpec, read_mask
 from dinokit.data.resize import eval_transform
@@ -36,16 +37,41 @@ def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pair_folders(data_dir / f"{split}_images", data_dir / f"{split}_labels", f"{data_dir}: {split} split")
 
 
-def pair_folders(images_dir: Path, labels_dir: Path, what: str) -> list[tuple[Path, Path]]:
-    """Images and masks paired by file stem; an image without a mask (or the reverse) is an error."""
+def find_depth_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """`(image, depth)` paths of one split of an RGB-D folder, `<split>_images` with `<split>_depth`
+    (dinokit/data/depth_files.py)."""
+    data_dir = Path(data_dir)
+    return pair_folders(
+        data_dir / f"{split}_images", data_dir / f"{split}_depth", f"{data_dir}: {split} split", depth=True
+    )
+
+
+def pair_folders(images_dir: Path, labels_dir: Path, what: str, *, depth: bool = False) -> list[tuple[Path, Path]]:
+    """Images and masks (`depth`: depth maps) paired by file stem; an image without its mask (or the
+    reverse) is an error."""
     images = {p.stem: p for p in list_image_files(images_dir)}
-    masks = {p.stem: p for p in list_image_files(labels_dir)}
-    problems = [f"no mask for {images[s].name}" for s in sorted(images.keys() - masks.keys())]
+    masks = {p.stem: p for p in (list_depth_files(labels_dir) if depth else list_image_files(labels_dir))}
+    noun = "depth map" if depth else "mask"
+    problems = [f"no {noun} for {images[s].name}" for s in sorted(images.keys() - masks.keys())]
     problems += [f"no image for {masks[s].name}" for s in sorted(masks.keys() - images.keys())]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise DatasetError(f"{what} has unpaired files: {shown}")
     return [(images[s], masks[s]) for s in sorted(images)]
+
+
+class DepthPairDataset(Dataset):
+    """Yields `(image [H, W, 3] uint8, depth [H, W] float32 metres, NaN = unmeasured)` at original size."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], spec: DepthSpec):
+        self.pairs, self.spec = pairs, spec
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, depth_path = self.pairs[index]
+        return read_image(image_path), read_depth(depth_path, self.spec)
 
 
 class SegmentationDataset(Dataset):

@@ -1,8 +1,10 @@
-"""Score a checkpoint on a split at each image's original resolution, as papers report segmentation.
+"""Score a checkpoint on a split at each image's original resolution, as papers report segmentation
+(and Meta's depth heads on an RGB-D folder, as depth papers report it).
 
     python evaluate.py --model outputs/transfer_learning/best_model_iou.pth --split valid
     python evaluate.py --model ... --mode slide --scales 0.75 1.0 1.25 --flip     # the DINOv2 paper's "+ms"
     python evaluate.py --model ... --images DIR --labels DIR                      # any folder pair
+    python evaluate.py --head-weights nyu_linear4 --data-dir input/nyu            # valid_images/ + valid_depth/
 
 Prints pixel accuracy, mIoU, mean class accuracy, frequency-weighted IoU and a per-class table
 (and, with --seed-metric, the seed article's per-batch mIoU on the same predictions); writes
@@ -18,15 +20,16 @@ import argparse
 from pathlib import Path
 
 import config
-from checkpoint import dataset_spec
+from checkpoint import dataset_spec, is_depth_head
 from cli import ArgumentParser, add_device_args, add_mode_args, add_model_args, at_least, mode_from_args, run_cli
-from datasets import find_pairs, pair_folders
+from datasets import find_depth_pairs, find_pairs, pair_folders
 from dinokit.data.data_check import check_dataset
+from dinokit.data.depth_files import check_depth_pairs, load_depth_spec
 from dinokit.runs.reports import save_confusion_matrix
 from dinokit.runs.run_folder import claim_output_folder
 from dinokit.writing import write_json
-from evaluation import evaluate_pairs, report_json, report_lines
-from inference import load_predictor
+from evaluation import depth_report_lines, evaluate_depth_pairs, evaluate_pairs, report_json, report_lines
+from inference import Predictor, load_predictor
 from utils import init_distributed, is_main_process, on_main_process
 
 
@@ -58,25 +61,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_pairs(args: argparse.Namespace) -> tuple[str, list[tuple[Path, Path]]]:
-    """(name, pairs) of the split to score: --images with --labels, else <data-dir>/<split>_{images,labels}."""
+def split_pairs(args: argparse.Namespace, depth: bool) -> tuple[str, list[tuple[Path, Path]]]:
+    """(name, pairs) of the split to score: --images with --labels, else <data-dir>/<split>_{images,labels}
+    (a depth model: <split>_depth)."""
     if (args.images is None) != (args.labels is None):
         raise ValueError("--images and --labels go together")
     if args.images is None:
-        return args.split, find_pairs(args.data_dir, args.split)
+        return args.split, (find_depth_pairs if depth else find_pairs)(args.data_dir, args.split)
     images = Path(args.images)
-    return images.name, pair_folders(images, Path(args.labels), f"{images} with {args.labels}")
+    return images.name, pair_folders(images, Path(args.labels), f"{images} with {args.labels}", depth=depth)
 
 
 def main(args: argparse.Namespace) -> None:
     mode = mode_from_args(args)
     device = init_distributed(args.device)
-    split, pairs = split_pairs(args)
+    depth = args.head_weights is not None and is_depth_head(args.head_weights)
+    split, pairs = split_pairs(args, depth)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
     # before the work: a folder that cannot take the report fails now, on every process
     on_main_process(lambda: claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs]))
     predictor = load_predictor(args, str(device), mode)
     name = Path(args.model).name if args.model else Path(args.head_weights).name
+    if predictor.task == "depth":
+        return score_depth(args, predictor, f"{name}_{split}", pairs, out_dir)
     info = predictor.info
     spec = dataset_spec(info, source=f"{name} (model_info)")
     check = check_dataset({split: pairs}, spec)
@@ -113,6 +120,26 @@ def main(args: argparse.Namespace) -> None:
             f"{name}: mIoU {result.scores.miou:.3f}",
         )
         print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
+
+
+def score_depth(
+    args: argparse.Namespace, predictor: Predictor, name: str, pairs: list[tuple[Path, Path]], out_dir: Path
+) -> None:
+    """A depth model on an RGB-D split (depth.json of --data-dir: scale, range, evaluation crop)."""
+    spec = load_depth_spec(args.data_dir)
+    check_depth_pairs(pairs, spec, name)
+    print(
+        f"Scoring {name} ({len(pairs)} images, {spec.min_depth:g}-{spec.max_depth:g} m, crop {spec.eval_crop}) "
+        f"at original resolution; {predictor.mode.describe()}; {predictor.engine}"
+    )
+    result = evaluate_depth_pairs(predictor, pairs, spec, workers=args.workers)
+    for line in depth_report_lines(result):
+        print(line)
+    if is_main_process():
+        path = out_dir / f"eval_{name}_{predictor.mode.tag()}.json"
+        report = {"checkpoint": str(args.model or args.head_weights), "mode": predictor.mode.describe(), **result}
+        write_json(path, report)
+        print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

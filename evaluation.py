@@ -1,8 +1,8 @@
 """Scoring a model the way papers report it: every image predicted at its original resolution
 (by `inference.segment`, in any `InferenceMode`), one confusion matrix over the whole split,
-ignore pixels excluded. Used by evaluate.py and by train.py's final evaluation; under torchrun
-each process scores its own shard and the counts are all-reduced, so N processes report what one
-measures."""
+ignore pixels excluded; for a depth model the depth errors of every image, averaged. Used by
+evaluate.py and by train.py's final evaluation; under torchrun each process scores its own shard
+and the counts are all-reduced, so N processes report what one measures."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import PairDataset, ShardSampler
+from datasets import DepthPairDataset, PairDataset, ShardSampler
+from dinokit.data.depth_files import DepthSpec, eval_crop_mask, valid_depth
 from dinokit.prediction.scores import predicted_classes
 from inference import Predictor
-from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores
+from metrics import DEPTH_METRICS, ConfusionMatrix, DepthErrors, SeedStyleIoU, SegmentationScores
 from utils import all_reduce_sum, distributed, is_main_process, rank, world_size
 
 
@@ -67,6 +68,31 @@ def evaluate_pairs(
         images=int(images),
         ms_per_image=1000 * seconds / max(count, 1),
     )
+
+
+def evaluate_depth_pairs(
+    predictor: Predictor, pairs: list[tuple[Path, Path]], spec: DepthSpec, *, workers: int = 0, desc: str = "Evaluate"
+) -> dict[str, float]:
+    """Predict every pair's image at its own size and score the depth (metrics.DepthErrors) on the
+    pixels that count: measured, within the dataset's range, inside its evaluation crop."""
+    dataset = DepthPairDataset(pairs, spec)
+    sampler = ShardSampler(len(dataset), rank(), world_size()) if distributed() else None
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)
+    errors, seconds, count = DepthErrors(), 0.0, 0
+    for image, truth in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
+        started = time.perf_counter()
+        prediction = torch.from_numpy(predictor.predict(image.numpy()))
+        seconds += time.perf_counter() - started
+        count += 1
+        valid = valid_depth(truth.numpy(), spec) & eval_crop_mask(tuple(truth.shape), spec.eval_crop)
+        errors.update(prediction, truth, torch.from_numpy(valid))
+    return {**errors.compute(), "ms_per_image": 1000 * seconds / max(count, 1)}
+
+
+def depth_report_lines(result: dict[str, float]) -> list[str]:
+    """The depth metrics as evaluate.py prints them (lower is better up to silog; deltas: higher)."""
+    errors = " | ".join(f"{name} {result[name]:.4f}" for name in DEPTH_METRICS)
+    return [f"{errors}  ({result['images']} images, {result['ms_per_image']:.0f} ms/image)"]
 
 
 def report_lines(evaluation: Evaluation, classes: list[str]) -> list[str]:

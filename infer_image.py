@@ -1,10 +1,15 @@
-"""Segment every image in a folder (or one image) with a trained checkpoint.
+"""Segment every image in a folder (or one image) with a trained checkpoint, or estimate its depth.
 
     python infer_image.py --input input/inference_data/images --model outputs/fine_tuning/best_model_iou.pth
+    python infer_image.py --input photos/ --head-weights nyu_linear4 --save-npy     # Meta's NYU depth head
 
 For each image writes, into --out-dir (default outputs/inference_results_image/):
   <stem>.jpg       the image with the predicted classes blended in, their names and a legend
   <stem>_mask.png  the raw prediction: a palette PNG whose pixel values are class indices
+A depth model writes instead:
+  <stem>_depth.png    the depth in colour (near bright, far dark) with a colour bar in metres
+  <stem>_depth16.png  the depth in millimetres, 16-bit (clipped at 65.535 m)
+  <stem>.npy          with --save-npy: the depth in metres, float32, at the image's size
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, run_cli
+from cli import ArgumentParser, add_inference_args, depth_range_from_args, run_cli
 from dinokit.data.image_files import DatasetError, image_paths, read_image, write_image
+from dinokit.prediction.depth_maps import write_depth_outputs
 from dinokit.prediction.drawing import indexed_png, render
 from dinokit.runs.run_folder import claim_output_folder
 from dinokit.writing import atomic_write
@@ -29,6 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="an image folder or a single image file")
     add_inference_args(parser, config.OUTPUT_DIR / "inference_results_image")
+    parser.add_argument("--save-npy", action="store_true", help="depth models: also <stem>.npy in float32 metres")
     return parser
 
 
@@ -41,6 +48,7 @@ def main(args: argparse.Namespace) -> None:
     images = image_paths(args.input)
     out_dir = claim_output_folder(args.out_dir, inputs=images)
     predictor = load_predictor(args)
+    scale = depth_range_from_args(args, predictor.info) if predictor.task == "depth" else None
     seconds, done = 0.0, 0
     for path in tqdm(images, desc="Images", dynamic_ncols=True):
         try:
@@ -49,12 +57,17 @@ def main(args: argparse.Namespace) -> None:
             tqdm.write(f"warning: skipped {err}", file=sys.stderr)
             continue
         started = time.perf_counter()
-        mask = predictor.predict(image)
+        prediction = predictor.predict(image)
         seconds += time.perf_counter() - started
         done += 1
+        if predictor.task == "depth":
+            write_depth_outputs(out_dir, path.stem, prediction, scale, npy=args.save_npy)
+            continue
         drawn_name, mask_name = output_names(path)
-        write_image(out_dir / drawn_name, render(image, mask, predictor.classes, predictor.color_map, args.alpha))
-        atomic_write(out_dir / mask_name, lambda tmp: indexed_png(mask, predictor.color_map).save(tmp, format="PNG"))
+        write_image(out_dir / drawn_name, render(image, prediction, predictor.classes, predictor.color_map, args.alpha))
+        atomic_write(
+            out_dir / mask_name, lambda tmp: indexed_png(prediction, predictor.color_map).save(tmp, format="PNG")
+        )
     if done == 0:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
     print(

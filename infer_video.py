@@ -1,9 +1,12 @@
-"""Segment every frame of a video clip with a trained checkpoint.
+"""Segment every frame of a video clip with a trained checkpoint, or estimate its depth.
 
     python infer_video.py --input input/inference_data/videos/video_1.mp4 --model outputs/fine_tuning/best_model_iou.pth
 
 Writes outputs/inference_results_video/<name>.mp4 (or into --out-dir): the same size and frame rate
 as the input, each frame overlaid with the predicted classes, their names, a legend and the FPS.
+A depth model (--head-weights nyu_linear4, ...) writes each frame's depth in colour instead, on one
+colour scale for the whole clip (--depth-range, default the model's), with a colour bar in metres
+beside it (the video is that much wider).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, at_least, run_cli
-from dinokit.prediction.videos import open_video, read_frames, segmented_frames, write_video
+from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, run_cli
+from dinokit.prediction.depth_maps import PANEL_WIDTH
+from dinokit.prediction.videos import depth_frames, open_video, read_frames, segmented_frames, write_video
 from dinokit.runs.run_folder import claim_output_folder
 from inference import load_predictor
 
@@ -73,8 +77,13 @@ def main(args: argparse.Namespace) -> None:
         out_path = claim_output_folder(args.out_dir, inputs=[source]) / f"{source.stem}.mp4"
         predictor = load_predictor(args)
         timings: list[float] = []
-        frames = segmented_frames(read_frames(capture, args.max_frames), predictor, args.alpha, timings)
-        written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, video.size)
+        frames, size = read_frames(capture, args.max_frames), video.size
+        if predictor.task == "depth":
+            frames = depth_frames(frames, predictor, depth_range_from_args(args, predictor.info), timings)
+            size = (size[0] + PANEL_WIDTH, size[1])
+        else:
+            frames = segmented_frames(frames, predictor, args.alpha, timings)
+        written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)
     finally:
         capture.release()
     if written == 0:

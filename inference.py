@@ -9,7 +9,11 @@ notebook. `InferenceMode` says how:
   `short_side`, `crop`-sized windows every `stride` pixels, overlapping logits averaged, the
   result upsampled to the original size;
 - `scales` x `flip`: test-time augmentation with either mode, the softmax probabilities of every
-  pass averaged at the original size (the DINOv2 paper's "+ms" evaluation).
+  pass averaged at the original size (the DINOv2 paper's "+ms" evaluation); for a depth model the
+  depths themselves are averaged.
+
+A depth model (`model_info["task"] == "depth"`: Meta's depth heads, dinokit/depth/) goes through
+the same path: its "scores" are one channel of metric depth, and `predict` returns metres.
 
 Every pass produces logits at its own input size and is resized to the original size once, so a
 single window covering the whole image is exactly `whole` at that size.
@@ -77,9 +81,11 @@ def segment(
     std: Sequence[float],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    depth: bool = False,
 ) -> torch.Tensor:
     """`[num_classes, H, W]` scores for an RGB uint8 image: logits for a single pass, else the mean
-    softmax probability of all passes (either way, argmax is the prediction)."""
+    softmax probability of all passes (either way, argmax is the prediction). `depth`: `[1, H, W]`
+    metres, the mean of all passes."""
     height, width = image.shape[:2]
     total = None
     for scale in mode.scales:
@@ -93,7 +99,7 @@ def segment(
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
             if mode.passes == 1:
                 return logits
-            probabilities = logits.softmax(0)
+            probabilities = logits if depth else logits.softmax(0)
             total = probabilities if total is None else total.add_(probabilities)
     return total / mode.passes
 
@@ -111,8 +117,13 @@ class Predictor:
         mode: InferenceMode | None = None,
     ):
         self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
-        self.classes: list[str] = info["classes"]
-        self.color_map = ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
+        self.task: str = info.get("task", "segmentation")
+        self.classes: list[str] = info.get("classes", [])
+        self.color_map = (
+            ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
+            if self.task == "segmentation"
+            else None
+        )
         self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
         mode = mode or InferenceMode()
         if mode.imgsz is None:
@@ -140,7 +151,7 @@ class Predictor:
         head_layers: int | None = None,
         **backbone: Any,
     ) -> Predictor:
-        """Meta's released head (a name such as voc2012_ms, or a file) on a DINOv2 backbone built from
+        """Meta's released head (a name such as voc2012_ms or nyu_linear4, or a file) on a DINOv2 backbone built from
         `backbone` (Dinov2Segmentation's keywords: backbone, registers, source, weights, ...)."""
         device = select_device(device)
         model, info = model_with_head(path_or_name, head_layers=head_layers, **backbone)
@@ -189,10 +200,13 @@ class Predictor:
             std=self.info["std"],
             device=self.device,
             amp_dtype=self.amp_dtype,
+            depth=self.task == "depth",
         )
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        """Class indices (uint8) of an RGB uint8 image, at its own size."""
+        """Class indices (uint8) of an RGB uint8 image, at its own size; a depth model: metres (float32)."""
+        if self.task == "depth":
+            return self.scores(image)[0].float().cpu().numpy()
         return predicted_classes(self.scores(image), 0).to(torch.uint8).cpu().numpy()
 
 

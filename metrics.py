@@ -1,8 +1,13 @@
-"""Segmentation metrics from a confusion matrix accumulated over a whole split.
+"""Segmentation metrics from a confusion matrix accumulated over a whole split, and depth metrics.
 
 Averaging per-batch mIoU is biased (a class absent from one batch drags that batch's mean);
 accumulating pixel counts over the split and computing the ratios once is the standard
 (torchvision references, mmseg) and what this module does.
+
+Depth: the errors every monocular-depth paper reports (Eigen et al. 2014; BTS, AdaBins and Meta's
+DINOv2 depth evaluation compute them the same way), each computed over one image's valid pixels
+and averaged over the images of the split (`DepthErrors`) — the papers' convention, not a
+pixel-pooled one.
 """
 
 from __future__ import annotations
@@ -118,3 +123,55 @@ class SeedStyleIoU:
 
 
 _EPS = float(torch.finfo(torch.float64).eps)  # numpy's np.spacing(1), as the seed-style loops use
+
+
+DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
+LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
+
+
+def depth_errors(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """One image's errors over its valid pixels (`pred`, `truth`: 1-D metres, truth > 0, pred > 0).
+    delta_k: share of pixels with max(pred/truth, truth/pred) < 1.25^k; silog: 100 x the standard
+    deviation of log(pred) - log(truth) (scale-invariant log error, as BTS reports it)."""
+    pred, truth = pred.double(), truth.double()
+    ratio = torch.maximum(pred / truth, truth / pred)
+    log_error = pred.log() - truth.log()
+    return {
+        "abs_rel": ((pred - truth).abs() / truth).mean().item(),
+        "sq_rel": ((pred - truth) ** 2 / truth).mean().item(),
+        "rmse": ((pred - truth) ** 2).mean().sqrt().item(),
+        "rmse_log": (log_error**2).mean().sqrt().item(),
+        "log10": (pred.log10() - truth.log10()).abs().mean().item(),
+        "silog": 100 * ((log_error**2).mean() - log_error.mean() ** 2).clamp(min=0).sqrt().item(),
+        "delta1": (ratio < 1.25).double().mean().item(),
+        "delta2": (ratio < 1.25**2).double().mean().item(),
+        "delta3": (ratio < 1.25**3).double().mean().item(),
+    }
+
+
+class DepthErrors:
+    """`depth_errors` of every image of a split, averaged over the images (images without a valid
+    pixel are counted apart, not averaged in). Under torchrun, `compute` sums over the processes."""
+
+    def __init__(self):
+        self.totals = torch.zeros(len(DEPTH_METRICS), dtype=torch.float64)
+        self.images = 0
+        self.empty = 0
+
+    def update(self, pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> None:
+        """One image: predicted and true depth (metres, same shape) and the pixels that count."""
+        pred, truth = pred[valid], truth[valid]
+        if truth.numel() == 0:
+            self.empty += 1
+            return
+        errors = depth_errors(pred.clamp(min=1e-6), truth)
+        self.totals += torch.tensor([errors[name] for name in DEPTH_METRICS], dtype=torch.float64)
+        self.images += 1
+
+    def compute(self) -> dict[str, float]:
+        counts = torch.tensor([self.images, self.empty], dtype=torch.float64)
+        totals = self.totals.clone()
+        all_reduce_sum(counts, totals)
+        images = int(counts[0])
+        means = (totals / max(images, 1)).tolist()
+        return {**dict(zip(DEPTH_METRICS, means)), "images": images, "images_without_depth": int(counts[1])}

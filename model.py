@@ -22,6 +22,7 @@ from torch import nn
 from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
 from dinokit.backbones.loading import backbone_blocks, exporting, load_backbone
 from dinokit.data.resize import preprocess, round_to_patch
+from dinokit.depth.heads import DEPTH_HEADS, BinsHead, DPTHead
 from dinokit.errors import UserError
 from model_config import BackboneSpec, get_backbone_spec
 from utils import autocast, select_device, select_precision
@@ -52,6 +53,45 @@ class LinearHead(nn.Module):
 
 
 PADDINGS = ("bottom_right", "center")
+
+
+def pad_to_patches(images: torch.Tensor, patch_size: int, padding: str) -> torch.Tensor:
+    """Zero padding (after normalisation) up to multiples of the patch size: right and bottom, or
+    centred as Meta's CenterPadding (the smaller half first)."""
+    pad_h, pad_w = -images.shape[-2] % patch_size, -images.shape[-1] % patch_size
+    if padding == "center":
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    else:
+        pads = (0, pad_w, 0, pad_h)
+    if exporting() or any(pads):  # exported: pads are computed in the graph for every size
+        images = F.pad(images, pads)
+    return images
+
+
+def fit_to_image(
+    maps: torch.Tensor,
+    padded: Sequence[int],
+    image_size: Sequence[int],
+    output_size: Sequence[int] | None,
+    padding: str,
+) -> torch.Tensor:
+    """A head's output over the padded input (`padded`: its (H, W)) -> the image: `bottom_right`
+    upsamples to the padded size and crops the padding off; `center` (Meta's heads: mmseg's
+    EncoderDecoder) resizes the whole map straight to the image. `output_size` (H, W): resized
+    there instead, interpolating once more at most."""
+    height, width = image_size
+    padded = tuple(padded)
+    # While exporting, sizes are symbolic: take the general path instead of branching on them.
+    symbolic = exporting()
+    if padding == "bottom_right" and (symbolic or padded != (height, width)):
+        maps = F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
+        maps = maps[..., :height, :width]
+        if output_size is None:
+            return maps
+    target = tuple(output_size) if output_size is not None else (height, width)
+    if symbolic or tuple(maps.shape[-2:]) != target:
+        maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
+    return maps
 
 
 class Dinov2Segmentation(nn.Module):
@@ -131,20 +171,11 @@ class Dinov2Segmentation(nn.Module):
             self.backbone.eval()
         return self
 
-    def _pads(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom) zero padding up to multiples of the patch size."""
-        pad_h, pad_w = -height % self.patch_size, -width % self.patch_size
-        if self.padding == "center":  # CenterPadding._get_pad: the smaller half first
-            return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
-        return 0, pad_w, 0, pad_h
-
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated `[B, layers x C, ceil(H/p), ceil(W/p)]` patch features of normalised images
         (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
         self.backbone_images += images.shape[0]
-        pads = self._pads(*images.shape[-2:])
-        if exporting() or any(pads):  # exported: pads are computed in the graph for every size
-            images = F.pad(images, pads)
+        images = pad_to_patches(images, self.patch_size, self.padding)
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
         return torch.cat(maps, dim=1)
@@ -158,20 +189,9 @@ class Dinov2Segmentation(nn.Module):
     ) -> torch.Tensor:
         """Logits from `extract_features` output for images of `image_size` (H, W): the head alone,
         which is all a frozen-backbone epoch needs once features are cached."""
-        height, width = image_size
         logits = self.head(features)
         padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
-        # While exporting, sizes are symbolic: take the general path instead of branching on them.
-        symbolic = exporting()
-        if self.padding == "bottom_right" and (symbolic or padded != (height, width)):
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-            logits = logits[..., :height, :width]
-            if output_size is None:
-                return logits
-        target = tuple(output_size) if output_size is not None else (height, width)
-        if symbolic or tuple(logits.shape[-2:]) != target:
-            logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
-        return logits
+        return fit_to_image(logits, padded, image_size, output_size, self.padding)
 
     def forward(
         self,
@@ -200,6 +220,73 @@ class Dinov2Segmentation(nn.Module):
     def compile_backbone(self) -> None:
         """torch.compile the backbone's feature extraction (the parameters and state dict are unchanged)."""
         self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
+
+
+class DinoDepth(nn.Module):
+    """Metric depth `[B, 1, H, W]` from a backbone's blocks `taps` and a depth head
+    (dinokit/depth/heads.py): tokens without the final norm, each block's class token beside its
+    patch tokens, as Meta's depth heads read them; the head's output clamped to its depth range and
+    fitted to the image with `padding` (Meta's heads: centred). The backbone is frozen."""
+
+    def __init__(
+        self,
+        *,
+        head: str = "linear",
+        taps: Sequence[int],
+        min_depth: float,
+        max_depth: float,
+        backbone: str = "small",
+        registers: bool = False,
+        source: str = "hub",
+        hub_dir: str | Path | None = None,
+        weights: str | Path | None = None,
+        pretrained: bool = True,
+        padding: str = "center",
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        spec = get_backbone_spec(backbone, registers)
+        if head not in DEPTH_HEADS or padding not in PADDINGS or spec.is_convnext:
+            raise UserError(f"a {head!r} depth head with {padding!r} padding on {spec.hub_name} is not supported")
+        source = "local" if hub_dir is not None else source
+        self.arch = {
+            "task": "depth",
+            "backbone": spec.hub_name,
+            "registers": spec.hub_name.endswith("_reg"),
+            "source": source,
+            "head": head,
+            "taps": list(taps),
+            "min_depth": float(min_depth),
+            "max_depth": float(max_depth),
+            "padding": padding,
+            "batch_norm": batch_norm,
+        }
+        self.spec, self.patch_size, self.padding, self.taps = spec, spec.patch_size, padding, list(taps)
+        self.mean, self.std = spec.normalization(weights)
+        self.hub_dir = str(hub_dir) if hub_dir is not None else None
+        self.backbone = load_backbone(
+            backbone, registers=registers, source=source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
+        ).requires_grad_(False)
+        if head == "dpt":
+            self.head = DPTHead(spec.embed_dim, min_depth=min_depth, max_depth=max_depth)
+        else:
+            width = 2 * spec.embed_dim * len(self.taps)
+            self.head = BinsHead(width, min_depth=min_depth, max_depth=max_depth, batch_norm=batch_norm)
+        self.eval()
+
+    def train(self, mode: bool = True) -> DinoDepth:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        padded = pad_to_patches(images, self.patch_size, self.padding)
+        with torch.no_grad():
+            blocks = self.backbone.get_intermediate_layers(
+                padded, n=self.taps, reshape=True, return_class_token=True, norm=False
+            )
+        depth = self.head(blocks).clamp(self.head.min_depth, self.head.max_depth)
+        return fit_to_image(depth, padded.shape[-2:], images.shape[-2:], output_size, self.padding)
 
 
 def check_head_layers(spec: BackboneSpec, head_layers: int) -> None:

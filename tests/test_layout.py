@@ -98,7 +98,8 @@ def test_no_import_cycle_between_modules():
 
 
 def test_no_import_cycle_between_the_package_folders():
-    """dinokit's folders are layers too: data below backbones and prediction, below runs, training, classification."""
+    """dinokit's folders are layers too: data below backbones, depth and prediction, below runs, training,
+    classification."""
     folder = lambda name: ".".join(name.split(".")[:2])  # noqa: E731
     graph: dict[str, set[str]] = {}
     for name, imported in imports().items():

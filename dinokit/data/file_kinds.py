@@ -28,6 +28,7 @@ TAKES = {
     ),
     "image classifier": "classify.py --predict --model",
     "segmentation head": "--head-weights",
+    "depth head": "--head-weights of infer_image.py / infer_video.py",
     "backbone weights": "--weights",
     "ONNX model": "--model of infer_image.py / infer_video.py / evaluate.py / app.py",
 }
@@ -95,6 +96,8 @@ def torch_contents(value: Any) -> str | None:
     if "model" in value and "model_info" in value:
         return "training checkpoint"
     state = value.get("state_dict", value)
+    if isinstance(state, dict) and any(str(key).startswith("decode_head.conv_depth") for key in state):
+        return "depth head"
     if isinstance(state, dict) and any(str(key).startswith("decode_head.") for key in state):
         return "segmentation head"
     if isinstance(state, dict) and ("cls_token" in state or "patch_embed.proj.weight" in state):

@@ -1,5 +1,6 @@
 """Small synthetic datasets for `make demo`, the tests and bench.py: segmentation pairs in the VOC
-Kaggle layout (`make_dataset`), and classification images in ImageFolder layout (`make_image_folders`).
+Kaggle layout (`make_dataset`), classification images in ImageFolder layout (`make_image_folders`),
+and RGB-D scenes whose depth the image shows (`make_depth_dataset`).
 
 Each image is a noisy background with a few filled shapes; each shape's class decides its image
 colour, so even a random-init backbone's features separate the classes and a short run learns.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 import config
 
@@ -101,4 +103,39 @@ def make_image_folders(
                 image = (color + rng.normal(0, 25, (height, width, 3))).clip(0, 255).astype(np.uint8)
                 suffix = ".JPG" if i % 3 == 2 else ".jpg"
                 cv2.imwrite(str(folder / f"{split}_{label}_{i:03d}{suffix}"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def make_depth_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One `(image RGB, depth metres)` scene of `size` (W, H): a textured ground plane whose depth grows
+    from 1 m at the bottom row to 6 m at the top (its texture fades with distance, so the image shows
+    the depth), a box standing at 2 m (brighter: nearer), and an unmeasured (0) strip at the top."""
+    width, height = size
+    rows = np.linspace(6.0, 1.0, height, dtype=np.float32)[:, None].repeat(width, axis=1)
+    shade = (200 - 25 * rows).clip(0, 255)  # near is bright
+    texture = rng.normal(0, 1, (height, width)) * (30 / rows)
+    image = np.stack([shade + texture, shade * 0.8 + texture, shade * 0.6 + texture], axis=-1)
+    depth = rows.copy()
+    box_w, box_h = width // 4, height // 3
+    left, top = int(rng.integers(0, width - box_w)), int(rng.integers(height // 3, height - box_h))
+    depth[top : top + box_h, left : left + box_w] = 2.0
+    image[top : top + box_h, left : left + box_w] = (220, 60, 60)
+    depth[: max(1, height // 20)] = 0.0
+    return image.clip(0, 255).astype(np.uint8), depth
+
+
+def make_depth_dataset(
+    root: str | Path, n_train: int = 8, n_valid: int = 4, size: tuple[int, int] = (96, 72), seed: int = 0
+) -> Path:
+    """An RGB-D folder (dinokit/data/depth_files.py): JPEG images, 16-bit millimetre PNG depth, depth.json."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("valid", n_valid)):
+        (root / f"{split}_images").mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_depth").mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, depth = make_depth_scene(rng, size)
+            Image.fromarray(image).save(root / f"{split}_images" / f"{split}_{index:04d}.jpg", quality=95)
+            millimetres = np.round(depth * 1000).astype(np.uint16)
+            Image.fromarray(millimetres).save(root / f"{split}_depth" / f"{split}_{index:04d}.png")
+    (root / "depth.json").write_text('{"depth_scale": 1000, "min_depth": 0.001, "max_depth": 10}\n')
     return root

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dinokit.prediction.depth_maps import colorize, with_colour_bar
 from dinokit.prediction.drawing import Segmenter, render
 from dinokit.writing import temp_path
 
@@ -195,3 +196,15 @@ def segmented_frames(
         mask = predictor.predict(image)
         timings.append(time.perf_counter() - started)
         yield draw_fps(render(image, mask, predictor.classes, predictor.color_map, alpha), timings[-1])
+
+
+def depth_frames(
+    frames: Iterable[np.ndarray], predictor: Segmenter, depth_range: tuple[float, float], timings: list[float]
+) -> Iterator[np.ndarray]:
+    """Each RGB frame's predicted depth in colour, on one fixed scale for the whole clip, with the
+    colour bar (`PANEL_WIDTH` wider than the frame) and the FPS; timings as `segmented_frames`."""
+    for image in frames:
+        started = time.perf_counter()
+        depth = predictor.predict(image)
+        timings.append(time.perf_counter() - started)
+        yield draw_fps(with_colour_bar(colorize(depth, depth_range), depth_range), timings[-1])
