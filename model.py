@@ -120,7 +120,7 @@ class Dinov2Segmentation(nn.Module):
         weights: str | Path | None = None,
         pretrained: bool = True,
         fine_tune: bool = False,
-        head_layers: int = 4,
+        head_layers: int | None = None,
         padding: str = "bottom_right",
         dropout: float = 0.0,
         normalization: str | None = None,
@@ -129,6 +129,7 @@ class Dinov2Segmentation(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         spec = get_backbone_spec(backbone, registers)
+        head_layers = max(spec.head_layers()) if head_layers is None else head_layers  # ViT: 4, ConvNeXt: 1
         check_head_layers(spec, head_layers)
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
