@@ -299,6 +299,7 @@ def test_bench_measures_extraction_and_knn_over_stored_embeddings():
         "modes",
         "memory",
         "export",
+        "backbones",
         "--cls-images",
         "8",
         "--cls-imgsz",
