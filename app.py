@@ -33,10 +33,10 @@ import config
 from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
 from dinokit.data.image_files import DatasetError, image_pixels, list_image_files, read_image
 from dinokit.errors import UserError, one_line
-from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, depth_png, with_colour_bar
+from dinokit.prediction.depth_maps import colorize, depth_png, with_colour_bar
 from dinokit.prediction.drawing import class_shares, indexed_png, render
 from dinokit.prediction.modes import MODES, InferenceMode
-from dinokit.prediction.videos import depth_frames, open_video, read_frames, segmented_frames, write_video
+from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
 
@@ -150,13 +150,9 @@ class Demo:
                 )
             total = video.frames_to_read(self.max_frames)
             timings: list[float] = []
-            predictor, size = self.predictor(name, mode), video.size
-            frames = read_frames(capture, self.max_frames)
-            if predictor.task == "depth":
-                scale = (predictor.info["min_depth"], predictor.info["max_depth"])
-                frames, size = depth_frames(frames, predictor, scale, timings), (size[0] + PANEL_WIDTH, size[1])
-            else:
-                frames = segmented_frames(frames, predictor, alpha, timings)
+            frames, size = predicted_frames(
+                read_frames(capture, self.max_frames), self.predictor(name, mode), video.size, timings, alpha=alpha
+            )
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
             written = write_video(out, with_progress(frames, total, progress), video.fps, size)
         finally:

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 import config
 from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, run_cli
-from dinokit.prediction.depth_maps import PANEL_WIDTH
-from dinokit.prediction.videos import depth_frames, open_video, read_frames, segmented_frames, write_video
+from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.runs.run_folder import claim_output_folder
 from inference import load_predictor
 
@@ -77,12 +76,10 @@ def main(args: argparse.Namespace) -> None:
         out_path = claim_output_folder(args.out_dir, inputs=[source]) / f"{source.stem}.mp4"
         predictor = load_predictor(args)
         timings: list[float] = []
-        frames, size = read_frames(capture, args.max_frames), video.size
-        if predictor.task == "depth":
-            frames = depth_frames(frames, predictor, depth_range_from_args(args, predictor.info), timings)
-            size = (size[0] + PANEL_WIDTH, size[1])
-        else:
-            frames = segmented_frames(frames, predictor, args.alpha, timings)
+        scale = depth_range_from_args(args, predictor.info) if predictor.task == "depth" else None
+        frames, size = predicted_frames(
+            read_frames(capture, args.max_frames), predictor, video.size, timings, alpha=args.alpha, depth_range=scale
+        )
         written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)
     finally:
         capture.release()

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dinokit.prediction.depth_maps import colorize, with_colour_bar
+from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, with_colour_bar
 from dinokit.prediction.drawing import Segmenter, render
 from dinokit.writing import temp_path
 
@@ -208,3 +208,21 @@ def depth_frames(
         depth = predictor.predict(image)
         timings.append(time.perf_counter() - started)
         yield draw_fps(with_colour_bar(colorize(depth, depth_range), depth_range), timings[-1])
+
+
+def predicted_frames(
+    frames: Iterable[np.ndarray],
+    predictor: Segmenter,
+    size: tuple[int, int],
+    timings: list[float],
+    *,
+    alpha: float = 0.5,
+    depth_range: tuple[float, float] | None = None,
+) -> tuple[Iterator[np.ndarray], tuple[int, int]]:
+    """The frames as a video of `predictor`'s task shows them, and their (W, H): segmentation
+    overlays at the input `size`; depth in colour on one scale (`depth_range`, default the model's)
+    with its bar, `PANEL_WIDTH` wider."""
+    if getattr(predictor, "task", "segmentation") == "depth":
+        scale = depth_range or (predictor.info["min_depth"], predictor.info["max_depth"])
+        return depth_frames(frames, predictor, scale, timings), (size[0] + PANEL_WIDTH, size[1])
+    return segmented_frames(frames, predictor, alpha, timings), size
