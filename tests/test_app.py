@@ -160,11 +160,16 @@ def server(checkpoint, tiny_dataset):
 
 
 def upload(page, path):
+    """Put one file in the upload box. Clearing it re-renders the box, so the file is chosen only once
+    the old one is gone and the new input is there (choosing earlier can land on the old input)."""
     clear = page.locator("#image-upload button[aria-label='Clear']")
     if clear.count():
         clear.click()
-    page.locator("#image-upload input[type=file]").set_input_files(str(path))
-    page.get_by_text(Path(path).name, exact=True).first.wait_for()
+        clear.wait_for(state="detached")
+    file_input = page.locator("#image-upload input[type=file]")
+    file_input.wait_for(state="attached")
+    file_input.set_input_files(str(path))
+    page.get_by_text(Path(path).name, exact=True).first.wait_for(timeout=60_000)
 
 
 def test_page_segments_an_upload_and_survives_a_bad_one(server, checkpoint, tiny_dataset, tmp_path):
