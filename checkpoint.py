@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_conten
 from dinokit.data.labels import DatasetSpec
 from dinokit.depth.released import DepthHeadError, is_depth_head_name, read_depth_head
 from dinokit.writing import atomic_write
-from model import DinoDepth, Dinov2Segmentation
+from model import BackboneModel, DinoDepth, Dinov2Segmentation
 from model_config import get_backbone_spec
 from utils import broadcast_object, broadcast_state, is_main_process
 
@@ -122,21 +122,12 @@ def build_model_from_checkpoint(
     """
     info = checkpoint["model_info"]
     arch = info["arch"]
-    common = dict(
-        num_classes=arch["num_classes"],
-        backbone=arch["backbone"],
-        registers=arch["registers"],
-        pretrained=False,
-        head_layers=arch.get("head_layers", 4),
-        padding=arch.get("padding", "bottom_right"),
-        dropout=arch.get("dropout", 0.0),
-        normalization=arch.get("normalization", "imagenet"),
-    )  # older: 4, bottom_right, no dropout, ImageNet's normalisation
+    architecture, common = rebuild_arguments(info)
     state = checkpoint["model"]
     model = None
     if not timm or arch["source"] == "timm":
         try:
-            model = Dinov2Segmentation(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+            model = architecture(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
         except BackboneUnavailableError as err:
             if arch["source"] == "timm":
                 raise
@@ -144,7 +135,7 @@ def build_model_from_checkpoint(
                 f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr
             )
     if model is None:  # Meta's architecture in timm's code: convert the keys
-        model = Dinov2Segmentation(source="timm", **common)
+        model = architecture(source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
         model.load_state_dict(state)
@@ -155,12 +146,34 @@ def build_model_from_checkpoint(
     return model.to(device).eval()
 
 
+def rebuild_arguments(info: dict[str, Any]) -> tuple[type[BackboneModel], dict[str, Any]]:
+    """The model class of a `model_info` (its task) and the keywords that rebuild its architecture,
+    without pretrained weights (the checkpoint holds them)."""
+    arch = info["arch"]
+    common = dict(
+        backbone=arch["backbone"],
+        registers=arch["registers"],
+        pretrained=False,
+        padding=arch.get("padding", "bottom_right"),
+        normalization=arch.get("normalization", "imagenet"),
+    )  # older checkpoints: bottom_right padding, ImageNet's normalisation
+    if info.get("task") == "depth":
+        keys = ("head", "taps", "min_depth", "max_depth", "batch_norm")
+        return DinoDepth, {**common, **{key: arch[key] for key in keys}}
+    extra = dict(
+        num_classes=arch["num_classes"], head_layers=arch.get("head_layers", 4), dropout=arch.get("dropout", 0.0)
+    )
+    return Dinov2Segmentation, {**common, **extra}  # older: 4 blocks, no dropout
+
+
 class RunCheckpoints:
     """The checkpoint files of a training run and the state they carry between epochs.
 
-    Owns `best_model_loss.pth`, `best_model_iou.pth` (the epochs with the best validation loss /
-    mIoU), `last.pth` (every epoch, for --resume) and `final_model.pth`; keeps the history, the best
-    metrics and the flags changed on resume, which every checkpoint carries. Only rank 0 writes.
+    Owns `best_model_loss.pth`, `best_model_<label>.pth` (the epochs with the best validation loss
+    and the best validation `best_on` metric: mIoU -> best_model_iou.pth, a depth run's RMSE ->
+    best_model_rmse.pth), `last.pth` (every epoch, for --resume) and `final_model.pth`; keeps the
+    history, the best metrics and the flags changed on resume, which every checkpoint carries. Only
+    rank 0 writes.
     """
 
     def __init__(
@@ -173,12 +186,14 @@ class RunCheckpoints:
         scaler: torch.amp.GradScaler,
         info: dict[str, Any],
         args: dict[str, Any],
+        best_on: tuple[str, str, Callable[[float, float], float]] = ("miou", "IoU", max),
     ):
         self.out_dir = out_dir
+        self.metric, self.label, self.better = best_on  # e.g. ("rmse", "RMSE", min)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.info, self.args = info, args
         self.history: list[dict[str, float]] = []
-        self.best = {"loss": math.inf, "miou": -math.inf}
+        self.best = {"loss": math.inf, self.metric: -math.inf if self.better is max else math.inf}
         self.overrides: list[dict[str, Any]] = []
 
     @property
@@ -209,7 +224,7 @@ class RunCheckpoints:
 
     def end_epoch(self, row: dict[str, float]) -> dict[str, float]:
         """Record an epoch (its metrics.csv row): the best checkpoints where it improved, and last.pth.
-        Returns what improved: {"loss" / "IoU": the new best}."""
+        Returns what improved: {"loss" / the metric's label: the new best}."""
         self.history.append(row)
         epoch = row["epoch"] - 1
         metrics = {k: v for k, v in row.items() if k.startswith(("train_", "valid_"))}
@@ -217,20 +232,25 @@ class RunCheckpoints:
         if row["valid_loss"] < self.best["loss"]:
             self.best["loss"] = improved["loss"] = row["valid_loss"]
             self._save(self.state(epoch, metrics), "best_model_loss.pth")
-        if row["valid_miou"] > self.best["miou"]:
-            self.best["miou"] = improved["IoU"] = row["valid_miou"]
-            self._save(self.state(epoch, metrics), "best_model_iou.pth")
+        value = row[f"valid_{self.metric}"]
+        if value == value and self.better(value, self.best[self.metric]) != self.best[self.metric]:  # not nan
+            self.best[self.metric] = improved[self.label] = value
+            self._save(self.state(epoch, metrics), self.best_name)
         self._save(self.state(epoch, metrics), "last.pth")
         return improved
 
     def save_final(self, epochs: int) -> None:
         self._save(self.state(epochs - 1, self.history[-1] if self.history else {}), "final_model.pth")
 
+    @property
+    def best_name(self) -> str:
+        return f"best_model_{self.label.lower()}.pth"
+
     def load_best(self, device: torch.device) -> Path:
-        """Load this run's best-mIoU checkpoint (final_model.pth if mIoU never improved) into the model.
+        """Load this run's best checkpoint by its metric (final_model.pth if it never improved) into the model.
         Only rank 0 reads the file, which on machines without a shared filesystem only it has; the
         weights reach the other ranks by broadcast."""
-        best_path = self.out_dir / "best_model_iou.pth"
+        best_path = self.out_dir / self.best_name
         if is_main_process():
             if (
                 not best_path.exists()

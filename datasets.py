@@ -1,4 +1,5 @@
-"""Images + masks -> (normalised image tensor, class-index mask) pairs, with augmentation and loaders.
+"""Images + masks -> (normalised image tensor, class-index mask) pairs (an RGB-D folder: depth maps in
+metres), with augmentation and loaders.
 
 Layout of a dataset directory (Pascal VOC as distributed on Kaggle, or anything shaped like it):
 
@@ -22,9 +23,15 @@ import torch
 from torch.utils.data import Dataset
 
 import config
-from dinokit.data.augmentations import IMAGENET, Normalization, seed_augmentation, train_transform
+from dinokit.data.augmentations import (
+    IMAGENET,
+    Normalization,
+    depth_train_transform,
+    seed_augmentation,
+    train_transform,
+)
 from dinokit.data.data_check import DatasetCheck, check_dataset
-from dinokit.data.depth_files import DepthSpec, list_depth_files, read_depth
+from dinokit.data.depth_files import DepthSpec, check_depth_pairs, list_depth_files, load_depth_spec, read_depth
 from dinokit.data.image_files import DatasetError, list_image_files, read_image
 from dinokit.data.labels import VOC, ColorMap, DatasetSpec, read_mask
 from dinokit.data.resize import eval_transform
@@ -80,7 +87,7 @@ class SegmentationDataset(Dataset):
     def __init__(
         self,
         pairs: list[tuple[Path, Path]],
-        color_map: ColorMap,
+        color_map: ColorMap | None,
         transform: A.Compose,
         mask_format: str = "auto",
         *,
@@ -110,6 +117,9 @@ class SegmentationDataset(Dataset):
             )
         return image, mask
 
+    def target(self, mask: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(mask.astype(np.int64))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sample(index, self.epoch)
 
@@ -119,7 +129,27 @@ class SegmentationDataset(Dataset):
         seed_augmentation(self.transform, self.seed, epoch, index)
         out = self.transform(image=image, mask=mask)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image_tensor, torch.from_numpy(out["mask"].astype(np.int64))
+        return image_tensor, self.target(out["mask"])
+
+
+class DepthDataset(SegmentationDataset):
+    """Yields `(image [3, H, W] float32, depth [H, W] float32 metres, 0 = unmeasured)`: an RGB-D
+    split for training, the depth map transformed as a mask (nearest neighbour); the same epochs
+    and seeds as segmentation."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], spec: DepthSpec, transform: A.Compose, *, seed: int):
+        super().__init__(pairs, None, transform, seed=seed)
+        self.depth_spec = spec
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, depth_path = self.pairs[index]
+        image, depth = read_image(image_path), read_depth(depth_path, self.depth_spec)
+        if image.shape[:2] != depth.shape:  # checked before training (check_depth_pairs); files can change
+            raise DatasetError(f"{depth_path}: depth is {depth.shape[1]}x{depth.shape[0]}, its image is not")
+        return image, np.nan_to_num(depth, nan=0.0)
+
+    def target(self, depth: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
 
 
 class ViewsDataset(Dataset):
@@ -188,6 +218,24 @@ def build_datasets(
         splits["valid"], color_map, eval_transform(imgsz, *normalization), mask_format, seed=seed
     )
     return train, valid, check
+
+
+def build_depth_datasets(
+    data_dir: str | Path,
+    imgsz: tuple[int, int],
+    *,
+    seed: int = config.SEED,
+    normalization: Normalization = IMAGENET,
+) -> tuple[DepthDataset, DepthDataset, DepthSpec, dict[str, int]]:
+    """Train (depth-safe augmentation) and validation (resize only) datasets of an RGB-D folder,
+    after every depth file has been read and checked (`check_depth_pairs`); with the folder's
+    `depth.json` and each split's valid depth pixels."""
+    spec = load_depth_spec(data_dir)
+    splits = {split: find_depth_pairs(data_dir, split) for split in ("train", "valid")}
+    valid_pixels = {split: check_depth_pairs(pairs, spec, f"{data_dir}: {split}") for split, pairs in splits.items()}
+    train = DepthDataset(splits["train"], spec, depth_train_transform(imgsz, normalization), seed=seed)
+    valid = DepthDataset(splits["valid"], spec, eval_transform(imgsz, *normalization), seed=seed)
+    return train, valid, spec, valid_pixels
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import config
-from checkpoint import dataset_spec, is_depth_head
+from checkpoint import dataset_spec
 from cli import ArgumentParser, add_device_args, add_mode_args, add_model_args, at_least, mode_from_args, run_cli
 from datasets import find_depth_pairs, find_pairs, pair_folders
 from dinokit.data.data_check import check_dataset
@@ -75,12 +75,11 @@ def split_pairs(args: argparse.Namespace, depth: bool) -> tuple[str, list[tuple[
 def main(args: argparse.Namespace) -> None:
     mode = mode_from_args(args)
     device = init_distributed(args.device)
-    depth = args.head_weights is not None and is_depth_head(args.head_weights)
-    split, pairs = split_pairs(args, depth)
+    predictor = load_predictor(args, str(device), mode)  # its task says which split folders to read
+    split, pairs = split_pairs(args, predictor.task == "depth")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
     # before the work: a folder that cannot take the report fails now, on every process
     on_main_process(lambda: claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs]))
-    predictor = load_predictor(args, str(device), mode)
     name = Path(args.model).name if args.model else Path(args.head_weights).name
     if predictor.task == "depth":
         return score_depth(args, predictor, f"{name}_{split}", pairs, out_dir)

@@ -86,7 +86,7 @@ def evaluate_depth_pairs(
         count += 1
         valid = valid_depth(truth.numpy(), spec) & eval_crop_mask(tuple(truth.shape), spec.eval_crop)
         errors.update(prediction, truth, torch.from_numpy(valid))
-    return {**errors.compute(), "ms_per_image": 1000 * seconds / max(count, 1)}
+    return {**errors.compute(predictor.device), "ms_per_image": 1000 * seconds / max(count, 1)}
 
 
 def depth_report_lines(result: dict[str, float]) -> list[str]:

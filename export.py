@@ -46,6 +46,7 @@ from dinokit.writing import temp_path
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
+DEPTH_TOLERANCE = 1e-3  # a depth pixel agrees when within 0.1 % of PyTorch's metres
 SINGLE_FILE_LIMIT = 2**31  # protobuf cannot serialise a message over 2 GB: larger weights need ONNX external data
 
 
@@ -103,13 +104,14 @@ class Agreement:
 
     what: str
     size: tuple[int, int]  # (H, W)
-    max_difference: float | None  # largest |logit difference|; None for an --argmax export
-    agreement: float  # share of pixels with the same predicted class
+    max_difference: float | None  # largest |logit difference| (depth: metres); None for an --argmax export
+    agreement: float  # share of pixels with the same predicted class (depth: within DEPTH_TOLERANCE)
+    measure: str = "argmax agreement"
 
     def line(self) -> str:
-        difference = f"max |logit diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
+        difference = f"max |output diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
         size = f"{self.size[1]}x{self.size[0]}"
-        return f"  {self.what:<24} {size}: {difference}argmax agreement {100 * self.agreement:.4f} %"
+        return f"  {self.what:<24} {size}: {difference}{self.measure} {100 * self.agreement:.4f} %"
 
 
 def output_path(args: argparse.Namespace) -> Path:
@@ -147,13 +149,17 @@ def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, 
 
 
 def compare(
-    reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool
+    reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool, depth: bool = False
 ) -> tuple[float | None, float]:
-    """(max |logit difference|, argmax agreement) of the two engines on one normalised batch."""
+    """(max |logit difference|, argmax agreement) of the two engines on one normalised batch; a
+    depth model: (max |depth difference|, share of pixels within DEPTH_TOLERANCE)."""
     with torch.inference_mode():
         expected = reference(inputs)
     actual = exported(inputs)  # an --argmax file returns one-hot scores: no logits to compare
-    agreement = (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
+    if depth:
+        agreement = ((actual - expected).abs() <= DEPTH_TOLERANCE * expected.abs()).float().mean().item()
+    else:
+        agreement = (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
     return None if argmax else (actual - expected).abs().max().item(), agreement
 
 
@@ -169,13 +175,17 @@ def self_check(
     """onnxruntime's output for the written file vs the PyTorch model's, per size, on a random input
     and on each image."""
     exported = OnnxNetwork(path, device="cpu")
+    depth = info.get("task") == "depth"
+    measure = f"within {100 * DEPTH_TOLERANCE:g} %" if depth else "argmax agreement"
     generator = torch.Generator().manual_seed(0)
     results = []
     for size in sizes:
         inputs = [("random", torch.randn(1, 3, *size, generator=generator))]
         inputs += [(name, preprocess(image, size, info["mean"], info["std"])) for name, image in images]
         for name, tensor in inputs:
-            results.append(Agreement(name, size, *compare(reference, exported, tensor, argmax=argmax)))
+            results.append(
+                Agreement(name, size, *compare(reference, exported, tensor, argmax=argmax, depth=depth), measure)
+            )
     return results
 
 
@@ -183,8 +193,8 @@ def verdict(results: list[Agreement], precision: str) -> str:
     """The check's summary line; raises for a float32 export that does not reproduce PyTorch."""
     worst = max((r.max_difference for r in results if r.max_difference is not None), default=None)
     lowest = min(r.agreement for r in results)
-    difference = f"max |logit diff| {worst:.2e}, " if worst is not None else ""
-    summary = f"{difference}lowest argmax agreement {100 * lowest:.4f} % vs PyTorch float32"
+    difference = f"max |output diff| {worst:.2e}, " if worst is not None else ""
+    summary = f"{difference}lowest {results[0].measure} {100 * lowest:.4f} % vs PyTorch float32"
     if precision == "fp32":
         if (worst is not None and worst > FP32_MAX_DIFFERENCE) or lowest < FP32_MIN_AGREEMENT:
             raise UserError(
@@ -195,12 +205,27 @@ def verdict(results: list[Agreement], precision: str) -> str:
     return f"{precision}: {summary} (not held to the float32 tolerance)"
 
 
+OUTPUTS = {"logits": "logits", "classes": "class indices", "depth": "depth in metres"}
+
+
+def output_name(info: dict, argmax: bool) -> str:
+    """What the file outputs: logits, class indices (--argmax), or a depth model's metres."""
+    return "depth" if info.get("task") == "depth" else "classes" if argmax else "logits"
+
+
 def write_onnx(
     model: torch.nn.Module, info: dict, target: Path, args: argparse.Namespace, size: tuple[int, int], precision: str
 ) -> None:
     """Export, convert or quantise, and store the metadata, into `target`."""
     onnx = require("onnx")
-    proto = export_network(model, size=size, dynamic=args.dynamic, opset=args.opset, argmax=args.argmax)
+    proto = export_network(
+        model,
+        size=size,
+        dynamic=args.dynamic,
+        opset=args.opset,
+        argmax=args.argmax,
+        output=output_name(info, args.argmax),
+    )
     if precision == "fp16":
         proto = to_float16(proto)
     if precision == "int8":
@@ -211,9 +236,7 @@ def write_onnx(
         finally:
             float32.unlink(missing_ok=True)
         proto = onnx.load(target)
-    write_metadata(
-        proto, info, output="classes" if args.argmax else "logits", precision=precision, dynamic=args.dynamic
-    )
+    write_metadata(proto, info, output=output_name(info, args.argmax), precision=precision, dynamic=args.dynamic)
     onnx.save(proto, target)
 
 
@@ -224,6 +247,8 @@ def main(args: argparse.Namespace) -> None:
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
     info = checkpoint["model_info"]
+    if args.argmax and info.get("task") == "depth":
+        raise UserError(f"--argmax: {args.model} is a depth model (one channel of metres, no classes); drop --argmax")
     imgsz = args.imgsz or info["imgsz"]
     check_imgsz(imgsz)
     patch_size = info_patch_size(info)
@@ -260,7 +285,7 @@ def main(args: argparse.Namespace) -> None:
     opset = opset_of(require("onnx").load(out, load_external_data=False))  # as written, not as asked
     print(
         f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {opset}, {shape}, "
-        f"{'class indices' if args.argmax else 'logits'}) in {exported_in:.1f} s\n"
+        f"{OUTPUTS[output_name(info, args.argmax)]}) in {exported_in:.1f} s\n"
         f"run it: python infer_image.py --model {out} --input IMAGES"
     )
 

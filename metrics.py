@@ -168,9 +168,10 @@ class DepthErrors:
         self.totals += torch.tensor([errors[name] for name in DEPTH_METRICS], dtype=torch.float64)
         self.images += 1
 
-    def compute(self) -> dict[str, float]:
-        counts = torch.tensor([self.images, self.empty], dtype=torch.float64)
-        totals = self.totals.clone()
+    def compute(self, device: torch.device | str = "cpu") -> dict[str, float]:
+        """The means over every image (of every rank: summed on `device`, which NCCL wants on the GPU)."""
+        counts = torch.tensor([self.images, self.empty], dtype=torch.float64, device=device)
+        totals = self.totals.to(device)
         all_reduce_sum(counts, totals)
         images = int(counts[0])
         means = (totals / max(images, 1)).tolist()

@@ -22,7 +22,7 @@ from torch import nn
 from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
 from dinokit.backbones.loading import backbone_blocks, exporting, load_backbone
 from dinokit.data.resize import preprocess, round_to_patch
-from dinokit.depth.heads import DEPTH_HEADS, BinsHead, DPTHead
+from dinokit.depth.heads import DEPTH_HEADS, BinsHead, DPTHead, with_class_token
 from dinokit.errors import UserError
 from model_config import BackboneSpec, get_backbone_spec
 from utils import autocast, select_device, select_precision
@@ -94,7 +94,105 @@ def fit_to_image(
     return maps
 
 
-class Dinov2Segmentation(nn.Module):
+class BackboneModel(nn.Module):
+    """What every task model shares: the backbone (loaded by dinokit/backbones/loading.py, frozen
+    unless `fine_tune`), its patch size and normalisation, the padding to whole patches, and the
+    split `extract_features` -> `forward_head` that lets a frozen backbone's features be cached.
+    A subclass says which tokens its head reads (`tokens`) and what the head makes of them."""
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        *,
+        source: str,
+        hub_dir: str | Path | None,
+        weights: str | Path | None,
+        pretrained: bool,
+        fine_tune: bool,
+        padding: str,
+        normalization: str | None,
+    ):
+        super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.source = "local" if hub_dir is not None else source  # a local clone of the hub repository
+        # The weights' normalisation: SAT-493M files have their own (model_config.py); a rebuilt
+        # model gets it from its checkpoint.
+        self.normalization = normalization or ("sat493m" if "sat493m" in str(weights or "").lower() else "imagenet")
+        self.mean, self.std = spec.normalization(self.normalization)
+        self.spec, self.patch_size, self.padding = spec, spec.patch_size, padding
+        self.hub_dir = str(hub_dir) if hub_dir is not None else None
+        self.backbone = load_backbone(
+            spec.hub_name, source=self.source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
+        )
+        self.fine_tune = fine_tune
+        self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
+        self.backbone.requires_grad_(fine_tune)
+        if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
+            self.backbone.mask_token.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> BackboneModel:
+        super().train(mode)
+        if not self.fine_tune:
+            self.backbone.eval()
+        return self
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's input `[B, C, h, w]` from padded, normalised images."""
+        raise NotImplementedError
+
+    def forward_head(
+        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The output for images of `image_size` (H, W) from `extract_features` output: the head
+        alone, which is all a frozen-backbone epoch needs once features are cached."""
+        raise NotImplementedError
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """`tokens` of normalised images of any size (padded to whole patches first), counted."""
+        self.backbone_images += images.shape[0]
+        images = pad_to_patches(images, self.patch_size, self.padding)
+        with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
+            return self.tokens(images)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid of an image of (height, width)."""
+        return math.ceil(height / self.patch_size), math.ceil(width / self.patch_size)
+
+    def padded_size(self, features: torch.Tensor) -> tuple[int, int]:
+        """The (H, W) of the padded input `features` came from."""
+        return features.shape[-2] * self.patch_size, features.shape[-1] * self.patch_size
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        output_size: Sequence[int] | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        image_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The output at the image's size, or at `output_size` (H, W): inference on a resized image
+        resizes the head's output straight to the original size, interpolating once. `features=`
+        (of images of `image_size`) runs the head alone; it is a forward argument rather than a
+        separate method so that DistributedDataParallel sees the call."""
+        if features is None:
+            features, image_size = self.extract_features(images), images.shape[-2:]
+        return self.forward_head(features, image_size, output_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass instead of storing
+        them: fine-tuning memory drops to about one block's worth, for ~30% more compute."""
+        for block in backbone_blocks(self.backbone):
+            block.__dict__.pop("forward", None)  # back to the class's forward
+            if enable:
+                block.forward = _checkpointed(block.forward)
+
+    def compile_backbone(self) -> None:
+        """torch.compile the backbone's feature extraction (the parameters and state dict are unchanged)."""
+        self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
+
+
+class Dinov2Segmentation(BackboneModel):
     """DINOv2 / DINOv3 features from the last `head_layers` blocks (a ConvNeXt: its last stage),
     concatenated, classified per patch, upsampled to the image.
 
@@ -125,109 +223,59 @@ class Dinov2Segmentation(nn.Module):
         dropout: float = 0.0,
         normalization: str | None = None,
     ):
-        super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         spec = get_backbone_spec(backbone, registers)
         head_layers = max(spec.head_layers()) if head_layers is None else head_layers  # ViT: 4, ConvNeXt: 1
         check_head_layers(spec, head_layers)
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        if hub_dir is not None:  # a local clone of the hub repository
-            source = "local"
-        # The weights' normalisation: SAT-493M files have their own (model_config.py); a rebuilt
-        # model gets it from its checkpoint.
-        normalization = normalization or ("sat493m" if "sat493m" in str(weights or "").lower() else "imagenet")
-        self.mean, self.std = spec.normalization(normalization)
+        super().__init__(
+            spec,
+            source=source,
+            hub_dir=hub_dir,
+            weights=weights,
+            pretrained=pretrained,
+            fine_tune=fine_tune,
+            padding=padding,
+            normalization=normalization,
+        )
         # What it takes to rebuild this architecture; stored in every checkpoint.
         self.arch = {
             "num_classes": num_classes,
             "backbone": spec.hub_name,
             "registers": spec.hub_name.endswith("_reg"),
-            "source": source,
+            "source": self.source,
             "head_layers": head_layers,
             "padding": padding,
             "dropout": dropout,
-            "normalization": normalization,
+            "normalization": self.normalization,
         }
-        self.spec = spec
-        self.patch_size = spec.patch_size
-        self.padding = padding
         self.out_indices = list(spec.out_indices[-head_layers:])
-        self.hub_dir = str(hub_dir) if hub_dir is not None else None
-        self.backbone = load_backbone(
-            backbone, registers=registers, source=source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
-        )
         self.head = LinearHead(spec.embed_dim * head_layers, num_classes, dropout)
-        self.fine_tune = fine_tune
-        self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
-        self.backbone.requires_grad_(fine_tune)
-        if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
-            self.backbone.mask_token.requires_grad_(False)
         self.train()
 
-    def train(self, mode: bool = True) -> Dinov2Segmentation:
-        super().train(mode)
-        if not self.fine_tune:
-            self.backbone.eval()
-        return self
-
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated `[B, layers x C, ceil(H/p), ceil(W/p)]` patch features of normalised images
-        (each block's tokens after the backbone's final LayerNorm, as Meta's heads read them)."""
-        self.backbone_images += images.shape[0]
-        images = pad_to_patches(images, self.patch_size, self.padding)
-        with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
-            maps = self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True)
-        return torch.cat(maps, dim=1)
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated `[B, layers x C, h, w]` patch features (each block's tokens after the
+        backbone's final LayerNorm, as Meta's segmentation heads read them)."""
+        return torch.cat(self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True), dim=1)
 
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape of one image's `extract_features` output at (height, width), without computing it."""
-        return (self.head.norm.num_features, math.ceil(height / self.patch_size), math.ceil(width / self.patch_size))
+        return (self.head.norm.num_features, *self.grid(height, width))
 
     def forward_head(
         self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """Logits from `extract_features` output for images of `image_size` (H, W): the head alone,
-        which is all a frozen-backbone epoch needs once features are cached."""
+        """Logits `[B, num_classes, H, W]` (see `BackboneModel.forward_head`)."""
         logits = self.head(features)
-        padded = (logits.shape[-2] * self.patch_size, logits.shape[-1] * self.patch_size)
-        return fit_to_image(logits, padded, image_size, output_size, self.padding)
-
-    def forward(
-        self,
-        images: torch.Tensor | None = None,
-        output_size: Sequence[int] | None = None,
-        *,
-        features: torch.Tensor | None = None,
-        image_size: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """Logits `[B, num_classes, H, W]`, or at `output_size` (H, W): inference on a resized image
-        upsamples the token-grid logits straight to the original size, interpolating once.
-        `features=` (of images of `image_size`) runs the head alone; it is a forward argument rather
-        than a separate method so that DistributedDataParallel sees the call."""
-        if features is None:
-            features, image_size = self.extract_features(images), images.shape[-2:]
-        return self.forward_head(features, image_size, output_size)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each transformer block's activations in the backward pass instead of storing
-        them: fine-tuning memory drops to about one block's worth, for ~30% more compute."""
-        for block in backbone_blocks(self.backbone):
-            block.__dict__.pop("forward", None)  # back to the class's forward
-            if enable:
-                block.forward = _checkpointed(block.forward)
-
-    def compile_backbone(self) -> None:
-        """torch.compile the backbone's feature extraction (the parameters and state dict are unchanged)."""
-        self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
+        return fit_to_image(logits, self.padded_size(features), image_size, output_size, self.padding)
 
 
-class DinoDepth(nn.Module):
+class DinoDepth(BackboneModel):
     """Metric depth `[B, 1, H, W]` from a backbone's blocks `taps` and a depth head
     (dinokit/depth/heads.py): tokens without the final norm, each block's class token beside its
     patch tokens, as Meta's depth heads read them; the head's output clamped to its depth range and
-    fitted to the image with `padding` (Meta's heads: centred). The backbone is frozen."""
+    fitted to the image with `padding` (Meta's heads: centred). Meta's heads run on a frozen
+    backbone; a head trained here (`batch_norm=True`, train.py --task depth) may fine-tune it."""
 
     def __init__(
         self,
@@ -242,52 +290,63 @@ class DinoDepth(nn.Module):
         hub_dir: str | Path | None = None,
         weights: str | Path | None = None,
         pretrained: bool = True,
+        fine_tune: bool = False,
         padding: str = "center",
         batch_norm: bool = False,
+        normalization: str | None = None,
     ):
-        super().__init__()
         spec = get_backbone_spec(backbone, registers)
-        if head not in DEPTH_HEADS or padding not in PADDINGS or spec.is_convnext:
-            raise UserError(f"a {head!r} depth head with {padding!r} padding on {spec.hub_name} is not supported")
-        source = "local" if hub_dir is not None else source
+        if head not in DEPTH_HEADS or spec.is_convnext:
+            raise UserError(f"a {head!r} depth head on {spec.hub_name} is not supported (ViT backbones only)")
+        super().__init__(
+            spec,
+            source=source,
+            hub_dir=hub_dir,
+            weights=weights,
+            pretrained=pretrained,
+            fine_tune=fine_tune,
+            padding=padding,
+            normalization=normalization,
+        )
         self.arch = {
             "task": "depth",
             "backbone": spec.hub_name,
             "registers": spec.hub_name.endswith("_reg"),
-            "source": source,
+            "source": self.source,
             "head": head,
             "taps": list(taps),
             "min_depth": float(min_depth),
             "max_depth": float(max_depth),
             "padding": padding,
             "batch_norm": batch_norm,
+            "normalization": self.normalization,
         }
-        self.spec, self.patch_size, self.padding, self.taps = spec, spec.patch_size, padding, list(taps)
-        self.mean, self.std = spec.normalization(weights)
-        self.hub_dir = str(hub_dir) if hub_dir is not None else None
-        self.backbone = load_backbone(
-            backbone, registers=registers, source=source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
-        ).requires_grad_(False)
+        self.taps = list(taps)
         if head == "dpt":
             self.head = DPTHead(spec.embed_dim, min_depth=min_depth, max_depth=max_depth)
         else:
             width = 2 * spec.embed_dim * len(self.taps)
             self.head = BinsHead(width, min_depth=min_depth, max_depth=max_depth, batch_norm=batch_norm)
-        self.eval()
+        self.train()
 
-    def train(self, mode: bool = True) -> DinoDepth:
-        super().train(mode)
-        self.backbone.eval()
-        return self
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, taps x 2C, h, w]`: each tapped block's patch map (no final norm) with its class token
+        broadcast beside it, concatenated."""
+        blocks = self.backbone.get_intermediate_layers(
+            images, n=self.taps, reshape=True, return_class_token=True, norm=False
+        )
+        return torch.cat(with_class_token(blocks), dim=1)
 
-    def forward(self, images: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
-        padded = pad_to_patches(images, self.patch_size, self.padding)
-        with torch.no_grad():
-            blocks = self.backbone.get_intermediate_layers(
-                padded, n=self.taps, reshape=True, return_class_token=True, norm=False
-            )
-        depth = self.head(blocks).clamp(self.head.min_depth, self.head.max_depth)
-        return fit_to_image(depth, padded.shape[-2:], images.shape[-2:], output_size, self.padding)
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape of one image's `extract_features` output at (height, width), without computing it."""
+        return (2 * self.spec.embed_dim * len(self.taps), *self.grid(height, width))
+
+    def forward_head(
+        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Depth in metres `[B, 1, H, W]`, within the head's range (see `BackboneModel.forward_head`)."""
+        depth = self.head(features).clamp(self.head.min_depth, self.head.max_depth)
+        return fit_to_image(depth, self.padded_size(features), image_size, output_size, self.padding)
 
 
 def check_head_layers(spec: BackboneSpec, head_layers: int) -> None:

@@ -6,9 +6,12 @@
     python train.py --recipe dinov3 --backbone dinov3_vits16 --weights dinov3_vits16_pretrain_lvd1689m-08c60483.pth \
         --head-layers 1 --out-dir dinov3_lin                                                     # DINOv3's protocol
 
-Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth, final_model.pth,
-last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (per-epoch figures, at the
-training size) and best_validation.json (the best checkpoint at original resolution).
+    python train.py --task depth --data-dir input/nyu --imgsz 640 480 --out-dir nyu_depth   # a depth head on RGB-D data
+
+Writes to outputs/<out-dir>/: best_model_loss.pth, best_model_iou.pth (depth: best_model_rmse.pth), final_model.pth,
+last.pth (for --resume), metrics.csv, loss/accuracy/miou PNG curves (depth: loss/rmse/abs_rel/delta1;
+per-epoch figures, at the training size) and best_validation.json (the best checkpoint at original
+resolution).
 A run owns that folder: another run's files there are refused unless --resume continues them or
 --exist-ok starts over, and a lock keeps a second run out while this one works (dinokit/runs/run_folder.py).
 Runs under torchrun for several GPUs or machines (see README).
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 import config
-from checkpoint import RunCheckpoints, load_checkpoint, model_info
+from checkpoint import RunCheckpoints, depth_info, load_checkpoint, model_info
 from cli import (
     FlagParser,
     add_backbone_args,
@@ -49,6 +52,7 @@ from datasets import (
     SegmentationDataset,
     ViewsDataset,
     build_datasets,
+    build_depth_datasets,
     epoch_seed,
     make_loader,
     set_epoch,
@@ -56,20 +60,33 @@ from datasets import (
 )
 from dinokit.backbones.loading import weights_digest
 from dinokit.backbones.released_heads import read_checked_head
+from dinokit.data.depth_files import DepthSpec
 from dinokit.data.file_kinds import fingerprint_files
 from dinokit.data.labels import DatasetSpec, load_dataset_spec
 from dinokit.data.resize import check_imgsz, eval_transform, round_to_patch
+from dinokit.depth.released import depth_taps
+from dinokit.prediction.depth_maps import colorize
+from dinokit.prediction.drawing import overlay
 from dinokit.prediction.modes import InferenceMode
-from dinokit.runs.reports import save_plots, write_csv
+from dinokit.runs.reports import DEPTH_CURVES, SEGMENTATION_CURVES, save_plots, write_csv
 from dinokit.runs.run_folder import RunLock, claim_run_folder
 from dinokit.runs.tensorboard_log import TrainingBoard
 from dinokit.training.feature_cache import FeatureCache, default_cache_budget
 from dinokit.training.schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
 from dinokit.writing import write_json
-from engine import EpochResult, LoopSettings, NonFiniteLossError, cache_features, train_one_epoch, validate
-from evaluation import evaluate_pairs, report_json, report_lines
+from engine import (
+    SCORINGS,
+    DepthTarget,
+    EpochResult,
+    LoopSettings,
+    NonFiniteLossError,
+    cache_features,
+    train_one_epoch,
+    validate,
+)
+from evaluation import depth_report_lines, evaluate_depth_pairs, evaluate_pairs, report_json, report_lines
 from inference import Predictor
-from model import Dinov2Segmentation
+from model import BackboneModel, DinoDepth, Dinov2Segmentation
 from model_config import HEAD_LAYERS, canonical_name, get_backbone_spec
 from utils import (
     all_reduce_sum,
@@ -89,6 +106,7 @@ KEEP = "keep"  # what the run is: taken from the checkpoint; another value given
 CHANGE = "change"  # taken from the checkpoint unless given; a new value is applied, printed and recorded
 LOCAL = "local"  # where and how this process runs (no effect on the result): this invocation's own, not recorded
 RESUME_RULES = {
+    "task": KEEP,
     "data_dir": CHANGE,
     "classes": CHANGE,  # a moved dataset; its classes are checked against the checkpoint
     "imgsz": KEEP,
@@ -113,6 +131,7 @@ RESUME_RULES = {
     "scheduler_gamma": KEEP,
     "warmup_steps": KEEP,
     "head_dropout": KEEP,
+    "gradient_loss": KEEP,
     "backbone_lr": CHANGE,
     "mode": CHANGE,
     "short_side": CHANGE,
@@ -144,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
     check_args(args)
     device = init_distributed(args.device, args.dist_timeout)
     seed_everything(args.seed)
-    out_dir = config.OUTPUT_DIR / (args.out_dir or ("fine_tuning" if args.fine_tune else "transfer_learning"))
+    out_dir = run_folder(args)
     lock = claim_folder(out_dir, args)
     try:
         run = build_run(args, device, out_dir, resumed)
@@ -171,6 +190,14 @@ def main(args: argparse.Namespace) -> None:
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """outputs/<--out-dir>; a resumed run without --out-dir continues in its checkpoint's folder."""
+    if args.out_dir is None and args.resume:
+        return Path(args.resume).parent
+    default = "fine_tuning" if args.fine_tune else "transfer_learning"
+    return config.OUTPUT_DIR / (args.out_dir or (f"depth_{default}" if args.task == "depth" else default))
 
 
 def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
@@ -232,6 +259,30 @@ def check_args(args: argparse.Namespace) -> None:
     spec = get_backbone_spec(args.backbone, args.registers)
     if args.recipe == "dinov3" and spec.family != "dinov3":
         print(f"Note: --recipe dinov3 on {spec.hub_name}: Meta's DINOv3 protocol on a DINOv2 backbone.")
+    if args.task == "depth":
+        check_depth_args(args)
+    elif args.gradient_loss:
+        raise ValueError("--gradient-loss weighs a depth loss: it needs --task depth")
+
+
+def check_depth_args(args: argparse.Namespace) -> None:
+    """What a depth run cannot take, each refusal with its reason."""
+    if args.recipe in ("paper", "dinov3"):
+        raise ValueError(
+            f"--recipe {args.recipe} with --task depth: its random rescale and crops change how near things look "
+            "while their metres stay the same; depth trains with --recipe seed (depth-safe augmentation)"
+        )
+    if args.head_weights:
+        raise ValueError(
+            "--head-weights with --task depth: Meta's depth heads run as released (infer_image.py / evaluate.py "
+            "--head-weights nyu_linear4); a depth run trains a head of its own"
+        )
+    if args.classes:
+        raise ValueError("--classes with --task depth: an RGB-D folder is described by its depth.json")
+    if args.head_dropout:
+        raise ValueError("--head-dropout applies to segmentation heads; a depth head has none")
+    if get_backbone_spec(args.backbone, args.registers).is_convnext:
+        raise ValueError(f"--task depth on {args.backbone}: depth heads read ViT blocks with their class token")
 
 
 def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
@@ -247,11 +298,11 @@ class Run:
     out_dir: Path
     imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
     total_steps: int  # optimizer steps of the whole run (--steps, or --epochs x batches per epoch)
-    spec: DatasetSpec
+    spec: DatasetSpec | DepthSpec  # classes.json / VOC, or an RGB-D folder's depth.json
     settings: LoopSettings
     train_loader: torch.utils.data.DataLoader
     valid_loader: torch.utils.data.DataLoader
-    model: Dinov2Segmentation
+    model: BackboneModel  # Dinov2Segmentation, or DinoDepth with --task depth
     train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped per epoch (multistep) or per optimizer step
@@ -295,14 +346,16 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     print_model(model, args, amp_dtype)
     recorded = {name: _plain(value) for name, value in vars(args).items() if name in RESUME_RULES}
+    depth = args.task == "depth"
     checkpoints = RunCheckpoints(
         out_dir,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
-        info=model_info(model, spec, imgsz),
+        info=depth_info(model, imgsz, dataset=Path(args.data_dir).name) if depth else model_info(model, spec, imgsz),
         args=recorded,
+        best_on=SCORINGS[args.task].best,
     )
     valid_cache, train_cache = build_caches(args, model, train_loader.dataset, imgsz, amp_dtype, out_dir)
     return Run(
@@ -311,7 +364,7 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         imgsz=imgsz,
         total_steps=total_steps,
         spec=spec,
-        settings=LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype),
+        settings=loop_settings(args, spec, device, amp_dtype),
         train_loader=train_loader,
         valid_loader=valid_loader,
         model=model,
@@ -323,6 +376,17 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         valid_cache=valid_cache,
         train_cache=train_cache,
     )
+
+
+def loop_settings(
+    args: argparse.Namespace, spec: DatasetSpec | DepthSpec, device: torch.device, amp_dtype: torch.dtype | None
+) -> LoopSettings:
+    """What the loop needs to know of the task: classes and ignore index, or the metres that count."""
+    if args.task == "depth":
+        return LoopSettings(
+            device, amp_dtype=amp_dtype, depth=DepthTarget(spec.min_depth, spec.max_depth, args.gradient_loss)
+        )
+    return LoopSettings(device, len(spec.classes), spec.ignore_index, amp_dtype)
 
 
 def print_plan(args: argparse.Namespace, total_steps: int, steps_per_epoch: int) -> None:
@@ -341,9 +405,36 @@ def print_plan(args: argparse.Namespace, total_steps: int, steps_per_epoch: int)
 
 
 def build_model(
-    args: argparse.Namespace, spec: DatasetSpec, resumed: dict[str, Any] | None, device: torch.device
+    args: argparse.Namespace, spec: DatasetSpec | DepthSpec, resumed: dict[str, Any] | None, device: torch.device
+) -> BackboneModel:
+    """The task's model on `device`: segmentation (its head from Meta's released one with
+    --head-weights), or depth (Meta's linear depth head over its blocks, with BatchNorm, centred padding)."""
+    normalization = resumed["model_info"]["arch"].get("normalization") if resumed is not None else None
+    if args.task == "depth":
+        model = DinoDepth(
+            head="linear",
+            taps=depth_taps(args.backbone, args.head_layers, args.registers),
+            min_depth=spec.min_depth,
+            max_depth=spec.max_depth,
+            fine_tune=args.fine_tune,
+            batch_norm=True,
+            normalization=normalization,
+            **backbone_kwargs(args),
+        )
+    else:
+        model = segmentation_model(args, spec, resumed, normalization)
+    model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    if args.compile:
+        model.compile_backbone()
+    return model
+
+
+def segmentation_model(
+    args: argparse.Namespace, spec: DatasetSpec, resumed: dict[str, Any] | None, normalization: str | None
 ) -> Dinov2Segmentation:
-    """The segmentation model on `device`, its head from Meta's released one with --head-weights."""
+    """The segmentation model, its head from Meta's released one with --head-weights."""
     # Meta's heads and recipe use their centred padding; a resumed run keeps whatever it had.
     if resumed is not None:
         padding = resumed["model_info"]["arch"].get("padding", "bottom_right")
@@ -355,20 +446,15 @@ def build_model(
         head_layers=args.head_layers,
         padding=padding,
         dropout=args.head_dropout,
-        normalization=resumed["model_info"]["arch"].get("normalization") if resumed is not None else None,
+        normalization=normalization,
         **backbone_kwargs(args),
     )
     if args.head_weights and resumed is None:
         load_released_head(model, args, spec)
-    model.to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing()
-    if args.compile:
-        model.compile_backbone()
     return model
 
 
-def print_model(model: Dinov2Segmentation, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> None:
+def print_model(model: BackboneModel, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> None:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     precision = f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32"
@@ -382,7 +468,7 @@ def print_model(model: Dinov2Segmentation, args: argparse.Namespace, amp_dtype: 
 
 def build_caches(
     args: argparse.Namespace,
-    model: Dinov2Segmentation,
+    model: BackboneModel,
     train_set: SegmentationDataset,
     imgsz: tuple[int, int],
     amp_dtype: torch.dtype | None,
@@ -392,35 +478,26 @@ def build_caches(
     if args.fine_tune:
         return None, None
     budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
-    valid = None if args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank())
+    targets = torch.float32 if args.task == "depth" else torch.uint8  # metres, or class indices
+    valid = None if args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank(), target_dtype=targets)
     train = None
     if args.train_views:
         key = train_views_key(args, model, train_set, imgsz, amp_dtype)
-        train = FeatureCache("train_views", budget, out_dir, views=args.train_views, rank=rank(), key=key)
+        train = FeatureCache(
+            "train_views", budget, out_dir, views=args.train_views, rank=rank(), key=key, target_dtype=targets
+        )
     return valid, train
 
 
 def build_data(
     args: argparse.Namespace, imgsz: tuple[int, int], device: torch.device
-) -> tuple[DatasetSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """The dataset description (mask format decided by the full check) and the two loaders."""
-    spec = load_dataset_spec(args.data_dir, args.classes)
-    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
-    train_set, valid_set, check = build_datasets(
-        args.data_dir,
-        imgsz,
-        spec,
-        threads=min(8, os.cpu_count() or 1),
-        seed=args.seed,
-        recipe=args.recipe,
-        normalization=get_backbone_spec(args.backbone, args.registers).normalization(args.weights),
-    )
-    print(
-        f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
-        + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items())
-    )
-    for note in check.notes:
-        print(f"Note: {note}")
+) -> tuple[DatasetSpec | DepthSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The dataset description (classes, or an RGB-D folder's depth.json), checked, and the two loaders."""
+    normalization = get_backbone_spec(args.backbone, args.registers).normalization(args.weights)
+    if args.task == "depth":
+        train_set, valid_set, spec = depth_data(args, imgsz, normalization)
+    else:
+        train_set, valid_set, spec = segmentation_data(args, imgsz, normalization)
     if args.batch > len(train_set):
         raise ValueError(
             f"--batch {args.batch} is larger than the training split ({len(train_set)} images in {args.data_dir})"
@@ -437,7 +514,51 @@ def build_data(
             f"Distributed: {world_size()} processes x batch {args.batch} = global batch {args.batch * world_size()} "
             f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch."
         )
-    return check.spec, train_loader, valid_loader
+    return spec, train_loader, valid_loader
+
+
+def segmentation_data(
+    args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple
+) -> tuple[SegmentationDataset, SegmentationDataset, DatasetSpec]:
+    """The two splits of a segmentation folder (mask format decided by the full check) and its classes."""
+    spec = load_dataset_spec(args.data_dir, args.classes)
+    print(f"{len(spec.classes)} classes from {spec.source}: {', '.join(spec.classes)}")
+    train_set, valid_set, check = build_datasets(
+        args.data_dir,
+        imgsz,
+        spec,
+        threads=min(8, os.cpu_count() or 1),
+        seed=args.seed,
+        recipe=args.recipe,
+        normalization=normalization,
+    )
+    print(
+        f"Checked {check.pairs} image/mask pairs in {check.seconds:.1f} s (every file decoded); labelled pixels: "
+        + ", ".join(f"{split} {count:,}" for split, count in check.labelled.items())
+    )
+    for note in check.notes:
+        print(f"Note: {note}")
+    return train_set, valid_set, check.spec
+
+
+def depth_data(
+    args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple
+) -> tuple[SegmentationDataset, SegmentationDataset, DepthSpec]:
+    """The two splits of an RGB-D folder (every depth file read and checked) and its depth.json."""
+    started = time.perf_counter()
+    train_set, valid_set, spec, valid_pixels = build_depth_datasets(
+        args.data_dir, imgsz, seed=args.seed, normalization=normalization
+    )
+    crop = f", evaluation crop {spec.eval_crop}" if spec.eval_crop else ""
+    print(
+        f"Depth from {spec.source}: {spec.min_depth:g}-{spec.max_depth:g} m, PNG units per metre "
+        f"{spec.depth_scale:g}{crop}"
+    )
+    print(
+        f"Checked {len(train_set) + len(valid_set)} image/depth pairs in {time.perf_counter() - started:.1f} s; "
+        "valid depth pixels: " + ", ".join(f"{split} {count:,}" for split, count in valid_pixels.items())
+    )
+    return train_set, valid_set, spec
 
 
 def plan_steps(args: argparse.Namespace, steps_per_epoch: int, resumed: dict[str, Any] | None) -> tuple[int, int]:
@@ -465,11 +586,12 @@ def steps_done(history: list[dict[str, Any]], steps_per_epoch: int) -> int:
     return int(history[-1].get("step", len(history) * steps_per_epoch)) if history else 0
 
 
-def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec, path: str) -> None:
+def check_resume_matches(
+    checkpoint: dict[str, Any], args: argparse.Namespace, spec: DatasetSpec | DepthSpec, path: str
+) -> None:
     """The flags and the dataset must describe the checkpoint's model; name the first field that differs."""
     info = checkpoint["model_info"]
     arch = info["arch"]
-    num_classes = len(spec.classes)
     family = {"hub": "meta", "local": "meta", "timm": "timm"}  # hub and local share Meta's parameter names
     fields = [
         (
@@ -477,17 +599,26 @@ def check_resume_matches(checkpoint: dict[str, Any], args: argparse.Namespace, s
             canonical_name(arch["backbone"], arch["registers"]),
             canonical_name(args.backbone, args.registers),
         ),
-        ("number of classes", arch["num_classes"], num_classes),
         ("--source", family[arch["source"]], family[args.source]),
         ("--fine-tune", checkpoint.get("args", {}).get("fine_tune", args.fine_tune), args.fine_tune),
-        ("--head-layers", arch.get("head_layers", 4), args.head_layers),
+        ("--head-layers", len(arch["taps"]) if "taps" in arch else arch.get("head_layers", 4), args.head_layers),
         ("--scheduler", checkpoint.get("args", {}).get("scheduler", "multistep"), args.scheduler),
         ("--recipe", checkpoint.get("args", {}).get("recipe", "seed"), args.recipe),
     ]
+    if args.task == "depth":
+        fields.append(("depth range", [arch["min_depth"], arch["max_depth"]], [spec.min_depth, spec.max_depth]))
+    else:
+        fields.append(("number of classes", arch["num_classes"], len(spec.classes)))
     for name, saved, given in fields:
         if saved != given:
             shown = arch["source"] if name == "--source" else saved
             raise ValueError(f"{path}: checkpoint was trained with {name} {shown!r} but this run has {given!r}")
+    if args.task != "depth":
+        check_resume_classes(info, spec, path)
+
+
+def check_resume_classes(info: dict[str, Any], spec: DatasetSpec, path: str) -> None:
+    """A resumed segmentation run's classes, colours and ignore index are the checkpoint's."""
     for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
         saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
         if (saved_name, saved_color) != (name, tuple(color)):
@@ -636,8 +767,8 @@ def fit(run: Run) -> None:
             if not isinstance(run.scheduler, StepSchedule):
                 run.scheduler.step()
             seconds = time.perf_counter() - started
-            print_epoch("Train", train_result)
-            print_epoch("Valid", valid_result)
+            print_epoch("Train", train_result, args.task)
+            print_epoch("Valid", valid_result, args.task)
             end_epoch(run, epoch, step, train_result, valid_result, seconds)
             if board is not None:
                 board.log_epoch(epoch + 1, train_result, valid_result)
@@ -658,7 +789,7 @@ def prepare_train_views(run: Run) -> None:
     views = args.train_views
     source = copy.copy(base)
     if views == 1:
-        source.transform = eval_transform(run.imgsz)
+        source.transform = eval_transform(run.imgsz, run.model.mean, run.model.std)
     dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
     width, height = run.imgsz
     shapes = (
@@ -705,13 +836,21 @@ def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
     """--tensorboard: rank 0's writer into <run>/tensorboard (a resumed run drops the events after its checkpoint)."""
     if not run.args.tensorboard or not is_main_process():
         return None
-    pairs = run.valid_loader.dataset.pairs[: run.args.tensorboard_images]
+    dataset = run.valid_loader.dataset
+    examples = [
+        (dataset.pairs[i][0].stem, *dataset.load_pair(i)) for i in range(run.args.tensorboard_images)[: len(dataset)]
+    ]
+    if run.args.task == "depth":
+        scale = (run.spec.min_depth, run.spec.max_depth)
+        draw = lambda image, depth: colorize(depth, scale)  # noqa: E731
+    else:
+        color_map = run.spec.color_map()
+        draw = lambda image, mask: overlay(image, mask, color_map)  # noqa: E731
     board = TrainingBoard(
         run.out_dir,
-        classes=run.spec.classes,
-        examples=pairs,
-        color_map=run.spec.color_map(),
-        mask_format=run.spec.mask_format,
+        classes=getattr(run.spec, "classes", []),
+        examples=examples,
+        draw=draw,
         every=run.args.tensorboard_every,
         purge_step=steps_before if run.checkpoints.epochs_done else None,
     )
@@ -726,34 +865,31 @@ def validate_split(run: Run, desc: str) -> EpochResult:
     return validate(run.model, run.valid_loader, run.settings, desc=desc, cache=run.valid_cache)
 
 
-def print_epoch(kind: str, result: EpochResult) -> None:
-    print(
-        f"{kind} Epoch Loss: {result.loss:.4f}, {kind} Epoch PixAcc: {result.pixel_accuracy:.4f}, "
-        f"{kind} Epoch mIOU: {result.miou:.4f}"
-    )
+CURVES = {"segmentation": SEGMENTATION_CURVES, "depth": DEPTH_CURVES}  # metrics.csv columns drawn, by task
+SHOWN = {"pixacc": "PixAcc", "miou": "mIOU"}  # how the epoch line names a metric (others: by their column)
+
+
+def print_epoch(kind: str, result: EpochResult, task: str) -> None:
+    """The epoch's loss and the metrics its curves draw."""
+    shown = [name for name, _, _ in CURVES[task] if name != "loss"]
+    scores = "".join(f", {kind} Epoch {SHOWN.get(name, name)}: {result.metrics[name]:.4f}" for name in shown)
+    print(f"{kind} Epoch Loss: {result.loss:.4f}{scores}")
 
 
 def end_epoch(
     run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float
 ) -> None:
     """Record the epoch (checkpoints, metrics.csv, curves) and report it."""
-    row = {
-        "epoch": epoch + 1,
-        "step": step,
-        "train_loss": train_result.loss,
-        "train_pixacc": train_result.pixel_accuracy,
-        "train_miou": train_result.miou,
-        "valid_loss": valid_result.loss,
-        "valid_pixacc": valid_result.pixel_accuracy,
-        "valid_miou": valid_result.miou,
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "seconds": seconds,
-    }
+    row = {"epoch": epoch + 1, "step": step}
+    for split, result in (("train", train_result), ("valid", valid_result)):
+        row[f"{split}_loss"] = result.loss
+        row.update({f"{split}_{name}": value for name, value in result.metrics.items()})
+    row.update(lr=run.optimizer.param_groups[0]["lr"], seconds=seconds)
     for name, value in run.checkpoints.end_epoch(row).items():
         print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
     if is_main_process():
         write_csv(run.checkpoints.history, run.out_dir / "metrics.csv")
-        save_plots(run.checkpoints.history, run.out_dir)
+        save_plots(run.checkpoints.history, run.out_dir, CURVES[run.args.task])
     print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
     print("-" * 50)
 
@@ -770,8 +906,9 @@ def run_predictor(run: Run) -> Predictor:
 
 
 def final_evaluation(run: Run) -> None:
-    """The best-mIoU checkpoint scored on the validation split at each image's original resolution
-    (the per-epoch figures are at the training size): printed, and best_validation.json."""
+    """The best checkpoint (mIoU; depth: RMSE) scored on the validation split at each image's
+    original resolution (the per-epoch figures are at the training size): printed, and
+    best_validation.json."""
     if distributed():
         torch.distributed.barrier()  # rank 0 has finished writing the checkpoints
     best_path = run.checkpoints.load_best(run.settings.device)
@@ -783,16 +920,19 @@ def final_evaluation(run: Run) -> None:
         mode=mode_from_args(run.args, sizes=False),
     )
     print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
-    result = evaluate_pairs(predictor, run.valid_loader.dataset.pairs, workers=run.args.workers, desc="Validate best")
-    for line in report_lines(result, run.spec.classes):
+    pairs, workers, mode = run.valid_loader.dataset.pairs, run.args.workers, predictor.mode.describe()
+    if run.args.task == "depth":
+        errors = evaluate_depth_pairs(predictor, pairs, run.spec, workers=workers, desc="Validate best")
+        lines = depth_report_lines(errors)
+        report = {"checkpoint": best_path.name, "split": "valid", "mode": mode, **errors}
+    else:
+        result = evaluate_pairs(predictor, pairs, workers=workers, desc="Validate best")
+        lines = report_lines(result, run.spec.classes)
+        report = report_json(result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=mode)
+    for line in lines:
         print(line)
     if is_main_process():
-        write_json(
-            run.out_dir / "best_validation.json",
-            report_json(
-                result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=predictor.mode.describe()
-            ),
-        )
+        write_json(run.out_dir / "best_validation.json", report)
     print(f"Outputs in {run.out_dir}")
 
 
@@ -830,7 +970,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data-dir", default=str(config.DATA_DIR), help="dataset root with {train,valid}_{images,labels}/"
+        "--task",
+        default="segmentation",
+        choices=tuple(SCORINGS),
+        help="segmentation (default), or depth: a depth head on an RGB-D folder ({train,valid}_images/ + "
+        "{train,valid}_depth/ + depth.json; docs/depth.md), SigLoss, best checkpoint on RMSE",
+    )
+    data.add_argument(
+        "--data-dir",
+        default=str(config.DATA_DIR),
+        help="dataset root with {train,valid}_{images,labels}/ (depth: {train,valid}_{images,depth}/)",
     )
     data.add_argument(
         "--classes",
@@ -867,6 +1016,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME|FILE",
         help="start the head from Meta's released one (voc2012_ms, ... or a file; the dataset must have its classes)",
+    )
+    parser.add_argument(
+        "--gradient-loss",
+        type=non_negative,
+        default=0.0,
+        metavar="W",
+        help="--task depth: add W x the multi-scale gradient loss of log depth to SigLoss (Meta's configs: 0.5)",
     )
     parser.add_argument(
         "--head-dropout",
@@ -982,7 +1138,10 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--out-dir", default=None, help="run folder under outputs/ (default: transfer_learning or fine_tuning)"
+        "--out-dir",
+        default=None,
+        help="run folder under outputs/ (default: transfer_learning or fine_tuning, depth_... with --task depth; "
+        "with --resume: the checkpoint's folder)",
     )
     add_device_args(run)
     run.add_argument("--seed", type=int, default=config.SEED)

@@ -393,6 +393,8 @@ def test_a_refused_report_folder_stops_every_torchrun_process(checkpoint, tiny_d
 
 # One other value for every train.py flag, to try each on resume.
 OTHER_VALUES = {
+    "task": ["--task", "depth"],
+    "gradient_loss": ["--gradient-loss", "0.5"],
     "data_dir": ["--data-dir", "/elsewhere"],
     "classes": ["--classes", "other.json"],
     "imgsz": ["--imgsz", "320", "240"],

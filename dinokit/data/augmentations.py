@@ -91,6 +91,27 @@ def train_transform(
     return seed_train_transform(imgsz, ignore_index, normalization)
 
 
+DEPTH_ROTATION = 2.5  # degrees: Meta's NYU depth config, RandomRotate(prob=0.5, degree=2.5)
+
+
+def depth_train_transform(imgsz: tuple[int, int], normalization: Normalization = IMAGENET) -> A.Compose:
+    """Augmentation that keeps metric depth true (the depth map rides as the mask: nearest-neighbour,
+    unmeasured (0) where rotation uncovers the border). The image is resized to `imgsz` as inference
+    resizes it, with no random rescale or zoom: a zoomed-in scene looks nearer while its metres stay
+    the same, which would teach the head to ignore what it sees. Flip and a small rotation leave the
+    metres right; colour changes touch the image only."""
+    width, height = imgsz
+    return A.Compose(
+        [
+            A.Resize(height, width),
+            A.HorizontalFlip(p=0.5),
+            A.Rotate(limit=DEPTH_ROTATION, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+            PhotoMetricDistortion(),
+            A.Normalize(*normalization),
+        ]
+    )
+
+
 class RandomRescale(A.DualTransform):
     """mmseg `Resize` with `ratio_range`: draw r in `ratio_range`, rescale keeping the aspect ratio
     to the largest size with short side <= short_side * r and long side <= 4 * short_side * r

@@ -47,12 +47,12 @@ class BinsHead(nn.Module):
         self.norm = nn.BatchNorm2d(in_channels) if batch_norm else nn.Identity()
         self.conv_depth = nn.Conv2d(in_channels, bins, kernel_size=1)
 
-    def forward(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        maps = with_class_token(blocks)
-        size = [side * UPSAMPLE for side in maps[0].shape[-2:]]
-        maps = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in maps]
-        logits = self.conv_depth(self.norm(torch.cat(maps, dim=1)))
-        return self.depth(logits)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features`: the blocks' `with_class_token` maps concatenated, `[B, blocks x 2C, h, w]`
+        (resizing the concatenation is resizing each map: bilinear works channel by channel)."""
+        size = [side * UPSAMPLE for side in features.shape[-2:]]
+        maps = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        return self.depth(self.conv_depth(self.norm(maps)))
 
     def depth(self, logits: torch.Tensor) -> torch.Tensor:
         """Bin logits `[B, bins, h, w]` -> depth `[B, 1, h, w]` (Meta's "UD" bins, "linear" normalisation)."""
@@ -142,7 +142,9 @@ class DPTHead(nn.Module):
         self.project = _Conv(channels, channels, 3, padding=1, relu=True)
         self.conv_depth = _RegressionHead(channels)
 
-    def forward(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`features`: four blocks' `with_class_token` maps concatenated, `[B, 4 x 2C, h, w]`."""
+        blocks = [(x[:, : x.shape[1] // 2], x[:, x.shape[1] // 2 :, 0, 0]) for x in features.chunk(4, dim=1)]
         maps = [conv(x) for conv, x in zip(self.convs, self.reassemble_blocks(blocks))]
         out = self.fusion_blocks[0](maps[-1])
         for index in range(1, 4):

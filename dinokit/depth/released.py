@@ -132,3 +132,14 @@ def describe(
             f"{where}: the head does not read {hub_name}'s {width}-wide blocks; pass the --backbone it was released for"
         )
     return ReleasedDepthHead(dataset, head, tuple(taps), *DEPTH_RANGES[dataset])
+
+
+def depth_taps(backbone: str, layers: int, registers: bool = False) -> tuple[int, ...]:
+    """The blocks a linear depth head of `layers` (1 or 4) reads: 1 = the last; 4 = Meta's
+    `out_index` for DINOv2 ViTs, and for other ViTs the last block of each quarter (the rule that
+    gives Meta's S/B and g indices)."""
+    spec = get_backbone_spec(backbone, registers)
+    if layers == 1:
+        return (spec.depth - 1,)
+    released = META_DEPTH_TAPS.get(spec.hub_name.removesuffix("_reg"))
+    return released or tuple(round(spec.depth * quarter / 4) - 1 for quarter in range(1, 5))

@@ -1,9 +1,9 @@
-"""Exported models: a segmentation model as one ONNX file, and onnxruntime behind the model's call.
+"""Exported models: a segmentation or depth model as one ONNX file, and onnxruntime behind the model's call.
 
 The file holds the whole network, normalised image `[B, 3, H, W]` in, logits `[B, C, H, W]` (or
-class indices `[B, H, W]`) out; with dynamic shapes the padding to a multiple of the patch size
-and the position embedding (DINOv2's interpolation, DINOv3's RoPE coordinates) are computed in the
-graph, so any size works. Its metadata holds
+class indices `[B, H, W]`; a depth model: metres `[B, 1, H, W]`) out; with dynamic shapes the
+padding to a multiple of the patch size and the position embedding (DINOv2's interpolation,
+DINOv3's RoPE coordinates) are computed in the graph, so any size works. Its metadata holds
 what interpreting it needs (classes, colours, mean/std, training size), the same `model_info` a
 checkpoint carries, so `Predictor.from_onnx` needs nothing else.
 
@@ -46,12 +46,12 @@ def require(module: str):
 
 
 class ExportedNetwork(nn.Module):
-    """What goes into the file: the segmentation model, optionally reduced to class indices."""
+    """What goes into the file: the model (segmentation: optionally reduced to class indices; depth)."""
 
     def __init__(self, model: nn.Module, *, argmax: bool):
         super().__init__()
         self.model, self.argmax = model, argmax
-        self.num_classes: int = model.arch["num_classes"]
+        self.num_classes: int = model.arch.get("num_classes", 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)
@@ -62,7 +62,13 @@ class ExportedNetwork(nn.Module):
 
 
 def export_network(
-    model: nn.Module, *, size: tuple[int, int], dynamic: bool, opset: int = DEFAULT_OPSET, argmax: bool = False
+    model: nn.Module,
+    *,
+    size: tuple[int, int],
+    dynamic: bool,
+    opset: int = DEFAULT_OPSET,
+    argmax: bool = False,
+    output: str = "logits",
 ) -> Any:
     """The traced ONNX graph (`onnx.ModelProto`) of `model` (eval mode, on the CPU). `size` (H, W) is
     the sample traced with; a static export accepts only that size, a dynamic one any size and batch."""
@@ -91,7 +97,7 @@ def export_network(
             opset_version=opset,
             dynamic_shapes=shapes,
             input_names=["images"],
-            output_names=["classes" if argmax else "logits"],
+            output_names=[output],
             verbose=False,
         )
     proto = program.model_proto
@@ -134,8 +140,13 @@ def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: 
     del proto.metadata_props[:]
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
+    what = (
+        f"depth ({info['min_depth']:g}-{info['max_depth']:g} m)"
+        if info.get("task") == "depth"
+        else f"segmentation ({len(info['classes'])} classes)"
+    )
     proto.doc_string = (
-        f"{info['arch']['backbone']} segmentation ({len(info['classes'])} classes). "
+        f"{info['arch']['backbone']} {what}. "
         f"Input 'images': float32 [B, 3, H, W], RGB / 255, minus mean, divided by std (metadata). Output: {output}."
     )
 
@@ -143,7 +154,7 @@ def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: 
 def read_metadata(path: str | Path, entries: list[Any]) -> dict[str, Any]:
     """The metadata `write_metadata` stored, from a session's `custom_metadata_map` entries."""
     values = dict(entries)
-    if "classes" not in values or "format" not in values:
+    if ("classes" not in values and "min_depth" not in values) or "format" not in values:
         raise UserError(
             f"{path}: an ONNX model without this project's metadata (classes, colours, normalisation); "
             "export it with export.py"
@@ -195,7 +206,7 @@ class OnnxNetwork(nn.Module):
         self.info = read_metadata(path, self.session.get_modelmeta().custom_metadata_map.items())
         self.input_name = self.session.get_inputs()[0].name
         self.static_size = None if self.info["dynamic"] else tuple(self.session.get_inputs()[0].shape[2:])
-        self.num_classes = len(self.info["classes"])
+        self.num_classes = len(self.info.get("classes", []))
 
     @property
     def provider(self) -> str:

@@ -23,12 +23,18 @@ BAR_TICKS = 5
 MM_MAX = 65535  # the largest 16-bit value: 65.535 m
 
 
+UNMEASURED = (128, 128, 128)
+
+
 def colorize(depth: np.ndarray, depth_range: tuple[float, float]) -> np.ndarray:
-    """RGB uint8 of a depth map in metres: near bright, far dark (inferno), clipped to `depth_range`."""
+    """RGB uint8 of a depth map in metres: near bright, far dark (inferno), clipped to `depth_range`;
+    unmeasured pixels (0 or NaN, in a ground-truth map) grey."""
     near, far = depth_range
-    scaled = np.clip((depth - near) / max(far - near, 1e-9), 0.0, 1.0)
+    scaled = np.clip(np.nan_to_num((depth - near) / max(far - near, 1e-9)), 0.0, 1.0)
     indices = np.round(255 * (1.0 - scaled)).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(indices, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(cv2.applyColorMap(indices, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    rgb[~(depth > 0)] = UNMEASURED
+    return rgb
 
 
 def with_colour_bar(rgb: np.ndarray, depth_range: tuple[float, float]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What runs write and print for people: metrics.csv, the loss / pixel accuracy / mIoU curves,
+"""What runs write and print for people: metrics.csv, the loss / pixel accuracy / mIoU (or depth) curves,
 confusion matrices, neighbour galleries, and sizes in bytes as people read them."""
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ SEGMENTATION_CURVES = (
     ("loss", "Loss", "loss.png"),
     ("pixacc", "Pixel accuracy", "accuracy.png"),
     ("miou", "mIoU", "miou.png"),
+)
+DEPTH_CURVES = (
+    ("loss", "Loss (SigLoss)", "loss.png"),
+    ("rmse", "RMSE (m)", "rmse.png"),
+    ("abs_rel", "AbsRel", "abs_rel.png"),
+    ("delta1", "δ < 1.25", "delta1.png"),
 )
 
 

@@ -37,8 +37,10 @@ class FeatureCache:
         key: dict | None = None,
         views: int = 1,
         rank: int = 0,
+        target_dtype: torch.dtype = torch.uint8,
     ):
         self.name = name
+        self.target_dtype = target_dtype  # class masks: uint8; depth maps: float32 metres
         self.views = views  # consecutive cached samples per image (--train-views), one drawn per pass
         self.memory_budget = memory_budget
         self.disk_dir = Path(disk_dir)
@@ -60,10 +62,10 @@ class FeatureCache:
         fills it from the start."""
         self.filled = 0
         feature_bytes = count * math.prod(feature_shape) * dtype.itemsize
-        mask_bytes = count * math.prod(mask_shape)
+        mask_bytes = count * math.prod(mask_shape) * self.target_dtype.itemsize
         if self.key is None and feature_bytes + mask_bytes <= self.memory_budget:
             self.features = torch.empty((count, *feature_shape), dtype=dtype)
-            self.masks = torch.empty((count, *mask_shape), dtype=torch.uint8)
+            self.masks = torch.empty((count, *mask_shape), dtype=self.target_dtype)
             where = "memory"
         else:
             if self.key is not None:  # a previous cache of this name is replaced
@@ -75,9 +77,9 @@ class FeatureCache:
             reserved = self._reserve_files(feature_bytes, 0 if in_ram else mask_bytes, paths)
             self.features = _mapped(reserved[0], (count, *feature_shape), dtype)
             self.masks = (
-                torch.empty((count, *mask_shape), dtype=torch.uint8)
+                torch.empty((count, *mask_shape), dtype=self.target_dtype)
                 if in_ram
-                else _mapped(reserved[1], (count, *mask_shape), torch.uint8)
+                else _mapped(reserved[1], (count, *mask_shape), self.target_dtype)
             )
             budget = "" if self.key is not None else f"; memory budget {format_bytes(self.memory_budget)}"
             where = f"a file ({reserved[0]}{budget})"
@@ -139,11 +141,14 @@ class FeatureCache:
         if stored != self.key:
             return False
         paths = self._stable_path("features"), self._stable_path("masks")
-        sizes = count * math.prod(feature_shape) * dtype.itemsize, count * math.prod(mask_shape)
+        sizes = (
+            count * math.prod(feature_shape) * dtype.itemsize,
+            count * math.prod(mask_shape) * self.target_dtype.itemsize,
+        )
         if any(not p.is_file() or p.stat().st_size != size for p, size in zip(paths, sizes)):
             return False
         self.features = _mapped(paths[0], (count, *feature_shape), dtype)
-        self.masks = _mapped(paths[1], (count, *mask_shape), torch.uint8)
+        self.masks = _mapped(paths[1], (count, *mask_shape), self.target_dtype)
         self.files = list(paths)
         self.ready = True
         print(f"{self.name} feature cache: {count} images reused from {paths[0]} (complete, same key)")
@@ -154,7 +159,7 @@ class FeatureCache:
         if self.features is None:
             self.allocate(count, tuple(features.shape[1:]), dtype, tuple(masks.shape[1:]))
         self.features[self.filled : self.filled + len(features)] = features.to("cpu", self.features.dtype)
-        self.masks[self.filled : self.filled + len(features)] = masks.to(torch.uint8)
+        self.masks[self.filled : self.filled + len(features)] = masks.to("cpu", self.target_dtype)
         self.filled += len(features)
 
     def finish(self) -> None:
@@ -171,8 +176,9 @@ class FeatureCache:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of (features, masks). With `views` > 1 the cache holds that many consecutive views
-        of each image, and every pass draws one view per image (from `generator`) before shuffling."""
+        """Batches of (features, targets: class masks as int64, depth as float32). With `views` > 1
+        the cache holds that many consecutive views of each image, and every pass draws one view per
+        image (from `generator`) before shuffling."""
         views = self.views
         count = len(self) // views
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
@@ -182,7 +188,8 @@ class FeatureCache:
             index = order[start : start + batch_size]
             if not shuffle and views == 1:  # contiguous slices: no gather copy
                 index = slice(start, start + len(index))
-            yield self.features[index].float(), self.masks[index].long()
+            targets = self.masks[index]
+            yield self.features[index].float(), targets.float() if targets.is_floating_point() else targets.long()
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) // self.views / batch_size)
