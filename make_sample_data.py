@@ -5,6 +5,11 @@ colour, so even a random-init backbone's features separate the classes and a sho
 Masks are RGB colour PNGs in the VOC palette with a void (224,224,192) outline, as in real VOC.
 
     python make_sample_data.py --out input/voc_2012_segmentation_data --train 24 --valid 8
+
+With --depth, an RGB-D folder instead (docs/depth.md): a textured ground plane whose depth grows
+with the image row and a box at 2 m, 16-bit millimetre PNGs and depth.json.
+
+    python make_sample_data.py --depth --out input/sample_rgbd --train 16 --valid 4
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import argparse
 
 import config
 from cli import ArgumentParser, at_least, run_cli
-from dinokit.data.synthetic import make_dataset
+from dinokit.data.synthetic import make_dataset, make_depth_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,12 +28,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid", type=at_least(1), default=8)
     parser.add_argument("--size", type=at_least(14), nargs=2, default=(160, 120), metavar=("W", "H"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", action="store_true", help="an RGB-D folder (images + depth maps) instead")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    root = make_dataset(args.out, args.train, args.valid, tuple(args.size), seed=args.seed)
-    print(f"Wrote {args.train} training and {args.valid} validation pairs to {root}")
+    make = make_depth_dataset if args.depth else make_dataset
+    root = make(args.out, args.train, args.valid, tuple(args.size), seed=args.seed)
+    what = "image/depth" if args.depth else "image/mask"
+    print(f"Wrote {args.train} training and {args.valid} validation {what} pairs to {root}")
 
 
 if __name__ == "__main__":

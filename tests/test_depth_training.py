@@ -16,6 +16,7 @@ from dinokit.depth.losses import MEAN_SHARE, gradient_loss, sig_loss
 from dinokit.depth.released import depth_taps
 from dinokit.training.feature_cache import FeatureCache
 from tests.conftest import OFFLINE, run_script
+from tests.test_inference import run_notebook
 
 EPS = 1e-3  # Meta's, inside the logs
 
@@ -157,6 +158,18 @@ def test_every_script_reads_a_trained_depth_checkpoint(depth_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.abs(np.load(tmp_path / "onnx" / "valid_0000.npy") - depth).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_the_depth_notebook_shows_a_run(depth_run):
+    root, out, _, _ = depth_run
+    outputs = run_notebook(
+        f"DATA_DIR = {str(root)!r}\nCHECKPOINT = {str(out / 'best_model_rmse.pth')!r}\nHEAD_WEIGHTS = None\n"
+        "NUM_SAMPLES = 2\nDEVICE = 'cpu'",
+        "depth.ipynb",
+    )
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # curves, depth maps
+    assert any("rmse" in o.get("text", "") and "(4 images" in o.get("text", "") for o in outputs)
 
 
 @pytest.mark.slow

@@ -154,12 +154,12 @@ def test_infer_video_unopenable_input_is_an_error(checkpoint, tmp_path, name, co
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def run_notebook(parameters: str) -> list:
-    """Execute notebooks/visualize.ipynb headless with its parameters cell replaced; its outputs."""
+def run_notebook(parameters: str, name: str = "visualize.ipynb") -> list:
+    """Execute notebooks/<name> headless with its parameters cell replaced; its outputs."""
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
-    notebook = nbformat.read(ROOT / "notebooks" / "visualize.ipynb", as_version=4)
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])).source = parameters
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
