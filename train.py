@@ -494,6 +494,9 @@ def build_data(
 ) -> tuple[DatasetSpec | DepthSpec, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """The dataset description (classes, or an RGB-D folder's depth.json), checked, and the two loaders."""
     normalization = get_backbone_spec(args.backbone, args.registers).normalization(args.weights)
+    rgbd = (Path(args.data_dir) / "depth.json").is_file() and not (Path(args.data_dir) / "train_labels").is_dir()
+    if args.task != "depth" and rgbd:
+        raise ValueError(f"{args.data_dir}: an RGB-D folder (depth.json, no train_labels/): add --task depth")
     if args.task == "depth":
         train_set, valid_set, spec = depth_data(args, imgsz, normalization)
     else:

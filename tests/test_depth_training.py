@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from datasets import build_depth_datasets
+from dinokit.backbones.released_heads import HeadWeightsError, read_checked_head
 from dinokit.data.synthetic import make_depth_dataset
 from dinokit.depth.losses import MEAN_SHARE, gradient_loss, sig_loss
 from dinokit.depth.released import depth_taps
@@ -206,3 +207,14 @@ def test_a_segmentation_folder_is_not_an_rgbd_folder(tiny_dataset, tmp_path):
         "train.py", "--task", "depth", "--data-dir", tiny_dataset, "--out-dir", tmp_path / "run", *OFFLINE
     )
     assert result.returncode != 0 and "depth.json: not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_an_rgbd_folder_asks_for_task_depth(tmp_path):
+    root = make_depth_dataset(tmp_path / "rgbd", n_train=2, n_valid=1, size=(42, 42))
+    result = run_script("train.py", "--data-dir", root, "--out-dir", tmp_path / "run", *OFFLINE)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith("add --task depth")
+
+
+def test_a_depth_head_name_is_not_a_segmentation_head():
+    with pytest.raises(HeadWeightsError, match="nyu_linear4: one of Meta's depth heads, not a segmentation head"):
+        read_checked_head("nyu_linear4", "small", False, 4)

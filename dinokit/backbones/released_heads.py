@@ -37,6 +37,11 @@ class HeadWeightsError(UserError):
 def head_url(name: str, backbone: str = "small", registers: bool = False) -> str:
     """`voc2012_linear` -> Meta's URL of that head for the backbone."""
     dataset, _, kind = name.partition("_")
+    if dataset in ("nyu", "kitti"):  # dinokit/depth/released.py
+        raise HeadWeightsError(
+            f"--head-weights {name}: one of Meta's depth heads, not a segmentation head; it goes to "
+            "--head-weights of infer_image.py / infer_video.py / evaluate.py / app.py"
+        )
     if dataset not in HEAD_DATASETS or kind not in HEAD_KINDS:
         names = ", ".join(f"{d}_{k}" for d in HEAD_DATASETS for k in HEAD_KINDS)
         raise HeadWeightsError(f"--head-weights {name}: not a file, and not one of Meta's heads ({names})")
