@@ -125,6 +125,15 @@ class BackboneModel(nn.Module):
         self.backbone = load_backbone(
             spec.hub_name, source=self.source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
         )
+        # What it takes to rebuild the backbone half; each task adds its head's and the whole is
+        # stored in every checkpoint.
+        self.arch = {
+            "backbone": spec.hub_name,
+            "registers": spec.hub_name.endswith("_reg"),
+            "source": self.source,
+            "padding": padding,
+            "normalization": self.normalization,
+        }
         self.fine_tune = fine_tune
         self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
         self.backbone.requires_grad_(fine_tune)
@@ -238,17 +247,7 @@ class Dinov2Segmentation(BackboneModel):
             padding=padding,
             normalization=normalization,
         )
-        # What it takes to rebuild this architecture; stored in every checkpoint.
-        self.arch = {
-            "num_classes": num_classes,
-            "backbone": spec.hub_name,
-            "registers": spec.hub_name.endswith("_reg"),
-            "source": self.source,
-            "head_layers": head_layers,
-            "padding": padding,
-            "dropout": dropout,
-            "normalization": self.normalization,
-        }
+        self.arch = {"num_classes": num_classes, **self.arch, "head_layers": head_layers, "dropout": dropout}
         self.out_indices = list(spec.out_indices[-head_layers:])
         self.head = LinearHead(spec.embed_dim * head_layers, num_classes, dropout)
         self.train()
@@ -310,16 +309,12 @@ class DinoDepth(BackboneModel):
         )
         self.arch = {
             "task": "depth",
-            "backbone": spec.hub_name,
-            "registers": spec.hub_name.endswith("_reg"),
-            "source": self.source,
+            **self.arch,
             "head": head,
             "taps": list(taps),
             "min_depth": float(min_depth),
             "max_depth": float(max_depth),
-            "padding": padding,
             "batch_norm": batch_norm,
-            "normalization": self.normalization,
         }
         self.taps = list(taps)
         if head == "dpt":
