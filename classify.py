@@ -30,12 +30,11 @@ from cli import (
     add_backbone_args,
     add_device_args,
     at_least,
-    backbone_kwargs,
+    backbone_identity,
     non_negative,
     positive,
     run_cli,
 )
-from dinokit.backbones.loading import load_backbone
 from dinokit.classification.classifiers import (
     TEMPERATURE,
     ProbeResult,
@@ -51,16 +50,19 @@ from dinokit.classification.embeddings import (
     LAYERS,
     ClassificationTransform,
     EmbeddingCache,
+    backbone_normalization,
+    build_backbone,
     cache_key,
     extract,
     linear_input,
+    stored_blocks,
 )
 from dinokit.classification.image_folders import ClassFolders, class_images, read_class_folders
 from dinokit.runs.reports import save_confusion_matrix, save_neighbour_gallery, save_plots, write_csv
 from dinokit.runs.run_folder import CLASSIFIER_RESULTS, claim_output_folder, lock_run_folder
 from dinokit.writing import write_json
-from model_config import BackboneSpec, get_backbone_spec
-from utils import autocast, seed_everything, select_device, select_precision
+from model_config import get_backbone_spec
+from utils import autocast, select_device, select_precision
 
 METHODS = ("knn", "linear")
 SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
@@ -206,41 +208,6 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.layers > max(spec.head_layers()):
         raise ValueError(f"--layers {args.layers}: {spec.hub_name} gives one class token (its last stage); use 1")
-
-
-def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
-    """What the embeddings depend on: the backbone flags, the weights file's size and time, and
-    for a random-init backbone the seed it was drawn with."""
-    identity = backbone_kwargs(args)
-    if args.weights:
-        stat = Path(args.weights).stat()
-        identity["weights_file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if not identity["pretrained"] and not args.weights:
-        identity["seed"] = args.seed
-    return identity
-
-
-def identity_spec(identity: dict[str, Any]) -> BackboneSpec:
-    return get_backbone_spec(identity["backbone"], identity.get("registers", False))
-
-
-def backbone_normalization(identity: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the backbone's weights expect (DINOv3's satellite weights have their own)."""
-    return identity_spec(identity).normalization(identity.get("weights"))
-
-
-def stored_blocks(identity: dict[str, Any]) -> int:
-    """Class tokens kept per image: a ViT's last four blocks; a ConvNeXt's last stage."""
-    return max(identity_spec(identity).head_layers())
-
-
-def build_backbone(identity: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """The frozen backbone `identity` describes (a random-init one drawn from its seed)."""
-    kwargs = {k: identity[k] for k in ("registers", "source", "hub_dir", "weights", "pretrained")}
-    if "seed" in identity:
-        seed_everything(identity["seed"])
-    backbone = load_backbone(identity["backbone"], **kwargs).to(device).eval()
-    return backbone.requires_grad_(False)
 
 
 def embed_splits(args: argparse.Namespace, data: ClassFolders, out_dir: Path) -> tuple[dict, dict]:

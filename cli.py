@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,6 +167,19 @@ class FlagParser(ArgumentParser):
 
 def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
+
+
+def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What embeddings of a backbone depend on (classify.py's caches, retrieve.py's indexes): the
+    backbone flags, the weights file's size and time, and for a random-init backbone the seed it
+    was drawn with."""
+    identity = backbone_kwargs(args)
+    if args.weights:
+        stat = Path(args.weights).stat()
+        identity["weights_file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not identity["pretrained"] and not args.weights:
+        identity["seed"] = args.seed
+    return identity
 
 
 def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

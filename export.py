@@ -107,9 +107,12 @@ class Agreement:
     max_difference: float | None  # largest |logit difference| (depth: metres); None for an --argmax export
     agreement: float  # share of pixels with the same predicted class (depth: within DEPTH_TOLERANCE)
     measure: str = "argmax agreement"
+    quantity: str = "logit"  # what the difference is of: logits, or a depth model's metres
 
     def line(self) -> str:
-        difference = f"max |output diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
+        difference = (
+            f"max |{self.quantity} diff| {self.max_difference:.2e}, " if self.max_difference is not None else ""
+        )
         size = f"{self.size[1]}x{self.size[0]}"
         return f"  {self.what:<24} {size}: {difference}{self.measure} {100 * self.agreement:.4f} %"
 
@@ -177,6 +180,7 @@ def self_check(
     exported = OnnxNetwork(path, device="cpu")
     depth = info.get("task") == "depth"
     measure = f"within {100 * DEPTH_TOLERANCE:g} %" if depth else "argmax agreement"
+    quantity = "depth (m)" if depth else "logit"
     generator = torch.Generator().manual_seed(0)
     results = []
     for size in sizes:
@@ -184,7 +188,9 @@ def self_check(
         inputs += [(name, preprocess(image, size, info["mean"], info["std"])) for name, image in images]
         for name, tensor in inputs:
             results.append(
-                Agreement(name, size, *compare(reference, exported, tensor, argmax=argmax, depth=depth), measure)
+                Agreement(
+                    name, size, *compare(reference, exported, tensor, argmax=argmax, depth=depth), measure, quantity
+                )
             )
     return results
 
@@ -193,7 +199,7 @@ def verdict(results: list[Agreement], precision: str) -> str:
     """The check's summary line; raises for a float32 export that does not reproduce PyTorch."""
     worst = max((r.max_difference for r in results if r.max_difference is not None), default=None)
     lowest = min(r.agreement for r in results)
-    difference = f"max |output diff| {worst:.2e}, " if worst is not None else ""
+    difference = f"max |{results[0].quantity} diff| {worst:.2e}, " if worst is not None else ""
     summary = f"{difference}lowest {results[0].measure} {100 * lowest:.4f} % vs PyTorch float32"
     if precision == "fp32":
         if (worst is not None and worst > FP32_MAX_DIFFERENCE) or lowest < FP32_MIN_AGREEMENT:

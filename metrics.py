@@ -1,4 +1,5 @@
-"""Segmentation metrics from a confusion matrix accumulated over a whole split, and depth metrics.
+"""Segmentation metrics from a confusion matrix accumulated over a whole split, depth metrics, and
+retrieval metrics.
 
 Averaging per-batch mIoU is biased (a class absent from one batch drags that batch's mean);
 accumulating pixel counts over the split and computing the ratios once is the standard
@@ -8,12 +9,17 @@ Depth: the errors every monocular-depth paper reports (Eigen et al. 2014; BTS, A
 DINOv2 depth evaluation compute them the same way), each computed over one image's valid pixels
 and averaged over the images of the split (`DepthErrors`) — the papers' convention, not a
 pixel-pooled one.
+
+Retrieval: mAP, mAP@k and recall@k of ranked results (`retrieval_scores`), as image-retrieval
+papers define them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import config
@@ -176,3 +182,27 @@ class DepthErrors:
         images = int(counts[0])
         means = (totals / max(images, 1)).tolist()
         return {**dict(zip(DEPTH_METRICS, means)), "images": images, "images_without_depth": int(counts[1])}
+
+
+def retrieval_scores(relevant: np.ndarray, relevant_totals: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval metrics over queries, each with its ranked results marked relevant or not
+    (`relevant`: `[Q, R]` bool, best first, over the whole collection for mAP) and its number of
+    relevant items in the collection (`relevant_totals`; queries with none are left out):
+
+    - mAP: the mean over queries of average precision, sum of precision@i at each relevant rank
+      i, divided by the query's relevant items;
+    - mAP@k: the same over the first k ranks, divided by min(relevant items, k);
+    - recall@k: the share of queries with a relevant item in the first k (the "R@k" of retrieval
+      papers; with the training split as collection, recall@1 is 1-NN accuracy)."""
+    keep = relevant_totals > 0
+    relevant, totals = relevant[keep].astype(np.float64), relevant_totals[keep].astype(np.float64)
+    if not len(totals):
+        return {"queries": 0}
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    precision_at = np.cumsum(relevant, axis=1) / ranks
+    scores = {"queries": int(len(totals)), "map": float(np.mean((precision_at * relevant).sum(1) / totals))}
+    for k in ks:
+        top = relevant[:, :k]
+        scores[f"map@{k}"] = float(np.mean((precision_at[:, :k] * top).sum(1) / np.minimum(totals, k)))
+        scores[f"recall@{k}"] = float(np.mean(top.any(axis=1)))
+    return scores

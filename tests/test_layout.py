@@ -20,6 +20,7 @@ SCRIPTS = {
     "export",
     "app",
     "visualize_features",
+    "retrieve",
 }
 CORE = {
     "config",

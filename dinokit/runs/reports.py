@@ -89,9 +89,12 @@ def save_confusion_matrix(matrix, classes: list[str], path: str | Path, title: s
     plt.close(fig)
 
 
-def save_neighbour_gallery(rows: list[tuple[Path, str, list[tuple[Path, str, float]]]], path: str | Path) -> None:
-    """A row per query image: the image with its true class, then its nearest training images with
-    class and cosine similarity (green: same class as the query, red: another)."""
+def save_neighbour_gallery(
+    rows: list[tuple[Path, str | None, list[tuple[Path, str, float]]]], path: str | Path
+) -> None:
+    """A row per query image: the image with its true class, then its nearest images with class (or
+    name) and cosine similarity (green: same class as the query, red: another; a query without a
+    class (None): titles in black)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,10 +108,11 @@ def save_neighbour_gallery(rows: list[tuple[Path, str, list[tuple[Path, str, flo
         ax.axis("off")
     for (query, truth, neighbours), row in zip(rows, axes):
         row[0].imshow(read_image(query))
-        row[0].set_title(f"query: {truth}", fontsize=8, fontweight="bold")
+        row[0].set_title(f"query: {truth or Path(query).name}", fontsize=8, fontweight="bold")
         for ax, (image, name, similarity) in zip(row[1:], neighbours):
             ax.imshow(read_image(image))
-            ax.set_title(f"{name}\n{similarity:.4f}", fontsize=8, color="green" if name == truth else "red")
+            colour = "black" if truth is None else "green" if name == truth else "red"
+            ax.set_title(f"{name}\n{similarity:.4f}", fontsize=8, color=colour)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

@@ -145,8 +145,8 @@ def check_writable(folder: Path, *, keep: bool) -> None:
 class RunLock:
     """An exclusive, non-blocking lock on a folder, held until `release` or the process's death."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_NAME
+    def __init__(self, folder: Path, name: str = LOCK_NAME):
+        self.path = folder / name  # another name: a lock on one file of the folder (an index), not all of it
         self.handle = None
 
     def acquire(self) -> None:

@@ -1,0 +1,144 @@
+"""An indexed image collection on disk: one file holding the table of images (path, size, mtime),
+their embeddings, the FAISS index over them, and the key of what made the embeddings.
+
+The file is written whole to a temporary name and renamed (a run killed while writing leaves the
+previous index usable), read back checked (a file cut short is named as such), and updated
+incrementally: `plan_update` says which stored rows stay, which files are new or changed (size
+or modification time) and must be embedded, and which were deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinokit.data.image_files import IMAGE_EXTENSIONS
+from dinokit.errors import UserError
+from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, to_bytes
+from dinokit.writing import atomic_write
+
+FORMAT = 1
+
+
+class IndexFileError(UserError):
+    """An index file that cannot be used as asked; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An indexed image: where it is and what it was when embedded."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileRecord:
+        stat = path.stat()
+        return cls(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def collect_images(folders: list[str | Path]) -> list[Path]:
+    """Every image file under `folders` (recursively; hidden files and folders skipped), as
+    absolute paths, sorted; a folder without any image is an error."""
+    found: list[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_file():
+            found.append(folder.resolve())
+            continue
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such file or folder")
+        images = [
+            path.resolve()
+            for path in folder.rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            and path.is_file()
+        ]
+        if not images:
+            raise IndexFileError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
+        found += images
+    return sorted(set(found))
+
+
+@dataclass
+class UpdatePlan:
+    """What bringing an index up to date with the files on disk takes."""
+
+    keep: list[int]  # stored rows whose file is unchanged
+    embed: list[Path]  # new or changed files
+    removed: list[str]  # stored files gone from disk (or from the folders indexed)
+    changed: set[str] = field(default_factory=set)  # of `embed`, the files that were stored before
+
+
+def plan_update(stored: list[FileRecord], files: list[Path]) -> UpdatePlan:
+    """Compare the stored table with the files now under the indexed folders."""
+    now = {str(path): FileRecord.of(path) for path in files}
+    by_path = {record.path: row for row, record in enumerate(stored)}
+    keep = [by_path[p] for p, record in now.items() if p in by_path and stored[by_path[p]] == record]
+    kept = {stored[row].path for row in keep}
+    embed = [Path(p) for p in now if p not in kept]
+    removed = [record.path for record in stored if record.path not in now]
+    return UpdatePlan(keep, embed, removed, changed={str(p) for p in embed if str(p) in by_path})
+
+
+@dataclass
+class Collection:
+    """The table, the embeddings (normalised rows, float32) and the FAISS index over them."""
+
+    key: dict[str, Any]  # what the embeddings depend on: backbone, image size, embedding kind
+    records: list[FileRecord] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    index: Any = None
+    recall: float = 1.0  # recall@10 of the index against exact search, measured when built
+
+    @property
+    def kind(self) -> str:
+        return index_kind(self.index) if self.index is not None else "exact"
+
+    def rebuild(self, kind: str) -> None:
+        self.index = build_index(self.vectors, kind)
+
+    def save(self, path: Path) -> None:
+        """Write the whole collection to `path` atomically (a temporary file, renamed)."""
+        table = {
+            "format": FORMAT,
+            "key": self.key,
+            "recall": self.recall,
+            "files": [[r.path, r.size, r.mtime_ns] for r in self.records],
+        }
+        arrays = {
+            "table": np.frombuffer(json.dumps(table).encode(), dtype=np.uint8),
+            "vectors": self.vectors,
+            "index": to_bytes(self.index),
+        }
+        atomic_write(path, lambda tmp: _save_npz(tmp, arrays))
+
+    @classmethod
+    def load(cls, path: Path) -> Collection:
+        """Read a collection `save` wrote; a missing, foreign or cut-short file is a one-line error."""
+        if not path.is_file():
+            raise IndexFileError(f"{path}: no such index; build it with: python retrieve.py index --images DIR ...")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                table = json.loads(bytes(data["table"]).decode())
+                vectors, index = np.array(data["vectors"]), from_bytes(data["index"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, RuntimeError) as err:
+            raise IndexFileError(
+                f"{path}: not a readable index file (cut short or another kind of file: {type(err).__name__}); "
+                "rebuild it with: python retrieve.py index --images DIR ... --index NAME"
+            ) from err
+        if table.get("format") != FORMAT:
+            raise IndexFileError(f"{path}: index format {table.get('format')!r}, this version reads {FORMAT}")
+        records = [FileRecord(p, size, mtime) for p, size, mtime in table["files"]]
+        return cls(table["key"], records, vectors, index, table.get("recall", 1.0))
+
+
+def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as handle:  # a file object: numpy would otherwise append ".npz" to the name
+        np.savez(handle, **arrays)

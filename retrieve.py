@@ -1,0 +1,340 @@
+"""Search image collections by DINOv2 / DINOv3 embeddings, in a FAISS index on disk.
+
+    python retrieve.py index --images photos/ --index photos          # outputs/retrieval/photos.index
+    python retrieve.py index --images photos/ --index photos          # again: only new or changed files embedded
+    python retrieve.py search --index photos --query query.jpg --k 10  # search.csv + search.png (contact sheet)
+    python retrieve.py duplicates --index photos --threshold 0.95      # groups of near-duplicate images
+    python retrieve.py evaluate --index emds                           # class folders = relevant sets: mAP, R@k
+
+`index` embeds every image under the folders (recursively) with a frozen backbone — classify.py's
+preprocessing, `--features cls|avgpool|cls+avgpool|gem`, optionally at several `--scales` — and
+stores table, embeddings and index in one file written atomically. Exact search (inner product of
+L2-normalised vectors) by default up to 200,000 images; `--kind hnsw|ivfpq` (or `auto` beyond that)
+builds an approximate index and prints its recall@10 against exact search. Unreadable images are
+reported and skipped. docs/retrieval.md has the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import config
+from cli import (
+    ArgumentParser,
+    FlagParser,
+    add_backbone_args,
+    add_device_args,
+    at_least,
+    backbone_identity,
+    positive,
+    run_cli,
+)
+from dinokit.classification.embeddings import (
+    ClassificationTransform,
+    backbone_normalization,
+    build_backbone,
+    extract_readable,
+    identity_spec,
+)
+from dinokit.errors import UserError
+from dinokit.retrieval.collection import Collection, FileRecord, IndexFileError, collect_images, plan_update
+from dinokit.retrieval.descriptors import DESCRIPTORS, averaged, descriptor, scale_sizes
+from dinokit.retrieval.duplicates import duplicate_groups
+from dinokit.retrieval.vector_index import KINDS, build_index, recall_against_exact, search
+from dinokit.runs.reports import save_neighbour_gallery, write_csv
+from dinokit.runs.run_folder import RunLock, claim_output_folder
+from dinokit.writing import write_json
+from metrics import retrieval_scores
+from utils import autocast, select_device, select_precision
+
+RETRIEVAL_DIR = config.OUTPUT_DIR / "retrieval"
+KEY_FORMAT = 1
+SHEET_QUERIES = 20  # queries drawn in a contact sheet
+SHEET_GROUPS = 50  # duplicate groups drawn, one PNG each
+
+
+def index_path(name: str) -> Path:
+    """--index NAME: outputs/retrieval/NAME.index; a name with a folder or a suffix is a path."""
+    path = Path(name)
+    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / f"{name}.index"
+
+
+def embedding_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What an index's embeddings depend on; an index is searched and updated with its own."""
+    return {
+        "format": KEY_FORMAT,
+        "backbone": backbone_identity(args),
+        "imgsz": args.imgsz,
+        "crop_pct": args.crop_pct,
+        "features": args.features,
+        "scales": list(args.scales),
+    }
+
+
+def describe_key(key: dict[str, Any]) -> str:
+    """The flags that rebuild an index with `key`'s embeddings."""
+    backbone = key["backbone"]
+    flags = f"--backbone {backbone['backbone']} --imgsz {key['imgsz']} --features {key['features']}"
+    if key["scales"] != [1.0]:
+        flags += " --scales " + " ".join(f"{s:g}" for s in key["scales"])
+    return flags + ("" if backbone["pretrained"] else " --no-pretrained")
+
+
+def embed(
+    key: dict[str, Any], files: list[Path], args: argparse.Namespace, backbone=None
+) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
+    """Descriptors of the readable `files` (normalised rows), their positions in `files`, and
+    (file, why) of the unreadable ones."""
+    identity = key["backbone"]
+    device = select_device(args.device)
+    backbone = backbone or build_backbone(identity, device)
+    patch = identity_spec(identity).patch_size
+    per_scale, kept, failures = [], list(range(len(files))), []
+    for size in scale_sizes(key["imgsz"], key["scales"], patch):
+        transform = ClassificationTransform(size, key["crop_pct"], *backbone_normalization(identity))
+        with autocast(device, select_precision(device, args.amp)):
+            embeddings, kept, failures = extract_readable(
+                backbone,
+                files,
+                transform,
+                device=device,
+                batch_size=args.batch,
+                workers=args.workers,
+                desc=f"Embeddings at {size}",
+                skip_unreadable=True,
+            )
+        per_scale.append(descriptor(embeddings, key["features"]))
+    return averaged(per_scale), kept, failures
+
+
+def build(args: argparse.Namespace) -> None:
+    """`index`: embed what is new or changed, drop what is gone, rebuild the index, write it whole."""
+    path = index_path(args.index)
+    claim_output_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(path.parent, name=f"{path.name}.lock")  # one index run at a time on this index
+    lock.acquire()
+    try:
+        files = collect_images(args.images)
+        key = embedding_key(args)
+        stored = Collection.load(path) if path.exists() and not args.rebuild else None
+        if stored is not None and stored.key != key:
+            raise IndexFileError(
+                f"{path}: built with {describe_key(stored.key)}, not {describe_key(key)}; add --rebuild to "
+                "re-embed every image with these settings, or give another --index"
+            )
+        collection = updated(stored or Collection(key), files, args)
+        started = time.perf_counter()
+        collection.rebuild(args.kind)
+        collection.recall = recall_against_exact(collection.index, collection.vectors)
+        built = time.perf_counter() - started
+        collection.save(path)
+        recall = "" if collection.kind == "exact" else f"; recall@10 against exact search {collection.recall:.4f}"
+        print(
+            f"{path}: {len(collection.records)} images, {collection.vectors.shape[1]}-d {key['features']}, "
+            f"{collection.kind} index built in {built:.1f} s{recall}"
+        )
+    finally:
+        lock.release()
+
+
+def updated(collection: Collection, files: list[Path], args: argparse.Namespace) -> Collection:
+    """`collection` brought up to date with `files`: unchanged rows kept, the rest embedded."""
+    plan = plan_update(collection.records, files)
+    vectors, kept, failures = (np.zeros((0, 0), np.float32), [], [])
+    if plan.embed:
+        started = time.perf_counter()
+        vectors, kept, failures = embed(collection.key, plan.embed, args)
+        rate = len(plan.embed) / (time.perf_counter() - started)
+        print(f"Embedded {len(kept)} images ({rate:.1f} images/s)")
+    for path, reason in failures:
+        print(f"skipped {path}: {reason}")
+    old = collection.vectors[plan.keep] if collection.vectors is not None else None
+    parts = [part for part in (old, vectors) if part is not None and len(part)]
+    records = [collection.records[row] for row in plan.keep] + [FileRecord.of(plan.embed[i]) for i in kept]
+    if not records:
+        raise UserError(f"no readable image among {len(files)} files ({len(failures)} unreadable): nothing to index")
+    changed = sum(str(plan.embed[i]) in plan.changed for i in kept)
+    print(
+        f"{len(plan.keep)} unchanged, {len(kept) - changed} new, {changed} changed, "
+        f"{len(plan.removed)} removed, {len(failures)} unreadable (skipped)"
+    )
+    return Collection(collection.key, records, np.concatenate(parts).astype(np.float32))
+
+
+def open_index(args: argparse.Namespace) -> Collection:
+    """The --index collection; embedding flags given with it must be the ones it was built with."""
+    path = index_path(args.index)
+    collection = Collection.load(path)
+    given = getattr(args, "given_flags", frozenset())
+    key = collection.key
+    asked = {
+        "backbone": args.backbone if "backbone" in given else key["backbone"]["backbone"],
+        "imgsz": args.imgsz if "imgsz" in given else key["imgsz"],
+        "features": args.features if "features" in given else key["features"],
+    }
+    if (asked["backbone"], asked["imgsz"], asked["features"]) != (
+        key["backbone"]["backbone"],
+        key["imgsz"],
+        key["features"],
+    ):
+        raise IndexFileError(
+            f"{path}: built with {describe_key(key)}; for --backbone {asked['backbone']} --imgsz {asked['imgsz']} "
+            f"--features {asked['features']} rebuild it: python retrieve.py index --images DIR --index {args.index} "
+            f"--backbone {asked['backbone']} --imgsz {asked['imgsz']} --features {asked['features']} --rebuild"
+        )
+    return collection
+
+
+def find(args: argparse.Namespace) -> None:
+    """`search`: the top-k of each query image, as CSV and a contact sheet."""
+    collection = open_index(args)
+    queries = collect_images([args.query])
+    total = len(collection.records) - (1 if args.exclude_self else 0)
+    if args.k > total:
+        raise UserError(f"--k {args.k}: the index holds {len(collection.records)} images")
+    out_dir = Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix("")
+    claim_output_folder(out_dir, inputs=[args.query])
+    vectors, kept, failures = embed(collection.key, queries, args)
+    for path, reason in failures:
+        print(f"skipped query {path}: {reason}")
+    similarities, rows = search(collection.index, vectors, args.k + (1 if args.exclude_self else 0))
+    results = []
+    for position, sims, found in zip(kept, similarities, rows):
+        query = queries[position]
+        hits = [(collection.records[r].path, float(s)) for r, s in zip(found, sims) if r >= 0]
+        if args.exclude_self:
+            hits = [(p, s) for p, s in hits if Path(p) != query][: args.k]
+        results.append((query, hits))
+    write_csv(
+        [
+            {"query": q, "rank": i + 1, "path": p, "similarity": round(s, 6)}
+            for q, hits in results
+            for i, (p, s) in enumerate(hits)
+        ],
+        out_dir / "search.csv",
+    )
+    sheet = [(q, None, [(Path(p), Path(p).name, s) for p, s in hits]) for q, hits in results[:SHEET_QUERIES]]
+    if sheet:
+        save_neighbour_gallery(sheet, out_dir / "search.png")
+    print(
+        f"{len(results)} queries ({len(failures)} unreadable), top {args.k} each: {out_dir / 'search.csv'}, search.png"
+    )
+
+
+def duplicates(args: argparse.Namespace) -> None:
+    """`duplicates`: groups of images whose similarity reaches --threshold, as CSV and a PNG per group."""
+    collection = open_index(args)
+    out_dir = Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix("")
+    claim_output_folder(out_dir)
+    groups = duplicate_groups(collection.vectors, args.threshold)
+    rows = []
+    for number, group in enumerate(groups, 1):
+        first = collection.vectors[group[0]]
+        for member in group:
+            similarity = float(collection.vectors[member] @ first)
+            rows.append(
+                {"group": number, "path": collection.records[member].path, "similarity_to_first": round(similarity, 6)}
+            )
+    write_csv(rows or [{"group": "", "path": "", "similarity_to_first": ""}][:0], out_dir / "duplicates.csv")
+    for number, group in enumerate(groups[:SHEET_GROUPS], 1):
+        paths = [Path(collection.records[m].path) for m in group]
+        similarities = [float(collection.vectors[m] @ collection.vectors[group[0]]) for m in group[1:]]
+        sheet = [(paths[0], None, [(p, p.name, s) for p, s in zip(paths[1:], similarities)])]
+        save_neighbour_gallery(sheet, out_dir / f"duplicates_{number:04d}.png")
+    images = sum(len(g) for g in groups)
+    print(
+        f"{len(groups)} groups of near-duplicates ({images} images) at similarity >= {args.threshold:g}: "
+        f"{out_dir / 'duplicates.csv'}"
+    )
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """`evaluate`: class folders as relevant sets (an image's class = its folder's name); each image
+    of the index (leave-one-out) or of --query queries the whole index. mAP, mAP@k, recall@k as JSON."""
+    collection = open_index(args)
+    labels = np.array([Path(r.path).parent.name for r in collection.records])
+    if args.query:
+        queries = collect_images([args.query])
+        vectors, kept, _ = embed(collection.key, queries, args)
+        query_labels, exclude = np.array([queries[i].parent.name for i in kept]), None
+    else:
+        vectors, query_labels, exclude = collection.vectors, labels, np.arange(len(labels))
+    _, ranked = build_index(collection.vectors, "exact").search(vectors, len(labels))
+    if exclude is not None:  # leave-one-out: each query's own row is not a result
+        ranked = np.array([row[row != own][: len(labels) - 1] for row, own in zip(ranked, exclude)])
+    relevant = labels[ranked] == query_labels[:, None]
+    totals = np.array([(labels == label).sum() for label in query_labels]) - (exclude is not None)
+    scores = retrieval_scores(relevant, totals, ks=args.ks)
+    report = {"index": str(index_path(args.index)), "queries_from": args.query or "the index (leave-one-out)", **scores}
+    out = Path(args.out_dir or index_path(args.index).with_suffix("")) / "retrieval_metrics.json"
+    claim_output_folder(out.parent)
+    write_json(out, report)
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "queries")
+    print(
+        f"{scores.get('queries', 0)} queries over {len(labels)} images, {len(set(labels))} classes: {figures}"
+        f"\nWrote {out}"
+    )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=FlagParser)
+    index = commands.add_parser("index", help="embed the images under folders into an index (or update it)")
+    index.add_argument(
+        "--images", nargs="+", required=True, metavar="DIR", help="folders (searched recursively) or files"
+    )
+    index.add_argument(
+        "--kind", default="auto", choices=KINDS, help="exact, hnsw, ivfpq, or auto (exact up to 200,000)"
+    )
+    index.add_argument("--rebuild", action="store_true", help="re-embed every image (another backbone, size, features)")
+    search_parser = commands.add_parser("search", help="the nearest indexed images of query images")
+    search_parser.add_argument("--query", required=True, metavar="FILE|DIR")
+    search_parser.add_argument("--k", type=at_least(1), default=10)
+    search_parser.add_argument(
+        "--exclude-self", action="store_true", help="a query that is in the index is not its own hit"
+    )
+    dup = commands.add_parser("duplicates", help="groups of near-duplicate images in an index")
+    dup.add_argument(
+        "--threshold", type=positive, default=0.95, help="cosine similarity that makes two images duplicates"
+    )
+    score = commands.add_parser("evaluate", help="mAP and recall@k with class folders as relevant sets")
+    score.add_argument(
+        "--query", default=None, metavar="DIR", help="class folders of query images (default: the index, leave-one-out)"
+    )
+    score.add_argument("--ks", type=at_least(1), nargs="+", default=[1, 5, 10], metavar="K")
+    for sub in (index, search_parser, dup, score):
+        add_shared_flags(sub)
+    return parser
+
+
+def add_shared_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, metavar="NAME", help="outputs/retrieval/NAME.index, or a path")
+    parser.add_argument("--out-dir", default=None, help="where results go (default: outputs/retrieval/NAME/)")
+    parser.add_argument("--features", default="cls", choices=DESCRIPTORS, help="the descriptor (docs/retrieval.md)")
+    parser.add_argument("--imgsz", type=int, default=224, help="centre-crop side, a multiple of the patch size")
+    parser.add_argument(
+        "--crop-pct", type=positive, default=0.875, help="resize the short side to imgsz / crop-pct first"
+    )
+    parser.add_argument("--scales", type=positive, nargs="+", default=[1.0], help="multi-scale: e.g. 0.707 1 1.414")
+    parser.add_argument("--batch", type=at_least(1), default=32, help="images per forward")
+    parser.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="image decoding processes")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of a random-init backbone")
+    add_backbone_args(parser)
+    add_device_args(parser)
+
+
+COMMANDS = {"index": build, "search": find, "duplicates": duplicates, "evaluate": evaluate}
+
+
+def main(args: argparse.Namespace) -> None:
+    COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,192 @@
+"""retrieve.py: the metrics by hand, the index kinds against exact search, incremental updates, the
+index file's faults, and the four sub-commands run as a user runs them on generated photos whose
+transformed copies a random-init backbone still finds (distinct colour layouts per image)."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from dinokit.retrieval.collection import Collection, FileRecord, IndexFileError, plan_update
+from dinokit.retrieval.duplicates import duplicate_groups
+from dinokit.retrieval.vector_index import build_index, normalised, recall_against_exact
+from dinokit.runs.run_folder import RunLock
+from metrics import retrieval_scores
+from tests.conftest import run_script
+
+pytest.importorskip("faiss", reason="pip install faiss-cpu")
+OFFLINE = ("--source", "timm", "--no-pretrained", "--workers", "0")
+EMBED = ("--imgsz", "56", "--crop-pct", "1", "--features", "gem", *OFFLINE)
+
+
+def test_retrieval_scores_by_hand():
+    relevant = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
+    scores = retrieval_scores(relevant, np.array([2, 1, 0]), ks=(1, 2))
+    # query 1: AP = (1/1 + 2/3) / 2; query 2: AP = (1/4) / 1; query 3 has nothing relevant: left out
+    assert scores["queries"] == 2
+    assert scores["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 4) / 2)
+    assert scores["recall@1"] == 0.5 and scores["recall@2"] == 0.5
+    assert scores["map@2"] == pytest.approx((1 / 2 + 0) / 2)  # first: precision@1 / min(2, 2)
+
+
+def test_duplicates_are_connected_components():
+    rng = np.random.default_rng(0)
+    base = normalised(rng.normal(size=(3, 64)))
+    near = lambda v: normalised(v[None] + 0.01 * rng.normal(size=(1, 64)))[0]  # noqa: E731
+    vectors = np.stack([base[0], near(base[0]), base[1], near(base[1]), near(base[1]), base[2]])
+    assert duplicate_groups(vectors, 0.99) == [[2, 3, 4], [0, 1]]
+    assert duplicate_groups(vectors, 1.01) == []
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_indexes_measure_their_recall(kind):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 32))
+    vectors = normalised(centres[rng.integers(0, 50, 5000)] + 0.3 * rng.normal(size=(5000, 32)))
+    index = build_index(vectors, kind)
+    recall = recall_against_exact(index, vectors)
+    assert 0.5 < recall <= 1.0
+    assert recall_against_exact(build_index(vectors, "exact"), vectors) == 1.0
+
+
+def test_an_update_embeds_only_what_changed(tmp_path):
+    files = [tmp_path / f"{name}.jpg" for name in "abc"]
+    for path in files:
+        path.write_bytes(b"x")
+    stored = [FileRecord.of(path) for path in files]
+    files[1].write_bytes(b"longer")  # changed
+    files[2].unlink()  # removed
+    (tmp_path / "d.jpg").write_bytes(b"y")  # new
+    plan = plan_update(stored, sorted(tmp_path.glob("*.jpg")))
+    assert plan.keep == [0] and [p.name for p in plan.embed] == ["b.jpg", "d.jpg"] and plan.changed == {str(files[1])}
+    assert plan.removed == [str(files[2])]
+
+
+def test_an_index_file_cut_short_is_named(tmp_path):
+    vectors = normalised(np.random.default_rng(0).normal(size=(10, 8)))
+    collection = Collection({"features": "gem"}, [FileRecord(str(i), 1, 1) for i in range(10)], vectors)
+    collection.rebuild("exact")
+    path = tmp_path / "c.index"
+    collection.save(path)
+    loaded = Collection.load(path)
+    assert loaded.key == {"features": "gem"} and np.array_equal(loaded.vectors, vectors) and loaded.index.ntotal == 10
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(IndexFileError, match="not a readable index file .cut short"):
+        Collection.load(path)
+
+
+def make_photos(root, count=6, seed=0):
+    """Photos of distinct colour layouts (blobs on a gradient), and a copy of each that was resized
+    to 80 %, cropped by 6 % and re-encoded as JPEG at quality 60: what copy detection must link."""
+    rng = np.random.default_rng(seed)
+    (root / "photos").mkdir(parents=True)
+    (root / "copies").mkdir()
+    for index in range(count):
+        image = np.zeros((120, 160, 3), np.uint8)
+        image[:] = rng.integers(0, 255, 3)
+        for _ in range(4):
+            centre = tuple(int(v) for v in rng.integers(10, 150, 2))
+            cv2.circle(image, centre, int(rng.integers(15, 40)), tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
+        cv2.imwrite(str(root / "photos" / f"photo_{index}.png"), image)
+        copy = cv2.resize(image, (128, 96))[6:-6, 8:-8]
+        cv2.imwrite(str(root / "copies" / f"photo_{index}_copy.jpg"), copy, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    return root
+
+
+@pytest.mark.slow
+def test_index_search_duplicates_and_updates(tmp_path):
+    root = make_photos(tmp_path / "data")
+    (root / "photos" / "broken.jpg").write_text("not an image")
+    index = tmp_path / "idx" / "photos.index"
+    result = run_script("retrieve.py", "index", "--images", root / "photos", root / "copies", "--index", index, *EMBED)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "0 unchanged, 12 new, 0 changed, 0 removed, 1 unreadable (skipped)" in result.stdout
+    assert "skipped " + str(root / "photos" / "broken.jpg") in result.stdout
+
+    out = tmp_path / "search"
+    result = run_script(
+        "retrieve.py", "search", "--index", index, "--query", root / "photos", "--k", "1", "--exclude-self",
+        "--out-dir", out, *EMBED,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv_rows(out / "search.csv"))
+    assert len(rows) == 6 and all(r["path"].endswith(f"{r['query'].split('/')[-1][:-4]}_copy.jpg") for r in rows)
+    assert (out / "search.png").stat().st_size > 1000
+
+    threshold = min(float(r["similarity"]) for r in rows)
+    result = run_script("retrieve.py", "duplicates", "--index", index, "--threshold", str(threshold), "--out-dir", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    groups = {}
+    for row in csv_rows(out / "duplicates.csv"):
+        groups.setdefault(row["group"], set()).add(row["path"].split("/")[-1].split(".")[0].removesuffix("_copy"))
+    assert sorted(map(sorted, groups.values())) == [[f"photo_{i}"] for i in range(6)]
+
+    shutil.copy(root / "photos" / "photo_0.png", root / "photos" / "photo_new.png")
+    (root / "copies" / "photo_5_copy.jpg").unlink()
+    cv2.imwrite(str(root / "photos" / "photo_1.png"), np.full((50, 50, 3), 9, np.uint8))
+    result = run_script("retrieve.py", "index", "--images", root / "photos", root / "copies", "--index", index, *EMBED)
+    assert "10 unchanged, 1 new, 1 changed, 1 removed, 1 unreadable" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_retrieval_recall_at_1_is_classify_1nn_accuracy(tmp_path):
+    from dinokit.data.synthetic import make_image_folders
+
+    folders = make_image_folders(tmp_path / "classes", classes=3, n_train=5, n_val=3)
+    embed = ("--imgsz", "56", "--crop-pct", "1", *OFFLINE)
+    result = run_script(
+        "classify.py", "--data-dir", folders, "--out-dir", tmp_path / "cls", "--method", "knn", "--k", "1",
+        "--features", "cls+avgpool", *embed,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    knn = json.loads((tmp_path / "cls" / "metrics.json").read_text())["knn"]["1"]["top1"]
+    index = tmp_path / "train.index"
+    flags = ("--index", index, "--features", "cls+avgpool", *embed)
+    assert run_script("retrieve.py", "index", "--images", folders / "train", *flags).returncode == 0
+    result = run_script("retrieve.py", "evaluate", "--query", folders / "val", "--out-dir", tmp_path / "ev", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads((tmp_path / "ev" / "retrieval_metrics.json").read_text())
+    assert scores["queries"] == 9 and scores["recall@1"] == pytest.approx(knn)
+    assert 0 < scores["map"] <= 1
+
+
+@pytest.mark.slow
+def test_retrieval_faults_are_one_line(tmp_path):
+    root = make_photos(tmp_path / "data", count=3)
+    index = tmp_path / "p.index"
+    assert run_script("retrieve.py", "index", "--images", root / "photos", "--index", index, *EMBED).returncode == 0
+
+    def error(*args):
+        result = run_script("retrieve.py", *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert "--k 5: the index holds 3 images" in error(
+        "search", "--index", index, "--query", root / "copies", "--k", "5"
+    )
+    other = error("search", "--index", index, "--query", root / "copies", "--imgsz", "112")
+    assert "rebuild it: python retrieve.py index" in other and "--imgsz 112" in other
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in error("search", "--index", index, "--query", tmp_path / "empty")
+    changed = error(
+        "index", "--images", root / "photos", "--index", index, "--features", "avgpool", *EMBED[:-7], *OFFLINE
+    )
+    assert "add --rebuild" in changed
+    lock = RunLock(tmp_path, name="p.index.lock")
+    lock.acquire()
+    try:
+        assert "another run is using" in error("index", "--images", root / "photos", "--index", index, *EMBED)
+    finally:
+        lock.release()
+    good = index.read_bytes()
+    index.write_bytes(good[: len(good) // 3])
+    assert "cut short" in error("search", "--index", index, "--query", root / "copies")
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as handle:
+        yield from csv.DictReader(handle)
