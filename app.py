@@ -4,10 +4,13 @@
     python app.py --model outputs/transfer_learning/best_model_iou.pth            # http://127.0.0.1:7860
     python app.py --model outputs/a/best_model_iou.pth --model outputs/a/best_model_iou.onnx
     python app.py --head-weights voc2012_ms --backbone small                      # Meta's head, no training
+    python app.py --model outputs/a/best_model_iou.pth --index photos             # + a search tab (retrieve.py)
+    python app.py --index photos                                                  # the search tab alone
 
 The page predicts with the code of infer_image.py / infer_video.py (inference.Predictor, drawing,
 videos): the overlay, the colour mask, a legend with each class's share of the image, and the
-index-mask PNG to download; a second tab segments a short clip with a progress bar. Requests run
+index-mask PNG to download; a second tab segments a short clip with a progress bar; with --index, a
+search tab shows an uploaded image's nearest images in a retrieve.py index. Requests run
 one at a time through a queue, uploads and image sizes are capped, and a bad upload is a message
 in the page while the server keeps serving. It listens on 127.0.0.1 unless --host says otherwise.
 """
@@ -31,14 +34,19 @@ import numpy as np
 
 import config
 from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
+from dinokit.classification.embeddings import build_backbone
 from dinokit.data.image_files import DatasetError, image_pixels, list_image_files, read_image
 from dinokit.errors import UserError, one_line
 from dinokit.prediction.depth_maps import colorize, depth_png, with_colour_bar
 from dinokit.prediction.drawing import class_shares, indexed_png, render
 from dinokit.prediction.modes import MODES, InferenceMode
 from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
+from dinokit.retrieval.collection import Collection, index_path
+from dinokit.retrieval.descriptors import embed_files
+from dinokit.retrieval.vector_index import search
 from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
+from utils import select_device, select_precision
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"
@@ -67,6 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-video-frames", type=at_least(1), default=300, help="frames of a clip that are processed (default 300)"
     )
     parser.add_argument(
+        "--index",
+        default=None,
+        metavar="NAME",
+        help="a retrieve.py index (outputs/retrieval/NAME.index or a path): adds a search tab",
+    )
+    parser.add_argument(
         "--queue-size", type=at_least(1), default=16, help="requests that may wait; more are turned away (default 16)"
     )
     return parser
@@ -78,8 +92,16 @@ class Demo:
 
     KEEP_SECONDS = 3600  # result files older than this are deleted (Gradio keeps its own copies as long)
 
-    def __init__(self, predictors: dict[str, Predictor], out_dir: Path, *, max_pixels: float, max_frames: int):
-        self.predictors, self.out_dir = predictors, out_dir
+    def __init__(
+        self,
+        predictors: dict[str, Predictor],
+        out_dir: Path,
+        *,
+        max_pixels: float,
+        max_frames: int,
+        searcher: Searcher | None = None,
+    ):
+        self.predictors, self.out_dir, self.searcher = predictors, out_dir, searcher
         self.max_pixels, self.max_frames = max_pixels, max_frames
 
     def predictor(self, name: str, mode: str) -> Predictor:
@@ -96,6 +118,18 @@ class Demo:
         folder = self.out_dir / uuid.uuid4().hex
         folder.mkdir()
         return folder / name
+
+    def search_image(self, path: str | None, k: float) -> tuple[list[tuple[str, str]], str]:
+        """(gallery of the nearest indexed images with their similarity, status line) for one upload."""
+        if not path:
+            raise UserError("upload an image first")
+        if image_pixels(path) > self.max_pixels:
+            raise UserError(f"{Path(path).name}: larger than this demo takes ({self.max_pixels / 1e6:g} megapixels)")
+        started = time.perf_counter()
+        hits = self.searcher.nearest(Path(path), int(k))
+        seconds = time.perf_counter() - started
+        gallery = [(found, f"{similarity:.3f}  {Path(found).name}") for found, similarity in hits]
+        return gallery, f"{len(hits)} nearest of {self.searcher.size} images, {1000 * seconds:.0f} ms"
 
     def segment_image(self, path: str | None, name: str, mode: str, alpha: float) -> tuple[Any, ...]:
         """(overlay, colour mask, legend HTML, index-mask PNG path, status line) for one uploaded image."""
@@ -165,6 +199,30 @@ class Demo:
         return str(out), f"{written} frames{capped}, {1000 * sum(timings) / written:.0f} ms per frame"
 
 
+class Searcher:
+    """A retrieve.py index with its backbone loaded once: an image's nearest indexed images."""
+
+    def __init__(self, path: Path, device: str, amp: str):
+        self.collection = Collection.load(index_path(path))
+        self.device = select_device(device)
+        self.amp_dtype = select_precision(self.device, amp)
+        self.backbone = build_backbone(self.collection.key["backbone"], self.device)
+        self.size = len(self.collection.records)
+
+    def folders(self) -> list[str]:
+        """The folders the indexed images are in (the page may serve files from them)."""
+        return sorted({str(Path(record.path).parent) for record in self.collection.records})
+
+    def nearest(self, image: Path, k: int) -> list[tuple[str, float]]:
+        vectors, _, failures = embed_files(
+            self.collection.key, [image], device=self.device, amp_dtype=self.amp_dtype, backbone=self.backbone
+        )
+        if failures:
+            raise UserError(f"{image.name}: {failures[0][1]}")
+        similarities, rows = search(self.collection.index, vectors, min(k, self.size))
+        return [(self.collection.records[r].path, float(s)) for r, s in zip(rows[0], similarities[0]) if r >= 0]
+
+
 def with_progress(frames: Iterable[np.ndarray], total: int, progress: Callable | None) -> Iterator[np.ndarray]:
     """The frames, reporting each one to Gradio's progress bar."""
     for done, frame in enumerate(frames, 1):
@@ -184,7 +242,9 @@ def legend_html(mask: np.ndarray, predictor: Predictor) -> str:
     return f'<table class="legend"><tr><th></th><th>class</th><th>share of the image</th></tr>{rows}</table>'
 
 
-def shown_in_page(work: Callable[..., tuple], outputs: int) -> Callable[..., tuple]:
+def shown_in_page(
+    work: Callable[..., tuple], outputs: int, failed: str = "Could not segment it"
+) -> Callable[..., tuple]:
     """Run `work`; a user's bad file empties the results and puts the reason in the status line
     (the last of `outputs`), where it stays until the next request."""
 
@@ -193,56 +253,77 @@ def shown_in_page(work: Callable[..., tuple], outputs: int) -> Callable[..., tup
             return work(path, *args, **kwargs)
         except BAD_INPUT as err:  # name the file as the user knows it, not by Gradio's upload copy
             message = one_line(err).replace(str(path), Path(path).name) if path else one_line(err)
-            return (None,) * (outputs - 1) + (f"**Could not segment it:** {html.escape(message, quote=False)}",)
+            return (None,) * (outputs - 1) + (f"**{failed}:** {html.escape(message, quote=False)}",)
 
     return run
 
 
 def build_page(demo: Demo, examples: list[str]) -> Any:
-    """The Gradio Blocks page: an image tab and a video tab, one queue slot for both."""
+    """The Gradio Blocks page: image and video tabs for the models, a search tab for an index; one
+    queue slot for all."""
     import gradio as gr
 
-    names = list(demo.predictors)
     with gr.Blocks(title="DINOv2 segmentation", delete_cache=(3600, 3600)) as page:
-        gr.Markdown("# DINOv2 segmentation\nUpload an image or a short video; the model colours each pixel by class.")
-        with gr.Row():
-            model = gr.Dropdown(names, value=names[0], label="model", visible=len(names) > 1)
-            mode = gr.Radio(list(MODES), value="whole", label="inference mode (slide: sliding windows, slower)")
-            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
-        with gr.Tab("Image"):
-            with gr.Row():
-                with gr.Column():
-                    upload = gr.File(label="image", file_types=["image"], elem_id="image-upload")
-                    if examples:
-                        gr.Examples(examples, inputs=upload, label="examples")
-                    run_image = gr.Button("Segment", variant="primary", elem_id="segment-image")
-                with gr.Column():
-                    image_status = gr.Markdown(elem_id="image-status")
-                    overlay = gr.Image(label="overlay", type="numpy", elem_id="overlay", interactive=False)
-                    legend = gr.HTML(elem_id="legend")
-            with gr.Row():
-                colours = gr.Image(label="colour mask", type="numpy", elem_id="colour-mask", interactive=False)
-                mask_file = gr.File(label="index mask (PNG: pixel value = class index)", elem_id="mask-file")
-        with gr.Tab("Video"):
-            with gr.Row():
-                video_in = gr.Video(label="short video", sources=["upload"], elem_id="video-upload")
-                video_out = gr.Video(label="segmented", elem_id="video-out", interactive=False)
-            status = gr.Markdown(elem_id="video-status")
-            run_video = gr.Button("Segment video", variant="primary", elem_id="segment-video")
-        inputs = [model, mode, alpha]
-        image_outputs = [overlay, colours, legend, mask_file, image_status]
-        run_image.click(
-            shown_in_page(demo.segment_image, len(image_outputs)),
-            [upload, *inputs],
-            image_outputs,
-            concurrency_id="model",
-        )
-
-        def video(path, name, mode, alpha, progress=gr.Progress()):
-            return shown_in_page(demo.segment_video, 2)(path, name, mode, alpha, progress)
-
-        run_video.click(video, [video_in, *inputs], [video_out, status], concurrency_id="model")
+        gr.Markdown("# DINOv2 / DINOv3\nUpload an image or a short video; the model colours each pixel by class.")
+        if demo.predictors:
+            model_tabs(gr, demo, examples)
+        if demo.searcher is not None:
+            search_tab(gr, demo)
     return page
+
+
+def model_tabs(gr: Any, demo: Demo, examples: list[str]) -> None:
+    """The image and video tabs, and the model, mode and opacity controls above them."""
+    names = list(demo.predictors)
+    with gr.Row():
+        model = gr.Dropdown(names, value=names[0], label="model", visible=len(names) > 1)
+        mode = gr.Radio(list(MODES), value="whole", label="inference mode (slide: sliding windows, slower)")
+        alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="overlay opacity")
+    with gr.Tab("Image"):
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="image", file_types=["image"], elem_id="image-upload")
+                if examples:
+                    gr.Examples(examples, inputs=upload, label="examples")
+                run_image = gr.Button("Segment", variant="primary", elem_id="segment-image")
+            with gr.Column():
+                image_status = gr.Markdown(elem_id="image-status")
+                overlay = gr.Image(label="overlay", type="numpy", elem_id="overlay", interactive=False)
+                legend = gr.HTML(elem_id="legend")
+        with gr.Row():
+            colours = gr.Image(label="colour mask", type="numpy", elem_id="colour-mask", interactive=False)
+            mask_file = gr.File(label="index mask (PNG: pixel value = class index)", elem_id="mask-file")
+    with gr.Tab("Video"):
+        with gr.Row():
+            video_in = gr.Video(label="short video", sources=["upload"], elem_id="video-upload")
+            video_out = gr.Video(label="segmented", elem_id="video-out", interactive=False)
+        status = gr.Markdown(elem_id="video-status")
+        run_video = gr.Button("Segment video", variant="primary", elem_id="segment-video")
+    inputs = [model, mode, alpha]
+    image_outputs = [overlay, colours, legend, mask_file, image_status]
+    run_image.click(
+        shown_in_page(demo.segment_image, len(image_outputs)), [upload, *inputs], image_outputs, concurrency_id="model"
+    )
+
+    def video(path, name, mode, alpha, progress=gr.Progress()):
+        return shown_in_page(demo.segment_video, 2)(path, name, mode, alpha, progress)
+
+    run_video.click(video, [video_in, *inputs], [video_out, status], concurrency_id="model")
+
+
+def search_tab(gr: Any, demo: Demo) -> None:
+    """Upload an image, see its nearest images in the index with their cosine similarity."""
+    with gr.Tab("Search"):
+        with gr.Row():
+            with gr.Column():
+                query = gr.File(label="image", file_types=["image"], elem_id="search-upload")
+                k = gr.Slider(1, min(50, demo.searcher.size), value=min(10, demo.searcher.size), step=1, label="k")
+                run = gr.Button("Search", variant="primary", elem_id="search-image")
+            with gr.Column():
+                search_status = gr.Markdown(elem_id="search-status")
+                gallery = gr.Gallery(label="nearest images", columns=5, elem_id="search-results")
+    search = shown_in_page(demo.search_image, 2, failed="Could not search with it")
+    run.click(search, [query, k], [gallery, search_status], concurrency_id="model")
 
 
 def example_images(args: argparse.Namespace) -> list[str]:
@@ -287,10 +368,13 @@ def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the web demo needs gradio: pip install -r requirements-app.txt")
-    if bool(args.model) == bool(args.head_weights):
-        raise UserError("give --model CKPT (one or more) or --head-weights NAME|FILE (Meta's released head)")
+    if args.model and args.head_weights or not (args.model or args.head_weights or args.index):
+        raise UserError(
+            "give --model CKPT (one or more) or --head-weights NAME|FILE (Meta's released head), and/or --index NAME"
+        )
     check_port_free(args.host, args.port)  # before the models load, not after
-    predictors = load_predictors(args)
+    predictors = load_predictors(args) if args.model or args.head_weights else {}
+    searcher = Searcher(Path(args.index), args.device, args.amp) if args.index else None
     examples = example_images(args)
     if args.host not in LOCAL_HOSTS:
         print(
@@ -299,7 +383,9 @@ def main(args: argparse.Namespace) -> None:
         )
     out_dir = Path(tempfile.mkdtemp(prefix="dinov2-demo-"))
     try:
-        demo = Demo(predictors, out_dir, max_pixels=args.max_pixels, max_frames=args.max_video_frames)
+        demo = Demo(
+            predictors, out_dir, max_pixels=args.max_pixels, max_frames=args.max_video_frames, searcher=searcher
+        )
         page = build_page(demo, examples)
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
         print(f"models: {', '.join(f'{name} ({p.engine})' for name, p in predictors.items())}", flush=True)
@@ -309,7 +395,7 @@ def main(args: argparse.Namespace) -> None:
                 server_port=args.port,
                 max_file_size=f"{args.max_upload_mb:g}mb",
                 show_error=True,
-                allowed_paths=[str(out_dir)] + examples,
+                allowed_paths=[str(out_dir)] + examples + (searcher.folders() if searcher else []),
                 quiet=False,
             )
         except OSError as err:  # taken between the check and the launch; Gradio names its own server_port

@@ -20,6 +20,12 @@
    init from timm, at --imgsz rounded up to each one's patch size (640 -> 644 = 46x46 tokens for /14,
    640 = 40x40 for /16): a frozen training step at --batch, a forward at batch 1, and the bytes one
    cached training view takes (features in the training precision + the uint8 mask).
+7. Retrieval (retrieve.py): FAISS indexes of --index-sizes generated 384-d embeddings (clustered,
+   normalised): build time, size, ms per query at k = 10 (a batch of 100 queries, each index's own
+   threads) and recall@10 against exact search, for exact, HNSW and IVF-PQ.
+8. Near-duplicate threshold (retrieve.py duplicates), with --photos DIR: every photo against its
+   own copies (resized to half, JPEG quality 50, centre crop of 90 %) and against the other photos,
+   with the backbone flags given: the similarities of each, and where a threshold separates them.
 """
 
 from __future__ import annotations
@@ -34,12 +40,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 import config
 from checkpoint import model_info, save_checkpoint
-from cli import ArgumentParser, add_backbone_args, add_device_args, at_least, backbone_argv, backbone_kwargs, run_cli
+from cli import (
+    ArgumentParser,
+    add_backbone_args,
+    add_device_args,
+    at_least,
+    backbone_argv,
+    backbone_identity,
+    backbone_kwargs,
+    run_cli,
+)
 from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
 from dinokit.backbones.loading import load_backbone
 from dinokit.classification.classifiers import knn_votes
@@ -50,6 +66,9 @@ from dinokit.data.labels import VOC
 from dinokit.data.resize import preprocess, round_to_patch
 from dinokit.data.synthetic import make_dataset, make_image_folders
 from dinokit.prediction.modes import InferenceMode
+from dinokit.retrieval.collection import collect_images
+from dinokit.retrieval.descriptors import embed_files
+from dinokit.retrieval.vector_index import build_index, normalised, to_bytes
 from dinokit.runs.reports import format_bytes
 from dinokit.training.feature_cache import FeatureCache
 from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_epoch, validate
@@ -94,7 +113,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones"),
+        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval"),
+    )
+    parser.add_argument(
+        "--index-sizes",
+        type=at_least(100),
+        nargs="+",
+        default=[10_000, 100_000, 1_000_000],
+        metavar="N",
+        help="retrieval: stored embeddings per index (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the draw of a random-init backbone (--photos)")
+    parser.add_argument(
+        "--photos", default=None, metavar="DIR", help="near-duplicate threshold: real photos (searched recursively)"
+    )
+    parser.add_argument(
+        "--index-kinds", nargs="+", default=["exact", "hnsw", "ivfpq"], choices=("exact", "hnsw", "ivfpq")
     )
     parser.add_argument(
         "--compare",
@@ -477,6 +511,75 @@ def backbone_row(name: str, args: argparse.Namespace, device: torch.device) -> s
     )
 
 
+def bench_retrieval(args: argparse.Namespace) -> None:
+    """Build, size, query latency and recall@10 of each index kind at each collection size, a row
+    printed as each is measured (a million-vector build takes minutes)."""
+    print("| stored | index | build (s) | size | ms/query (k=10) | recall@10 |\n|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    queries_count, dim = 100, 384
+    for count in args.index_sizes:
+        centres = rng.normal(size=(1000, dim)).astype(np.float32)
+        vectors = normalised(centres[rng.integers(0, 1000, count)] + rng.normal(size=(count, dim)).astype(np.float32))
+        queries = normalised(
+            vectors[rng.choice(count, queries_count, replace=False)] + 0.1 * rng.normal(size=(queries_count, dim))
+        )
+        exact = None
+        for kind in args.index_kinds:
+            started = time.perf_counter()
+            index = build_index(vectors, kind)
+            built = time.perf_counter() - started
+            started = time.perf_counter()
+            _, found = index.search(queries, 10)
+            per_query = 1000 * (time.perf_counter() - started) / queries_count
+            if exact is None:
+                _, exact = build_index(vectors, "exact").search(queries, 10) if kind != "exact" else (None, found)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), found.tolist())])
+            size = format_bytes(len(to_bytes(index)))
+            print(f"| {count:,} | {kind} | {built:.1f} | {size} | {per_query:.2f} | {recall:.3f} |", flush=True)
+            del index
+
+
+COPIES = {
+    "resized to 50 %": lambda image: cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), cv2.INTER_AREA),
+    "JPEG quality 50": lambda image: cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 50])[1], 1),
+    "centre crop 90 %": lambda image: image[
+        image.shape[0] // 20 : -image.shape[0] // 20, image.shape[1] // 20 : -image.shape[1] // 20
+    ],
+}
+
+
+def bench_duplicates(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    """Similarities of photos to their own copies and to each other (retrieve.py's descriptor: cls at 224)."""
+    photos = collect_images([args.photos])
+    copies = []
+    for number, path in enumerate(photos):
+        image = cv2.imread(str(path))
+        for kind, make in enumerate(COPIES.values()):
+            copies.append(out_dir / f"copy_{number}_{kind}.png")
+            cv2.imwrite(str(copies[-1]), make(image))
+    key = {"backbone": backbone_identity(args), "imgsz": 224, "crop_pct": 0.875, "features": "cls", "scales": [1.0]}
+    vectors, kept, _ = embed_files(key, photos + copies, device=device, batch=16)
+    assert len(kept) == len(photos) + len(copies)  # generated and given photos are all readable here
+    originals, copied = vectors[: len(photos)], vectors[len(photos) :].reshape(len(photos), len(COPIES), -1)
+    own = np.einsum("nd,nkd->nk", originals, copied)
+    others = originals @ originals.T
+    others = others[~np.eye(len(photos), dtype=bool)]
+    rows = [f"{len(photos)} photos from {args.photos}; cosine similarity of the `cls` descriptor:", ""]
+    rows += ["| pair | min | median | max |", "|---|---|---|---|"]
+    for column, name in enumerate(COPIES):
+        values = own[:, column]
+        rows.append(f"| photo vs its copy {name} | {values.min():.4f} | {np.median(values):.4f} | {values.max():.4f} |")
+    rows.append(f"| photo vs another photo | {others.min():.4f} | {np.median(others):.4f} | {others.max():.4f} |")
+    gap = own.min() - others.max()
+    rows.append(
+        f"\nA threshold between {others.max():.4f} and {own.min():.4f} separates every copy from every other photo"
+        if gap > 0
+        else f"\nNo threshold separates them: {int((own <= others.max()).sum())} of {own.size} copies score at or "
+        f"below the most similar pair of different photos ({others.max():.4f})"
+    )
+    return rows
+
+
 def main(args: argparse.Namespace) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
@@ -520,6 +623,12 @@ def main(args: argparse.Namespace) -> None:
         if "backbones" not in args.skip:
             print(f"## Backbones side by side at {args.imgsz[0]}x{args.imgsz[1]} (median of {args.repeats})\n")
             print("\n".join(bench_backbones(args, device)) + "\n")
+        if args.photos:
+            print("## Near-duplicate threshold: photos against their copies and each other\n")
+            print("\n".join(bench_duplicates(args, device, tmp)) + "\n")
+        if "retrieval" not in args.skip:
+            print("## Retrieval indexes (retrieve.py), 384-d embeddings, 100 queries\n")
+            bench_retrieval(args)
 
 
 if __name__ == "__main__":

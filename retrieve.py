@@ -34,34 +34,27 @@ from cli import (
     positive,
     run_cli,
 )
-from dinokit.classification.embeddings import (
-    ClassificationTransform,
-    backbone_normalization,
-    build_backbone,
-    extract_readable,
-    identity_spec,
-)
 from dinokit.errors import UserError
-from dinokit.retrieval.collection import Collection, FileRecord, IndexFileError, collect_images, plan_update
-from dinokit.retrieval.descriptors import DESCRIPTORS, averaged, descriptor, scale_sizes
+from dinokit.retrieval.collection import (
+    Collection,
+    FileRecord,
+    IndexFileError,
+    collect_images,
+    index_path,
+    plan_update,
+)
+from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.duplicates import duplicate_groups
 from dinokit.retrieval.vector_index import KINDS, build_index, recall_against_exact, search
 from dinokit.runs.reports import save_neighbour_gallery, write_csv
 from dinokit.runs.run_folder import RunLock, claim_output_folder
 from dinokit.writing import write_json
 from metrics import retrieval_scores
-from utils import autocast, select_device, select_precision
+from utils import select_device, select_precision
 
-RETRIEVAL_DIR = config.OUTPUT_DIR / "retrieval"
 KEY_FORMAT = 1
 SHEET_QUERIES = 20  # queries drawn in a contact sheet
 SHEET_GROUPS = 50  # duplicate groups drawn, one PNG each
-
-
-def index_path(name: str) -> Path:
-    """--index NAME: outputs/retrieval/NAME.index; a name with a folder or a suffix is a path."""
-    path = Path(name)
-    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / f"{name}.index"
 
 
 def embedding_key(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,31 +78,12 @@ def describe_key(key: dict[str, Any]) -> str:
     return flags + ("" if backbone["pretrained"] else " --no-pretrained")
 
 
-def embed(
-    key: dict[str, Any], files: list[Path], args: argparse.Namespace, backbone=None
-) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
-    """Descriptors of the readable `files` (normalised rows), their positions in `files`, and
-    (file, why) of the unreadable ones."""
-    identity = key["backbone"]
+def embed(key: dict[str, Any], files: list[Path], args: argparse.Namespace) -> tuple[np.ndarray, list[int], list]:
+    """`embed_files` with this command's device, precision, batch and workers."""
     device = select_device(args.device)
-    backbone = backbone or build_backbone(identity, device)
-    patch = identity_spec(identity).patch_size
-    per_scale, kept, failures = [], list(range(len(files))), []
-    for size in scale_sizes(key["imgsz"], key["scales"], patch):
-        transform = ClassificationTransform(size, key["crop_pct"], *backbone_normalization(identity))
-        with autocast(device, select_precision(device, args.amp)):
-            embeddings, kept, failures = extract_readable(
-                backbone,
-                files,
-                transform,
-                device=device,
-                batch_size=args.batch,
-                workers=args.workers,
-                desc=f"Embeddings at {size}",
-                skip_unreadable=True,
-            )
-        per_scale.append(descriptor(embeddings, key["features"]))
-    return averaged(per_scale), kept, failures
+    return embed_files(
+        key, files, device=device, amp_dtype=select_precision(device, args.amp), batch=args.batch, workers=args.workers
+    )
 
 
 def build(args: argparse.Namespace) -> None:

@@ -190,3 +190,33 @@ def csv_rows(path):
 
     with open(path) as handle:
         yield from csv.DictReader(handle)
+
+
+@pytest.mark.slow
+def test_the_demo_searches_an_index(tmp_path):
+    pytest.importorskip("gradio", reason="pip install -r requirements-app.txt")
+    import app
+
+    root = make_photos(tmp_path / "data", count=4)
+    index = tmp_path / "p.index"
+    assert run_script("retrieve.py", "index", "--images", root / "photos", "--index", index, *EMBED).returncode == 0
+    searcher = app.Searcher(index, "cpu", "off")
+    demo = app.Demo({}, tmp_path, max_pixels=1e6, max_frames=1, searcher=searcher)
+    gallery, status = demo.search_image(str(root / "copies" / "photo_2_copy.jpg"), 2)
+    assert gallery[0][0].endswith("photo_2.png") and status.startswith("2 nearest of 4 images")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    shown = app.shown_in_page(demo.search_image, 2, failed="Could not search with it")(str(tmp_path / "notes.jpg"), 2)
+    assert shown[0] is None and shown[1].startswith("**Could not search with it:** notes.jpg")
+    assert app.build_page(demo, []) is not None  # a page with the search tab alone
+
+
+@pytest.mark.slow
+def test_bench_measures_the_index_kinds_and_the_duplicate_threshold(tmp_path):
+    photos = make_photos(tmp_path / "data", count=3) / "photos"
+    others = ("epochs", "inference", "modes", "memory", "classification", "export", "backbones")
+    result = run_script("bench.py", "--skip", *others, "--index-sizes", "2000", "--photos", photos)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| photo vs its copy JPEG quality 50 |" in result.stdout and "| photo vs another photo |" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 2,000 |")]
+    assert [row[1].strip() for row in rows] == ["exact", "hnsw", "ivfpq"]
+    assert float(rows[0][5]) == 1.0 and all(0 < float(row[5]) <= 1 for row in rows)

@@ -17,12 +17,20 @@ from typing import Any
 
 import numpy as np
 
+import config
 from dinokit.data.image_files import IMAGE_EXTENSIONS
 from dinokit.errors import UserError
 from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, to_bytes
 from dinokit.writing import atomic_write
 
 FORMAT = 1
+RETRIEVAL_DIR = config.OUTPUT_DIR / "retrieval"
+
+
+def index_path(name: str | Path) -> Path:
+    """--index NAME: outputs/retrieval/NAME.index; a name with a folder or a suffix is a path."""
+    path = Path(name)
+    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / f"{path}.index"
 
 
 class IndexFileError(UserError):

@@ -11,9 +11,20 @@ Every descriptor is L2-normalised: inner product = cosine similarity in the inde
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
+from torch import nn
 
+from dinokit.classification.embeddings import (
+    ClassificationTransform,
+    backbone_normalization,
+    build_backbone,
+    extract_readable,
+    identity_spec,
+)
 from dinokit.retrieval.vector_index import normalised
 
 DESCRIPTORS = ("cls", "avgpool", "cls+avgpool", "gem")
@@ -35,3 +46,36 @@ def scale_sizes(imgsz: int, scales: list[float], patch_size: int) -> list[int]:
 def averaged(per_scale: list[np.ndarray]) -> np.ndarray:
     """The multi-scale descriptor: the mean of the normalised per-scale descriptors, normalised."""
     return normalised(np.mean(per_scale, axis=0))
+
+
+def embed_files(
+    key: dict[str, Any],
+    files: list[Path],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch: int = 32,
+    workers: int = 0,
+    backbone: nn.Module | None = None,
+) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
+    """Descriptors of the readable `files` as an index's `key` makes them (backbone, size, crop,
+    descriptor, scales): normalised rows, their positions in `files`, and (file, why) of the
+    unreadable ones. `amp_dtype`: the autocast dtype utils.select_precision chose (None: fp32)."""
+    identity = key["backbone"]
+    backbone = backbone or build_backbone(identity, device)
+    per_scale, kept, failures = [], list(range(len(files))), []
+    for size in scale_sizes(key["imgsz"], key["scales"], identity_spec(identity).patch_size):
+        transform = ClassificationTransform(size, key["crop_pct"], *backbone_normalization(identity))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            embeddings, kept, failures = extract_readable(
+                backbone,
+                files,
+                transform,
+                device=device,
+                batch_size=batch,
+                workers=workers,
+                desc=f"Embeddings at {size}",
+                skip_unreadable=True,
+            )
+        per_scale.append(descriptor(embeddings, key["features"]))
+    return averaged(per_scale), kept, failures

@@ -6,7 +6,8 @@
   vectors kept in full (memory ~ N x (4d + 256) bytes);
 - `ivfpq`: `IndexIVFPQ`: the vectors split into ~4 sqrt(N) cells by k-means and compressed to
   d/4 bytes each (8-bit product quantisation), 32 cells searched per query; trained on (a sample
-  of) the collection itself. For collections whose vectors do not fit in memory.
+  of) the collection itself (fewer bits per code below 10,000 vectors, where 256-entry codebooks
+  cannot be trained). For collections whose vectors do not fit in memory.
 
 `auto` takes `exact` up to AUTO_EXACT vectors (where it is fast enough here, see bench.py) and
 `hnsw` beyond, `ivfpq` where the full vectors would exceed a quarter of this machine's RAM. An
@@ -80,7 +81,8 @@ def ivfpq_index(vectors: np.ndarray, seed: int):
     count, dim = vectors.shape
     cells = max(1, min(int(4 * math.sqrt(count)), count // 39))  # k-means wants ~39 points per cell
     subquantizers = next(m for m in (dim // 4, dim // 8, dim // 16, dim // 2, dim) if m and dim % m == 0)
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, cells, subquantizers, 8, faiss.METRIC_INNER_PRODUCT)
+    bits = 8 if count >= 39 * 256 else max(4, int(math.log2(max(count // 39, 16))))  # codebooks want ~39 points/code
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, cells, subquantizers, bits, faiss.METRIC_INNER_PRODUCT)
     sample = vectors
     if count > TRAIN_SAMPLE:
         sample = vectors[np.random.default_rng(seed).choice(count, TRAIN_SAMPLE, replace=False)]
