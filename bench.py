@@ -67,7 +67,7 @@ from dinokit.data.resize import preprocess, round_to_patch
 from dinokit.data.synthetic import make_dataset, make_image_folders
 from dinokit.prediction.modes import InferenceMode
 from dinokit.retrieval.collection import collect_images
-from dinokit.retrieval.descriptors import embed_files
+from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.vector_index import build_index, normalised, to_bytes
 from dinokit.runs.reports import format_bytes
 from dinokit.training.feature_cache import FeatureCache
@@ -549,7 +549,8 @@ COPIES = {
 
 
 def bench_duplicates(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
-    """Similarities of photos to their own copies and to each other (retrieve.py's descriptor: cls at 224)."""
+    """Similarities of photos to their own copies and to each other, for each retrieve.py descriptor
+    (at 224, classify.py's crop), and the threshold that separates copies from other photos."""
     photos = collect_images([args.photos])
     copies = []
     for number, path in enumerate(photos):
@@ -557,27 +558,31 @@ def bench_duplicates(args: argparse.Namespace, device: torch.device, out_dir: Pa
         for kind, make in enumerate(COPIES.values()):
             copies.append(out_dir / f"copy_{number}_{kind}.png")
             cv2.imwrite(str(copies[-1]), make(image))
-    key = {"backbone": backbone_identity(args), "imgsz": 224, "crop_pct": 0.875, "features": "cls", "scales": [1.0]}
-    vectors, kept, _ = embed_files(key, photos + copies, device=device, batch=16)
-    assert len(kept) == len(photos) + len(copies)  # generated and given photos are all readable here
-    originals, copied = vectors[: len(photos)], vectors[len(photos) :].reshape(len(photos), len(COPIES), -1)
-    own = np.einsum("nd,nkd->nk", originals, copied)
-    others = originals @ originals.T
-    others = others[~np.eye(len(photos), dtype=bool)]
-    rows = [f"{len(photos)} photos from {args.photos}; cosine similarity of the `cls` descriptor:", ""]
-    rows += ["| pair | min | median | max |", "|---|---|---|---|"]
-    for column, name in enumerate(COPIES):
-        values = own[:, column]
-        rows.append(f"| photo vs its copy {name} | {values.min():.4f} | {np.median(values):.4f} | {values.max():.4f} |")
-    rows.append(f"| photo vs another photo | {others.min():.4f} | {np.median(others):.4f} | {others.max():.4f} |")
-    gap = own.min() - others.max()
-    rows.append(
-        f"\nA threshold between {others.max():.4f} and {own.min():.4f} separates every copy from every other photo"
-        if gap > 0
-        else f"\nNo threshold separates them: {int((own <= others.max()).sum())} of {own.size} copies score at or "
-        f"below the most similar pair of different photos ({others.max():.4f})"
-    )
-    return rows
+    rows = [f"{len(photos)} photos from {args.photos}, cosine similarity:", ""]
+    rows += ["| descriptor | pair | min | median | max |", "|---|---|---|---|---|"]
+    verdicts = []
+    for features in DESCRIPTORS:
+        key = {"backbone": backbone_identity(args), "imgsz": 224, "crop_pct": 0.875, "features": features}
+        vectors, _, _ = embed_files({**key, "scales": [1.0]}, photos + copies, device=device, batch=16)
+        originals, copied = vectors[: len(photos)], vectors[len(photos) :].reshape(len(photos), len(COPIES), -1)
+        own = np.einsum("nd,nkd->nk", originals, copied)
+        others = (originals @ originals.T)[~np.eye(len(photos), dtype=bool)]
+        for column, name in enumerate(COPIES):
+            values = own[:, column]
+            rows.append(
+                f"| {features} | its copy {name} | {values.min():.4f} | {np.median(values):.4f} | {values.max():.4f} |"
+            )
+        rows.append(
+            f"| {features} | another photo | {others.min():.4f} | {np.median(others):.4f} | {others.max():.4f} |"
+        )
+        verdicts.append(
+            f"{features}: any threshold in ({others.max():.4f}, {own.min():.4f}] separates every copy from "
+            "every other photo"
+            if own.min() > others.max()
+            else f"{features}: no threshold separates them: {int((own <= others.max()).sum())} of {own.size} copies "
+            f"score at or below the most similar pair of different photos ({others.max():.4f})"
+        )
+    return rows + [""] + verdicts
 
 
 def main(args: argparse.Namespace) -> None:

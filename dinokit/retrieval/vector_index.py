@@ -79,7 +79,7 @@ def ivfpq_index(vectors: np.ndarray, seed: int):
     """An untrained-then-trained IVF-PQ index for `vectors` (cells and code size from their count and width)."""
     faiss = faiss_module()
     count, dim = vectors.shape
-    cells = max(1, min(int(4 * math.sqrt(count)), count // 39))  # k-means wants ~39 points per cell
+    cells = max(1, min(int(4 * math.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))  # k-means: ~39 points a cell
     subquantizers = next(m for m in (dim // 4, dim // 8, dim // 16, dim // 2, dim) if m and dim % m == 0)
     bits = 8 if count >= 39 * 256 else max(4, int(math.log2(max(count // 39, 16))))  # codebooks want ~39 points/code
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, cells, subquantizers, bits, faiss.METRIC_INNER_PRODUCT)
