@@ -40,14 +40,14 @@ def test_duplicates_are_connected_components():
     assert duplicate_groups(vectors, 1.01) == []
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
-def test_approximate_indexes_measure_their_recall(kind):
+@pytest.mark.parametrize("kind, lowest", [("hnsw", 0.9), ("ivfpq", 0.3)])
+def test_approximate_indexes_measure_their_recall(kind, lowest):
+    """A graph index finds nearly all exact neighbours; compressed codes lose some, and say so."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 32))
     vectors = normalised(centres[rng.integers(0, 50, 5000)] + 0.3 * rng.normal(size=(5000, 32)))
-    index = build_index(vectors, kind)
-    recall = recall_against_exact(index, vectors)
-    assert 0.5 < recall <= 1.0
+    recall = recall_against_exact(build_index(vectors, kind), vectors)
+    assert lowest < recall <= 1.0 and (kind != "ivfpq" or recall < 1.0)
     assert recall_against_exact(build_index(vectors, "exact"), vectors) == 1.0
 
 
@@ -216,7 +216,8 @@ def test_bench_measures_the_index_kinds_and_the_duplicate_threshold(tmp_path):
     others = ("epochs", "inference", "modes", "memory", "classification", "export", "backbones")
     result = run_script("bench.py", "--skip", *others, "--index-sizes", "2000", "--photos", photos)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| photo vs its copy JPEG quality 50 |" in result.stdout and "| photo vs another photo |" in result.stdout
+    assert "| gem | its copy JPEG quality 50 |" in result.stdout and "| gem | another photo |" in result.stdout
+    assert any(line.startswith("gem: ") and "threshold" in line for line in result.stdout.splitlines())  # a verdict
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 2,000 |")]
     assert [row[1].strip() for row in rows] == ["exact", "hnsw", "ivfpq"]
     assert float(rows[0][5]) == 1.0 and all(0 < float(row[5]) <= 1 for row in rows)
