@@ -34,7 +34,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class EpochResult:
-    """One pass over a split: the mean loss and the task's metrics (`Scoring.metrics` names them)."""
+    """One pass over a split: the mean loss and the task's metrics (segmentation: pixacc, miou;
+    depth: metrics.DEPTH_METRICS), named as metrics.csv's columns are."""
 
     loss: float  # segmentation: mean cross-entropy over all valid pixels; depth: mean batch SigLoss
     metrics: dict[str, float] = field(default_factory=dict)
@@ -88,7 +89,6 @@ class LoopSettings:
 class SegmentationScoring:
     """Cross-entropy per pixel; pixel accuracy and mIoU from one confusion matrix over the split."""
 
-    metrics = ("pixacc", "miou")
     best = ("miou", "IoU", max)  # (metric the best checkpoint is chosen on, its file's name, better of two)
 
     def __init__(self, settings: LoopSettings):
@@ -111,7 +111,6 @@ class SegmentationScoring:
 class DepthScoring:
     """SigLoss (+ the gradient loss) per batch; the depth errors of every image, averaged."""
 
-    metrics = DEPTH_METRICS
     best = ("rmse", "RMSE", min)
 
     def __init__(self, settings: LoopSettings):
