@@ -221,3 +221,19 @@ def test_bench_measures_the_index_kinds_and_the_duplicate_threshold(tmp_path):
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 2,000 |")]
     assert [row[1].strip() for row in rows] == ["exact", "hnsw", "ivfpq"]
     assert float(rows[0][5]) == 1.0 and all(0 < float(row[5]) <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("backbone, dim", [("dinov3_vits16", 384), ("dinov3_convnext_tiny", 768)])
+def test_dinov3_backbones_make_descriptors(backbone, dim, tmp_path):
+    """DINOv3 ViTs and ConvNeXts (one stage, no class token of their own) embed for retrieval too."""
+    import torch
+
+    from dinokit.retrieval.descriptors import embed_files
+
+    photos = sorted((make_photos(tmp_path / "data", count=2) / "photos").iterdir())
+    identity = {"backbone": backbone, "registers": False, "source": "timm", "hub_dir": None, "weights": None}
+    key = {"backbone": {**identity, "pretrained": False, "seed": 0}, "imgsz": 64, "crop_pct": 1.0, "scales": [1.0]}
+    for features in ("cls+avgpool", "gem"):
+        vectors, kept, failures = embed_files({**key, "features": features}, photos, device=torch.device("cpu"))
+        assert vectors.shape == (2, dim * (2 if features == "cls+avgpool" else 1)) and kept == [0, 1] and not failures
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

@@ -24,6 +24,7 @@ from dinokit.classification.embeddings import (
     build_backbone,
     extract_readable,
     identity_spec,
+    stored_blocks,
 )
 from dinokit.retrieval.vector_index import normalised
 
@@ -75,6 +76,7 @@ def embed_files(
                 batch_size=batch,
                 workers=workers,
                 desc=f"Embeddings at {size}",
+                blocks=stored_blocks(identity),
                 skip_unreadable=True,
             )
         per_scale.append(descriptor(embeddings, key["features"]))
