@@ -45,6 +45,22 @@ def test_overlay_leaves_background_pixels_untouched(checkpoint):
     assert blended[0, 0].tolist() == [146, 114, 114]  # halfway between grey 100 and person (192,128,128)
 
 
+def test_overlay_blends_every_pixel_but_black_classes_as_colours_over_the_image():
+    """The overlay's definition, pixel by pixel (VOC: background black, void for ignored pixels)."""
+    from dinokit.data.labels import VOC
+
+    color_map, rng = VOC.color_map(), np.random.default_rng(0)
+    image = rng.integers(0, 255, (61, 83, 3), dtype=np.uint8)
+    mask = rng.integers(0, 21, (61, 83)).astype(np.uint8)
+    mask[:20, :30], mask[40:, 50:] = 0, 255  # background, and ignored pixels
+    colours = color_map.decode(mask)
+    expected = cv2.addWeighted(image, 0.7, colours, 0.3, 0)
+    black = (colours == 0).all(axis=-1)
+    expected[black] = image[black]
+    assert np.array_equal(overlay(image, mask, color_map, alpha=0.3), expected)
+    assert black[:20, :30].all() and not black[40:, 50:].any()
+
+
 @pytest.mark.slow
 def test_infer_image_on_a_folder_of_odd_sizes(checkpoint, tmp_path):
     folder = tmp_path / "images"
