@@ -37,7 +37,6 @@ from cli import (
 from dinokit.errors import UserError
 from dinokit.retrieval.collection import (
     Collection,
-    FileRecord,
     IndexFileError,
     collect_images,
     index_path,
@@ -130,7 +129,7 @@ def updated(collection: Collection, files: list[Path], args: argparse.Namespace)
         print(f"skipped {path}: {reason}")
     old = collection.vectors[plan.keep] if collection.vectors is not None else None
     parts = [part for part in (old, vectors) if part is not None and len(part)]
-    records = [collection.records[row] for row in plan.keep] + [FileRecord.of(plan.embed[i]) for i in kept]
+    records = [collection.records[row] for row in plan.keep] + [plan.now[str(plan.embed[i])] for i in kept]
     if not records:
         raise UserError(f"no readable image among {len(files)} files ({len(failures)} unreadable): nothing to index")
     changed = sum(str(plan.embed[i]) in plan.changed for i in kept)
@@ -147,22 +146,22 @@ def open_index(args: argparse.Namespace) -> Collection:
     collection = Collection.load(path)
     given = getattr(args, "given_flags", frozenset())
     key = collection.key
-    asked = {
-        "backbone": args.backbone if "backbone" in given else key["backbone"]["backbone"],
-        "imgsz": args.imgsz if "imgsz" in given else key["imgsz"],
-        "features": args.features if "features" in given else key["features"],
-    }
-    if (asked["backbone"], asked["imgsz"], asked["features"]) != (
-        key["backbone"]["backbone"],
-        key["imgsz"],
-        key["features"],
-    ):
+    built = {"backbone": key["backbone"]["backbone"], "imgsz": key["imgsz"], "features": key["features"]}
+    asked = {name: getattr(args, name) if name in given else value for name, value in built.items()}
+    if asked != built:
         raise IndexFileError(
             f"{path}: built with {describe_key(key)}; for --backbone {asked['backbone']} --imgsz {asked['imgsz']} "
             f"--features {asked['features']} rebuild it: python retrieve.py index --images DIR --index {args.index} "
             f"--backbone {asked['backbone']} --imgsz {asked['imgsz']} --features {asked['features']} --rebuild"
         )
     return collection
+
+
+def results_folder(args: argparse.Namespace, inputs: list = ()) -> Path:
+    """--out-dir, default outputs/retrieval/NAME/, checked before the work (dinokit/runs/run_folder.py)."""
+    return claim_output_folder(
+        Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix(""), inputs=inputs
+    )
 
 
 def find(args: argparse.Namespace) -> None:
@@ -172,8 +171,7 @@ def find(args: argparse.Namespace) -> None:
     total = len(collection.records) - (1 if args.exclude_self else 0)
     if args.k > total:
         raise UserError(f"--k {args.k}: the index holds {len(collection.records)} images")
-    out_dir = Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix("")
-    claim_output_folder(out_dir, inputs=[args.query])
+    out_dir = results_folder(args, inputs=[args.query])
     vectors, kept, failures = embed(collection.key, queries, args)
     for path, reason in failures:
         print(f"skipped query {path}: {reason}")
@@ -204,23 +202,20 @@ def find(args: argparse.Namespace) -> None:
 def duplicates(args: argparse.Namespace) -> None:
     """`duplicates`: groups of images whose similarity reaches --threshold, as CSV and a PNG per group."""
     collection = open_index(args)
-    out_dir = Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix("")
-    claim_output_folder(out_dir)
+    out_dir = results_folder(args)
     groups = duplicate_groups(collection.vectors, args.threshold)
     rows = []
     for number, group in enumerate(groups, 1):
-        first = collection.vectors[group[0]]
-        for member in group:
-            similarity = float(collection.vectors[member] @ first)
-            rows.append(
-                {"group": number, "path": collection.records[member].path, "similarity_to_first": round(similarity, 6)}
-            )
-    write_csv(rows or [{"group": "", "path": "", "similarity_to_first": ""}][:0], out_dir / "duplicates.csv")
-    for number, group in enumerate(groups[:SHEET_GROUPS], 1):
-        paths = [Path(collection.records[m].path) for m in group]
-        similarities = [float(collection.vectors[m] @ collection.vectors[group[0]]) for m in group[1:]]
-        sheet = [(paths[0], None, [(p, p.name, s) for p, s in zip(paths[1:], similarities)])]
-        save_neighbour_gallery(sheet, out_dir / f"duplicates_{number:04d}.png")
+        paths = [Path(collection.records[member].path) for member in group]
+        similarities = (collection.vectors[group] @ collection.vectors[group[0]]).tolist()  # to the group's first
+        rows += [
+            {"group": number, "path": str(path), "similarity_to_first": round(similarity, 6)}
+            for path, similarity in zip(paths, similarities)
+        ]
+        if number <= SHEET_GROUPS:
+            sheet = [(paths[0], None, [(p, p.name, s) for p, s in zip(paths[1:], similarities[1:])])]
+            save_neighbour_gallery(sheet, out_dir / f"duplicates_{number:04d}.png")
+    write_csv(rows, out_dir / "duplicates.csv")
     images = sum(len(g) for g in groups)
     print(
         f"{len(groups)} groups of near-duplicates ({images} images) at similarity >= {args.threshold:g}: "
@@ -246,8 +241,7 @@ def evaluate(args: argparse.Namespace) -> None:
     totals = np.array([(labels == label).sum() for label in query_labels]) - (exclude is not None)
     scores = retrieval_scores(relevant, totals, ks=args.ks)
     report = {"index": str(index_path(args.index)), "queries_from": args.query or "the index (leave-one-out)", **scores}
-    out = Path(args.out_dir or index_path(args.index).with_suffix("")) / "retrieval_metrics.json"
-    claim_output_folder(out.parent)
+    out = results_folder(args) / "retrieval_metrics.json"
     write_json(out, report)
     figures = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "queries")
     print(

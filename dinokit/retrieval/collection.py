@@ -82,6 +82,7 @@ class UpdatePlan:
     embed: list[Path]  # new or changed files
     removed: list[str]  # stored files gone from disk (or from the folders indexed)
     changed: set[str] = field(default_factory=set)  # of `embed`, the files that were stored before
+    now: dict[str, FileRecord] = field(default_factory=dict)  # every file as it was found, before embedding
 
 
 def plan_update(stored: list[FileRecord], files: list[Path]) -> UpdatePlan:
@@ -92,7 +93,7 @@ def plan_update(stored: list[FileRecord], files: list[Path]) -> UpdatePlan:
     kept = {stored[row].path for row in keep}
     embed = [Path(p) for p in now if p not in kept]
     removed = [record.path for record in stored if record.path not in now]
-    return UpdatePlan(keep, embed, removed, changed={str(p) for p in embed if str(p) in by_path})
+    return UpdatePlan(keep, embed, removed, changed={str(p) for p in embed if str(p) in by_path}, now=now)
 
 
 @dataclass
