@@ -46,7 +46,7 @@ from dinokit.retrieval.descriptors import embed_files
 from dinokit.retrieval.vector_index import search
 from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
-from utils import select_device, select_precision
+from utils import select_device, select_precision, select_throughput
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"
@@ -184,11 +184,22 @@ class Demo:
                 )
             total = video.frames_to_read(self.max_frames)
             timings: list[float] = []
+            predictor = self.predictor(name, mode)
+            batch, workers = select_throughput(predictor.device)
             frames, size = predicted_frames(
-                read_frames(capture, self.max_frames), self.predictor(name, mode), video.size, timings, alpha=alpha
+                read_frames(capture, self.max_frames),
+                predictor,
+                video.size,
+                timings,
+                alpha=alpha,
+                batch=batch,
+                pipelined=workers > 0,
             )
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
-            written = write_video(out, with_progress(frames, total, progress), video.fps, size)
+            try:
+                written = write_video(out, with_progress(frames, total, progress), video.fps, size)
+            finally:
+                frames.close()  # stops the reader and predictor threads before the capture goes
         finally:
             capture.release()
         if written == 0:
@@ -196,7 +207,7 @@ class Demo:
         capped = (
             f" (the first {written} of {video.frame_count}: --max-video-frames)" if video.frame_count > written else ""
         )
-        return str(out), f"{written} frames{capped}, {1000 * sum(timings) / written:.0f} ms per frame"
+        return str(out), f"{written} frames{capped}, {1000 * sum(timings) / len(timings):.0f} ms per frame"
 
 
 class Searcher:

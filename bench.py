@@ -23,6 +23,11 @@
 7. Retrieval (retrieve.py): FAISS indexes of --index-sizes generated 384-d embeddings (clustered,
    normalised): build time, size, ms per query at k = 10 (a batch of 100 queries, each index's own
    threads) and recall@10 against exact search, for exact, HNSW and IVF-PQ.
+9. End-to-end inference (infer_image.py, infer_video.py as users run them): images (frames) per
+   second over a folder (--pipeline-images, default generated) and a clip (--pipeline-video, default
+   generated), the difference of a long and an 8-image run so start-up cancels, for --batch 1 and 8
+   with --workers 0 and 1, against the bare backbone's rate at batch 1 on the same frames: how
+   much of the network's speed survives decoding, resizing, upsampling, drawing and writing.
 8. Near-duplicate threshold (retrieve.py duplicates), with --photos DIR: every photo against its
    own copies (resized to half, JPEG quality 50, centre crop of 90 %) and against the other photos,
    with the backbone flags given: the similarities of each, and where a threshold separates them.
@@ -63,9 +68,10 @@ from dinokit.classification.embeddings import ClassificationTransform, extract
 from dinokit.classification.image_folders import class_images
 from dinokit.data.image_files import list_image_files, read_image
 from dinokit.data.labels import VOC
-from dinokit.data.resize import preprocess, round_to_patch
+from dinokit.data.resize import normalisation_table, normalise, preprocess, round_to_patch
 from dinokit.data.synthetic import make_dataset, make_image_folders
 from dinokit.prediction.modes import InferenceMode
+from dinokit.prediction.videos import open_video, read_frames, write_video
 from dinokit.retrieval.collection import collect_images
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.vector_index import build_index, normalised, to_bytes
@@ -113,8 +119,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval"),
-    )
+        choices=(
+            "epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval", "pipeline"
+        ),
+    )  # fmt: skip
+    parser.add_argument("--pipeline-model", default=None, help="end-to-end: a checkpoint (default: the bench model)")
+    parser.add_argument("--pipeline-images", default=None, metavar="DIR", help="end-to-end: an image folder")
+    parser.add_argument("--pipeline-video", default=None, metavar="FILE", help="end-to-end: a clip (56 frames read)")
     parser.add_argument(
         "--index-sizes",
         type=at_least(100),
@@ -304,6 +315,74 @@ def bench_inference(args: argparse.Namespace, device: torch.device, out_dir: Pat
         f"| bare backbone forward (floor) | {floor:.1f} | 1.00x |",
         f"| predict (preprocess + forward + upsample + argmax) | {ours:.1f} | {ours / floor:.2f}x |",
     ]
+
+
+PIPELINE_SETTINGS = (("1", "0"), ("8", "0"), ("8", "1"))  # (--batch, --workers)
+
+
+def script_seconds(script: str, *argv: str) -> float:
+    """Wall seconds of one run of a repository script, as a user starts it."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), *argv], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - started
+
+
+def pipeline_inputs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path, Path]:
+    """(clip, image folder, its first 8 images): the given ones, else generated (768x576 frames)."""
+    folder = Path(args.pipeline_images) if args.pipeline_images else None
+    if folder is None:
+        folder = make_dataset(out_dir / "pipeline", 0, 40, size=(500, 375), seed=1) / "valid_images"
+    images = list_image_files(folder)
+    few = out_dir / "pipeline_few"
+    few.mkdir(exist_ok=True)
+    for path in images[:8]:
+        (few / path.name).symlink_to(path.resolve())
+    video = Path(args.pipeline_video) if args.pipeline_video else out_dir / "pipeline.mp4"
+    if not args.pipeline_video:
+        frames = [cv2.resize(read_image(path), (768, 576)) for path in images]
+        write_video(video, (frames[i % len(frames)] for i in range(64)), 10.0, (768, 576))
+    return video, folder, few
+
+
+def bench_pipeline(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    model = args.pipeline_model or str(save_bench_checkpoint(args, out_dir / "bench_model.pth"))
+    video, folder, few = pipeline_inputs(args, out_dir)
+    predictor = Predictor.from_checkpoint(model, str(device), args.amp, InferenceMode(imgsz=tuple(args.imgsz)))
+    capture, _ = open_video(video)
+    frames = [predictor.prepare(frame).pixels for frame in read_frames(capture, 8)]
+    capture.release()
+    table = normalisation_table(predictor.info["mean"], predictor.info["std"])
+    inputs = [normalise(torch.from_numpy(frame)[None], table).to(device) for frame in frames]
+    backbone = predictor.model.backbone
+
+    def bare():
+        with torch.inference_mode(), autocast(device, predictor.amp_dtype):
+            for tensor in inputs:
+                backbone.get_intermediate_layers(tensor, n=predictor.model.out_indices, reshape=True)
+
+    floor = len(inputs) / (timed(bare, args.repeats, device) / 1000)
+    common = ("--model", model, "--imgsz", *map(str, args.imgsz), "--device", str(device), "--amp", args.amp)
+    rows = [
+        "| path | --batch | --workers | images/s | vs backbone |",
+        "|---|---|---|---|---|",
+        f"| bare backbone forward, batch 1 | | | {floor:.2f} | 1.00x |",
+    ]
+    count = len(list_image_files(folder))
+    for batch, workers in PIPELINE_SETTINGS:
+        flags = (*common, "--batch", batch, "--workers", workers, "--out-dir", str(out_dir / "pipeline_out"))
+        long = script_seconds("infer_video.py", "--input", str(video), "--max-frames", "56", *flags)
+        short = script_seconds("infer_video.py", "--input", str(video), "--max-frames", "8", *flags)
+        rate = 48 / (long - short)
+        rows.append(f"| infer_video.py ({video.name}) | {batch} | {workers} | {rate:.2f} | {rate / floor:.2f}x |")
+        long = script_seconds("infer_image.py", "--input", str(folder), *flags)
+        short = script_seconds("infer_image.py", "--input", str(few), *flags)
+        rate = (count - 8) / (long - short)
+        rows.append(f"| infer_image.py ({count} images) | {batch} | {workers} | {rate:.2f} | {rate / floor:.2f}x |")
+    return rows
 
 
 def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
@@ -631,6 +710,9 @@ def main(args: argparse.Namespace) -> None:
         if args.photos:
             print("## Near-duplicate threshold: photos against their copies and each other\n")
             print("\n".join(bench_duplicates(args, device, tmp)) + "\n")
+        if "pipeline" not in args.skip:
+            print(f"## End to end: infer_video.py and infer_image.py at {args.imgsz[0]}x{args.imgsz[1]}\n")
+            print("\n".join(bench_pipeline(args, device, tmp)) + "\n", flush=True)
         if "retrieval" not in args.skip:
             print("## Retrieval indexes (retrieve.py), 384-d embeddings, 100 queries\n")
             bench_retrieval(args)

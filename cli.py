@@ -347,6 +347,21 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
         "--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1"
     )
     add_mode_args(parser)
+    speed = parser.add_argument_group("throughput (the results are the same for any value)")
+    speed.add_argument(
+        "--batch",
+        type=at_least(1),
+        default=None,
+        help="images (frames) per forward in --mode whole without TTA (default: 8)",
+    )
+    speed.add_argument(
+        "--workers",
+        type=at_least(0),
+        default=None,
+        help="processes decoding images ahead and threads drawing and writing behind; a video: 0 = no reader and "
+        "writer threads, any other value = one each (default: 4 on a GPU, 1 on the CPU, where the network "
+        "takes the cores)",
+    )
     depth = parser.add_argument_group("depth models (Meta's depth heads: --head-weights nyu_linear4, ...)")
     depth.add_argument(
         "--depth-range",

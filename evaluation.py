@@ -1,5 +1,5 @@
 """Scoring a model the way papers report it: every image predicted at its original resolution
-(by `inference.segment`, in any `InferenceMode`), one confusion matrix over the whole split,
+(by `Predictor.predict_prepared`, in any `InferenceMode`), one confusion matrix over the whole split,
 ignore pixels excluded; for a depth model the depth errors of every image, averaged. Used by
 evaluate.py and by train.py's final evaluation; under torchrun each process scores its own shard
 and the counts are all-reduced, so N processes report what one measures."""
@@ -7,6 +7,7 @@ and the counts are all-reduced, so N processes report what one measures."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from tqdm import tqdm
 
 from datasets import DepthPairDataset, PairDataset, ShardSampler
 from dinokit.data.depth_files import DepthSpec, eval_crop_mask, valid_depth
-from dinokit.prediction.scores import predicted_classes
+from dinokit.prediction.pipeline import batched
 from inference import Predictor
 from metrics import DEPTH_METRICS, ConfusionMatrix, DepthErrors, SeedStyleIoU, SegmentationScores
-from utils import all_reduce_sum, distributed, is_main_process, rank, world_size
+from utils import all_reduce_sum, distributed, is_main_process, rank, select_throughput, world_size
 
 
 @dataclass
@@ -29,6 +30,21 @@ class Evaluation:
     seed_miou: float  # SeedStyleIoU over batches of `seed_batch` images, for comparison with seed-style loops
     images: int
     ms_per_image: float  # prediction time (model + resizing + TTA), measured on this process
+
+
+def predicted_pairs(
+    predictor: Predictor, loader: DataLoader, desc: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(prediction, truth, seconds of the prediction) of each (image, truth) pair, predicted the way
+    infer_image.py predicts (`Predictor.predict_prepared`, batched on a GPU: the same masks)."""
+    batch, _ = select_throughput(predictor.device)
+    pairs = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
+    for group in batched(pairs, batch):
+        started = time.perf_counter()
+        predictions = predictor.predict_prepared([predictor.prepare(image.numpy()) for image, _ in group])
+        seconds = (time.perf_counter() - started) / len(group)
+        for (_, truth), prediction in zip(group, predictions):
+            yield torch.from_numpy(prediction), truth, seconds
 
 
 def evaluate_pairs(
@@ -48,14 +64,9 @@ def evaluate_pairs(
     confmat = ConfusionMatrix(num_classes, ignore_index)
     seed = SeedStyleIoU(num_classes, ignore_index, seed_batch)
     seconds, count = 0.0, 0
-    for image, mask in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
-        started = time.perf_counter()
-        prediction = predicted_classes(predictor.scores(image.numpy()), 0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - started
-        count += 1
-        target = mask.to(device)
+    for prediction, mask, took in predicted_pairs(predictor, loader, desc):
+        seconds, count = seconds + took, count + 1
+        target, prediction = mask.to(device), prediction.to(device)
         confmat.update(target, prediction)
         seed.update(target, prediction)
     confmat.reduce_from_all_processes(device)
@@ -79,11 +90,8 @@ def evaluate_depth_pairs(
     sampler = ShardSampler(len(dataset), rank(), world_size()) if distributed() else None
     loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)
     errors, seconds, count = DepthErrors(), 0.0, 0
-    for image, truth in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
-        started = time.perf_counter()
-        prediction = torch.from_numpy(predictor.predict(image.numpy()))
-        seconds += time.perf_counter() - started
-        count += 1
+    for prediction, truth, took in predicted_pairs(predictor, loader, desc):
+        seconds, count = seconds + took, count + 1
         valid = valid_depth(truth.numpy(), spec) & eval_crop_mask(tuple(truth.shape), spec.eval_crop)
         errors.update(prediction, truth, torch.from_numpy(valid))
     return {**errors.compute(predictor.device), "ms_per_image": 1000 * seconds / max(count, 1)}

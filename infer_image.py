@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 import config
 from cli import ArgumentParser, add_inference_args, depth_range_from_args, run_cli
-from dinokit.data.image_files import DatasetError, image_paths, read_image, write_image
+from dinokit.data.image_files import DatasetError, image_paths, write_image
 from dinokit.prediction.depth_maps import write_depth_outputs
 from dinokit.prediction.drawing import indexed_png, render
+from dinokit.prediction.pipeline import BackgroundWriter, FolderItem, predicted_folder
 from dinokit.runs.run_folder import claim_output_folder
 from dinokit.writing import atomic_write
-from inference import load_predictor
+from inference import Predictor, load_predictor, prepare
+from utils import select_throughput
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,35 +47,43 @@ def output_names(image_path: Path) -> tuple[str, str]:
     return f"{image_path.stem}.jpg", f"{image_path.stem}_mask.png"
 
 
+def result_writer(predictor: Predictor, out_dir: Path, args: argparse.Namespace) -> Callable[[FolderItem], None]:
+    """The function that draws and writes one image's results (run by the writer threads)."""
+    if predictor.task == "depth":
+        scale = depth_range_from_args(args, predictor.info)
+        return lambda item: write_depth_outputs(out_dir, item.path.stem, item.prediction, scale, npy=args.save_npy)
+
+    def write(item: FolderItem) -> None:
+        drawn_name, mask_name = output_names(item.path)
+        drawn = render(item.image, item.prediction, predictor.classes, predictor.color_map, args.alpha)
+        write_image(out_dir / drawn_name, drawn)
+        mask = indexed_png(item.prediction, predictor.color_map)
+        atomic_write(out_dir / mask_name, lambda tmp: mask.save(tmp, format="PNG"))
+
+    return write
+
+
 def main(args: argparse.Namespace) -> None:
     images = image_paths(args.input)
     out_dir = claim_output_folder(args.out_dir, inputs=images)
     predictor = load_predictor(args)
-    scale = depth_range_from_args(args, predictor.info) if predictor.task == "depth" else None
-    seconds, done = 0.0, 0
-    for path in tqdm(images, desc="Images", dynamic_ncols=True):
-        try:
-            image = read_image(path)
-        except DatasetError as err:
-            tqdm.write(f"warning: skipped {err}", file=sys.stderr)
-            continue
-        started = time.perf_counter()
-        prediction = predictor.predict(image)
-        seconds += time.perf_counter() - started
-        done += 1
-        if predictor.task == "depth":
-            write_depth_outputs(out_dir, path.stem, prediction, scale, npy=args.save_npy)
-            continue
-        drawn_name, mask_name = output_names(path)
-        write_image(out_dir / drawn_name, render(image, prediction, predictor.classes, predictor.color_map, args.alpha))
-        atomic_write(
-            out_dir / mask_name, lambda tmp: indexed_png(prediction, predictor.color_map).save(tmp, format="PNG")
-        )
-    if done == 0:
+    batch, workers = select_throughput(predictor.device, args.batch, args.workers)
+    write = result_writer(predictor, out_dir, args)
+    timings: list[float] = []
+    items = predicted_folder(
+        images, predictor, partial(prepare, mode=predictor.mode), batch=batch, workers=workers, timings=timings
+    )
+    with BackgroundWriter(workers) as writer:
+        for item in tqdm(items, total=len(images), desc="Images", dynamic_ncols=True):
+            if item.error is not None:
+                tqdm.write(f"warning: skipped {item.error}", file=sys.stderr)
+            else:
+                writer.submit(write, item)
+    if not timings:
         raise DatasetError(f"{args.input}: none of the {len(images)} files could be read as an image")
     print(
-        f"{done} images ({len(images) - done} skipped), {1000 * seconds / done:.1f} ms/image "
-        f"({predictor.mode.describe()}), {predictor.engine}; results in {out_dir}"
+        f"{len(timings)} images ({len(images) - len(timings)} skipped), {1000 * sum(timings) / len(timings):.1f} "
+        f"ms/image ({predictor.mode.describe()}, batch {batch}), {predictor.engine}; results in {out_dir}"
     )
 
 

@@ -25,6 +25,7 @@ from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_a
 from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.runs.run_folder import claim_output_folder
 from inference import load_predictor
+from utils import select_throughput
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,12 +76,23 @@ def main(args: argparse.Namespace) -> None:
         frame_count = video.frames_to_read(args.max_frames)
         out_path = claim_output_folder(args.out_dir, inputs=[source]) / f"{source.stem}.mp4"
         predictor = load_predictor(args)
+        batch, workers = select_throughput(predictor.device, args.batch, args.workers)
         timings: list[float] = []
         scale = depth_range_from_args(args, predictor.info) if predictor.task == "depth" else None
         frames, size = predicted_frames(
-            read_frames(capture, args.max_frames), predictor, video.size, timings, alpha=args.alpha, depth_range=scale
+            read_frames(capture, args.max_frames),
+            predictor,
+            video.size,
+            timings,
+            alpha=args.alpha,
+            depth_range=scale,
+            batch=batch,
+            pipelined=workers > 0,
         )
-        written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)
+        try:
+            written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)
+        finally:
+            frames.close()  # stops the reader and predictor threads before the capture goes
     finally:
         capture.release()
     if written == 0:
@@ -92,8 +104,8 @@ def main(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     print(
-        f"{written} frames, average {written / sum(timings):.2f} FPS ({predictor.mode.describe()}), "
-        f"{predictor.engine}; video saved to {out_path}"
+        f"{written} frames, average {len(timings) / sum(timings):.2f} FPS ({predictor.mode.describe()}, "
+        f"batch {batch}), {predictor.engine}; video saved to {out_path}"
     )
 
 

@@ -17,13 +17,19 @@ the same path: its "scores" are one channel of metric depth, and `predict` retur
 
 Every pass produces logits at its own input size and is resized to the original size once, so a
 single window covering the whole image is exactly `whole` at that size.
+
+`predict` and `predict_prepared` are the same path, one image or a batch: in the default mode (one
+whole pass) an image is resized on the CPU (`prepare`, which DataLoader workers and reader threads
+run), uploaded as uint8, normalised on the device, batched with images of its input size, and its
+logits are upsampled and reduced to class indices there; only the uint8 mask comes back. The masks
+are bit-identical to `segment`'s, whatever the batch (tests).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,11 @@ from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkp
 from cli import backbone_kwargs, mode_from_args
 from dinokit.data.file_kinds import sniff
 from dinokit.data.labels import ColorMap
-from dinokit.data.resize import preprocess
+from dinokit.data.resize import normalisation_table, normalise, preprocess, resize_image
 from dinokit.errors import UserError
 from dinokit.prediction.deployment import OnnxNetwork
 from dinokit.prediction.modes import InferenceMode
-from dinokit.prediction.scores import predicted_classes
+from dinokit.prediction.scores import predicted_classes, upsampled_classes
 from utils import autocast, select_device, select_precision
 
 
@@ -104,6 +110,43 @@ def segment(
     return total / mode.passes
 
 
+UPSAMPLED_VALUES = 1 << 28  # at most 1 GiB of float32 logits upsampled at once (a batch of 12 MP photos)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image as `Predictor.predict_prepared` takes it: `pixels` resized for the network on the
+    CPU, still uint8 (the image itself when the mode makes several passes); `size` its own (H, W)."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+
+
+def batchable(mode: InferenceMode) -> bool:
+    """One whole-image pass: images can be resized ahead and batched (other modes go image by image)."""
+    return mode.mode == "whole" and mode.passes == 1
+
+
+def prepare(image: np.ndarray, mode: InferenceMode) -> Prepared:
+    """The CPU half of a prediction (a function of the mode alone, so DataLoader workers can run it)."""
+    size = image.shape[:2]
+    if not batchable(mode):
+        return Prepared(image, size)
+    return Prepared(np.ascontiguousarray(resize_image(image, mode.pass_size(*size, 1.0))), size)
+
+
+def runs(keys: Sequence, limit: int) -> Iterator[slice]:
+    """Slices of consecutive equal `keys`, at most `limit` long: the images that go through the
+    network (equal input shapes) or are upsampled (equal sizes) as one batch."""
+    start = 0
+    while start < len(keys):
+        stop = start + 1
+        while stop < len(keys) and stop - start < limit and keys[stop] == keys[start]:
+            stop += 1
+        yield slice(start, stop)
+        start = stop
+
+
 class Predictor:
     """A model with what interpreting it needs (classes, colours, normalisation) and an `InferenceMode`."""
 
@@ -129,6 +172,7 @@ class Predictor:
         if mode.imgsz is None:
             mode = replace(mode, imgsz=tuple(info["imgsz"]))  # default: the training size
         self.mode = mode.for_patch(info_patch_size(info))
+        self._table: torch.Tensor | None = None  # normalisation_table on the device, made on first use
 
     @classmethod
     def from_checkpoint(
@@ -203,11 +247,60 @@ class Predictor:
             depth=self.task == "depth",
         )
 
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """The CPU half of `predict` (see `prepare`)."""
+        return prepare(image, self.mode)
+
+    @property
+    def max_batch(self) -> int:
+        """Images one forward may take: 1 for an ONNX file exported with a fixed shape."""
+        return 1 if getattr(self.model, "static_size", None) is not None else 1 << 30
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class indices (uint8) of an RGB uint8 image, at its own size; a depth model: metres (float32)."""
+        return self.predict_prepared([self.prepare(image)])[0]
+
+    @torch.inference_mode()
+    def predict_prepared(self, batch: Sequence[Prepared]) -> list[np.ndarray]:
+        """`predict` of each prepared image, images of one input size through the network together."""
+        if not batchable(self.mode):
+            return [self.from_scores(self.scores(item.pixels)) for item in batch]
+        self.model.eval()
+        predictions: list[np.ndarray] = []
+        for group in runs([item.pixels.shape for item in batch], self.max_batch):
+            predictions += self.reduced(self.logits([item.pixels for item in batch[group]]), batch[group])
+        return predictions
+
+    def logits(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """Float32 logits `[B, C, h, w]` of resized uint8 images of one shape, normalised on the device."""
+        images = torch.from_numpy(np.stack(pixels))
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        if self._table is None:
+            self._table = normalisation_table(self.info["mean"], self.info["std"]).to(self.device)
+        inputs = normalise(images.to(self.device, non_blocking=True), self._table)
+        with autocast(self.device, self.amp_dtype):
+            return self.model(inputs).float()
+
+    def reduced(self, logits: torch.Tensor, batch: Sequence[Prepared]) -> list[np.ndarray]:
+        """Logits upsampled to each image's size and reduced there (class indices, or metres)."""
+        predictions = []
+        largest = max(height * width for height, width in (item.size for item in batch))
+        per_group = max(1, UPSAMPLED_VALUES // (logits.shape[1] * largest))  # bounded memory for large photos
+        for group in runs([item.size for item in batch], per_group):
+            size = batch[group][0].size
+            if self.task == "depth":
+                upsampled = F.interpolate(logits[group], size=size, mode="bilinear", align_corners=False)[:, 0]
+            else:
+                upsampled = upsampled_classes(logits[group], size)
+            predictions += list(upsampled.cpu().numpy())
+        return predictions
+
+    def from_scores(self, scores: torch.Tensor) -> np.ndarray:
+        """`segment`'s scores as `predict` returns them."""
         if self.task == "depth":
-            return self.scores(image)[0].float().cpu().numpy()
-        return predicted_classes(self.scores(image), 0).to(torch.uint8).cpu().numpy()
+            return scores[0].float().cpu().numpy()
+        return predicted_classes(scores, 0).to(torch.uint8).cpu().numpy()
 
 
 def load_predictor(args: argparse.Namespace, device: str | None = None, mode: InferenceMode | None = None) -> Predictor:

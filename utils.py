@@ -59,6 +59,14 @@ def select_precision(device: torch.device, amp: str = "auto") -> torch.dtype | N
     return torch.float16
 
 
+def select_throughput(device: torch.device, batch: int | None = None, workers: int | None = None) -> tuple[int, int]:
+    """(images per forward, decoding/writing workers) of the inference scripts and the demo, where
+    not given: batches of 8 everywhere (the results are the same; a batch is faster even on the CPU),
+    4 workers on a GPU, whose time the CPU work around the network would otherwise halve, 1 on the
+    CPU, whose cores the network already takes (docs/performance.md#end-to-end-inference)."""
+    return batch or 8, workers if workers is not None else (4 if device.type == "cuda" else 1)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -13,19 +13,22 @@ dropped, and the result is at most one pixel wider and taller than the input.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 
 from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, with_colour_bar
 from dinokit.prediction.drawing import Segmenter, render
+from dinokit.prediction.pipeline import BatchPredictor, batched, in_background
 from dinokit.writing import temp_path
 
 
@@ -186,43 +189,71 @@ def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
     return frame
 
 
-def segmented_frames(
-    frames: Iterable[np.ndarray], predictor: Segmenter, alpha: float, timings: list[float]
-) -> Iterator[np.ndarray]:
-    """Each RGB frame with its prediction drawn in (classes, legend, FPS); the seconds each
-    prediction took are appended to `timings`."""
-    for image in frames:
-        started = time.perf_counter()
-        mask = predictor.predict(image)
-        timings.append(time.perf_counter() - started)
-        yield draw_fps(render(image, mask, predictor.classes, predictor.color_map, alpha), timings[-1])
+class FramePredictor(Segmenter, BatchPredictor, Protocol):
+    """A `Segmenter` that also predicts prepared batches (inference.Predictor is one)."""
+
+    task: str
+    info: dict
 
 
-def depth_frames(
-    frames: Iterable[np.ndarray], predictor: Segmenter, depth_range: tuple[float, float], timings: list[float]
-) -> Iterator[np.ndarray]:
-    """Each RGB frame's predicted depth in colour, on one fixed scale for the whole clip, with the
-    colour bar (`PANEL_WIDTH` wider than the frame) and the FPS; timings as `segmented_frames`."""
-    for image in frames:
+def frame_predictions(
+    frames: Iterable[np.ndarray], predictor: FramePredictor, timings: list[float], *, batch: int = 1, ahead: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """(frame, prediction, seconds of its prediction) for each RGB frame, in order, predicted `batch`
+    frames at a time (each frame's share of the batch's time, also appended to `timings`). `ahead`
+    > 0: decoded and prepared by a reader thread up to `ahead` frames in advance."""
+    prepared: Iterable = ((frame, predictor.prepare(frame)) for frame in frames)
+    if ahead > 0:
+        prepared = in_background(prepared, ahead)
+    for group in batched(prepared, batch):
         started = time.perf_counter()
-        depth = predictor.predict(image)
-        timings.append(time.perf_counter() - started)
-        yield draw_fps(with_colour_bar(colorize(depth, depth_range), depth_range), timings[-1])
+        predictions = predictor.predict_prepared([item for _, item in group])
+        seconds = (time.perf_counter() - started) / len(group)
+        for (frame, _), prediction in zip(group, predictions):
+            timings.append(seconds)
+            yield frame, prediction, seconds
 
 
 def predicted_frames(
     frames: Iterable[np.ndarray],
-    predictor: Segmenter,
+    predictor: FramePredictor,
     size: tuple[int, int],
     timings: list[float],
     *,
     alpha: float = 0.5,
     depth_range: tuple[float, float] | None = None,
+    batch: int = 1,
+    pipelined: bool = False,
 ) -> tuple[Iterator[np.ndarray], tuple[int, int]]:
     """The frames as a video of `predictor`'s task shows them, and their (W, H): segmentation
-    overlays at the input `size`; depth in colour on one scale (`depth_range`, default the model's)
-    with its bar, `PANEL_WIDTH` wider."""
+    overlays (classes, legend) at the input `size`; depth in colour on one scale (`depth_range`,
+    default the model's) with its bar, `PANEL_WIDTH` wider; each with its prediction's FPS.
+    `pipelined`: frames are decoded ahead by a reader thread and predicted `batch` at a time by
+    another while the caller draws and encodes (close the iterator before releasing the capture).
+    The frames are the same either way."""
+    ahead = 2 * batch if pipelined else 0
+    predicted = frame_predictions(frames, predictor, timings, batch=batch, ahead=ahead)
+    if pipelined:
+        predicted = in_background(predicted, ahead)
     if getattr(predictor, "task", "segmentation") == "depth":
         scale = depth_range or (predictor.info["min_depth"], predictor.info["max_depth"])
-        return depth_frames(frames, predictor, scale, timings), (size[0] + PANEL_WIDTH, size[1])
-    return segmented_frames(frames, predictor, alpha, timings), size
+        draw = functools.partial(depth_frame, depth_range=scale)
+        return drawn_frames(predicted, draw), (size[0] + PANEL_WIDTH, size[1])
+    draw = functools.partial(render, classes=predictor.classes, color_map=predictor.color_map, alpha=alpha)
+    return drawn_frames(predicted, draw), size
+
+
+def depth_frame(image: np.ndarray, depth: np.ndarray, *, depth_range: tuple[float, float]) -> np.ndarray:
+    """A frame's depth in colour on the clip's one scale, with the colour bar (the frame itself is not shown)."""
+    return with_colour_bar(colorize(depth, depth_range), depth_range)
+
+
+def drawn_frames(
+    predicted: Iterator[tuple[np.ndarray, np.ndarray, float]], draw: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> Iterator[np.ndarray]:
+    """Each frame drawn with its prediction and its FPS; closing this closes `predicted` (and its threads)."""
+    try:
+        for frame, prediction, seconds in predicted:
+            yield draw_fps(draw(frame, prediction), seconds)
+    finally:
+        predicted.close()
