@@ -23,14 +23,14 @@
 7. Retrieval (retrieve.py): FAISS indexes of --index-sizes generated 384-d embeddings (clustered,
    normalised): build time, size, ms per query at k = 10 (a batch of 100 queries, each index's own
    threads) and recall@10 against exact search, for exact, HNSW and IVF-PQ.
-9. End-to-end inference (infer_image.py, infer_video.py as users run them): images (frames) per
-   second over a folder (--pipeline-images, default generated) and a clip (--pipeline-video, default
-   generated), the difference of a long and an 8-image run so start-up cancels, for --batch 1 and 8
-   with --workers 0 and 1, against the bare backbone's rate at batch 1 on the same frames: how
-   much of the network's speed survives decoding, resizing, upsampling, drawing and writing.
 8. Near-duplicate threshold (retrieve.py duplicates), with --photos DIR: every photo against its
    own copies (resized to half, JPEG quality 50, centre crop of 90 %) and against the other photos,
    with the backbone flags given: the similarities of each, and where a threshold separates them.
+9. End-to-end inference, with --pipeline (infer_image.py, infer_video.py as users run them):
+   images (frames) per second over a folder (--pipeline-images, default generated) and a clip
+   (--pipeline-video, default generated), the difference of a long and an 8-image run so start-up
+   cancels, for --batch 1 and 8 with --workers 0 and 1, against the bare backbone's rate at batch 1
+   on the same frames: how much of the network's speed survives the work around it.
 """
 
 from __future__ import annotations
@@ -119,10 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=(
-            "epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval", "pipeline"
-        ),
-    )  # fmt: skip
+        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval"),
+    )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="the end-to-end section (starts infer_*.py 24 times: minutes)"
+    )
     parser.add_argument("--pipeline-model", default=None, help="end-to-end: a checkpoint (default: the bench model)")
     parser.add_argument("--pipeline-images", default=None, metavar="DIR", help="end-to-end: an image folder")
     parser.add_argument("--pipeline-video", default=None, metavar="FILE", help="end-to-end: a clip (56 frames read)")
@@ -710,7 +711,7 @@ def main(args: argparse.Namespace) -> None:
         if args.photos:
             print("## Near-duplicate threshold: photos against their copies and each other\n")
             print("\n".join(bench_duplicates(args, device, tmp)) + "\n")
-        if "pipeline" not in args.skip:
+        if args.pipeline:
             print(f"## End to end: infer_video.py and infer_image.py at {args.imgsz[0]}x{args.imgsz[1]}\n")
             print("\n".join(bench_pipeline(args, device, tmp)) + "\n", flush=True)
         if "retrieval" not in args.skip:

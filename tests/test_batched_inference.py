@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoint import model_with_head
 from dinokit.data.resize import eval_transform, preprocess
 from dinokit.prediction.drawing import most_interior_point
 from dinokit.prediction.modes import InferenceMode
@@ -18,6 +19,7 @@ from dinokit.prediction.videos import frame_predictions, predicted_frames
 from inference import Predictor, segment
 from model import Dinov2Segmentation
 from tests.conftest import run_script
+from tests.test_depth import BACKBONE, meta_file
 from tests.test_inference import make_video, read_video
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,6 +94,23 @@ def test_predict_and_batches_of_any_size_give_segments_masks_exactly(predictor):
     native = predictor.with_mode(InferenceMode(native=True))  # every image at its own size
     masks = native.predict_prepared([native.prepare(image) for image in images])
     assert all(np.array_equal(mask, segment_classes(native, image)) for mask, image in zip(masks, images))
+
+
+def test_depth_one_by_one_is_segment_exactly_and_batches_agree_to_float_rounding(tmp_path):
+    """A batch changes the shapes the matrix products run at, and with them the order of a few
+    additions (this depth model on this CPU: 2e-6 m); one image at a time is today's path exactly."""
+    model, info = model_with_head(meta_file(tmp_path / "dinov2_vits14_nyu_linear_head.pth", "linear"), **BACKBONE)
+    depth = Predictor(model, info, device=torch.device("cpu"), mode=InferenceMode(imgsz=(84, 56)))
+    images = random_images(ODD_SIZES[:4])
+    batched = depth.predict_prepared([depth.prepare(image) for image in images])
+    for image, metres in zip(images, batched):
+        with torch.inference_mode():
+            expected = segment(
+                model, image, depth.mode, mean=info["mean"], std=info["std"], device=depth.device, depth=True
+            )
+        assert np.array_equal(depth.predict(image), expected[0].numpy())
+        assert metres.dtype == np.float32 and metres.shape == image.shape[:2]
+        np.testing.assert_allclose(metres, expected[0].numpy(), rtol=1e-5)
 
 
 def test_other_modes_go_image_by_image_through_segment(predictor):
