@@ -193,7 +193,7 @@ class Demo:
                 timings,
                 alpha=alpha,
                 batch=batch,
-                pipelined=workers > 0,
+                workers=workers,
             )
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
             try:

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -375,15 +376,34 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, out_dir: Path
     count = len(list_image_files(folder))
     for batch, workers in PIPELINE_SETTINGS:
         flags = (*common, "--batch", batch, "--workers", workers, "--out-dir", str(out_dir / "pipeline_out"))
-        long = script_seconds("infer_video.py", "--input", str(video), "--max-frames", "56", *flags)
-        short = script_seconds("infer_video.py", "--input", str(video), "--max-frames", "8", *flags)
-        rate = 48 / (long - short)
-        rows.append(f"| infer_video.py ({video.name}) | {batch} | {workers} | {rate:.2f} | {rate / floor:.2f}x |")
-        long = script_seconds("infer_image.py", "--input", str(folder), *flags)
-        short = script_seconds("infer_image.py", "--input", str(few), *flags)
-        rate = (count - 8) / (long - short)
-        rows.append(f"| infer_image.py ({count} images) | {batch} | {workers} | {rate:.2f} | {rate / floor:.2f}x |")
+        clip = ("infer_video.py", "--input", str(video), *flags)
+        rate = difference_rate(48, (*clip, "--max-frames", "56"), (*clip, "--max-frames", "8"), args.repeats)
+        rows.append(f"| infer_video.py ({video.name}) | {batch} | {workers} | {rate} | {rate.ratio(floor)} |")
+        long, short = (
+            ("infer_image.py", "--input", str(folder), *flags),
+            ("infer_image.py", "--input", str(few), *flags),
+        )
+        rate = difference_rate(count - 8, long, short, args.repeats)
+        rows.append(f"| infer_image.py ({count} images) | {batch} | {workers} | {rate} | {rate.ratio(floor)} |")
     return rows
+
+
+@dataclass
+class Rates:
+    """Images per second over repeated runs: the median, and the range in brackets."""
+
+    values: list[float]
+
+    def __str__(self) -> str:
+        return f"{statistics.median(self.values):.2f} ({min(self.values):.2f}-{max(self.values):.2f})"
+
+    def ratio(self, floor: float) -> str:
+        return f"{statistics.median(self.values) / floor:.2f}x"
+
+
+def difference_rate(images: int, long: tuple[str, ...], short: tuple[str, ...], repeats: int) -> Rates:
+    """`images` over the extra time a run of `long` takes beyond `short` (start-up cancels), `repeats` pairs."""
+    return Rates([images / (script_seconds(*long) - script_seconds(*short)) for _ in range(repeats)])
 
 
 def bench_modes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:

@@ -358,9 +358,9 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
         "--workers",
         type=at_least(0),
         default=None,
-        help="processes decoding images ahead and threads drawing and writing behind; a video: 0 = no reader and "
-        "writer threads, any other value = one each (default: 4 on a GPU, 1 on the CPU, where the network "
-        "takes the cores)",
+        help="images: processes decoding ahead and threads drawing and writing behind; a video: threads drawing "
+        "frames, beside one reading ahead and one predicting (0: none of them) (default: 4 on a GPU, 1 on the CPU, "
+        "where the network takes the cores)",
     )
     depth = parser.add_argument_group("depth models (Meta's depth heads: --head-weights nyu_linear4, ...)")
     depth.add_argument(

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
             alpha=args.alpha,
             depth_range=scale,
             batch=batch,
-            pipelined=workers > 0,
+            workers=workers,
         )
         try:
             written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)

@@ -1,6 +1,7 @@
 """The batched, pipelined prediction path gives today's results exactly, whatever the batch and threads."""
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ from checkpoint import model_with_head
 from dinokit.data.resize import eval_transform, preprocess
 from dinokit.prediction.drawing import most_interior_point
 from dinokit.prediction.modes import InferenceMode
-from dinokit.prediction.pipeline import BackgroundWriter, in_background, predicted_folder
+from dinokit.prediction.pipeline import BackgroundWriter, in_background, ordered_map, predicted_folder
 from dinokit.prediction.scores import contending_classes, predicted_classes, upsampled_classes
 from dinokit.prediction.videos import frame_predictions, predicted_frames
 from inference import Predictor, segment
@@ -153,7 +154,7 @@ def test_video_predictions_do_not_depend_on_batch_or_threads(predictor):
 def test_closing_a_pipelined_video_stops_its_threads(predictor):
     before = threading.active_count()
     frames, size = predicted_frames(
-        (frame for frame in random_images([(60, 80)] * 50)), predictor, (80, 60), [], batch=2, pipelined=True
+        (frame for frame in random_images([(60, 80)] * 50)), predictor, (80, 60), [], batch=2, workers=2
     )
     next(frames), next(frames)
     assert threading.active_count() > before
@@ -171,6 +172,23 @@ def test_background_items_keep_their_order_and_raise_where_they_failed():
         for item in in_background(numbers(), ahead=2):
             produced.append(item)
     assert produced == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_frames_drawn_by_threads_come_back_in_order_and_errors_at_their_frame(threads):
+    def slow_square(n):
+        time.sleep(0.001 * (n % 4))  # later items often finish first
+        if n == 7:
+            raise ValueError("cannot draw frame 7")
+        return n * n
+
+    results = ordered_map(slow_square, iter(range(7)), threads)
+    assert list(results) == [n * n for n in range(7)]
+    drawn = []
+    with pytest.raises(ValueError, match="frame 7"):
+        for square in ordered_map(slow_square, iter(range(20)), threads):
+            drawn.append(square)
+    assert drawn == [n * n for n in range(7)]
 
 
 @pytest.mark.parametrize("threads", [0, 2])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +92,27 @@ def in_background(items: Iterable[T], ahead: int) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+def ordered_map(function: Callable[[T], Any], items: Iterable[T], threads: int) -> Iterator[Any]:
+    """`function` of each item, in order, computed by `threads` threads at most twice as many items
+    ahead (0: in the caller, one at a time). For drawing video frames: OpenCV and NumPy release the
+    GIL, so a GPU's frames are drawn on several cores while the encoder takes them in order."""
+    if threads <= 0:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="dinokit-draw") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) > 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for job in pending:
+                job.cancel()
 
 
 class BackgroundWriter:

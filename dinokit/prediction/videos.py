@@ -28,7 +28,7 @@ import numpy as np
 
 from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, with_colour_bar
 from dinokit.prediction.drawing import Segmenter, render
-from dinokit.prediction.pipeline import BatchPredictor, batched, in_background
+from dinokit.prediction.pipeline import BatchPredictor, batched, in_background, ordered_map
 from dinokit.writing import temp_path
 
 
@@ -223,24 +223,25 @@ def predicted_frames(
     alpha: float = 0.5,
     depth_range: tuple[float, float] | None = None,
     batch: int = 1,
-    pipelined: bool = False,
+    workers: int = 0,
 ) -> tuple[Iterator[np.ndarray], tuple[int, int]]:
     """The frames as a video of `predictor`'s task shows them, and their (W, H): segmentation
     overlays (classes, legend) at the input `size`; depth in colour on one scale (`depth_range`,
     default the model's) with its bar, `PANEL_WIDTH` wider; each with its prediction's FPS.
-    `pipelined`: frames are decoded ahead by a reader thread and predicted `batch` at a time by
-    another while the caller draws and encodes (close the iterator before releasing the capture).
-    The frames are the same either way."""
-    ahead = 2 * batch if pipelined else 0
+    `workers` > 0: frames are decoded ahead by a reader thread, predicted `batch` at a time by a
+    second and drawn by `workers` more while the caller encodes (close the iterator before
+    releasing the capture). The frames are the same either way."""
+    ahead = 2 * batch if workers > 0 else 0
     predicted = frame_predictions(frames, predictor, timings, batch=batch, ahead=ahead)
-    if pipelined:
+    if workers > 0:
         predicted = in_background(predicted, ahead)
     if getattr(predictor, "task", "segmentation") == "depth":
         scale = depth_range or (predictor.info["min_depth"], predictor.info["max_depth"])
         draw = functools.partial(depth_frame, depth_range=scale)
-        return drawn_frames(predicted, draw), (size[0] + PANEL_WIDTH, size[1])
-    draw = functools.partial(render, classes=predictor.classes, color_map=predictor.color_map, alpha=alpha)
-    return drawn_frames(predicted, draw), size
+        size = (size[0] + PANEL_WIDTH, size[1])
+    else:
+        draw = functools.partial(render, classes=predictor.classes, color_map=predictor.color_map, alpha=alpha)
+    return drawn_frames(predicted, draw, workers), size
 
 
 def depth_frame(image: np.ndarray, depth: np.ndarray, *, depth_range: tuple[float, float]) -> np.ndarray:
@@ -249,11 +250,13 @@ def depth_frame(image: np.ndarray, depth: np.ndarray, *, depth_range: tuple[floa
 
 
 def drawn_frames(
-    predicted: Iterator[tuple[np.ndarray, np.ndarray, float]], draw: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    predicted: Iterator[tuple[np.ndarray, np.ndarray, float]],
+    draw: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    threads: int = 0,
 ) -> Iterator[np.ndarray]:
-    """Each frame drawn with its prediction and its FPS; closing this closes `predicted` (and its threads)."""
+    """Each frame drawn with its prediction and its FPS, in order, by `threads` threads (0: here);
+    closing this closes `predicted` (and its threads)."""
     try:
-        for frame, prediction, seconds in predicted:
-            yield draw_fps(draw(frame, prediction), seconds)
+        yield from ordered_map(lambda item: draw_fps(draw(item[0], item[1]), item[2]), predicted, threads)
     finally:
         predicted.close()
