@@ -3,7 +3,8 @@ predicted in batches, drawn and written behind (a writer thread pool), in the or
 
 On a GPU everything around the network (decoding, resizing, drawing, encoding) costs as much as the
 network itself; run in series with it, the device waits half the time. The predictions themselves
-are `Predictor.predict_prepared`'s, so the results do not depend on the batch or the threads (tests).
+are `Predictor.predict_prepared`'s, in the order the inputs came: the threads change no result
+(tests), the batch only what its matrix products' shapes change (see inference.py).
 """
 
 from __future__ import annotations
