@@ -47,6 +47,15 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+def timed_prediction(predictor: BatchPredictor, prepared: Sequence[Any]) -> tuple[list[np.ndarray], float]:
+    """`predictor.predict_prepared(prepared)` and each image's share of the seconds it took."""
+    if not prepared:
+        return [], 0.0
+    started = time.perf_counter()
+    predictions = predictor.predict_prepared(prepared)
+    return predictions, (time.perf_counter() - started) / len(prepared)
+
+
 _DONE = object()
 
 
@@ -192,9 +201,7 @@ def predicted_folder(
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=list)
     for group in loader:
         readable = [(item, prepared) for item, prepared in group if item.error is None]
-        started = time.perf_counter()
-        predictions = predictor.predict_prepared([prepared for _, prepared in readable]) if readable else []
-        seconds = (time.perf_counter() - started) / max(len(readable), 1)
+        predictions, seconds = timed_prediction(predictor, [prepared for _, prepared in readable])
         for (item, _), prediction in zip(readable, predictions):
             item.prediction = prediction
             if timings is not None:

@@ -17,7 +17,6 @@ import functools
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, with_colour_bar
 from dinokit.prediction.drawing import Segmenter, render
-from dinokit.prediction.pipeline import BatchPredictor, batched, in_background, ordered_map
+from dinokit.prediction.pipeline import BatchPredictor, batched, in_background, ordered_map, timed_prediction
 from dinokit.writing import temp_path
 
 
@@ -206,9 +205,7 @@ def frame_predictions(
     if ahead > 0:
         prepared = in_background(prepared, ahead)
     for group in batched(prepared, batch):
-        started = time.perf_counter()
-        predictions = predictor.predict_prepared([item for _, item in group])
-        seconds = (time.perf_counter() - started) / len(group)
+        predictions, seconds = timed_prediction(predictor, [item for _, item in group])
         for (frame, _), prediction in zip(group, predictions):
             timings.append(seconds)
             yield frame, prediction, seconds
