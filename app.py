@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
 import config
 from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
@@ -50,6 +51,7 @@ from utils import select_device, select_precision, select_throughput
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"
+THUMBNAIL_SIDE = 384  # pixels: what the search tab shows of an indexed image
 BAD_INPUT = (UserError, DatasetError, ValueError, OSError)  # what a user's file can cause: shown in the page
 
 
@@ -128,8 +130,22 @@ class Demo:
         started = time.perf_counter()
         hits = self.searcher.nearest(Path(path), int(k))
         seconds = time.perf_counter() - started
-        gallery = [(found, f"{similarity:.3f}  {Path(found).name}") for found, similarity in hits]
-        return gallery, f"{len(hits)} nearest of {self.searcher.size} images, {1000 * seconds:.0f} ms"
+        folder = self.output_path("thumbnails").parent
+        gallery, gone = [], []
+        for rank, (found, similarity) in enumerate(hits):
+            try:
+                gallery.append(
+                    (str(thumbnail(Path(found), folder / f"{rank:03d}.jpg")), f"{similarity:.3f}  {Path(found).name}")
+                )
+            except OSError:  # deleted or replaced since the index was built
+                gone.append(found)
+        status = f"{len(hits)} nearest of {self.searcher.size} images, {1000 * seconds:.0f} ms"
+        if gone:
+            status += (
+                f"; {len(gone)} of them gone from disk or unreadable (e.g. {Path(gone[0]).name}): the index is "
+                f"stale, refresh it: {self.searcher.refresh_command()}"
+            )
+        return gallery, status
 
     def segment_image(self, path: str | None, name: str, mode: str, alpha: float) -> tuple[Any, ...]:
         """(overlay, colour mask, legend HTML, index-mask PNG path, status line) for one uploaded image."""
@@ -214,15 +230,16 @@ class Searcher:
     """A retrieve.py index with its backbone loaded once: an image's nearest indexed images."""
 
     def __init__(self, path: Path, device: str, amp: str):
-        self.collection = Collection.load(index_path(path))
+        self.path = index_path(path)
+        self.collection = Collection.load(self.path)
+        self.collection.check_weights(self.path)  # queries embedded by the weights that made the index
         self.device = select_device(device)
         self.amp_dtype = select_precision(self.device, amp)
         self.backbone = build_backbone(self.collection.key["backbone"], self.device)
         self.size = len(self.collection.records)
 
-    def folders(self) -> list[str]:
-        """The folders the indexed images are in (the page may serve files from them)."""
-        return sorted({str(Path(record.path).parent) for record in self.collection.records})
+    def refresh_command(self) -> str:
+        return self.collection.refresh_command(self.path)
 
     def nearest(self, image: Path, k: int) -> list[tuple[str, float]]:
         vectors, _, failures = embed_files(
@@ -232,6 +249,17 @@ class Searcher:
             raise UserError(f"{image.name}: {failures[0][1]}")
         similarities, rows = search(self.collection.index, vectors, min(k, self.size))
         return [(self.collection.records[r].path, float(s)) for r, s in zip(rows[0], similarities[0]) if r >= 0]
+
+
+def thumbnail(image: Path, out: Path, side: int = THUMBNAIL_SIDE) -> Path:
+    """A JPEG copy of `image` at most `side` pixels wide and high, upright by its EXIF orientation.
+    The page shows these, never the indexed files themselves: the server hands out the files it
+    made and nothing of the indexed folders (docs/demo.md)."""
+    with Image.open(image) as opened:
+        picture = ImageOps.exif_transpose(opened).convert("RGB")
+    picture.thumbnail((side, side))
+    atomic_write(out, lambda tmp: picture.save(tmp, format="JPEG", quality=90))
+    return out
 
 
 def with_progress(frames: Iterable[np.ndarray], total: int, progress: Callable | None) -> Iterator[np.ndarray]:
@@ -357,6 +385,12 @@ def load_predictors(args: argparse.Namespace) -> dict[str, Predictor]:
     return predictors
 
 
+def served_paths(examples: list[str]) -> list[str]:
+    """What the web server may hand out besides the files the page made (results, thumbnails, which
+    Gradio copies into its cache): the example images, each file by itself, never a folder."""
+    return [str(Path(path).resolve()) for path in examples if Path(path).is_file()]
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail now, naming --port, if the address cannot be listened on (in use, not this machine's)."""
     try:
@@ -406,7 +440,7 @@ def main(args: argparse.Namespace) -> None:
                 server_port=args.port,
                 max_file_size=f"{args.max_upload_mb:g}mb",
                 show_error=True,
-                allowed_paths=[str(out_dir)] + examples + (searcher.folders() if searcher else []),
+                allowed_paths=served_paths(examples),
                 quiet=False,
             )
         except OSError as err:  # taken between the check and the launch; Gradio names its own server_port

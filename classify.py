@@ -404,7 +404,12 @@ def predict(args: argparse.Namespace) -> None:
     transform = ClassificationTransform(settings["imgsz"], settings["crop_pct"], settings["mean"], settings["std"])
     with autocast(device, select_precision(device, args.amp)):
         embeddings = extract(
-            build_backbone(classifier["backbone"], device),
+            build_backbone(
+                classifier["backbone"],
+                device,
+                made=f"{args.model} was trained",
+                fix="train the classifier again with classify.py --weights FILE",
+            ),
             files,
             transform,
             device=device,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dinokit.backbones.weights_file import is_url, weights_identity
 from dinokit.data.resize import check_imgsz
 from dinokit.errors import UserError, one_line
 from dinokit.prediction.modes import MODES, InferenceMode
@@ -171,12 +172,13 @@ def _rank_tag() -> str:
 
 def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What embeddings of a backbone depend on (classify.py's caches, retrieve.py's indexes): the
-    backbone flags, the weights file's size and time, and for a random-init backbone the seed it
-    was drawn with."""
+    backbone flags, the weights file by absolute path, size and content hash (so that a replaced
+    file, or a relative path found from another folder, is noticed: dinokit/backbones/weights_file.py),
+    and for a random-init backbone the seed it was drawn with."""
     identity = backbone_kwargs(args)
-    if args.weights:
-        stat = Path(args.weights).stat()
-        identity["weights_file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if args.weights and not is_url(args.weights):
+        identity["weights_file"] = weights_identity(args.weights)
+        identity["weights"] = identity["weights_file"]["path"]
     if not identity["pretrained"] and not args.weights:
         identity["seed"] = args.seed
     return identity

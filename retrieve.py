@@ -34,17 +34,21 @@ from cli import (
     positive,
     run_cli,
 )
+from dinokit.data.file_kinds import sniff
 from dinokit.errors import UserError
 from dinokit.retrieval.collection import (
     Collection,
+    FileRecord,
     IndexFileError,
     collect_images,
+    describe_key,
     index_path,
+    key_differences,
     plan_update,
 )
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.duplicates import duplicate_groups
-from dinokit.retrieval.vector_index import KINDS, build_index, recall_against_exact, search
+from dinokit.retrieval.vector_index import KINDS, build_index, check_kind, recall_against_exact, search
 from dinokit.runs.reports import save_neighbour_gallery, write_csv
 from dinokit.runs.run_folder import RunLock, claim_output_folder
 from dinokit.writing import write_json
@@ -68,15 +72,6 @@ def embedding_key(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def describe_key(key: dict[str, Any]) -> str:
-    """The flags that rebuild an index with `key`'s embeddings."""
-    backbone = key["backbone"]
-    flags = f"--backbone {backbone['backbone']} --imgsz {key['imgsz']} --features {key['features']}"
-    if key["scales"] != [1.0]:
-        flags += " --scales " + " ".join(f"{s:g}" for s in key["scales"])
-    return flags + ("" if backbone["pretrained"] else " --no-pretrained")
-
-
 def embed(key: dict[str, Any], files: list[Path], args: argparse.Namespace) -> tuple[np.ndarray, list[int], list]:
     """`embed_files` with this command's device, precision, batch and workers."""
     device = select_device(args.device)
@@ -88,20 +83,26 @@ def embed(key: dict[str, Any], files: list[Path], args: argparse.Namespace) -> t
 def build(args: argparse.Namespace) -> None:
     """`index`: embed what is new or changed, drop what is gone, rebuild the index, write it whole."""
     path = index_path(args.index)
-    claim_output_folder(path.parent)
+    claim_output_folder(path.parent, flag="--index")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = RunLock(path.parent, name=f"{path.name}.lock")  # one index run at a time on this index
     lock.acquire()
     try:
         files = collect_images(args.images)
         key = embedding_key(args)
-        stored = Collection.load(path) if path.exists() and not args.rebuild else None
-        if stored is not None and stored.key != key:
+        stored = stored_collection(path, rebuild=args.rebuild)
+        if stored is not None and stored.key != key and not args.rebuild:
             raise IndexFileError(
-                f"{path}: built with {describe_key(stored.key)}, not {describe_key(key)}; add --rebuild to "
-                "re-embed every image with these settings, or give another --index"
+                f"{path}: built with other settings ({'; '.join(key_differences(stored.key, key))}); add --rebuild "
+                "to re-embed every image with these settings, or give another --index"
             )
+        folders = [str(Path(folder).resolve()) for folder in args.images]
+        if stored is not None and not args.replace:
+            folders = list(dict.fromkeys([*stored.folders, *folders]))
+        if stored is not None and args.rebuild:  # every image again, the folders and files kept
+            stored = Collection(key, [FileRecord(r.path, -1, -1) for r in stored.records])
         collection = updated(stored or Collection(key), files, args)
+        collection.folders = folders
         started = time.perf_counter()
         collection.rebuild(args.kind)
         collection.recall = recall_against_exact(collection.index, collection.vectors)
@@ -116,9 +117,25 @@ def build(args: argparse.Namespace) -> None:
         lock.release()
 
 
+def stored_collection(path: Path, *, rebuild: bool) -> Collection | None:
+    """The index at `path`, if any; with --rebuild, an unreadable one (cut short) is replaced, but a
+    file of another kind (a checkpoint, a photo) is never overwritten."""
+    if not path.exists():
+        return None
+    try:
+        return Collection.load(path)
+    except IndexFileError:
+        if rebuild and sniff(path) in ("retrieval index", "damaged zip"):
+            print(f"{path}: unreadable; --rebuild replaces it")
+            return None
+        raise
+
+
 def updated(collection: Collection, files: list[Path], args: argparse.Namespace) -> Collection:
-    """`collection` brought up to date with `files`: unchanged rows kept, the rest embedded."""
-    plan = plan_update(collection.records, files)
+    """`collection` brought up to date with `files`: unchanged rows kept, the rest embedded; the
+    images of other folders indexed before are kept unless --replace."""
+    plan = plan_update(collection.records, files, replace=args.replace)
+    check_kind(args.kind, len(plan.keep) + len(plan.embed))  # before the embedding, not after it
     vectors, kept, failures = (np.zeros((0, 0), np.float32), [], [])
     if plan.embed:
         started = time.perf_counter()
@@ -133,19 +150,24 @@ def updated(collection: Collection, files: list[Path], args: argparse.Namespace)
     if not records:
         raise UserError(f"no readable image among {len(files)} files ({len(failures)} unreadable): nothing to index")
     changed = sum(str(plan.embed[i]) in plan.changed for i in kept)
+    dropped = f", {len(plan.dropped)} dropped (--replace: not under --images)" if plan.dropped else ""
     print(
         f"{len(plan.keep)} unchanged, {len(kept) - changed} new, {changed} changed, "
-        f"{len(plan.removed)} removed, {len(failures)} unreadable (skipped)"
+        f"{len(plan.removed)} removed (deleted from disk){dropped}, {len(failures)} unreadable (skipped)"
     )
+    check_kind(args.kind, len(records))
     return Collection(collection.key, records, np.concatenate(parts).astype(np.float32))
 
 
 def open_index(args: argparse.Namespace) -> Collection:
-    """The --index collection; embedding flags given with it must be the ones it was built with."""
+    """The --index collection; embedding flags given with it must be the ones it was built with,
+    and the weights file that embedded it must still hold the same weights (queries are embedded
+    by it)."""
     path = index_path(args.index)
     collection = Collection.load(path)
     given = getattr(args, "given_flags", frozenset())
     key = collection.key
+    collection.check_weights(path, args.weights if "weights" in given else None)
     built = {"backbone": key["backbone"]["backbone"], "imgsz": key["imgsz"], "features": key["features"]}
     asked = {name: getattr(args, name) if name in given else value for name, value in built.items()}
     if asked != built:
@@ -157,11 +179,31 @@ def open_index(args: argparse.Namespace) -> Collection:
     return collection
 
 
-def results_folder(args: argparse.Namespace, inputs: list = ()) -> Path:
-    """--out-dir, default outputs/retrieval/NAME/, checked before the work (dinokit/runs/run_folder.py)."""
-    return claim_output_folder(
-        Path(args.out_dir) if args.out_dir else index_path(args.index).with_suffix(""), inputs=inputs
-    )
+def results_folder(args: argparse.Namespace, collection: Collection, inputs: list = ()) -> Path:
+    """--out-dir, default NAME_results/ beside the index, checked before the work (dinokit/runs/run_folder.py):
+    never inside a folder the index holds (the next `index` would embed the results, and a user's
+    file of the same name would be replaced)."""
+    index = index_path(args.index)
+    folder = Path(args.out_dir) if args.out_dir else index.with_name(f"{index.stem}_results")
+    flag = "--out-dir" if args.out_dir else "--index (results go beside it; or give --out-dir)"
+    for indexed in collection.indexed_folders():
+        if folder.resolve().is_relative_to(indexed.resolve()):
+            raise UserError(
+                f"{flag} {folder}: inside {indexed}, a folder this index holds: the next `index` would embed "
+                "the results and a file of the same name there would be replaced; choose another --out-dir"
+            )
+    return claim_output_folder(folder, inputs=inputs, flag=flag.split()[0])
+
+
+def stale_warning(collection: Collection, paths: list[str], args: argparse.Namespace) -> list[str]:
+    """The `paths` deleted since the index was built, said once (they are left out of the sheets)."""
+    missing = collection.missing_files(paths)
+    if missing:
+        print(
+            f"warning: {len(missing)} indexed file(s) are gone from disk (e.g. {missing[0]}): the index is stale; "
+            f"refresh it: {collection.refresh_command(index_path(args.index))}"
+        )
+    return missing
 
 
 def find(args: argparse.Namespace) -> None:
@@ -171,10 +213,12 @@ def find(args: argparse.Namespace) -> None:
     total = len(collection.records) - (1 if args.exclude_self else 0)
     if args.k > total:
         raise UserError(f"--k {args.k}: the index holds {len(collection.records)} images")
-    out_dir = results_folder(args, inputs=[args.query])
+    out_dir = results_folder(args, collection, inputs=[args.query])
     vectors, kept, failures = embed(collection.key, queries, args)
     for path, reason in failures:
         print(f"skipped query {path}: {reason}")
+    if not kept:
+        raise UserError(f"--query {args.query}: no readable image among {len(queries)} file(s); nothing searched")
     similarities, rows = search(collection.index, vectors, args.k + (1 if args.exclude_self else 0))
     results = []
     for position, sims, found in zip(kept, similarities, rows):
@@ -183,6 +227,7 @@ def find(args: argparse.Namespace) -> None:
         if args.exclude_self:
             hits = [(p, s) for p, s in hits if Path(p) != query][: args.k]
         results.append((query, hits))
+    missing = set(stale_warning(collection, sorted({p for _, hits in results for p, _ in hits}), args))
     write_csv(
         [
             {"query": q, "rank": i + 1, "path": p, "similarity": round(s, 6)}
@@ -191,9 +236,11 @@ def find(args: argparse.Namespace) -> None:
         ],
         out_dir / "search.csv",
     )
-    sheet = [(q, None, [(Path(p), Path(p).name, s) for p, s in hits]) for q, hits in results[:SHEET_QUERIES]]
-    if sheet:
-        save_neighbour_gallery(sheet, out_dir / "search.png")
+    sheet = [
+        (query, None, [(Path(p), Path(p).name, s) for p, s in hits if p not in missing])
+        for query, hits in results[:SHEET_QUERIES]
+    ]
+    save_neighbour_gallery(sheet, out_dir / "search.png")
     print(
         f"{len(results)} queries ({len(failures)} unreadable), top {args.k} each: {out_dir / 'search.csv'}, search.png"
     )
@@ -202,8 +249,11 @@ def find(args: argparse.Namespace) -> None:
 def duplicates(args: argparse.Namespace) -> None:
     """`duplicates`: groups of images whose similarity reaches --threshold, as CSV and a PNG per group."""
     collection = open_index(args)
-    out_dir = results_folder(args)
+    out_dir = results_folder(args, collection)
     groups = duplicate_groups(collection.vectors, args.threshold)
+    missing = set(stale_warning(collection, [collection.records[m].path for g in groups for m in g], args))
+    for old in out_dir.glob("duplicates_[0-9][0-9][0-9][0-9].png"):  # an earlier run's sheets are not this one's
+        old.unlink()
     rows = []
     for number, group in enumerate(groups, 1):
         paths = [Path(collection.records[member].path) for member in group]
@@ -212,8 +262,9 @@ def duplicates(args: argparse.Namespace) -> None:
             {"group": number, "path": str(path), "similarity_to_first": round(similarity, 6)}
             for path, similarity in zip(paths, similarities)
         ]
-        if number <= SHEET_GROUPS:
-            sheet = [(paths[0], None, [(p, p.name, s) for p, s in zip(paths[1:], similarities[1:])])]
+        shown = [(p, s) for p, s in zip(paths, similarities) if str(p) not in missing]
+        if number <= SHEET_GROUPS and len(shown) > 1:
+            sheet = [(shown[0][0], None, [(p, p.name, s) for p, s in shown[1:]])]
             save_neighbour_gallery(sheet, out_dir / f"duplicates_{number:04d}.png")
     write_csv(rows, out_dir / "duplicates.csv")
     images = sum(len(g) for g in groups)
@@ -241,7 +292,7 @@ def evaluate(args: argparse.Namespace) -> None:
     totals = np.array([(labels == label).sum() for label in query_labels]) - (exclude is not None)
     scores = retrieval_scores(relevant, totals, ks=args.ks)
     report = {"index": str(index_path(args.index)), "queries_from": args.query or "the index (leave-one-out)", **scores}
-    out = results_folder(args) / "retrieval_metrics.json"
+    out = results_folder(args, collection) / "retrieval_metrics.json"
     write_json(out, report)
     figures = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "queries")
     print(
@@ -261,6 +312,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--kind", default="auto", choices=KINDS, help="exact, hnsw, ivfpq, or auto (exact up to 200,000)"
     )
     index.add_argument("--rebuild", action="store_true", help="re-embed every image (another backbone, size, features)")
+    index.add_argument(
+        "--replace",
+        action="store_true",
+        help="index only the --images given, dropping the images of folders indexed before (default: add to them)",
+    )
     search_parser = commands.add_parser("search", help="the nearest indexed images of query images")
     search_parser.add_argument("--query", required=True, metavar="FILE|DIR")
     search_parser.add_argument("--k", type=at_least(1), default=10)
@@ -283,7 +339,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, metavar="NAME", help="outputs/retrieval/NAME.index, or a path")
-    parser.add_argument("--out-dir", default=None, help="where results go (default: outputs/retrieval/NAME/)")
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where results go (default: NAME_results/ beside the index); never inside an indexed folder",
+    )
     parser.add_argument("--features", default="cls", choices=DESCRIPTORS, help="the descriptor (docs/retrieval.md)")
     parser.add_argument("--imgsz", type=int, default=224, help="centre-crop side, a multiple of the patch size")
     parser.add_argument(

@@ -353,7 +353,11 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
-        info=depth_info(model, imgsz, dataset=Path(args.data_dir).name) if depth else model_info(model, spec, imgsz),
+        info=depth_info(
+            model, imgsz, dataset=Path(args.data_dir).name, depth_scale=spec.depth_scale, eval_crop=spec.eval_crop
+        )
+        if depth
+        else model_info(model, spec, imgsz),
         args=recorded,
         best_on=SCORINGS[args.task].best,
     )
@@ -610,6 +614,9 @@ def check_resume_matches(
     ]
     if args.task == "depth":
         fields.append(("depth range", [arch["min_depth"], arch["max_depth"]], [spec.min_depth, spec.max_depth]))
+        # older depth checkpoints did not record how their files were read: nothing to compare
+        fields.append(("depth.json depth_scale", info.get("depth_scale", spec.depth_scale), spec.depth_scale))
+        fields.append(("depth.json eval_crop", info.get("eval_crop", spec.eval_crop), spec.eval_crop))
     else:
         fields.append(("number of classes", arch["num_classes"], len(spec.classes)))
     for name, saved, given in fields:

@@ -19,7 +19,7 @@ from dinokit.data.image_files import read_image
 from dinokit.errors import UserError
 from dinokit.prediction.modes import InferenceMode
 from inference import Predictor
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_script
 from tests.test_inference import make_video
 
 pytestmark = pytest.mark.slow  # every test builds the demo's model; one drives a browser
@@ -221,3 +221,84 @@ def test_page_segments_an_upload_and_survives_a_bad_one(server, checkpoint, tiny
         assert page.eval_on_selector("#overlay img", "img => img.naturalWidth") == Image.open(images[1]).size[0]
         browser.close()
     assert process.poll() is None, "".join(lines)[-3000:]
+
+
+# --- what the server hands out ---------------------------------------------------------------------
+
+REAL_CREATE_CONNECTION = socket.create_connection  # before the suite's no-network fixture replaces them
+REAL_CONNECT = socket.socket.connect
+
+
+def loopback_only(monkeypatch):
+    """Let this test talk HTTP to its own server on 127.0.0.1, and to nothing else."""
+
+    def connect(sock, address, *args):
+        if address[0] != "127.0.0.1":
+            raise OSError("network access attempted in a test")
+        return REAL_CONNECT(sock, address, *args)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", REAL_CREATE_CONNECTION)
+
+
+def http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_the_search_tab_serves_no_file_of_the_indexed_folders(tmp_path, monkeypatch):
+    """With --index the server used to allow every indexed image's folder: any file beside the
+    photos (an SSH key, notes) was one GET away for anyone who could reach the port. Now the page
+    shows thumbnails it made; nothing of the indexed folders, hidden, `..` or symlinked is served."""
+    from tests.test_retrieval import EMBED, make_photos
+
+    root = make_photos(tmp_path / "data", count=3)
+    photos = root / "photos"
+    (photos / "notes.txt").write_text("private")
+    (photos / ".ssh").mkdir()
+    (photos / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (tmp_path / "data" / "secret.png").write_bytes((photos / "photo_0.png").read_bytes())
+    (photos / "link.png").symlink_to(tmp_path / "data" / "secret.png")
+    index = tmp_path / "photos.index"
+    result = run_script("retrieve.py", "index", "--images", photos, "--index", index, *EMBED)
+    assert result.returncode == 0, result.stderr[-2000:]
+    examples = root / "copies"
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--index", str(index), "--port", str(port), "--examples", str(examples)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Running on local URL" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        loopback_only(monkeypatch)
+        served = f"http://127.0.0.1:{port}/gradio_api/file="
+        example = sorted(examples.iterdir())[0]
+        assert http_status(served + str(example)) == 200  # what the page offers is served
+        for refused in (
+            photos / "photo_0.png",  # an indexed image itself: the page shows thumbnails
+            photos / "notes.txt",
+            photos / ".ssh" / "id_rsa",
+            f"{photos}/../secret.png",
+            photos / "link.png",
+            examples / "missing.jpg",
+            f"{examples}/../photos/notes.txt",
+        ):
+            assert http_status(served + str(refused)) in (403, 404), refused
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -277,6 +277,32 @@ def test_depth_folder_errors_name_the_file(tmp_path):
         check_depth_pairs(pairs, spec, "valid")
 
 
+def test_depth_json_numbers_must_be_finite(tmp_path):
+    """json reads NaN and Infinity; a range to Infinity used to end in "training diverged"."""
+    root = make_depth_dataset(tmp_path / "rgbd", n_train=1, n_valid=1, size=(32, 24))
+    for name, value in (("max_depth", "Infinity"), ("depth_scale", "NaN"), ("min_depth", "-Infinity")):
+        (root / "depth.json").write_text(f'{{"depth_scale": 1000, "max_depth": 10, "{name}": {value}}}')
+        with pytest.raises(DatasetError, match=f"depth.json: {name} must be a finite number, got {value}"):
+            load_depth_spec(root)
+
+
+def test_a_scale_that_drops_most_pixels_is_warned_about_with_the_likely_one(tmp_path, capsys):
+    """Millimetre PNGs read with KITTI's 256 still have a median within range, so nothing refused
+    them: 3.9x too far, and the far pixels silently out of the loss and the metrics."""
+    root = make_depth_dataset(tmp_path / "rgbd", n_train=1, n_valid=2, size=(64, 48))
+    pairs = find_depth_pairs(root, "valid")
+    millimetres = np.random.default_rng(0).uniform(500, 9000, (48, 64)).astype(np.uint16)  # 0.5-9 m
+    for _, path in pairs:
+        Image.fromarray(millimetres).save(path)
+    check_depth_pairs(pairs, load_depth_spec_with(root, depth_scale=1000, max_depth=10), "valid")
+    assert capsys.readouterr().out == ""  # the right scale: nothing said
+    check_depth_pairs(pairs, load_depth_spec_with(root, depth_scale=256, max_depth=10), "valid")
+    said = capsys.readouterr().out
+    expected = np.mean(millimetres / 256 <= 10)
+    assert said.startswith(f"warning: valid: only {100 * expected:.0f} % of the measured depth pixels fall in")
+    assert "with depth_scale 256" in said and "depth_scale 1000 would put 100 % in range" in said
+
+
 def load_depth_spec_with(root, **fields):
     path = root / "depth.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))

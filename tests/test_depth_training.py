@@ -3,6 +3,7 @@ head reads, and a run on a generated RGB-D folder (random-init ViT-S/14) whose c
 script reads: infer_image.py, evaluate.py, export.py, a resumed run."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -183,6 +184,23 @@ def test_a_depth_run_resumes_in_its_folder(depth_run, tmp_path):
     result = run_script("train.py", "--resume", copy / "last.pth", "--epochs", "7", "--workers", "0", "--no-pretrained")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(csv.DictReader(open(copy / "metrics.csv")))) == 7
+
+
+@pytest.mark.slow
+def test_a_resumed_depth_run_refuses_a_changed_depth_json(depth_run):
+    """Metres read with another depth_scale are other targets: refused like a changed range."""
+    import train
+    from checkpoint import load_checkpoint
+    from dinokit.data.depth_files import load_depth_spec
+
+    root, out, flags, _ = depth_run
+    args = train.get_args_parser().parse_args(["--task", "depth", *map(str, flags), *OFFLINE])
+    checkpoint = load_checkpoint(out / "last.pth")
+    train.resolve_defaults(args, checkpoint)
+    spec = load_depth_spec(root)
+    train.check_resume_matches(checkpoint, args, spec, "last.pth")  # the same depth.json: resumes
+    with pytest.raises(ValueError, match=r"trained with depth.json depth_scale 1000(\.0)? but this run has 500"):
+        train.check_resume_matches(checkpoint, args, dataclasses.replace(spec, depth_scale=500), "last.pth")
 
 
 @pytest.mark.parametrize(

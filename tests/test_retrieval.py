@@ -4,11 +4,15 @@ transformed copies a random-init backbone still finds (distinct colour layouts p
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from dinokit.backbones.weights_file import WeightsChangedError, weights_identity
+from dinokit.errors import UserError
 from dinokit.retrieval.collection import Collection, FileRecord, IndexFileError, plan_update
 from dinokit.retrieval.duplicates import duplicate_groups
 from dinokit.retrieval.vector_index import build_index, normalised, recall_against_exact
@@ -51,6 +55,22 @@ def test_approximate_indexes_measure_their_recall(kind, lowest):
     assert recall_against_exact(build_index(vectors, "exact"), vectors) == 1.0
 
 
+def test_adding_a_folder_keeps_the_others_and_removing_needs_replace(tmp_path):
+    """`index --images B` on an index of A adds B; --replace drops A; "removed" means deleted only."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = [tmp_path / "a" / f"{i}.jpg" for i in range(3)]
+    b = [tmp_path / "b" / "x.jpg"]
+    for path in a + b:
+        path.write_bytes(b"x")
+    stored = [FileRecord.of(path) for path in a]
+    a[2].unlink()
+    plan = plan_update(stored, b)
+    assert plan.keep == [0, 1] and plan.embed == b and plan.removed == [str(a[2])] and plan.dropped == []
+    plan = plan_update(stored, b, replace=True)
+    assert plan.keep == [] and plan.embed == b and plan.removed == [str(a[2])]
+    assert plan.dropped == [str(a[0]), str(a[1])]
+
+
 def test_an_update_embeds_only_what_changed(tmp_path):
     files = [tmp_path / f"{name}.jpg" for name in "abc"]
     for path in files:
@@ -75,6 +95,123 @@ def test_an_index_file_cut_short_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(IndexFileError, match="not a readable index file .cut short"):
         Collection.load(path)
+
+
+def weights_collection(tmp_path, content=b"weights v1"):
+    """A collection whose key names a weights file by content, as `index --weights FILE` stores it."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(content)
+    identity = weights_identity(weights)
+    backbone = {"backbone": "small", "pretrained": True, "weights": identity["path"], "weights_file": identity}
+    key = {"backbone": backbone, "imgsz": 56, "crop_pct": 1.0, "features": "gem", "scales": [1.0]}
+    return Collection(key, folders=[str(tmp_path / "photos")]), weights
+
+
+def test_an_index_refuses_weights_that_changed_and_takes_a_moved_copy(tmp_path):
+    collection, weights = weights_collection(tmp_path)
+    index = tmp_path / "p.index"
+    collection.check_weights(index)  # the same file: fine
+    copy = tmp_path / "elsewhere" / "copy.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(weights.read_bytes())
+    collection.check_weights(index, given=str(copy))  # another path, the same content: used from there
+    assert collection.key["backbone"]["weights"] == str(copy.resolve())
+
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"weights v2")
+    with pytest.raises(WeightsChangedError, match=r"--weights .*other.pth: not the weights .*p.index was embedded"):
+        collection.check_weights(index, given=str(other))
+
+    collection, weights = weights_collection(tmp_path)
+    weights.write_bytes(b"weights v2")  # replaced in place: same name, same size, other content
+    with pytest.raises(WeightsChangedError, match=r"w.pth: the weights file .*p.index was embedded with has changed"):
+        collection.check_weights(index)
+    weights.unlink()
+    with pytest.raises(WeightsChangedError, match="is gone"):
+        collection.check_weights(index)
+
+
+def test_a_relative_weights_path_is_stored_absolute_with_its_hash(tmp_path, monkeypatch):
+    """A relative --weights would find another file from another working directory."""
+    import argparse
+
+    from cli import backbone_identity
+
+    (tmp_path / "w.pth").write_bytes(b"abc")
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(
+        backbone="small", registers=False, source="timm", hub_dir=None, weights="w.pth", no_pretrained=False, seed=0
+    )
+    identity = backbone_identity(args)
+    assert identity["weights"] == str(tmp_path / "w.pth")
+    assert identity["weights_file"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_changed_setting_is_named_not_repeated():
+    """`index`'s refusal says what differs (it used to print the same flags on both sides)."""
+    from dinokit.retrieval.collection import key_differences
+
+    one = {"path": "/w.pth", "size": 3, "sha256": "a" * 64}
+    backbone = {"backbone": "small", "registers": False, "source": "timm", "pretrained": True, "weights": "/w.pth"}
+    key = {"backbone": {**backbone, "weights_file": one}, "imgsz": 56, "crop_pct": 1.0, "features": "gem"}
+    other = {**key, "backbone": {**backbone, "weights_file": {**one, "sha256": "b" * 64}}}
+    (difference,) = key_differences(key, other)
+    assert difference.startswith("weights /w.pth (3 bytes, sha256 aaaaaaaaaaaa) -> /w.pth (3 bytes, sha256 bbbb")
+    assert key_differences(key, {**key, "imgsz": 112}) == ["imgsz 56 -> 112"]
+
+
+def test_files_of_other_kinds_given_as_an_index_or_a_model_are_named(tmp_path):
+    """Recognised by content: an empty file, a NumPy array, a checkpoint as --index; an index as --model."""
+    import torch
+
+    from dinokit.data.file_kinds import FileKindError, read_torch_file
+
+    cases = {
+        "empty.index": "is an empty file, not a retrieve.py index",
+        "vectors.npy": r"is a NumPy array \(.npy\), not a retrieve.py index",
+        "best_model_iou.pth": "is a training checkpoint, not a retrieve.py index; it goes to --model",
+    }
+    np.save(tmp_path / "vectors.npy", np.zeros((3, 4), np.float32))
+    torch.save({"model": {}, "model_info": {}}, tmp_path / "best_model_iou.pth")
+    (tmp_path / "empty.index").write_bytes(b"")
+    for name, message in cases.items():
+        with pytest.raises(FileKindError, match=message):
+            Collection.load(tmp_path / name)
+    collection, _ = weights_collection(tmp_path)
+    collection.vectors = normalised(np.ones((2, 8)))
+    collection.records = [FileRecord("a", 1, 1), FileRecord("b", 1, 1)]
+    collection.rebuild("exact")
+    collection.save(tmp_path / "p.index")
+    with pytest.raises(FileKindError, match="is a retrieval index, not a training checkpoint; it goes to --index"):
+        read_torch_file(tmp_path / "p.index", "training checkpoint")
+
+
+def test_ivfpq_on_too_few_images_is_refused_before_embedding():
+    from dinokit.errors import UserError
+    from dinokit.retrieval.vector_index import IVFPQ_MIN_VECTORS, check_kind
+
+    check_kind("ivfpq", IVFPQ_MIN_VECTORS)
+    build_index(normalised(np.random.default_rng(0).normal(size=(IVFPQ_MIN_VECTORS, 32))), "ivfpq")
+    with pytest.raises(UserError, match="--kind ivfpq: needs at least 16 images .* has 15; use --kind exact"):
+        check_kind("ivfpq", 15)
+
+
+def test_results_never_go_inside_an_indexed_folder(tmp_path):
+    """`--index photos.index` used to put search.csv into photos/, where the next `index` embeds it."""
+    import argparse
+
+    import retrieve
+
+    collection, _ = weights_collection(tmp_path)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    args = argparse.Namespace(index=str(tmp_path / "photos.index"), out_dir=None)
+    assert retrieve.results_folder(args, collection) == tmp_path / "photos_results"
+    for inside in (tmp_path / "photos", tmp_path / "photos" / "sub" / "results"):
+        with pytest.raises(UserError, match=f"--out-dir {inside}: inside {tmp_path / 'photos'}, a folder this index"):
+            retrieve.results_folder(argparse.Namespace(index=args.index, out_dir=str(inside)), collection)
+    args = argparse.Namespace(index=str(tmp_path / "photos" / "p.index"), out_dir=None)  # the index inside it
+    with pytest.raises(UserError, match=r"--index \(results go beside it; or give --out-dir\)"):
+        retrieve.results_folder(args, collection)
 
 
 def make_photos(root, count=6, seed=0):
@@ -102,7 +239,7 @@ def test_index_search_duplicates_and_updates(tmp_path):
     index = tmp_path / "idx" / "photos.index"
     result = run_script("retrieve.py", "index", "--images", root / "photos", root / "copies", "--index", index, *EMBED)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "0 unchanged, 12 new, 0 changed, 0 removed, 1 unreadable (skipped)" in result.stdout
+    assert "0 unchanged, 12 new, 0 changed, 0 removed (deleted from disk), 1 unreadable (skipped)" in result.stdout
     assert "skipped " + str(root / "photos" / "broken.jpg") in result.stdout
 
     out = tmp_path / "search"
@@ -122,12 +259,33 @@ def test_index_search_duplicates_and_updates(tmp_path):
     for row in csv_rows(out / "duplicates.csv"):
         groups.setdefault(row["group"], set()).add(row["path"].split("/")[-1].split(".")[0].removesuffix("_copy"))
     assert sorted(map(sorted, groups.values())) == [[f"photo_{i}"] for i in range(6)]
+    assert len(list(out.glob("duplicates_*.png"))) == 6
+    result = run_script("retrieve.py", "duplicates", "--index", index, "--threshold", "1.5", "--out-dir", out)
+    assert result.returncode == 0 and "0 groups" in result.stdout, result.stderr[-2000:]
+    assert not list(out.glob("duplicates_*.png")), "an earlier run's group sheets were left beside 0 groups"
 
     shutil.copy(root / "photos" / "photo_0.png", root / "photos" / "photo_new.png")
     (root / "copies" / "photo_5_copy.jpg").unlink()
     cv2.imwrite(str(root / "photos" / "photo_1.png"), np.full((50, 50, 3), 9, np.uint8))
-    result = run_script("retrieve.py", "index", "--images", root / "photos", root / "copies", "--index", index, *EMBED)
-    assert "10 unchanged, 1 new, 1 changed, 1 removed, 1 unreadable" in result.stdout, result.stdout + result.stderr
+    result = run_script("retrieve.py", "index", "--images", root / "photos", "--index", index, *EMBED)  # copies kept
+    assert "10 unchanged, 1 new, 1 changed, 1 removed (deleted from disk), 1 unreadable" in result.stdout, (
+        result.stdout + result.stderr
+    )
+
+    (root / "photos" / "photo_2.png").unlink()  # the index is stale now
+    query = ("--query", root / "copies" / "photo_2_copy.jpg", "--k", "2", "--out-dir", out)
+    result = run_script("retrieve.py", "search", "--index", index, *query)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "1 indexed file(s) are gone from disk" in result.stdout
+        and "refresh it: python retrieve.py index" in result.stdout
+    )
+    assert "photo_2.png" in (out / "search.csv").read_text()  # the CSV says what the index holds
+    before = (out / "search.csv").read_bytes()
+    broken = ("--query", root / "photos" / "broken.jpg", "--k", "2", "--out-dir", out)
+    result = run_script("retrieve.py", "search", "--index", index, *broken)
+    assert result.returncode == 1 and "no readable image among 1 file(s); nothing searched" in result.stderr
+    assert (out / "search.csv").read_bytes() == before
 
 
 @pytest.mark.slow
@@ -203,7 +361,15 @@ def test_the_demo_searches_an_index(tmp_path):
     searcher = app.Searcher(index, "cpu", "off")
     demo = app.Demo({}, tmp_path, max_pixels=1e6, max_frames=1, searcher=searcher)
     gallery, status = demo.search_image(str(root / "copies" / "photo_2_copy.jpg"), 2)
-    assert gallery[0][0].endswith("photo_2.png") and status.startswith("2 nearest of 4 images")
+    assert gallery[0][1].endswith("photo_2.png") and status.startswith("2 nearest of 4 images")
+    for shown, _ in gallery:  # thumbnails the demo made in its own folder, never the indexed files
+        assert Path(shown).is_relative_to(tmp_path) and not Path(shown).is_relative_to(root)
+        assert Image.open(shown).format == "JPEG" and max(Image.open(shown).size) <= app.THUMBNAIL_SIDE
+    (root / "photos" / "photo_2.png").unlink()
+    gallery, status = demo.search_image(str(root / "copies" / "photo_2_copy.jpg"), 2)
+    assert (
+        len(gallery) == 1 and "1 of them gone from disk or unreadable (e.g. photo_2.png): the index is stale" in status
+    )
     (tmp_path / "notes.jpg").write_text("not an image")
     shown = app.shown_in_page(demo.search_image, 2, failed="Could not search with it")(str(tmp_path / "notes.jpg"), 2)
     assert shown[0] is None and shown[1].startswith("**Could not search with it:** notes.jpg")

@@ -23,6 +23,7 @@ from torch import nn
 
 from dinokit.backbones import dinov3
 from dinokit.backbones.dinov3 import exporting
+from dinokit.backbones.weights_file import is_url
 from dinokit.data.file_kinds import read_torch_file
 from dinokit.errors import UserError
 from model_config import BACKBONES, HUB_REPOS, SOURCES, BackboneSpec, get_backbone_spec
@@ -189,10 +190,6 @@ def unavailable(what: str, err: BaseException, spec: BackboneSpec) -> BackboneUn
             f"at {dinov3.REQUEST_ACCESS} (or download the .pth once and pass its path to --weights)"
         )
     return BackboneUnavailableError(f"{what}: {reason}; {offline_hint(spec)}")
-
-
-def is_url(weights: str | Path) -> bool:
-    return str(weights).startswith(("https://", "http://", "file://"))
 
 
 def downloaded_weights(weights: str | Path, spec: BackboneSpec) -> Path:

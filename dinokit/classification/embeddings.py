@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import config
 from dinokit.backbones.loading import load_backbone
+from dinokit.backbones.weights_file import check_weights_unchanged
 from dinokit.data.file_kinds import fingerprint_files
 from dinokit.data.image_files import read_image
 from dinokit.errors import UserError
@@ -54,8 +55,19 @@ def stored_blocks(identity: dict[str, Any]) -> int:
     return max(identity_spec(identity).head_layers())
 
 
-def build_backbone(identity: dict[str, Any], device: torch.device) -> nn.Module:
-    """The frozen backbone `identity` describes (a random-init one drawn from its seed)."""
+def build_backbone(
+    identity: dict[str, Any],
+    device: torch.device,
+    *,
+    made: str = "the stored embeddings were made",
+    fix: str = "re-embed with the weights you have now",
+) -> nn.Module:
+    """The frozen backbone `identity` describes (a random-init one drawn from its seed). A weights
+    file recorded by content must still hold it: `made` and `fix` say in the refusal what the file
+    made and how to make it again."""
+    file = identity.get("weights_file") or {}
+    if "sha256" in file:
+        check_weights_unchanged(file, made, fix)
     kwargs = {k: identity[k] for k in ("registers", "source", "hub_dir", "weights", "pretrained")}
     if "seed" in identity:
         torch.manual_seed(identity["seed"])

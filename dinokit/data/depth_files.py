@@ -17,6 +17,7 @@ mistake: millimetres read as metres), an all-invalid split — one line each, na
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from dinokit.data.image_files import DatasetError, read_image
 DEPTH_EXTENSIONS = (".png", ".npy")
 EVAL_CROPS = (None, "eigen", "garg")
 UNIT_SLACK = 10  # a median depth beyond 10x max_depth (or below min_depth / 10) is a unit mistake
+SAMPLE_PER_FILE = 4096  # measured pixels per file kept for the split's scale check
+SCALE_WARNING_SHARE = 0.8  # fewer measured pixels in range than this: a warning with the evidence
+LIKELY_SCALES = (1, 10, 100, 256, 1000, 5000)  # PNG units per metre in common datasets (KITTI 256, NYU 1000, ...)
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,10 @@ def load_depth_spec(data_dir: str | Path) -> DepthSpec:
     if not isinstance(raw, dict) or set(raw) - {"depth_scale", "min_depth", "max_depth", "eval_crop"}:
         raise DatasetError(f"{path}: expected an object with depth_scale, min_depth, max_depth, eval_crop")
     spec = DepthSpec(**{**raw, "source": str(path)})
-    numbers = (spec.depth_scale, spec.min_depth, spec.max_depth)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        raise DatasetError(f"{path}: depth_scale, min_depth and max_depth must be numbers")
+    for name in ("depth_scale", "min_depth", "max_depth"):
+        value = getattr(spec, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise DatasetError(f"{path}: {name} must be a finite number, got {json.dumps(value)}")
     if spec.depth_scale <= 0 or not 0 <= spec.min_depth < spec.max_depth:
         raise DatasetError(f"{path}: need depth_scale > 0 and 0 <= min_depth < max_depth")
     if spec.eval_crop not in EVAL_CROPS:
@@ -97,8 +102,9 @@ def valid_depth(depth: np.ndarray, spec: DepthSpec) -> np.ndarray:
     return np.isfinite(depth) & (depth >= spec.min_depth) & (depth <= spec.max_depth)
 
 
-def check_depth_file(image_path: Path, depth_path: Path, spec: DepthSpec) -> int:
-    """Read and check one depth file against its image (module docstring); its valid pixels."""
+def check_depth_file(image_path: Path, depth_path: Path, spec: DepthSpec) -> tuple[int, np.ndarray]:
+    """Read and check one depth file against its image (module docstring): its valid pixels, and a
+    sample of its measured metres (for `scale_warning`)."""
     depth = read_depth(depth_path, spec)
     height, width = read_image(image_path).shape[:2]
     if depth.shape != (height, width):
@@ -115,13 +121,47 @@ def check_depth_file(image_path: Path, depth_path: Path, spec: DepthSpec) -> int
                 f"far outside {spec.min_depth:g}-{spec.max_depth:g} m: a unit mistake? (depth_scale 1000 reads "
                 "millimetres, 256 KITTI's PNGs, 1 metres)"
             )
-    return int(valid_depth(depth, spec).sum())
+    sample = measured[:: max(1, measured.size // SAMPLE_PER_FILE)]
+    return int(valid_depth(depth, spec).sum()), sample
+
+
+def scale_warning(measured: np.ndarray, spec: DepthSpec, split: str) -> str | None:
+    """A warning when few measured pixels fall in the range (a wrong depth_scale drops them
+    silently from the loss and the metrics), with the evidence and the scale that fits best."""
+    if not measured.size:
+        return None
+    share = lambda scale: float(  # noqa: E731 - the share in range had the files been read with `scale`
+        np.mean(
+            (measured * spec.depth_scale / scale >= spec.min_depth)
+            & (measured * spec.depth_scale / scale <= spec.max_depth)
+        )
+    )
+    now = share(spec.depth_scale)
+    if now >= SCALE_WARNING_SHARE:
+        return None
+    message = (
+        f"warning: {split}: only {100 * now:.0f} % of the measured depth pixels fall in {spec.min_depth:g}-"
+        f"{spec.max_depth:g} m with depth_scale {spec.depth_scale:g} ({spec.source}); median "
+        f"{np.median(measured):.3g} m. The rest are left out of the loss and the metrics"
+    )
+    best = max(LIKELY_SCALES, key=share)
+    if best != spec.depth_scale and share(best) >= now + 0.2:
+        message += (
+            f"; depth_scale {best:g} would put {100 * share(best):.0f} % in range (median "
+            f"{np.median(measured) * spec.depth_scale / best:.3g} m): check depth_scale"
+        )
+    return message
 
 
 def check_depth_pairs(pairs: list[tuple[Path, Path]], spec: DepthSpec, split: str) -> int:
     """Every depth file of a split checked (`check_depth_file`); the split's valid pixels, which
-    must not be none."""
-    valid = sum(check_depth_file(image, depth, spec) for image, depth in pairs)
+    must not be none. A scale that leaves most measured pixels out of range is warned about."""
+    checked = [check_depth_file(image, depth, spec) for image, depth in pairs]
+    valid = sum(count for count, _ in checked)
+    is_png = any(depth.suffix.lower() == ".png" for _, depth in pairs)
+    warning = scale_warning(np.concatenate([sample for _, sample in checked]), spec, split) if is_png else None
+    if warning:
+        print(warning)
     if valid == 0:
         raise DatasetError(
             f"{split} split: no valid depth pixel in {len(pairs)} files (all 0, NaN or outside "

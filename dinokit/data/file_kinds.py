@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ TAKES = {
     "depth head": "--head-weights of infer_image.py / infer_video.py",
     "backbone weights": "--weights",
     "ONNX model": "--model of infer_image.py / infer_video.py / evaluate.py / app.py",
+    "retrieval index": "--index of retrieve.py and app.py",
 }
 
 _IMAGE_MAGIC = (
@@ -48,14 +50,17 @@ class FileKindError(UserError, ValueError):
 
 
 def sniff(path: str | Path) -> str:
-    """What the bytes of `path` are: "torch" (PyTorch's zip format), "torch-legacy" (a pickle),
-    "onnx", "safetensors", "empty", or a description ("a JPEG image", "text", "unknown data")."""
+    """What the bytes of `path` are: "torch" (PyTorch's zip format), "torch-legacy" (a pickle), "damaged zip",
+    "onnx", "safetensors", "retrieval index" (retrieve.py's), "empty", or a description ("a JPEG
+    image", "a NumPy array", "a zip archive", "text", "unknown data")."""
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:
         return "empty"
     if head.startswith(b"PK\x03\x04"):
-        return "torch"
+        return _zip_kind(path)
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy array (.npy)"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch-legacy"
     for magic, name in _IMAGE_MAGIC:
@@ -68,6 +73,24 @@ def sniff(path: str | Path) -> str:
     if _looks_like_onnx(head):
         return "onnx"
     return "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "unknown data"
+
+
+def _zip_kind(path: str | Path) -> str:
+    """A zip file: PyTorch's format (a `data.pkl` inside), retrieve.py's index (NumPy's .npz with a
+    `table` and `vectors`), another .npz, another archive, or "damaged zip" (cut short: each
+    reader names it so, as a damaged file of the kind it expects)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "damaged zip"
+    if any(name.endswith("data.pkl") for name in names):
+        return "torch"
+    if {"table.npy", "vectors.npy", "index.npy"} <= set(names):
+        return "retrieval index"
+    if names and all(name.endswith(".npy") for name in names):
+        return "a NumPy archive (.npz)"
+    return "a zip archive"
 
 
 def _looks_like_onnx(head: bytes) -> bool:
@@ -105,6 +128,23 @@ def torch_contents(value: Any) -> str | None:
     return None
 
 
+def file_kind(path: str | Path) -> str:
+    """What a file is, for a message: a TAKES key where this toolkit knows it (a PyTorch file is
+    loaded safely to tell a checkpoint from weights or a head), else a `describe`d kind."""
+    kind = sniff(path)
+    if kind == "onnx":
+        return "ONNX model"
+    if kind in TAKES:
+        return kind
+    if kind in ("torch", "torch-legacy"):
+        try:
+            found = torch_contents(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # noqa: BLE001 - unreadable: named by its format alone
+            found = None
+        return found or describe(kind)
+    return describe(kind)
+
+
 def wrong_file(path: str | Path, found: str, wanted: str) -> FileKindError:
     """The error for a file of kind `found` (a TAKES key or a `describe`d kind) given where `wanted` goes."""
     hint = f"; it goes to {TAKES[found]}" if found in TAKES else ""
@@ -136,7 +176,9 @@ def _load_torch(path: Path, wanted: str, map_location: str | torch.device) -> An
     kind = sniff(path)
     if kind == "onnx":
         raise wrong_file(path, "ONNX model", wanted)
-    if kind not in ("torch", "torch-legacy"):
+    if kind == "retrieval index":
+        raise wrong_file(path, kind, wanted)
+    if kind not in ("torch", "torch-legacy", "damaged zip"):
         raise wrong_file(path, describe(kind), wanted)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -18,6 +18,13 @@ from typing import Any
 import numpy as np
 
 import config
+from dinokit.backbones.weights_file import (
+    WeightsChangedError,
+    check_weights_unchanged,
+    describe_identity,
+    weights_identity,
+)
+from dinokit.data.file_kinds import file_kind, sniff, wrong_file
 from dinokit.data.image_files import IMAGE_EXTENSIONS
 from dinokit.errors import UserError
 from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, to_bytes
@@ -80,20 +87,30 @@ class UpdatePlan:
 
     keep: list[int]  # stored rows whose file is unchanged
     embed: list[Path]  # new or changed files
-    removed: list[str]  # stored files gone from disk (or from the folders indexed)
+    removed: list[str]  # stored files deleted from disk
     changed: set[str] = field(default_factory=set)  # of `embed`, the files that were stored before
     now: dict[str, FileRecord] = field(default_factory=dict)  # every file as it was found, before embedding
+    dropped: list[str] = field(default_factory=list)  # stored files still on disk but no longer indexed (--replace)
 
 
-def plan_update(stored: list[FileRecord], files: list[Path]) -> UpdatePlan:
-    """Compare the stored table with the files now under the indexed folders."""
+def plan_update(stored: list[FileRecord], files: list[Path], *, replace: bool = False) -> UpdatePlan:
+    """Compare the stored table with `files`, the images now under the folders given. The stored
+    images outside those folders stay in the index (checked for changes like the rest) unless
+    `replace`: then they are dropped. "Removed" are the stored files deleted from disk."""
+    files = list(files)
+    if not replace:
+        given = set(map(str, files))
+        files += [Path(r.path) for r in stored if r.path not in given and Path(r.path).is_file()]
     now = {str(path): FileRecord.of(path) for path in files}
     by_path = {record.path: row for row, record in enumerate(stored)}
     keep = [by_path[p] for p, record in now.items() if p in by_path and stored[by_path[p]] == record]
     kept = {stored[row].path for row in keep}
     embed = [Path(p) for p in now if p not in kept]
-    removed = [record.path for record in stored if record.path not in now]
-    return UpdatePlan(keep, embed, removed, changed={str(p) for p in embed if str(p) in by_path}, now=now)
+    gone = [record.path for record in stored if record.path not in now]
+    removed = [path for path in gone if not Path(path).exists()]
+    dropped = [path for path in gone if Path(path).exists()]
+    changed = {str(p) for p in embed if str(p) in by_path}
+    return UpdatePlan(keep, embed, removed, changed=changed, now=now, dropped=dropped)
 
 
 @dataclass
@@ -105,6 +122,41 @@ class Collection:
     vectors: np.ndarray | None = None
     index: Any = None
     recall: float = 1.0  # recall@10 of the index against exact search, measured when built
+    folders: list[str] = field(default_factory=list)  # the folders (or files) given to `index`, absolute
+
+    def indexed_folders(self) -> list[Path]:
+        """The folders the images were found in (those given to `index`; for an index written before
+        they were stored: the images' own folders)."""
+        given = [Path(p) for p in self.folders] or [Path(r.path).parent for r in self.records]
+        return sorted({p if p.is_dir() or not p.suffix else p.parent for p in given})
+
+    def refresh_command(self, path: Path) -> str:
+        """The command that brings this index up to date with the disk."""
+        folders = " ".join(str(p) for p in self.indexed_folders()) or "DIR"
+        return f"python retrieve.py index --images {folders} --index {path}"
+
+    def check_weights(self, path: Path, given: str | None = None) -> None:
+        """Refuse to embed queries for this index with other weights than its vectors were made by:
+        the stored weights file is checked by content (dinokit/backbones/weights_file.py); a
+        `given` --weights FILE with the same content replaces the stored path (a moved copy)."""
+        backbone = self.key["backbone"]
+        stored = backbone.get("weights_file") or {}
+        if given is not None:
+            asked = weights_identity(given)
+            if asked["sha256"] != stored.get("sha256"):
+                was = describe_identity(stored) if "sha256" in stored else backbone.get("weights") or "no weights file"
+                raise WeightsChangedError(
+                    f"--weights {given}: not the weights {path} was embedded with ({was}); give that file, "
+                    f"or re-embed with these weights: {self.refresh_command(path)} --weights {given} --rebuild"
+                )
+            self.key = {**self.key, "backbone": {**backbone, "weights": asked["path"], "weights_file": asked}}
+        elif "sha256" in stored:
+            fix = f"{self.refresh_command(path)} {describe_key(self.key)} --rebuild"
+            check_weights_unchanged(stored, f"{path} was embedded", fix)
+
+    def missing_files(self, paths: list[str]) -> list[str]:
+        """Of indexed `paths`, those no longer on disk (the index is stale)."""
+        return [p for p in paths if not Path(p).is_file()]
 
     @property
     def kind(self) -> str:
@@ -119,6 +171,7 @@ class Collection:
             "format": FORMAT,
             "key": self.key,
             "recall": self.recall,
+            "folders": self.folders,
             "files": [[r.path, r.size, r.mtime_ns] for r in self.records],
         }
         arrays = {
@@ -133,6 +186,9 @@ class Collection:
         """Read a collection `save` wrote; a missing, foreign or cut-short file is a one-line error."""
         if not path.is_file():
             raise IndexFileError(f"{path}: no such index; build it with: python retrieve.py index --images DIR ...")
+        kind = sniff(path)
+        if kind not in ("retrieval index", "damaged zip"):  # a damaged one is named "cut short" below
+            raise wrong_file(path, file_kind(path), "a retrieve.py index")
         try:
             with np.load(path, allow_pickle=False) as data:
                 table = json.loads(bytes(data["table"]).decode())
@@ -145,7 +201,43 @@ class Collection:
         if table.get("format") != FORMAT:
             raise IndexFileError(f"{path}: index format {table.get('format')!r}, this version reads {FORMAT}")
         records = [FileRecord(p, size, mtime) for p, size, mtime in table["files"]]
-        return cls(table["key"], records, vectors, index, table.get("recall", 1.0))
+        return cls(table["key"], records, vectors, index, table.get("recall", 1.0), table.get("folders", []))
+
+
+def describe_key(key: dict[str, Any]) -> str:
+    """The flags that rebuild an index with `key`'s embeddings."""
+    backbone = key["backbone"]
+    flags = f"--backbone {backbone['backbone']} --imgsz {key['imgsz']} --features {key['features']}"
+    if key["scales"] != [1.0]:
+        flags += " --scales " + " ".join(f"{s:g}" for s in key["scales"])
+    if backbone.get("weights"):
+        flags += f" --weights {backbone['weights']}"
+    return flags + ("" if backbone["pretrained"] else " --no-pretrained")
+
+
+def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """What differs between two embedding keys, one 'setting: stored -> asked' each."""
+
+    def weights(backbone: dict[str, Any]) -> str:
+        file = backbone.get("weights_file") or {}
+        if "sha256" in file:
+            return describe_identity(file)
+        if backbone.get("weights"):
+            return f"{backbone['weights']} (recorded by size and time only: an index of an older version)"
+        if not backbone["pretrained"]:
+            return f"none (random init, seed {backbone.get('seed')})"
+        return "none (the source's own)"
+
+    differences = []
+    for name in ("backbone", "registers", "source", "pretrained"):
+        if stored["backbone"].get(name) != asked["backbone"].get(name):
+            differences.append(f"{name} {stored['backbone'].get(name)} -> {asked['backbone'].get(name)}")
+    if weights(stored["backbone"]) != weights(asked["backbone"]):
+        differences.append(f"weights {weights(stored['backbone'])} -> {weights(asked['backbone'])}")
+    for name in ("imgsz", "crop_pct", "features", "scales", "format"):
+        if stored.get(name) != asked.get(name):
+            differences.append(f"{name} {stored.get(name)} -> {asked.get(name)}")
+    return differences or ["the backbone's settings (hub folder or seed)"]
 
 
 def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:

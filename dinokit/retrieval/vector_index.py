@@ -27,6 +27,7 @@ KINDS = ("exact", "hnsw", "ivfpq", "auto")
 AUTO_EXACT = 200_000  # vectors; above this `auto` builds an approximate index
 HNSW_LINKS, HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION = 32, 128, 80
 IVF_PROBES = 32
+IVFPQ_MIN_VECTORS = 16  # the smallest codebooks (4 bits) need 16 training vectors
 TRAIN_SAMPLE = 100_000  # vectors an IVF-PQ index is trained on, at most
 RECALL_QUERIES = 1000
 
@@ -57,6 +58,17 @@ def choose_kind(count: int, dim: int, memory_bytes: int | None = None) -> str:
     return "hnsw" if count * (4 * dim + 8 * HNSW_LINKS) < memory_bytes / 4 else "ivfpq"
 
 
+def check_kind(kind: str, count: int) -> None:
+    """Refuse, before any embedding, an index kind that cannot be built on `count` vectors."""
+    if kind == "ivfpq" and count < IVFPQ_MIN_VECTORS:
+        from dinokit.errors import UserError
+
+        raise UserError(
+            f"--kind ivfpq: needs at least {IVFPQ_MIN_VECTORS} images to train its codebooks, the collection has "
+            f"{count}; use --kind exact (exact search is fast at this size) or hnsw"
+        )
+
+
 def build_index(vectors: np.ndarray, kind: str = "exact", *, seed: int = 0):
     """A FAISS index of `kind` holding `vectors` (normalised rows), trained on them where it needs it."""
     faiss = faiss_module()
@@ -68,6 +80,7 @@ def build_index(vectors: np.ndarray, kind: str = "exact", *, seed: int = 0):
         index = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
     elif kind == "ivfpq":
+        check_kind(kind, count)
         index = ivfpq_index(vectors, seed)
     else:
         raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")

@@ -94,19 +94,28 @@ def folder_run(folder: Path) -> tuple[str | None, list[str]]:
 
 
 def claim_output_folder(
-    folder: str | Path, *, run: str | None = None, beside: str | Path | None = None, inputs: Iterable[str | Path] = ()
+    folder: str | Path,
+    *,
+    run: str | None = None,
+    beside: str | Path | None = None,
+    inputs: Iterable[str | Path] = (),
+    flag: str = "--out-dir",
 ) -> Path:
     """Check `folder` by the rule in the module docstring before any work, and clean up after killed
     processes there. `run`: the kind of run this script is (its own folders are allowed); `beside`:
-    the model file whose folder is always allowed (evaluate.py, export.py). A folder that did not
-    exist is not left behind: the first result written creates it."""
+    the model file whose folder is always allowed (evaluate.py, export.py); `flag`: the option that
+    chose the folder, named in the messages. A folder that did not exist is not left behind: the
+    first result written creates it."""
     folder = Path(folder)
     inputs = [Path(p) for p in inputs]
-    held = {p.resolve().parent for p in inputs if p.is_file()} | {p.resolve() for p in inputs if p.is_dir()}
-    if folder.resolve() in held:
+    resolved = folder.resolve()
+    input_folders = [p.resolve() for p in inputs if p.is_dir()]
+    inside = next((p for p in input_folders if resolved.is_relative_to(p)), None)
+    if resolved in {p.resolve().parent for p in inputs if p.is_file()} or inside is not None:
         raise RunFolderError(
-            f"--out-dir {folder}: is the folder of the inputs; results would be mixed with (and could "
-            "replace) them: choose another --out-dir"
+            f"{flag} {folder}: is {'inside ' if inside not in (None, resolved) else ''}the folder of the inputs; "
+            "results would be mixed with (and could replace) them, and read as inputs next time: "
+            f"choose another {flag}"
         )
     found, shown = folder_run(folder)
     own_model_folder = beside is not None and Path(beside).resolve().parent == folder.resolve()
@@ -115,29 +124,28 @@ def claim_output_folder(
     if found is not None and found != run and not own_model_folder:
         what = RUN_NAMES.get(found, "the results of another run")
         raise RunFolderError(
-            f"{folder}: holds {what}: {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; "
-            "choose another --out-dir"
+            f"{folder}: holds {what}: {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}; choose another {flag}"
         )
-    check_writable(folder, keep=run is not None)
+    check_writable(folder, keep=run is not None, flag=flag)
     for path in remove_stale_temp_files(folder):
         print(f"Removed {path.name}: a temporary file of a process that was killed")
     return folder
 
 
-def check_writable(folder: Path, *, keep: bool) -> None:
+def check_writable(folder: Path, *, keep: bool, flag: str = "--out-dir") -> None:
     """Create `folder` and a file in it now, so that a read-only or mistyped place fails before the
     work; without `keep`, the folders this made are removed again."""
     created = next((p for p in [folder, *folder.parents][::-1] if not p.exists()), None)
     blocking = next((p for p in [folder, *folder.parents] if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise RunFolderError(
-            f"{folder}: cannot write there ({blocking} is a file, not a folder); choose another --out-dir"
+            f"{folder}: cannot write there ({blocking} is a file, not a folder); choose another {flag}"
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         temp_path(folder / "write-check").unlink()
     except OSError as err:
-        raise RunFolderError(f"{folder}: cannot write there ({err.strerror or err}); choose another --out-dir") from err
+        raise RunFolderError(f"{folder}: cannot write there ({err.strerror or err}); choose another {flag}") from err
     if created is not None and not keep:
         shutil.rmtree(created, ignore_errors=True)
 
