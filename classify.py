@@ -26,11 +26,13 @@ import torch
 import config
 from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
 from cli import (
+    RANDOM_INIT,
     ArgumentParser,
     add_backbone_args,
     add_device_args,
     at_least,
     backbone_identity,
+    backbone_weights,
     non_negative,
     positive,
     run_cli,
@@ -174,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
                 write_json(out_dir / "split.json", data.split_record(Path(args.data_dir)))
             train, val = embed_splits(args, data, out_dir)
             report, linear = evaluate_methods(args, data, train, val, out_dir)
-            write_json(out_dir / "metrics.json", report)
+            write_json(out_dir / "metrics.json", {**report, "backbone_weights": backbone_weights(args)})
             save_classifier(args, data, train, linear, out_dir / "classifier.pth")
         except BaseException:
             remove_results(out_dir, "this unfinished run's")  # no half set of results (the embedding caches stay)
@@ -286,7 +288,8 @@ def evaluate_methods(
             "sweep": {f"{lr:g}": top1 for lr, top1 in probe.sweep.items()},
         }
         write_csv(probe.history, out_dir / "metrics.csv")
-        save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"))
+        title = RANDOM_INIT if args.no_pretrained else ""
+        save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"), title=title)
         save_confusion_matrix(
             confusion_counts(logits.argmax(1), val_y, num_classes),
             data.classes,

@@ -231,6 +231,18 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
 
 
+RANDOM_INIT = "random-init backbone (--no-pretrained): these figures say nothing about DINOv2/DINOv3 features"
+
+
+def backbone_weights(args: argparse.Namespace) -> str:
+    """Where the backbone's weights came from, as reports record it (a random-init run says so)."""
+    if args.no_pretrained:
+        return "random init (--no-pretrained)"
+    return (
+        str(Path(args.weights).resolve()) if args.weights and not is_url(args.weights) else f"{args.source} pretrained"
+    )
+
+
 def backbone_kwargs(args: argparse.Namespace) -> dict:
     """`add_backbone_args` flags as keyword arguments of `Dinov2Segmentation` / `load_backbone`."""
     return {

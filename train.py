@@ -36,12 +36,14 @@ import torch
 import config
 from checkpoint import RunCheckpoints, depth_info, load_checkpoint, model_info
 from cli import (
+    RANDOM_INIT,
     FlagParser,
     add_backbone_args,
     add_device_args,
     add_mode_args,
     at_least,
     backbone_kwargs,
+    backbone_weights,
     mode_from_args,
     non_negative,
     positive,
@@ -69,7 +71,7 @@ from dinokit.prediction.depth_maps import colorize
 from dinokit.prediction.drawing import overlay
 from dinokit.prediction.modes import InferenceMode
 from dinokit.runs.reports import DEPTH_CURVES, SEGMENTATION_CURVES, save_plots, write_csv
-from dinokit.runs.run_folder import RunLock, claim_run_folder
+from dinokit.runs.run_folder import RunLock, claim_run_folder, missing_folders, remove_empty_folders
 from dinokit.runs.tensorboard_log import TrainingBoard
 from dinokit.training.feature_cache import FeatureCache, default_cache_budget
 from dinokit.training.schedules import SCHEDULERS, StepSchedule, build_scheduler, check_schedule, current_factor
@@ -164,6 +166,7 @@ def main(args: argparse.Namespace) -> None:
     device = init_distributed(args.device, args.dist_timeout)
     seed_everything(args.seed)
     out_dir = run_folder(args)
+    new_folders = missing_folders(out_dir)
     lock = claim_folder(out_dir, args)
     try:
         run = build_run(args, device, out_dir, resumed)
@@ -190,6 +193,7 @@ def main(args: argparse.Namespace) -> None:
     finally:
         if lock is not None:
             lock.release()
+        remove_empty_folders(new_folders)  # a run that failed before writing anything leaves no folder
 
 
 def run_folder(args: argparse.Namespace) -> Path:
@@ -468,6 +472,8 @@ def print_model(model: BackboneModel, args: argparse.Namespace, amp_dtype: torch
     )
     spec = model.spec
     print(f"Backbone {spec.hub_name}: patch {spec.patch_size}, weights under the {spec.licence}.")
+    if args.no_pretrained:
+        print(f"warning: {RANDOM_INIT}")
 
 
 def build_caches(
@@ -899,7 +905,8 @@ def end_epoch(
         print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
     if is_main_process():
         write_csv(run.checkpoints.history, run.out_dir / "metrics.csv")
-        save_plots(run.checkpoints.history, run.out_dir, CURVES[run.args.task])
+        title = RANDOM_INIT if run.args.no_pretrained else ""
+        save_plots(run.checkpoints.history, run.out_dir, CURVES[run.args.task], title=title)
     print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
     print("-" * 50)
 
@@ -939,6 +946,7 @@ def final_evaluation(run: Run) -> None:
         result = evaluate_pairs(predictor, pairs, workers=workers, desc="Validate best")
         lines = report_lines(result, run.spec.classes)
         report = report_json(result, run.spec.classes, checkpoint=best_path.name, split="valid", mode=mode)
+    report["backbone_weights"] = backbone_weights(run.args)
     for line in lines:
         print(line)
     if is_main_process():

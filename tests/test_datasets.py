@@ -131,3 +131,25 @@ def test_augmentation_decisions_are_independent():
         changed = not (np.array_equal(out, image) or np.array_equal(out, image[:, ::-1]))
         outcomes.add((flipped, changed))
     assert outcomes == {(False, False), (True, False), (False, True), (True, True)}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_every_script_reads_a_damaged_jpeg_as_the_training_check_does(tmp_path, damage):
+    """One rule: the JPEG that training refuses is refused by read_image (inference, indexing,
+    classification, the demo), not decoded as grey or garbled pixels."""
+    from dinokit.data.image_files import read_image, verify_image
+
+    path = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    cv2.imwrite(str(path), pixels)
+    assert read_image(path).shape == (96, 128, 3)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 40] = bytes(40)
+    path.write_bytes(bytes(data))
+    assert cv2.imread(str(path)) is not None  # what OpenCV (and PIL) would have used
+    for reader in (verify_image, read_image):
+        with pytest.raises(DatasetError, match="photo.jpg: not a readable image"):
+            reader(path)

@@ -40,6 +40,7 @@ def test_three_epochs_lower_the_loss_and_write_every_artefact(trained_run):
     assert "rounded up to 126 98" in stdout
     assert stdout.count("Train Epoch Loss:") == 3 and "LR for next epoch:" in stdout
     assert "Validating best_model_iou.pth at original resolution (whole at 126x98)" in stdout
+    assert "warning: random-init backbone (--no-pretrained): these figures say nothing" in stdout
 
 
 def test_best_iou_checkpoint_is_the_best_epoch_and_rebuilds_from_itself(trained_run):
@@ -60,6 +61,7 @@ def test_final_validation_is_what_evaluate_py_measures(trained_run, tiny_dataset
     # by the same code as evaluate.py (the per-epoch figures are at the training size).
     out_dir, stdout = trained_run
     final = json.loads((out_dir / "best_validation.json").read_text())
+    assert final["backbone_weights"] == "random init (--no-pretrained)"  # a figure from random init says so
     result = run_script(
         "evaluate.py",
         "--model",
@@ -123,4 +125,20 @@ def test_bad_input_is_one_line_error_and_nonzero_exit(tiny_dataset, tmp_path, fl
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
-    assert not (tmp_path / "run" / "last.pth").exists()
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
+
+
+def test_a_failed_run_leaves_only_the_folders_that_were_there(tmp_path):
+    from dinokit.runs.run_folder import missing_folders, remove_empty_folders
+
+    (tmp_path / "outputs").mkdir()
+    run = tmp_path / "outputs" / "a" / "b"
+    created = missing_folders(run)
+    assert created == [run, run.parent]
+    run.mkdir(parents=True)
+    remove_empty_folders(created)
+    assert not (tmp_path / "outputs" / "a").exists() and (tmp_path / "outputs").is_dir()
+    run.mkdir(parents=True)
+    (run / "last.pth").write_bytes(b"x")  # a run that wrote something keeps its folder
+    remove_empty_folders(created)
+    assert (run / "last.pth").exists()

@@ -43,12 +43,15 @@ def save_plots(
     out_dir: str | Path,
     curves=SEGMENTATION_CURVES,
     splits: tuple[str, str] = ("train", "valid"),
+    title: str = "",
 ) -> None:
-    """One PNG per curve: the training and validation values of a metric per epoch."""
+    """One PNG per curve: the training and validation values of a metric per epoch (whole epochs on
+    the axis); `title` above each (a random-init run says so there)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     train, valid = splits
@@ -57,7 +60,10 @@ def save_plots(
         ax.plot(epochs, [row[f"{train}_{key}"] for row in history], marker="o", label=f"Train {label.lower()}")
         ax.plot(epochs, [row[f"{valid}_{key}"] for row in history], marker="o", label=f"Validation {label.lower()}")
         ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
+        if title:
+            ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         atomic_write(Path(out_dir) / filename, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

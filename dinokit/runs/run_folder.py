@@ -216,6 +216,22 @@ def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok
     return lock
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first (what a run creates)."""
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove those of `folders` (innermost first) that are empty: a run that failed before writing
+    anything leaves no empty run folder behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): it stays, and so do its parents
+            if folder.exists():
+                return
+
+
 def lock_run_folder(folder: Path, kind: str) -> RunLock:
     """`claim_output_folder`, then the run's lock on the folder (held until `release`)."""
     claim_output_folder(folder, run=kind)
