@@ -32,8 +32,9 @@ from utils import broadcast_object, broadcast_state, is_main_process
 CHECKPOINT_FORMAT = 1
 
 
-def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int]) -> dict[str, Any]:
-    """Everything inference needs to rebuild and interpret the model, without config.py."""
+def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
+    """Everything inference needs to rebuild and interpret the model, without config.py (`extra`:
+    what the run adds, e.g. the data folder evaluate.py scores by default)."""
     return {
         "arch": dict(model.arch),
         "hub_dir": model.hub_dir,
@@ -49,6 +50,7 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
         "patch_size": model.patch_size,
         "prefix_tokens": model.spec.prefix_tokens,
         "licence": model.spec.licence,
+        **extra,
     }
 
 

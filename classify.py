@@ -34,6 +34,7 @@ from cli import (
     backbone_identity,
     backbone_weights,
     non_negative,
+    output_folder,
     positive,
     run_cli,
 )
@@ -167,7 +168,7 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--k {max(args.k)}: larger than the training set ({len(data.train)} images in {args.data_dir})"
         )
-    out_dir = config.OUTPUT_DIR / (args.out_dir or "classify")
+    out_dir = output_folder(args.out_dir or "classify")
     lock = lock_run_folder(out_dir, "classifier")
     try:
         remove_results(out_dir, "the previous classifier's")  # a folder's results all come from one run
@@ -400,7 +401,7 @@ def predict(args: argparse.Namespace) -> None:
     files = [source] if source.is_file() else class_images(source)[0]
     if not files:
         raise ValueError(f"{source}: no image files")
-    out_dir = config.OUTPUT_DIR / args.out_dir if args.out_dir else Path(args.model).parent
+    out_dir = output_folder(args.out_dir) if args.out_dir else Path(args.model).parent
     claim_output_folder(out_dir, run="classifier", beside=args.model, inputs=files)
     settings, classes = classifier["features"], classifier["classes"]
     device = select_device(args.device)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+import config
+from dinokit.backbones.settings import apply_backbone_settings, default_hub_dir, default_source
 from dinokit.backbones.weights_file import is_url, weights_identity
 from dinokit.data.resize import check_imgsz
 from dinokit.errors import UserError, one_line
@@ -48,7 +50,10 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     Under torchrun each rank reports its own error; only a rank whose collective failed because a
     peer went away says so instead."""
     try:
-        main(parser.parse_args())
+        args = parser.parse_args()
+        if hasattr(args, "no_pretrained"):  # the backbone flags: the environment's settings fill what is left out
+            apply_backbone_settings(args)
+        main(args)
     except KeyboardInterrupt as err:
         print(f"\ninterrupted{': ' + one_line(err) if str(err) else ''}", file=sys.stderr)
         sys.exit(130)
@@ -170,6 +175,15 @@ def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
 
 
+def output_folder(value: str | Path) -> Path:
+    """--out-dir's one rule in every script: a bare name is a folder under outputs/ (`--out-dir demo`:
+    outputs/demo); a value with a path separator (`runs/a`, `./a`, `/tmp/a`) or `.`/`..` is that path."""
+    text = str(value)
+    if "/" in text or "\\" in text or text in (".", ".."):
+        return Path(text)
+    return config.OUTPUT_DIR / text
+
+
 def backbone_identity(args: argparse.Namespace) -> dict[str, Any]:
     """What embeddings of a backbone depend on (classify.py's caches, retrieve.py's indexes): the
     backbone flags, the weights file by absolute path, size and content hash (so that a replaced
@@ -211,13 +225,13 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--registers", action="store_true", help="with a DINOv2 size: the variant with 4 registers")
     group.add_argument(
         "--source",
-        default="hub",
+        default=default_source(),
         choices=SOURCES,
         help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir",
     )
     group.add_argument(
         "--hub-dir",
-        default=None,
+        default=default_hub_dir(),
         metavar="PATH",
         help="local clone of github.com/facebookresearch/dinov2 or /dinov3 (implies --source local)",
     )
@@ -355,7 +369,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) ->
 def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
     """The flags infer_image.py and infer_video.py share."""
     add_model_args(parser)
-    parser.add_argument("--out-dir", default=str(default_out_dir))
+    parser.add_argument(
+        "--out-dir",
+        default=str(default_out_dir),
+        help=f"a name (a folder under outputs/) or a path with a separator (default: {default_out_dir})",
+    )
     add_device_args(parser)
     parser.add_argument(
         "--alpha", type=unit_interval, default=0.5, help="opacity of the class colours in the overlay, 0..1"

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import config
 from checkpoint import dataset_spec
-from cli import ArgumentParser, add_device_args, add_mode_args, add_model_args, at_least, mode_from_args, run_cli
+from cli import (
+    ArgumentParser,
+    add_device_args,
+    add_mode_args,
+    add_model_args,
+    at_least,
+    mode_from_args,
+    output_folder,
+    run_cli,
+)
 from datasets import find_depth_pairs, find_pairs, pair_folders
 from dinokit.data.data_check import check_dataset
 from dinokit.data.depth_files import check_depth_pairs, load_depth_spec
@@ -37,7 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default=str(config.DATA_DIR), help="dataset root laid out like the training data")
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"dataset root laid out like the training data (default: the folder the model was trained on, else "
+        f"{config.DATA_DIR})",
+    )
     data.add_argument(
         "--split", default="valid", help="NAME: score NAME_images/ against NAME_labels/ (valid, train, test, ...)"
     )
@@ -72,17 +86,30 @@ def split_pairs(args: argparse.Namespace, depth: bool) -> tuple[str, list[tuple[
     return images.name, pair_folders(images, Path(args.labels), f"{images} with {args.labels}", depth=depth)
 
 
+def data_folder(args: argparse.Namespace, predictor: Predictor) -> str:
+    """--data-dir, else the folder the checkpoint was trained on (said), else config.DATA_DIR."""
+    if args.data_dir is not None or args.images is not None:
+        return args.data_dir or str(config.DATA_DIR)
+    trained_on = predictor.info.get("data_dir")
+    if trained_on and Path(trained_on).is_dir():
+        print(f"Data: {trained_on} (the model's training data; --data-dir scores another)")
+        return trained_on
+    return str(config.DATA_DIR)
+
+
 def main(args: argparse.Namespace) -> None:
     mode = mode_from_args(args)
     device = init_distributed(args.device)
     predictor = load_predictor(args, str(device), mode)  # its task says which split folders to read
+    args.data_dir = data_folder(args, predictor)
     split, pairs = split_pairs(args, predictor.task == "depth")
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.model or ".").parent
+    out_dir = output_folder(args.out_dir) if args.out_dir else default_report_folder(args)
     # before the work: a folder that cannot take the report fails now, on every process
     on_main_process(lambda: claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs]))
     name = Path(args.model).name if args.model else Path(args.head_weights).name
+    stem = report_stem(args, out_dir)
     if predictor.task == "depth":
-        return score_depth(args, predictor, f"{name}_{split}", pairs, out_dir)
+        return score_depth(args, predictor, split, f"{stem}_{split}", pairs, out_dir)
     info = predictor.info
     spec = dataset_spec(info, source=f"{name} (model_info)")
     check = check_dataset({split: pairs}, spec)
@@ -100,7 +127,8 @@ def main(args: argparse.Namespace) -> None:
             f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}"
         )
     if is_main_process():
-        name = f"{name}_{split}_{predictor.mode.tag()}"
+        title = f"{split} split of {name} ({predictor.mode.describe()})"
+        name = f"{stem}_{split}_{predictor.mode.tag()}"
         write_json(
             out_dir / f"eval_{name}.json",
             report_json(
@@ -116,19 +144,39 @@ def main(args: argparse.Namespace) -> None:
             result.confusion,
             predictor.classes,
             out_dir / f"confusion_{name}.png",
-            f"{name}: mIoU {result.scores.miou:.3f}",
+            f"{title}: mIoU {result.scores.miou:.3f}",
         )
         print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
 
 
+def default_report_folder(args: argparse.Namespace) -> Path:
+    """Beside the checkpoint; for Meta's released head (no run folder), outputs/evaluate/."""
+    return Path(args.model).parent if args.model else config.OUTPUT_DIR / "evaluate"
+
+
+def report_stem(args: argparse.Namespace, out_dir: Path) -> str:
+    """The model's part of a report's name: its file name, with its run folder's name in front when
+    the report goes elsewhere (two runs' best_model_iou.pth scored into one --out-dir keep both reports)."""
+    model = Path(args.model or args.head_weights)
+    if not model.is_file() or out_dir.resolve() == model.resolve().parent:
+        return model.name
+    return f"{model.resolve().parent.name}-{model.name}"
+
+
 def score_depth(
-    args: argparse.Namespace, predictor: Predictor, name: str, pairs: list[tuple[Path, Path]], out_dir: Path
+    args: argparse.Namespace,
+    predictor: Predictor,
+    split: str,
+    name: str,
+    pairs: list[tuple[Path, Path]],
+    out_dir: Path,
 ) -> None:
     """A depth model on an RGB-D split (depth.json of --data-dir: scale, range, evaluation crop)."""
     spec = load_depth_spec(args.data_dir)
-    check_depth_pairs(pairs, spec, name)
+    label = f"{split} split of {Path(args.model or args.head_weights).name}"
+    check_depth_pairs(pairs, spec, label)
     print(
-        f"Scoring {name} ({len(pairs)} images, {spec.min_depth:g}-{spec.max_depth:g} m, crop {spec.eval_crop}) "
+        f"Scoring {label} ({len(pairs)} images, {spec.min_depth:g}-{spec.max_depth:g} m, crop {spec.eval_crop}) "
         f"at original resolution; {predictor.mode.describe()}; {predictor.engine}"
     )
     result = evaluate_depth_pairs(predictor, pairs, spec, workers=args.workers)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import config
 from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkpoint
 from cli import ArgumentParser, at_least, run_cli
 from dinokit.data.image_files import image_paths, read_image
@@ -117,8 +118,16 @@ class Agreement:
         return f"  {self.what:<24} {size}: {difference}{self.measure} {100 * self.agreement:.4f} %"
 
 
+def default_onnx_path(model: Path) -> Path:
+    """Beside the checkpoint when it is in a run folder under outputs/; a model from elsewhere (a
+    download, the repository's root) exports to outputs/exports/, never beside a file of someone else's."""
+    if model.resolve().is_relative_to(config.OUTPUT_DIR.resolve()):
+        return model.with_suffix(".onnx")
+    return config.OUTPUT_DIR / "exports" / f"{model.stem}.onnx"
+
+
 def output_path(args: argparse.Namespace) -> Path:
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    out = Path(args.out) if args.out else default_onnx_path(Path(args.model))
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: the file name must end in .onnx")
     if out.resolve() == Path(args.model).resolve():

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, depth_range_from_args, run_cli
+from cli import ArgumentParser, add_inference_args, depth_range_from_args, output_folder, run_cli
 from dinokit.data.image_files import DatasetError, image_paths, write_image
 from dinokit.prediction.depth_maps import write_depth_outputs
 from dinokit.prediction.drawing import indexed_png, render
@@ -65,7 +65,7 @@ def result_writer(predictor: Predictor, out_dir: Path, args: argparse.Namespace)
 
 def main(args: argparse.Namespace) -> None:
     images = image_paths(args.input)
-    out_dir = claim_output_folder(args.out_dir, inputs=images)
+    out_dir = claim_output_folder(output_folder(args.out_dir), inputs=images)
     predictor = load_predictor(args)
     batch, workers = select_throughput(predictor.device, args.batch, args.workers)
     write = result_writer(predictor, out_dir, args)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, run_cli
+from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, output_folder, run_cli
 from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.runs.run_folder import claim_output_folder
 from inference import load_predictor
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> None:
     capture, video = open_video(source)
     try:
         frame_count = video.frames_to_read(args.max_frames)
-        out_path = claim_output_folder(args.out_dir, inputs=[source]) / f"{source.stem}.mp4"
+        out_path = claim_output_folder(output_folder(args.out_dir), inputs=[source]) / f"{source.stem}.mp4"
         predictor = load_predictor(args)
         batch, workers = select_throughput(predictor.device, args.batch, args.workers)
         timings: list[float] = []

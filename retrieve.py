@@ -31,6 +31,7 @@ from cli import (
     add_device_args,
     at_least,
     backbone_identity,
+    output_folder,
     positive,
     run_cli,
 )
@@ -184,7 +185,7 @@ def results_folder(args: argparse.Namespace, collection: Collection, inputs: lis
     never inside a folder the index holds (the next `index` would embed the results, and a user's
     file of the same name would be replaced)."""
     index = index_path(args.index)
-    folder = Path(args.out_dir) if args.out_dir else index.with_name(f"{index.stem}_results")
+    folder = output_folder(args.out_dir) if args.out_dir else index.with_name(f"{index.stem}_results")
     flag = "--out-dir" if args.out_dir else "--index (results go beside it; or give --out-dir)"
     for indexed in collection.indexed_folders():
         if folder.resolve().is_relative_to(indexed.resolve()):

@@ -46,6 +46,7 @@ from cli import (
     backbone_weights,
     mode_from_args,
     non_negative,
+    output_folder,
     positive,
     run_cli,
     unit_interval,
@@ -201,7 +202,7 @@ def run_folder(args: argparse.Namespace) -> Path:
     if args.out_dir is None and args.resume:
         return Path(args.resume).parent
     default = "fine_tuning" if args.fine_tune else "transfer_learning"
-    return config.OUTPUT_DIR / (args.out_dir or (f"depth_{default}" if args.task == "depth" else default))
+    return output_folder(args.out_dir or (f"depth_{default}" if args.task == "depth" else default))
 
 
 def resolve_defaults(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
@@ -358,10 +359,15 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         scheduler=scheduler,
         scaler=scaler,
         info=depth_info(
-            model, imgsz, dataset=Path(args.data_dir).name, depth_scale=spec.depth_scale, eval_crop=spec.eval_crop
+            model,
+            imgsz,
+            dataset=Path(args.data_dir).name,
+            data_dir=str(Path(args.data_dir).resolve()),
+            depth_scale=spec.depth_scale,
+            eval_crop=spec.eval_crop,
         )
         if depth
-        else model_info(model, spec, imgsz),
+        else model_info(model, spec, imgsz, data_dir=str(Path(args.data_dir).resolve())),
         args=recorded,
         best_on=SCORINGS[args.task].best,
     )

@@ -34,6 +34,7 @@ from cli import (
     at_least,
     backbone_kwargs,
     non_negative,
+    output_folder,
     run_cli,
     unit_interval,
 )
@@ -280,7 +281,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     source = open_source(Path(args.input), args.max_frames)
-    out_dir = claim_output_folder(args.out_dir, inputs=source.images or [source.path])
+    out_dir = claim_output_folder(output_folder(args.out_dir), inputs=source.images or [source.path])
     seed_everything(args.seed)  # a random-init backbone (--no-pretrained) draws the same weights every run
     extract = PatchFeatures(
         imgsz=args.imgsz, layer=args.layer, device=args.device, amp=args.amp, **backbone_kwargs(args)

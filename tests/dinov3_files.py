@@ -76,3 +76,20 @@ def random_biases(backbone: TimmDinov3, seed: int = 0) -> TimmDinov3:
             if name.endswith(("q_bias", "v_bias")):
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
     return backbone
+
+
+def meta_convnext_layout(backbone) -> dict[str, torch.Tensor]:
+    """A timm DINOv3 ConvNeXt's weights in Meta's (the original ConvNeXt's) names: the inverse of
+    timm's `convnext.checkpoint_filter_fn` (downsample_layers, stages.i.j, dwconv, pwconv, norm)."""
+    import re
+
+    meta = {}
+    for key, value in backbone.convnext.state_dict().items():
+        if key.startswith("head.") and not key.startswith("head.norm."):
+            continue
+        key = key.replace("stem.", "downsample_layers.0.")
+        key = re.sub(r"stages\.([0-9]+)\.downsample\.([0-9]+)", r"downsample_layers.\1.\2", key)
+        key = re.sub(r"stages\.([0-9]+)\.blocks\.([0-9]+)", r"stages.\1.\2", key)
+        key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv").replace("head.norm.", "norm.")
+        meta[key] = value.clone()
+    return meta

@@ -4,6 +4,7 @@ is Meta's own DINOv2 model (the `dinov2` package) behind a hubconf.py written li
 
 import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,49 @@ def test_a_checkpoint_of_meta_code_exports_through_timm(hub_trained_checkpoint, 
     result = run_script("export.py", "--model", hub_trained_checkpoint, "--out", tmp_path / "hub.onnx")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "check passed" in result.stdout and (tmp_path / "hub.onnx").is_file()
+
+
+def test_one_environment_setting_gives_every_script_its_backbone(tmp_path, monkeypatch):
+    """Offline use is set up once: DINOKIT_WEIGHTS_DIR (Meta's files under their names) and
+    DINOKIT_SOURCE fill the backbone flags a command leaves out; flags given still win."""
+    import classify
+    import retrieve
+    from dinokit.backbones.settings import apply_backbone_settings, weights_in_folder
+    from dinokit.errors import UserError
+
+    for name in (
+        "dinov2_vits14_pretrain.pth",
+        "dinov2_vits14_reg4_pretrain.pth",
+        "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+    ):
+        (tmp_path / name).write_bytes(b"x")
+    assert weights_in_folder(tmp_path, "dinov2_vits14").name == "dinov2_vits14_pretrain.pth"
+    assert weights_in_folder(tmp_path, "dinov2_vits14_reg").name == "dinov2_vits14_reg4_pretrain.pth"
+    assert weights_in_folder(tmp_path, "dinov3_vits16").name.startswith("dinov3_vits16_pretrain_lvd1689m")
+    with pytest.raises(
+        UserError, match=r"no weights file for dinov2_vitb14 in it \(looked for dinov2_vitb14_pretrain.pth\)"
+    ):
+        weights_in_folder(tmp_path, "dinov2_vitb14")
+
+    monkeypatch.setenv("DINOKIT_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("DINOKIT_SOURCE", "timm")
+    args = retrieve.get_args_parser().parse_args(["index", "--images", "x", "--index", "i", "--registers"])
+    apply_backbone_settings(args)
+    assert (args.source, Path(args.weights).name) == ("timm", "dinov2_vits14_reg4_pretrain.pth")
+    args = classify.get_args_parser().parse_args(["--source", "hub", "--weights", "mine.pth", "--backbone", "base"])
+    apply_backbone_settings(args)
+    assert (args.source, args.weights) == ("hub", "mine.pth")  # what the command line says
+    args = classify.get_args_parser().parse_args(["--no-pretrained"])
+    apply_backbone_settings(args)
+    assert args.weights is None  # a random-init run takes no file
+    monkeypatch.setenv("DINOKIT_SOURCE", "pip")
+    with pytest.raises(UserError, match="DINOKIT_SOURCE=pip: must be one of hub, timm, local"):
+        apply_backbone_settings(classify.get_args_parser().parse_args([]))  # the parser reads it when built
+
+
+def test_the_offline_error_names_the_one_setting():
+    from dinokit.backbones.loading import offline_hint
+    from model_config import get_backbone_spec
+
+    for name in ("dinov2_vits14", "dinov3_vits16"):
+        assert "DINOKIT_WEIGHTS_DIR=" in offline_hint(get_backbone_spec(name))

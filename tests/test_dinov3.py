@@ -100,6 +100,25 @@ def test_weights_of_another_backbone_name_the_fix(meta_file, tmp_path):
         load_backbone("dinov3_vits16", source="timm", weights=dinov2)
 
 
+@pytest.mark.parametrize(
+    "given, made",
+    [("dinov3_vits16", "dinov3_vits16plus"), ("dinov3_convnext_tiny", "dinov3_convnext_small")],
+)
+def test_a_sibling_architectures_file_is_named_with_its_backbone(given, made, tmp_path):
+    """ViT-S and S+ share width and depth (S+ has a SwiGLU MLP), ConvNeXt tiny and small their width
+    and stage count (9 or 27 blocks in stage 3): the file is named for what it is, not by torch's
+    "Error(s) in loading state_dict for Eva"."""
+    from dinokit.backbones.dinov3 import build_timm
+    from tests.dinov3_files import meta_convnext_layout
+
+    other = build_timm(get_backbone_spec(made), pretrained=False)
+    path = tmp_path / f"{made}_pretrain_lvd1689m-0000.pth"
+    torch.save(meta_convnext_layout(other) if "convnext" in made else meta_layout(other), path)
+    with pytest.raises(ValueError, match=f"the weights of {made}, not {given}; pass --backbone {made}"):
+        load_backbone(given, source="timm", weights=path)
+    assert load_backbone(made, source="timm", weights=path) is not None
+
+
 def test_the_hub_source_asks_for_the_gated_weights():
     with pytest.raises(UserError) as excinfo:
         load_backbone("dinov3_vits16", source="hub")

@@ -161,9 +161,10 @@ def test_evaluate_py_on_a_test_split_under_torchrun_equals_one_process(trained_r
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    one_report = json.loads((tmp_path / "one" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())
-    two_report = json.loads((tmp_path / "two" / "eval_best_model_iou.pth_test_whole-126x98.json").read_text())
+    name = "transfer_learning-best_model_iou.pth_test_whole-126x98"  # the run folder's name first: --out-dir elsewhere
+    one_report = json.loads((tmp_path / "one" / f"eval_{name}.json").read_text())
+    two_report = json.loads((tmp_path / "two" / f"eval_{name}.json").read_text())
     assert two_report["processes"] == 2 and two_report["images"] == one_report["images"] == 7
     for key in ("miou", "pixel_accuracy", "mean_class_accuracy", "fwiou"):
         assert two_report[key] == pytest.approx(one_report[key], abs=1e-12)
-    assert (tmp_path / "one" / "confusion_best_model_iou.pth_test_whole-126x98.png").stat().st_size > 1000
+    assert (tmp_path / "one" / f"confusion_{name}.png").stat().st_size > 1000

@@ -294,10 +294,10 @@ def test_evaluation_reports_say_what_was_evaluated(checkpoint, tiny_dataset, tmp
         )
         assert result.returncode == 0, result.stderr[-2000:]
         reports.append(sorted(p.name for p in tmp_path.glob("eval_*.json")))
-    assert reports[-1] == [
-        "eval_best_model_iou.pth_valid_slide-60-56-28.json",
-        "eval_best_model_iou.pth_valid_whole-126x98.json",
-        "eval_best_model_iou.pth_valid_whole-126x98_flip.json",
+    assert reports[-1] == [  # the run folder's name first (outside it, two runs' best_model_iou.pth differ)
+        "eval_transfer_learning-best_model_iou.pth_valid_slide-60-56-28.json",
+        "eval_transfer_learning-best_model_iou.pth_valid_whole-126x98.json",
+        "eval_transfer_learning-best_model_iou.pth_valid_whole-126x98_flip.json",
     ]
     assert len(list(tmp_path.glob("confusion_*.png"))) == 3
 

@@ -66,15 +66,14 @@ def test_final_validation_is_what_evaluate_py_measures(trained_run, tiny_dataset
         "evaluate.py",
         "--model",
         out_dir / "best_model_iou.pth",
-        "--data-dir",
-        tiny_dataset,
         "--out-dir",
         tmp_path,
         "--workers",
         "0",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    evaluated = json.loads((tmp_path / "eval_best_model_iou.pth_valid_whole-126x98.json").read_text())
+    assert f"Data: {tiny_dataset} (the model's training data" in result.stdout  # no --data-dir: the run's own
+    evaluated = json.loads((tmp_path / "eval_transfer_learning-best_model_iou.pth_valid_whole-126x98.json").read_text())
     assert final["checkpoint"] == "best_model_iou.pth" and final["images"] == evaluated["images"] == 5
     assert final["miou"] == pytest.approx(evaluated["miou"], abs=1e-12)
     assert f"mIoU {final['miou']:.4f}" in stdout

@@ -133,17 +133,51 @@ def read_dinov3_weights(path: str | Path, spec: BackboneSpec) -> dict[str, torch
         raise ValueError(f"{path}: not a {what} backbone state dict (no {marker}){found}")
     found_dim, found_depth = describe_dinov3_weights(state, spec)
     if (found_dim, found_depth) != (spec.embed_dim, spec.depth):
-        fits = [
+        fitting = [
             s.hub_name
             for s in BACKBONES.values()
-            if (s.embed_dim, s.depth, s.family) == (found_dim, found_depth, "dinov3")
+            if (s.embed_dim, s.depth, s.family, s.is_convnext) == (found_dim, found_depth, "dinov3", spec.is_convnext)
+            and fits(state, s)  # width and depth alone do not tell S from S+, ConvNeXt tiny from small
         ]
-        fix = f"; pass --backbone {fits[0]}" if fits else ""
+        fix = f"; pass --backbone {fitting[0]}" if fitting else ""
         raise ValueError(
             f"{path}: weights of a backbone with width {found_dim} and depth {found_depth}, "
             f"but the model is {spec.hub_name} (width {spec.embed_dim}, depth {spec.depth}){fix}"
         )
+    check_architecture(state, spec, path)
     return state
+
+
+def fits(state: dict[str, torch.Tensor], spec: BackboneSpec) -> bool:
+    """Whether a Meta-format state dict has exactly the tensors (names and shapes) of `spec`'s model,
+    built without memory on the meta device."""
+    with torch.device("meta"):
+        wrapper = build_timm(spec, pretrained=False)
+    target = (wrapper.convnext if spec.is_convnext else wrapper.vit).state_dict()
+    try:
+        converted = to_timm_state(state, wrapper)
+    except (ValueError, RuntimeError, KeyError):
+        return False
+    return converted.keys() == target.keys() and all(converted[k].shape == target[k].shape for k in target)
+
+
+def check_architecture(state: dict[str, torch.Tensor], spec: BackboneSpec, path: str | Path) -> None:
+    """Name the sibling a file belongs to when width and depth agree but the rest does not (ViT-S
+    and S+: S+ has a SwiGLU MLP; ConvNeXt tiny and small: 9 or 27 blocks in the third stage)."""
+    if fits(state, spec):
+        return
+    siblings = [
+        other.hub_name
+        for other in BACKBONES.values()
+        if other.family == "dinov3"
+        and other.is_convnext == spec.is_convnext
+        and other.embed_dim == spec.embed_dim
+        and other.hub_name != spec.hub_name
+        and fits(state, other)
+    ]
+    if siblings:
+        raise ValueError(f"{path}: the weights of {siblings[0]}, not {spec.hub_name}; pass --backbone {siblings[0]}")
+    raise ValueError(f"{path}: does not match {spec.hub_name}'s architecture (tensor names or shapes differ)")
 
 
 def describe_dinov3_weights(state: dict[str, torch.Tensor], spec: BackboneSpec) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from dinokit.backbones import dinov3
 from dinokit.backbones.dinov3 import exporting
+from dinokit.backbones.settings import SETTING_HINT
 from dinokit.backbones.weights_file import is_url
 from dinokit.data.file_kinds import read_torch_file
 from dinokit.errors import UserError
@@ -35,7 +36,7 @@ OFFLINE_HINT = (
     "($TORCH_HOME/hub/facebookresearch_dinov2_main and hub/checkpoints/dinov2_*_pretrain.pth); "
     "(2) --hub-dir PATH/TO/dinov2-clone with --weights PATH/TO/dinov2_vits14_pretrain.pth; "
     "(3) --source timm --weights PATH/TO/dinov2_vits14_pretrain.pth "
-    "(--source timm --no-pretrained gives a random-init smoke run)"
+    "(--source timm --no-pretrained gives a random-init smoke run); " + SETTING_HINT
 )
 
 
@@ -177,7 +178,8 @@ def offline_hint(spec: BackboneSpec) -> str:
     return (
         f"{spec.hub_name} weights are gated: request access at {dinov3.REQUEST_ACCESS}, then use one of: "
         f"(1) --weights SIGNED_URL_OR_FILE (torch.hub); (2) --hub-dir PATH/TO/dinov3-clone --weights FILE; "
-        f"(3) --source timm --weights FILE (--source timm --no-pretrained gives a random-init smoke run)"
+        f"(3) --source timm --weights FILE (--source timm --no-pretrained gives a random-init smoke run); "
+        + SETTING_HINT
     )
 
 
