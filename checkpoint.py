@@ -4,6 +4,13 @@ alone, and a training run's checkpoint files; Meta's released heads as a ready m
 A checkpoint is a plain dict: `format`, `model` (state dict), `optimizer`, `scheduler`, `scaler`,
 `epoch`, `metrics`, `best`, `history`, `overrides`, `args`, and `model_info` (`model_info` below:
 all that inference needs). Inference needs only `model` and `model_info`.
+
+A frozen backbone whose weights can be had again (a weights file, recorded by path, size and
+SHA-256, or the source's own pretrained weights) is not stored: `model` holds the head alone and
+`model_info["backbone_weights"]` says where the backbone comes from (ViT-S: about 140 kB instead of
+88 MB). A fine-tuned backbone, and a random-init one (it cannot be drawn again), is stored whole.
+Checkpoints of either kind, and those written before, load the same way (`build_model_from_checkpoint`,
+`load_model_state`).
 """
 
 from __future__ import annotations
@@ -21,15 +28,18 @@ import torch
 
 from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_timm
 from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
+from dinokit.backbones.settings import moved_weights
+from dinokit.backbones.weights_file import check_weights_unchanged, is_url, weights_identity
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.data.labels import DatasetSpec
 from dinokit.depth.released import DepthHeadError, is_depth_head_name, read_depth_head
 from dinokit.writing import atomic_write
 from model import BackboneModel, DinoDepth, Dinov2Segmentation
-from model_config import get_backbone_spec
+from model_config import canonical_name, get_backbone_spec
 from utils import broadcast_object, broadcast_state, is_main_process
 
 CHECKPOINT_FORMAT = 1
+BACKBONE_PREFIX = "backbone."  # the backbone's tensors in a model's state dict
 
 
 def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
@@ -126,6 +136,10 @@ def build_model_from_checkpoint(
     arch = info["arch"]
     architecture, common = rebuild_arguments(info)
     state = checkpoint["model"]
+    record = info.get("backbone_weights")
+    if record is not None:  # a head-only checkpoint: the frozen backbone from its weights again
+        weights = check_backbone_file(record, "the checkpoint", canonical_name(arch["backbone"], arch["registers"]))
+        common = {**common, "pretrained": True, "weights": weights}
     model = None
     if not timm or arch["source"] == "timm":
         try:
@@ -140,12 +154,56 @@ def build_model_from_checkpoint(
         model = architecture(source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
-        model.load_state_dict(state)
+        load_model_state(model, {**checkpoint, "model": state})
     except RuntimeError as err:
         raise ValueError(
             f"checkpoint weights do not fit the model its model_info describes ({arch}): {str(err).splitlines()[0]}"
         ) from err
     return model.to(device).eval()
+
+
+def backbone_record(args: Any) -> dict[str, Any] | None:
+    """Where a run's frozen backbone can be had again, for a head-only checkpoint; None where the
+    backbone must be stored (fine-tuned, random init, or weights behind a signed URL that expires)."""
+    if args.fine_tune or args.no_pretrained or (args.weights and is_url(args.weights)):
+        return None
+    weights = weights_identity(args.weights) if args.weights else None
+    return {"source": args.source, "hub_dir": args.hub_dir, "weights": weights}
+
+
+def without_backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict without its backbone's tensors (a head-only checkpoint's `model`)."""
+    return {key: value for key, value in state.items() if not key.startswith(BACKBONE_PREFIX)}
+
+
+def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], where: str | Path = "checkpoint") -> None:
+    """Load a checkpoint's `model` into `model`: whole, or (a head-only checkpoint) the head, with
+    every missing tensor the backbone's, and the backbone's weights file checked to be the one the
+    head was trained on."""
+    record = checkpoint["model_info"].get("backbone_weights")
+    if record is None:
+        model.load_state_dict(checkpoint["model"])
+        return
+    arch = checkpoint["model_info"]["arch"]
+    check_backbone_file(record, where, canonical_name(arch["backbone"], arch["registers"]))
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    stray = unexpected + [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
+    if stray:
+        raise ValueError(f"{where}: the head's tensors do not fit the model ({', '.join(stray[:3])})")
+
+
+def check_backbone_file(record: dict[str, Any], where: str | Path, hub_name: str) -> str | None:
+    """The weights file of a head-only checkpoint's backbone (where it was, or moved into
+    $DINOKIT_WEIGHTS_DIR), which must still hold the weights its head was trained on."""
+    if not record.get("weights"):
+        return None
+    found = moved_weights(record["weights"], hub_name)
+    check_weights_unchanged(
+        found,
+        f"the frozen backbone of {where} was trained",
+        "put that file back, or its copy into $DINOKIT_WEIGHTS_DIR (the head is only valid on its features)",
+    )
+    return found["path"]
 
 
 def rebuild_arguments(info: dict[str, Any]) -> tuple[type[BackboneModel], dict[str, Any]]:
@@ -189,11 +247,13 @@ class RunCheckpoints:
         info: dict[str, Any],
         args: dict[str, Any],
         best_on: tuple[str, str, Callable[[float, float], float]] = ("miou", "IoU", max),
+        backbone: dict[str, Any] | None = None,
     ):
         self.out_dir = out_dir
         self.metric, self.label, self.better = best_on  # e.g. ("rmse", "RMSE", min)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.info, self.args = info, args
+        self.backbone = backbone  # where a frozen backbone comes from: saved without it (module docstring)
         self.history: list[dict[str, float]] = []
         self.best = {"loss": math.inf, self.metric: -math.inf if self.better is max else math.inf}
         self.overrides: list[dict[str, Any]] = []
@@ -209,9 +269,13 @@ class RunCheckpoints:
         self.overrides = list(checkpoint.get("overrides", [])) + list(overrides)
 
     def state(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        model = self.model.state_dict()
+        info = self.info
+        if self.backbone is not None:
+            model, info = without_backbone(model), {**info, "backbone_weights": self.backbone}
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -220,7 +284,7 @@ class RunCheckpoints:
             "best": dict(self.best),
             "history": self.history,
             "overrides": self.overrides,
-            "model_info": self.info,
+            "model_info": info,
             "args": self.args,
         }
 
@@ -258,7 +322,7 @@ class RunCheckpoints:
                 not best_path.exists()
             ):  # the run folder is this run's alone (dinokit/runs/run_folder.py): nothing stale here
                 best_path = self.out_dir / "final_model.pth"
-            self.model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+            load_model_state(self.model, load_checkpoint(best_path, map_location=device), best_path)
         broadcast_state(self.model)
         return self.out_dir / broadcast_object(best_path.name)
 

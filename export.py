@@ -270,14 +270,14 @@ def main(args: argparse.Namespace) -> None:
     imgsz = tuple(round_to_patch(imgsz, patch_size)) if args.dynamic else tuple(imgsz)
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     images = check_images(args, checkpoint)
-    weights = sum(tensor.numel() * 4 for tensor in checkpoint["model"].values() if tensor.is_floating_point())
+    reference = build_model_from_checkpoint(checkpoint, "cpu")
+    weights = sum(tensor.numel() * 4 for tensor in reference.state_dict().values() if tensor.is_floating_point())
     if weights >= SINGLE_FILE_LIMIT * 0.95:
         raise UserError(
             f"{args.model}: {format_bytes(weights)} of float32 weights ({info['arch']['backbone']}) do not "
             "fit one ONNX file (protobuf's 2 GB limit); exporting with external weight files is not supported "
             "yet: use a smaller backbone"
         )
-    reference = build_model_from_checkpoint(checkpoint, "cpu")
     traced = build_model_from_checkpoint(checkpoint, "cpu", timm=True)
     sizes = check_sizes(imgsz, args.dynamic, patch_size)
 

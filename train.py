@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import config
-from checkpoint import RunCheckpoints, depth_info, load_checkpoint, model_info
+from checkpoint import RunCheckpoints, backbone_record, depth_info, load_checkpoint, load_model_state, model_info
 from cli import (
     RANDOM_INIT,
     FlagParser,
@@ -370,6 +370,7 @@ def build_run(args: argparse.Namespace, device: torch.device, out_dir: Path, res
         else model_info(model, spec, imgsz, data_dir=str(Path(args.data_dir).resolve())),
         args=recorded,
         best_on=SCORINGS[args.task].best,
+        backbone=backbone_record(args),
     )
     valid_cache, train_cache = build_caches(args, model, train_loader.dataset, imgsz, amp_dtype, out_dir)
     return Run(
@@ -720,7 +721,7 @@ def train_views_key(
 
 def restore(run: Run, resumed: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
     """Continue `resumed`: weights, optimizer, schedule, scaler and history; flags given now win."""
-    run.model.load_state_dict(resumed["model"])
+    load_model_state(run.model, resumed, run.args.resume)
     run.optimizer.load_state_dict(resumed["optimizer"])
     run.scheduler.load_state_dict(resumed["scheduler"])
     follow_schedule_flags(run.optimizer, run.scheduler, run.args)

@@ -141,3 +141,49 @@ def test_a_failed_run_leaves_only_the_folders_that_were_there(tmp_path):
     (run / "last.pth").write_bytes(b"x")  # a run that wrote something keeps its folder
     remove_empty_folders(created)
     assert (run / "last.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_frozen_backbone_from_a_weights_file_is_not_stored_in_the_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    """The head and where the backbone comes from (the file by path, size and SHA-256), not 88 MB of
+    frozen weights; the checkpoint rebuilds, reproduces its metrics, resumes, and refuses a changed file."""
+    from dinov2.models import vision_transformer  # Meta's model code: the file in Meta's layout
+
+    from dinokit.backbones.weights_file import WeightsChangedError
+
+    torch.manual_seed(0)
+    weights = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(
+        vision_transformer.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0).state_dict(), weights
+    )
+    common = ("--data-dir", tiny_dataset, "--imgsz", "56", "42", "--batch", "4", "--out-dir", tmp_path / "run")
+    flags = (*common, "--source", "timm", "--weights", weights, "--workers", "0")
+    result = run_script("train.py", "--epochs", "1", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = tmp_path / "run" / "best_model_iou.pth"
+    checkpoint = load_checkpoint(path)
+    assert not any(key.startswith("backbone.") for key in checkpoint["model"])
+    assert checkpoint["model_info"]["backbone_weights"]["weights"]["path"] == str(weights)
+    assert path.stat().st_size < 1_000_000 < weights.stat().st_size  # ViT-S: 88 MB
+
+    model = build_model_from_checkpoint(checkpoint)
+    color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
+    valid_set = SegmentationDataset(find_pairs(tiny_dataset, "valid"), color_map, eval_transform((56, 42)))
+    result = validate(model, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
+    assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
+
+    resumed = run_script("train.py", "--epochs", "2", "--resume", tmp_path / "run" / "last.pth", *flags)
+    assert resumed.returncode == 0 and "Resumed from" in resumed.stdout, resumed.stderr[-3000:]
+
+    moved = tmp_path / "elsewhere" / weights.name  # another machine: the file in its weights folder
+    moved.parent.mkdir()
+    weights.rename(moved)
+    with pytest.raises(WeightsChangedError, match="is gone; put it back"):
+        build_model_from_checkpoint(load_checkpoint(path))
+    monkeypatch.setenv("DINOKIT_WEIGHTS_DIR", str(moved.parent))
+    assert build_model_from_checkpoint(load_checkpoint(path)) is not None
+    moved.rename(weights)
+
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the file replaced: the head is not valid on it
+    with pytest.raises(WeightsChangedError, match="the frozen backbone of the checkpoint was trained with has changed"):
+        build_model_from_checkpoint(load_checkpoint(path))

@@ -16,6 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
+from dinokit.backbones.weights_file import weights_identity
 from dinokit.errors import UserError
 from model_config import SOURCES, get_backbone_spec
 
@@ -46,6 +47,20 @@ def weights_in_folder(folder: Path, hub_name: str) -> Path:
         f"{WEIGHTS_DIR}={folder}: no weights file for {hub_name} in it (looked for "
         f"{' or '.join(meta_file_patterns(hub_name))}); put Meta's file there, or give --weights FILE"
     )
+
+
+def moved_weights(stored: dict, hub_name: str) -> dict:
+    """A weights identity (weights_file.weights_identity) whose recorded file is gone, found again by
+    content in $DINOKIT_WEIGHTS_DIR (a checkpoint or index copied to another machine); else the
+    stored identity, for the caller's refusal to name."""
+    folder = os.environ.get(WEIGHTS_DIR)
+    if Path(stored["path"]).is_file() or not folder:
+        return stored
+    try:
+        candidate = weights_identity(weights_in_folder(Path(folder).expanduser(), hub_name))
+    except UserError:
+        return stored
+    return candidate if candidate["sha256"] == stored["sha256"] else stored
 
 
 def default_source() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import config
+from dinokit.backbones.settings import moved_weights
 from dinokit.backbones.weights_file import (
     WeightsChangedError,
     check_weights_unchanged,
@@ -29,6 +30,7 @@ from dinokit.data.image_files import IMAGE_EXTENSIONS
 from dinokit.errors import UserError
 from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, to_bytes
 from dinokit.writing import atomic_write
+from model_config import canonical_name
 
 FORMAT = 1
 RETRIEVAL_DIR = config.OUTPUT_DIR / "retrieval"
@@ -151,8 +153,10 @@ class Collection:
                 )
             self.key = {**self.key, "backbone": {**backbone, "weights": asked["path"], "weights_file": asked}}
         elif "sha256" in stored:
+            found = moved_weights(stored, canonical_name(backbone["backbone"], backbone.get("registers", False)))
             fix = f"{self.refresh_command(path)} {describe_key(self.key)} --rebuild"
-            check_weights_unchanged(stored, f"{path} was embedded", fix)
+            check_weights_unchanged(found, f"{path} was embedded", fix)
+            self.key = {**self.key, "backbone": {**backbone, "weights": found["path"], "weights_file": found}}
 
     def missing_files(self, paths: list[str]) -> list[str]:
         """Of indexed `paths`, those no longer on disk (the index is stale)."""
