@@ -50,7 +50,10 @@ from inference import Predictor, load_predictor
 from utils import select_device, select_precision, select_throughput
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-EXAMPLES_DIR = config.ROOT / "input" / "inference_data" / "images"
+EXAMPLE_DIRS = (
+    config.ROOT / "input" / "inference_data" / "images",
+    config.ROOT / "input" / "sample_voc" / "valid_images",
+)
 THUMBNAIL_SIDE = 384  # pixels: what the search tab shows of an indexed image
 BAD_INPUT = (UserError, DatasetError, ValueError, OSError)  # what a user's file can cause: shown in the page
 
@@ -64,10 +67,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also a public https link through Gradio's share servers (needs internet; anyone with the link "
+        "can use it)",
+    )
+    parser.add_argument(
         "--examples",
         default=None,
         metavar="DIR",
-        help=f"images offered as examples (default: {EXAMPLES_DIR} when it exists)",
+        help="images offered as examples (default: input/inference_data/images, else the demo's "
+        "input/sample_voc/valid_images)",
     )
     parser.add_argument("--max-upload-mb", type=positive, default=25, help="largest upload accepted (default 25)")
     parser.add_argument(
@@ -146,6 +156,16 @@ class Demo:
                 f"stale, refresh it: {self.searcher.refresh_command()}"
             )
         return gallery, status
+
+    def preview(self, path: str | None) -> np.ndarray | None:
+        """The uploaded image as it will be read (EXIF orientation applied), or nothing for a file that
+        is not one (segmenting it says why)."""
+        if not path or image_pixels_or_zero(path) > self.max_pixels:
+            return None
+        try:
+            return read_image(path)
+        except BAD_INPUT:
+            return None
 
     def segment_image(self, path: str | None, name: str, mode: str, alpha: float) -> tuple[Any, ...]:
         """(overlay, colour mask, legend HTML, index-mask PNG path, status line) for one uploaded image."""
@@ -251,6 +271,13 @@ class Searcher:
         return [(self.collection.records[r].path, float(s)) for r, s in zip(rows[0], similarities[0]) if r >= 0]
 
 
+def image_pixels_or_zero(path: str) -> int:
+    try:
+        return image_pixels(path)
+    except BAD_INPUT:
+        return 0
+
+
 def thumbnail(image: Path, out: Path, side: int = THUMBNAIL_SIDE) -> Path:
     """A JPEG copy of `image` at most `side` pixels wide and high, upright by its EXIF orientation.
     The page shows these, never the indexed files themselves: the server hands out the files it
@@ -322,6 +349,7 @@ def model_tabs(gr: Any, demo: Demo, examples: list[str]) -> None:
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="image", file_types=["image"], elem_id="image-upload")
+                preview = gr.Image(label="the image", type="numpy", elem_id="preview", interactive=False, height=240)
                 if examples:
                     gr.Examples(examples, inputs=upload, label="examples")
                 run_image = gr.Button("Segment", variant="primary", elem_id="segment-image")
@@ -334,7 +362,9 @@ def model_tabs(gr: Any, demo: Demo, examples: list[str]) -> None:
             mask_file = gr.File(label="index mask (PNG: pixel value = class index)", elem_id="mask-file")
     with gr.Tab("Video"):
         with gr.Row():
-            video_in = gr.Video(label="short video", sources=["upload"], elem_id="video-upload")
+            # a file box, not a player: the browser cannot play .avi or many .mp4 codecs, which it would
+            # report as "Video not playable" although the server reads them
+            video_in = gr.File(label="short video", file_types=["video"], elem_id="video-upload")
             video_out = gr.Video(label="segmented", elem_id="video-out", interactive=False)
         status = gr.Markdown(elem_id="video-status")
         run_video = gr.Button("Segment video", variant="primary", elem_id="segment-video")
@@ -343,6 +373,7 @@ def model_tabs(gr: Any, demo: Demo, examples: list[str]) -> None:
     run_image.click(
         shown_in_page(demo.segment_image, len(image_outputs)), [upload, *inputs], image_outputs, concurrency_id="model"
     )
+    upload.change(demo.preview, upload, preview, queue=False)
 
     def video(path, name, mode, alpha, progress=gr.Progress()):
         return shown_in_page(demo.segment_video, 2)(path, name, mode, alpha, progress)
@@ -366,10 +397,15 @@ def search_tab(gr: Any, demo: Demo) -> None:
 
 
 def example_images(args: argparse.Namespace) -> list[str]:
-    folder = Path(args.examples) if args.examples else EXAMPLES_DIR
-    if not folder.is_dir():
-        if args.examples:
-            raise FileNotFoundError(f"--examples {folder}: no such folder")
+    """--examples, else the first of EXAMPLE_DIRS that exists (the demo's validation images after
+    `make demo`); none is said once."""
+    if args.examples:
+        if not Path(args.examples).is_dir():
+            raise FileNotFoundError(f"--examples {args.examples}: no such folder")
+        return [str(path) for path in list_image_files(args.examples)[:8]]
+    folder = next((folder for folder in EXAMPLE_DIRS if folder.is_dir()), None)
+    if folder is None:
+        print(f"no example images ({' nor '.join(map(str, EXAMPLE_DIRS))} exists; --examples DIR offers some)")
         return []
     return [str(path) for path in list_image_files(folder)[:8]]
 
@@ -441,7 +477,9 @@ def main(args: argparse.Namespace) -> None:
                 max_file_size=f"{args.max_upload_mb:g}mb",
                 show_error=True,
                 allowed_paths=served_paths(examples),
-                quiet=False,
+                share=args.share,
+                quiet=True,  # Gradio's own lines advise editing launch(); ours name the flags
+                prevent_thread_lock=True,
             )
         except OSError as err:  # taken between the check and the launch; Gradio names its own server_port
             if "port" not in str(err):
@@ -449,6 +487,10 @@ def main(args: argparse.Namespace) -> None:
             raise UserError(
                 f"--port {args.port}: cannot listen on {args.host}:{args.port} (in use); choose another --port"
             ) from err
+        print(f"Running on local URL:  {page.local_url}", flush=True)
+        if args.share:
+            print(f"Public URL (through Gradio's share servers, valid for a week): {page.share_url}", flush=True)
+        page.block_thread()
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from datasets import DepthPairDataset, PairDataset, ShardSampler
 from dinokit.data.depth_files import DepthSpec, eval_crop_mask, valid_depth

@@ -311,9 +311,30 @@ def load_predictor(args: argparse.Namespace, device: str | None = None, mode: In
         raise ValueError("give --model CKPT (a model trained here) or --head-weights NAME|FILE (Meta's released head)")
     mode = mode or mode_from_args(args)
     if args.model is not None and Path(args.model).is_file() and sniff(args.model) == "onnx":  # by content, not name
-        return Predictor.from_onnx(args.model, args.device, mode)  # onnxruntime picks from --device itself
-    if args.model is not None:
-        return Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
-    return Predictor.from_head(
-        args.head_weights, device or args.device, args.amp, mode, head_layers=args.head_layers, **backbone_kwargs(args)
+        predictor = Predictor.from_onnx(args.model, args.device, mode)  # onnxruntime picks from --device itself
+    elif args.model is not None:
+        predictor = Predictor.from_checkpoint(args.model, device or args.device, args.amp, mode)
+    else:
+        predictor = Predictor.from_head(
+            args.head_weights,
+            device or args.device,
+            args.amp,
+            mode,
+            head_layers=args.head_layers,
+            **backbone_kwargs(args),
+        )
+    warn_if_slow(predictor)
+    return predictor
+
+
+def warn_if_slow(predictor: Predictor) -> None:
+    """Say before the work that a many-pass mode on a CPU takes tens of seconds per image (the
+    README's slide + 3 scales + flip: 27 s per VOC image with ViT-S on the 2-core development CPU)."""
+    mode = predictor.mode
+    if predictor.device.type != "cpu" or (mode.mode == "whole" and mode.passes == 1):
+        return
+    windows = " x the sliding windows of each scale" if mode.mode == "slide" else ""
+    print(
+        f"note: {mode.describe()}: {mode.passes} forward pass(es) per image{windows}, on the CPU: expect seconds to "
+        "tens of seconds per image (a GPU, or --mode whole without --scales/--flip, is much faster)"
     )

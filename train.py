@@ -802,7 +802,11 @@ def fit(run: Run) -> None:
     run.checkpoints.save_final(args.epochs)
     passes = torch.tensor(run.model.backbone_images)
     all_reduce_sum(passes)
-    print(f"Backbone passes: {int(passes):,} images" + (f" ({world_size()} processes)" if world_size() > 1 else ""))
+    print(
+        f"Backbone passes: {int(passes):,} images"
+        + (f" ({world_size()} processes)" if world_size() > 1 else "")
+        + " (images run through the backbone in this run; cached features take none)"
+    )
 
 
 def prepare_train_views(run: Run) -> None:
@@ -943,7 +947,10 @@ def final_evaluation(run: Run) -> None:
         amp_dtype=run.settings.amp_dtype,
         mode=mode_from_args(run.args, sizes=False),
     )
-    print(f"Validating {best_path.name} at original resolution ({predictor.mode.describe()})")
+    print(
+        f"Validating {best_path.name}: predicted {predictor.mode.describe()}, "
+        "scored at each image's original resolution"
+    )
     pairs, workers, mode = run.valid_loader.dataset.pairs, run.args.workers, predictor.mode.describe()
     if run.args.task == "depth":
         errors = evaluate_depth_pairs(predictor, pairs, run.spec, workers=workers, desc="Validate best")

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 import config
 from cli import (
@@ -340,7 +340,9 @@ def describe_pca(extract: PatchFeatures, count: int, fitted: int, kept: bool, pc
     unit = "frame" if video else "image"
     return (
         f"PCA of block {extract.layer} over {count} {unit}{'s' * (count != 1)} ({extract.grid[1]}x{extract.grid[0]} "
-        f"patches each): {what}; explained variance " + ", ".join(f"{v:.3g}" for v in pca.variance.tolist())
+        f"patches each): {what}; the 3 components explain "
+        + " + ".join(f"{100 * share:.1f}" for share in pca.variance_shares())
+        + " % of the features' variance"
     )
 
 

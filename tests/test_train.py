@@ -39,7 +39,9 @@ def test_three_epochs_lower_the_loss_and_write_every_artefact(trained_run):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert "rounded up to 126 98" in stdout
     assert stdout.count("Train Epoch Loss:") == 3 and "LR for next epoch:" in stdout
-    assert "Validating best_model_iou.pth at original resolution (whole at 126x98)" in stdout
+    assert (
+        "Validating best_model_iou.pth: predicted whole at 126x98, scored at each image's original resolution" in stdout
+    )
     assert "warning: random-init backbone (--no-pretrained): these figures say nothing" in stdout
 
 

@@ -17,14 +17,21 @@ import torch
 
 @dataclass
 class FeaturePca:
-    """A fitted PCA: `mean` [C], `components` [k, C] (rows, by decreasing variance), `variance` [k],
-    and the range of each component's projection over the fitted input (`low`, `high` [k])."""
+    """A fitted PCA: `mean` [C], `components` [k, C] (rows, by decreasing variance), `variance` [k]
+    (in squared feature units), the range of each component's projection over the fitted input
+    (`low`, `high` [k]), and `total_variance` (the covariance's trace: all C directions)."""
 
     mean: torch.Tensor
     components: torch.Tensor
     variance: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
+    total_variance: float = float("nan")
+
+    def variance_shares(self) -> list[float]:
+        """Each component's share of the features' total variance (0..1): what a figure reports,
+        unlike `variance`, whose scale is the backbone's."""
+        return (self.variance / self.total_variance).tolist()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """`[..., C]` features -> `[..., k]` component scores."""
@@ -35,13 +42,16 @@ class FeaturePca:
         return ((self.project(features) - self.low) / (self.high - self.low).clamp(min=1e-12)).clamp(0, 1)
 
     def to(self, device: torch.device | str) -> FeaturePca:
-        return FeaturePca(*(t.to(device) for t in (self.mean, self.components, self.variance, self.low, self.high)))
+        moved = (t.to(device) for t in (self.mean, self.components, self.variance, self.low, self.high))
+        return FeaturePca(*moved, self.total_variance)
 
     def scaled_to(self, features: torch.Tensor) -> FeaturePca:
         """The same components with `low`/`high` measured on `features` (all patches, when the
         components were fitted on a sample)."""
         scores = self.project(features)
-        return FeaturePca(self.mean, self.components, self.variance, scores.min(0).values, scores.max(0).values)
+        return FeaturePca(
+            self.mean, self.components, self.variance, scores.min(0).values, scores.max(0).values, self.total_variance
+        )
 
 
 def fit_pca(features: torch.Tensor, components: int = 3) -> FeaturePca:
@@ -66,6 +76,7 @@ def fit_pca(features: torch.Tensor, components: int = 3) -> FeaturePca:
         values[-components:].flip(0).float(),
         scores.min(0).values.float(),
         scores.max(0).values.float(),
+        float(values.sum()),
     )
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from dinokit.errors import UserError
 from dinokit.prediction.scores import predicted_classes
+from dinokit.writing import temp_path
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 23  # the first with a fused Attention operator (onnxruntime >= 1.23); 18 for older runtimes
@@ -126,11 +127,20 @@ def to_float16(proto: Any) -> Any:
 
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation of the linear layers (MatMul with constant weights): int8 weights,
-    activations quantised per call from their observed range."""
+    activations quantised per call from their observed range. The graph is pre-processed first as
+    onnxruntime asks (shape inference and its graph optimisations, `quant_pre_process`), so the
+    quantiser sees shapes and fused nodes."""
     quantization = require("onnxruntime.quantization")
-    quantization.quantize_dynamic(
-        str(source), str(target), op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8
-    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = temp_path(target, suffix=".onnx")
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantization.quantize_dynamic(
+            str(prepared), str(target), op_types_to_quantize=["MatMul"], weight_type=quantization.QuantType.QInt8
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
 def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: str, dynamic: bool) -> None:
