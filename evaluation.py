@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from datasets import DepthPairDataset, PairDataset, ShardSampler
 from dinokit.data.depth_files import DepthSpec, eval_crop_mask, valid_depth
@@ -33,12 +33,14 @@ class Evaluation:
 
 
 def predicted_pairs(
-    predictor: Predictor, loader: DataLoader, desc: str
+    predictor: Predictor, loader: DataLoader, desc: str | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """(prediction, truth, seconds of the prediction) of each (image, truth) pair, predicted the way
-    infer_image.py predicts (`Predictor.predict_prepared`, batched on a GPU: the same masks)."""
+    infer_image.py predicts (`Predictor.predict_prepared`, batched on a GPU: the same masks). A
+    progress bar named `desc` on stderr; None: none (a notebook's output stays clean)."""
     batch, _ = select_throughput(predictor.device)
-    pairs = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
+    quiet = desc is None or not is_main_process()
+    pairs = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=quiet)
     for group in batched(pairs, batch):
         started = time.perf_counter()
         predictions = predictor.predict_prepared([predictor.prepare(image.numpy()) for image, _ in group])
@@ -53,7 +55,7 @@ def evaluate_pairs(
     *,
     workers: int = 0,
     seed_batch: int = 2,
-    desc: str = "Evaluate",
+    desc: str | None = "Evaluate",
 ) -> Evaluation:
     """Predict every pair's image at its own size and score it against its mask."""
     dataset = PairDataset(pairs, predictor.color_map, predictor.mask_format)
@@ -82,7 +84,12 @@ def evaluate_pairs(
 
 
 def evaluate_depth_pairs(
-    predictor: Predictor, pairs: list[tuple[Path, Path]], spec: DepthSpec, *, workers: int = 0, desc: str = "Evaluate"
+    predictor: Predictor,
+    pairs: list[tuple[Path, Path]],
+    spec: DepthSpec,
+    *,
+    workers: int = 0,
+    desc: str | None = "Evaluate",
 ) -> dict[str, float]:
     """Predict every pair's image at its own size and score the depth (metrics.DepthErrors) on the
     pixels that count: measured, within the dataset's range, inside its evaluation crop."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import config
 from cli import ArgumentParser, add_inference_args, depth_range_from_args, output_folder, run_cli

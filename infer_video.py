@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import config
 from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, output_folder, run_cli

@@ -92,11 +92,14 @@ def build(args: argparse.Namespace) -> None:
         files = collect_images(args.images)
         key = embedding_key(args)
         stored = stored_collection(path, rebuild=args.rebuild)
-        if stored is not None and stored.key != key and not args.rebuild:
+        differences = key_differences(stored.key, key) if stored is not None else []
+        if differences and not args.rebuild:
             raise IndexFileError(
-                f"{path}: built with other settings ({'; '.join(key_differences(stored.key, key))}); add --rebuild "
+                f"{path}: built with other settings ({'; '.join(differences)}); add --rebuild "
                 "to re-embed every image with these settings, or give another --index"
             )
+        if stored is not None and not differences:
+            stored.key = key  # the same embeddings; the weights file's path as given now (a moved copy)
         folders = [str(Path(folder).resolve()) for folder in args.images]
         if stored is not None and not args.replace:
             folders = list(dict.fromkeys([*stored.folders, *folders]))
@@ -182,16 +185,18 @@ def open_index(args: argparse.Namespace) -> Collection:
 
 def results_folder(args: argparse.Namespace, collection: Collection, inputs: list = ()) -> Path:
     """--out-dir, default NAME_results/ beside the index, checked before the work (dinokit/runs/run_folder.py):
-    never inside a folder the index holds (the next `index` would embed the results, and a user's
-    file of the same name would be replaced)."""
+    never inside a folder the index holds or a query folder (both are read recursively: the next
+    `index` or `search` would embed the results, and a user's file of the same name would be replaced)."""
     index = index_path(args.index)
     folder = output_folder(args.out_dir) if args.out_dir else index.with_name(f"{index.stem}_results")
     flag = "--out-dir" if args.out_dir else "--index (results go beside it; or give --out-dir)"
-    for indexed in collection.indexed_folders():
-        if folder.resolve().is_relative_to(indexed.resolve()):
+    read = [(p, "a folder this index holds") for p in collection.indexed_folders()]
+    read += [(Path(p), "the --query folder") for p in inputs if Path(p).is_dir()]
+    for inside, what in read:
+        if folder.resolve().is_relative_to(inside.resolve()):
             raise UserError(
-                f"{flag} {folder}: inside {indexed}, a folder this index holds: the next `index` would embed "
-                "the results and a file of the same name there would be replaced; choose another --out-dir"
+                f"{flag} {folder}: inside {inside}, {what}: the next run would read the results as images "
+                "and a file of the same name there would be replaced; choose another --out-dir"
             )
     return claim_output_folder(folder, inputs=inputs, flag=flag.split()[0])
 

@@ -1,5 +1,6 @@
 """The web demo (app.py): the page's work without a browser, then the real page in headless Chromium."""
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -128,21 +129,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tiny_dataset):
-    browser_or_skip()
+@contextlib.contextmanager
+def running_app(*flags):
+    """app.py started with `flags` on a free port, once it listens: (URL, process, its output lines)."""
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "app.py"),
-            "--model",
-            str(checkpoint),
-            "--port",
-            str(port),
-            "--examples",
-            str(tiny_dataset / "valid_images"),
-        ],
+        [sys.executable, str(ROOT / "app.py"), *map(str, flags), "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -150,13 +142,22 @@ def server(checkpoint, tiny_dataset):
     )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not any("Running on local URL" in line for line in lines):
-        assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}", process, lines
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Running on local URL" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", process, lines
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tiny_dataset):
+    browser_or_skip()
+    with running_app("--model", checkpoint, "--examples", tiny_dataset / "valid_images") as running:
+        yield running
 
 
 def upload(page, path, attempts=3):
@@ -270,23 +271,9 @@ def test_the_search_tab_serves_no_file_of_the_indexed_folders(tmp_path, monkeypa
     assert result.returncode == 0, result.stderr[-2000:]
     examples = root / "copies"
 
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--index", str(index), "--port", str(port), "--examples", str(examples)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 180
-        while not any("Running on local URL" in line for line in lines):
-            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.2)
+    with running_app("--index", index, "--examples", examples) as (url, _, _):
         loopback_only(monkeypatch)
-        served = f"http://127.0.0.1:{port}/gradio_api/file="
+        served = f"{url}/gradio_api/file="
         example = sorted(examples.iterdir())[0]
         assert http_status(served + str(example)) == 200  # what the page offers is served
         for refused in (
@@ -299,6 +286,3 @@ def test_the_search_tab_serves_no_file_of_the_indexed_folders(tmp_path, monkeypa
             f"{examples}/../photos/notes.txt",
         ):
             assert http_status(served + str(refused)) in (403, 404), refused
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

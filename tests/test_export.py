@@ -120,7 +120,8 @@ def test_evaluate_py_scores_the_onnx_file_as_the_checkpoint(exported, tiny_datas
             "0",
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        reports.append(json.loads((tmp_path / f"eval_{model.name}_valid_whole-126x98.json").read_text()))
+        name = f"{model.parent.name}-{model.name}"  # outside the model's folder: its folder's name first
+        reports.append(json.loads((tmp_path / f"eval_{name}_valid_whole-126x98.json").read_text()))
     assert "onnxruntime CPU (fp32)" in result.stdout
     pth, onnx_ = reports
     assert onnx_["miou"] == pytest.approx(pth["miou"], abs=1e-4) and onnx_["pixel_accuracy"] == pytest.approx(

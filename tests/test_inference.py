@@ -186,16 +186,6 @@ def run_notebook(parameters: str, name: str = "visualize.ipynb") -> list:
 
 
 @pytest.mark.slow
-def test_notebook_executes_headless(trained_run, tiny_dataset):
-    outputs = run_notebook(
-        f"DATA_DIR = {str(tiny_dataset)!r}\nCHECKPOINT = {str(trained_run[0] / 'best_model_iou.pth')!r}\n"
-        f"HEAD_WEIGHTS = None\nNUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0, 1.25]\nFLIP = True"
-    )
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # samples, curves, predictions, IoU bars
-    assert any("mIoU" in o.get("text", "") for o in outputs)
-
-
-@pytest.mark.slow
 def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path):
     mmseg_head_file(tmp_path / "voc_linear.pth", 384, 21)
     outputs = run_notebook(

@@ -87,4 +87,5 @@ def test_the_commands_after_make_demo_run_as_written(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     warnings = [o["text"][:300] for o in outputs if o.get("name") == "stderr"]
     assert not warnings, warnings  # no progress-bar or library warnings in the page
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # samples, curves, predictions, IoU bars
+    assert any("mIoU" in o.get("text", "") for o in outputs)

@@ -158,6 +158,8 @@ def test_a_changed_setting_is_named_not_repeated():
     (difference,) = key_differences(key, other)
     assert difference.startswith("weights /w.pth (3 bytes, sha256 aaaaaaaaaaaa) -> /w.pth (3 bytes, sha256 bbbb")
     assert key_differences(key, {**key, "imgsz": 112}) == ["imgsz 56 -> 112"]
+    moved = {**key, "backbone": {**backbone, "weights": "/elsewhere/w.pth", "weights_file": {**one, "path": "/x"}}}
+    assert key_differences(key, moved) == []  # the same content at another path: the same embeddings
 
 
 def test_files_of_other_kinds_given_as_an_index_or_a_model_are_named(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import config
 from dinokit.backbones.loading import load_backbone

@@ -220,7 +220,12 @@ def describe_key(key: dict[str, Any]) -> str:
 
 
 def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    """What differs between two embedding keys, one 'setting: stored -> asked' each."""
+    """What differs between two embedding keys, one 'setting: stored -> asked' each; none when they
+    make the same embeddings (a weights file is compared by content: a moved copy is the same)."""
+
+    def same_content(one: dict[str, Any], other: dict[str, Any]) -> bool:
+        sha = (one.get("weights_file") or {}).get("sha256")
+        return sha is not None and sha == (other.get("weights_file") or {}).get("sha256")
 
     def weights(backbone: dict[str, Any]) -> str:
         file = backbone.get("weights_file") or {}
@@ -236,12 +241,17 @@ def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     for name in ("backbone", "registers", "source", "pretrained"):
         if stored["backbone"].get(name) != asked["backbone"].get(name):
             differences.append(f"{name} {stored['backbone'].get(name)} -> {asked['backbone'].get(name)}")
-    if weights(stored["backbone"]) != weights(asked["backbone"]):
+    if not same_content(stored["backbone"], asked["backbone"]) and weights(stored["backbone"]) != weights(
+        asked["backbone"]
+    ):
         differences.append(f"weights {weights(stored['backbone'])} -> {weights(asked['backbone'])}")
     for name in ("imgsz", "crop_pct", "features", "scales", "format"):
         if stored.get(name) != asked.get(name):
             differences.append(f"{name} {stored.get(name)} -> {asked.get(name)}")
-    return differences or ["the backbone's settings (hub folder or seed)"]
+    unlisted = ("hub_dir", "seed")  # what else a backbone's identity holds
+    if not differences and any(stored["backbone"].get(k) != asked["backbone"].get(k) for k in unlisted):
+        differences.append("the backbone's settings (--hub-dir or --seed)")
+    return differences
 
 
 def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:

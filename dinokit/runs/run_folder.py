@@ -108,14 +108,11 @@ def claim_output_folder(
     first result written creates it."""
     folder = Path(folder)
     inputs = [Path(p) for p in inputs]
-    resolved = folder.resolve()
-    input_folders = [p.resolve() for p in inputs if p.is_dir()]
-    inside = next((p for p in input_folders if resolved.is_relative_to(p)), None)
-    if resolved in {p.resolve().parent for p in inputs if p.is_file()} or inside is not None:
+    held = {p.resolve().parent for p in inputs if p.is_file()} | {p.resolve() for p in inputs if p.is_dir()}
+    if folder.resolve() in held:
         raise RunFolderError(
-            f"{flag} {folder}: is {'inside ' if inside not in (None, resolved) else ''}the folder of the inputs; "
-            "results would be mixed with (and could replace) them, and read as inputs next time: "
-            f"choose another {flag}"
+            f"{flag} {folder}: is the folder of the inputs; results would be mixed with (and could "
+            f"replace) them: choose another {flag}"
         )
     found, shown = folder_run(folder)
     own_model_folder = beside is not None and Path(beside).resolve().parent == folder.resolve()
