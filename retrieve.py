@@ -54,6 +54,7 @@ from dinokit.runs.reports import save_neighbour_gallery, write_csv
 from dinokit.runs.run_folder import RunLock, claim_output_folder
 from dinokit.writing import write_json
 from metrics import retrieval_scores
+from model_config import canonical_name
 from utils import select_device, select_precision
 
 KEY_FORMAT = 1
@@ -172,8 +173,14 @@ def open_index(args: argparse.Namespace) -> Collection:
     given = getattr(args, "given_flags", frozenset())
     key = collection.key
     collection.check_weights(path, args.weights if "weights" in given else None)
-    built = {"backbone": key["backbone"]["backbone"], "imgsz": key["imgsz"], "features": key["features"]}
+    built = {
+        "backbone": canonical_name(key["backbone"]["backbone"], key["backbone"].get("registers", False)),
+        "imgsz": key["imgsz"],
+        "features": key["features"],
+    }
     asked = {name: getattr(args, name) if name in given else value for name, value in built.items()}
+    if "backbone" in given or "registers" in given:  # `small` and `dinov2_vits14` name one backbone
+        asked["backbone"] = canonical_name(args.backbone, args.registers)
     if asked != built:
         raise IndexFileError(
             f"{path}: built with {describe_key(key)}; for --backbone {asked['backbone']} --imgsz {asked['imgsz']} "

@@ -99,6 +99,30 @@ def test_video_tab_writes_a_browser_playable_clip(demo, tmp_path):
     assert seen == [0.25, 0.5, 0.75, 1.0]
 
 
+def test_the_page_shows_the_upload_and_takes_any_clip(demo, tiny_dataset, tmp_path, capsys, monkeypatch):
+    """The image box shows the image as it will be read; a clip goes into a file box, not a player
+    (a browser cannot play .avi and would say "Video not playable"); examples fall back to the
+    demo's images, and none is said once."""
+    import gradio as gr
+
+    import app
+
+    page_demo, _ = demo
+    page = app.build_page(page_demo, [])
+    by_id = {block.elem_id: block for block in page.blocks.values() if getattr(block, "elem_id", None)}
+    assert isinstance(by_id["video-upload"], gr.File) and isinstance(by_id["preview"], gr.Image)
+    image = sorted((tiny_dataset / "valid_images").iterdir())[0]
+    assert np.array_equal(page_demo.preview(str(image)), read_image(image))
+    (tmp_path / "notes.jpg").write_text("not an image")
+    assert page_demo.preview(str(tmp_path / "notes.jpg")) is None  # segmenting it says why
+
+    args = app.get_args_parser().parse_args(["--index", "x"])
+    monkeypatch.setattr(app, "EXAMPLE_DIRS", (tiny_dataset / "missing", tiny_dataset / "valid_images"))
+    assert app.example_images(args)[0].endswith(".jpg")  # the first folder that exists
+    monkeypatch.setattr(app, "EXAMPLE_DIRS", (tiny_dataset / "missing",))
+    assert app.example_images(args) == [] and capsys.readouterr().out.count("no example images") == 1
+
+
 # --- the real page -------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -271,7 +295,8 @@ def test_the_search_tab_serves_no_file_of_the_indexed_folders(tmp_path, monkeypa
     assert result.returncode == 0, result.stderr[-2000:]
     examples = root / "copies"
 
-    with running_app("--index", index, "--examples", examples) as (url, _, _):
+    with running_app("--index", index, "--examples", examples) as (url, _, lines):
+        assert not any("share=True" in line for line in lines)  # no advice to edit launch(): --share exists
         loopback_only(monkeypatch)
         served = f"{url}/gradio_api/file="
         example = sorted(examples.iterdir())[0]

@@ -158,6 +158,11 @@ def test_a_changed_setting_is_named_not_repeated():
     (difference,) = key_differences(key, other)
     assert difference.startswith("weights /w.pth (3 bytes, sha256 aaaaaaaaaaaa) -> /w.pth (3 bytes, sha256 bbbb")
     assert key_differences(key, {**key, "imgsz": 112}) == ["imgsz 56 -> 112"]
+    two_names = {**key, "backbone": {**key["backbone"], "backbone": "dinov2_vits14"}}
+    assert key_differences(key, two_names) == []  # `small` is dinov2_vits14
+    assert key_differences(key, {**key, "backbone": {**key["backbone"], "registers": True}}) == [
+        "backbone dinov2_vits14 -> dinov2_vits14_reg"
+    ]
     moved = {**key, "backbone": {**backbone, "weights": "/elsewhere/w.pth", "weights_file": {**one, "path": "/x"}}}
     assert key_differences(key, moved) == []  # the same content at another path: the same embeddings
 

@@ -238,7 +238,12 @@ def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
         return "none (the source's own)"
 
     differences = []
-    for name in ("backbone", "registers", "source", "pretrained"):
+    named = [
+        canonical_name(key["backbone"]["backbone"], key["backbone"].get("registers", False)) for key in (stored, asked)
+    ]
+    if named[0] != named[1]:  # `small` and `dinov2_vits14` are one backbone
+        differences.append(f"backbone {named[0]} -> {named[1]}")
+    for name in ("source", "pretrained"):
         if stored["backbone"].get(name) != asked["backbone"].get(name):
             differences.append(f"{name} {stored['backbone'].get(name)} -> {asked['backbone'].get(name)}")
     if not same_content(stored["backbone"], asked["backbone"]) and weights(stored["backbone"]) != weights(
