@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 import config
 from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_number, positive, run_cli
@@ -121,15 +121,19 @@ class Demo:
         base = self.predictors[name]
         return base if mode == base.mode.mode else base.with_mode(InferenceMode(mode, imgsz=base.mode.imgsz))
 
-    def output_path(self, name: str) -> Path:
-        """A new file named `name` in a folder of its own (requests never share a result file); the
-        folders of requests older than KEEP_SECONDS go, so a server left running does not fill its disk."""
+    def request_folder(self) -> Path:
+        """A new folder for one request's files (requests never share a result file); the folders of
+        requests older than KEEP_SECONDS go, so a server left running does not fill its disk."""
         for old in self.out_dir.iterdir():
             if time.time() - old.stat().st_mtime > self.KEEP_SECONDS:
                 shutil.rmtree(old, ignore_errors=True)
         folder = self.out_dir / uuid.uuid4().hex
         folder.mkdir()
-        return folder / name
+        return folder
+
+    def output_path(self, name: str) -> Path:
+        """A new file named `name` in a request folder of its own."""
+        return self.request_folder() / name
 
     def search_image(self, path: str | None, k: float) -> tuple[list[tuple[str, str]], str]:
         """(gallery of the nearest indexed images with their similarity, status line) for one upload."""
@@ -140,14 +144,14 @@ class Demo:
         started = time.perf_counter()
         hits = self.searcher.nearest(Path(path), int(k))
         seconds = time.perf_counter() - started
-        folder = self.output_path("thumbnails").parent
+        folder = self.request_folder()
         gallery, gone = [], []
         for rank, (found, similarity) in enumerate(hits):
             try:
                 gallery.append(
                     (str(thumbnail(Path(found), folder / f"{rank:03d}.jpg")), f"{similarity:.3f}  {Path(found).name}")
                 )
-            except OSError:  # deleted or replaced since the index was built
+            except BAD_INPUT:  # deleted or replaced since the index was built
                 gone.append(found)
         status = f"{len(hits)} nearest of {self.searcher.size} images, {1000 * seconds:.0f} ms"
         if gone:
@@ -279,11 +283,11 @@ def image_pixels_or_zero(path: str) -> int:
 
 
 def thumbnail(image: Path, out: Path, side: int = THUMBNAIL_SIDE) -> Path:
-    """A JPEG copy of `image` at most `side` pixels wide and high, upright by its EXIF orientation.
-    The page shows these, never the indexed files themselves: the server hands out the files it
-    made and nothing of the indexed folders (docs/demo.md)."""
-    with Image.open(image) as opened:
-        picture = ImageOps.exif_transpose(opened).convert("RGB")
+    """A JPEG copy of `image` at most `side` pixels wide and high, read as every script reads it
+    (`read_image`: EXIF orientation, pixel formats, the strict JPEG check). The page shows these,
+    never the indexed files themselves: the server hands out the files it made and nothing of the
+    indexed folders (docs/demo.md)."""
+    picture = Image.fromarray(read_image(image))
     picture.thumbnail((side, side))
     atomic_write(out, lambda tmp: picture.save(tmp, format="JPEG", quality=90))
     return out

@@ -154,7 +154,7 @@ def build_model_from_checkpoint(
         model = architecture(source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
-        load_model_state(model, {**checkpoint, "model": state})
+        load_state(model, state, head_only=record is not None, where="the checkpoint")  # its file checked above
     except RuntimeError as err:
         raise ValueError(
             f"checkpoint weights do not fit the model its model_info describes ({arch}): {str(err).splitlines()[0]}"
@@ -181,12 +181,18 @@ def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], where: 
     every missing tensor the backbone's, and the backbone's weights file checked to be the one the
     head was trained on."""
     record = checkpoint["model_info"].get("backbone_weights")
-    if record is None:
-        model.load_state_dict(checkpoint["model"])
+    if record is not None:
+        arch = checkpoint["model_info"]["arch"]
+        check_backbone_file(record, where, canonical_name(arch["backbone"], arch["registers"]))
+    load_state(model, checkpoint["model"], head_only=record is not None, where=where)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, head_only: bool, where: str | Path) -> None:
+    """`state` into `model`: strictly, or for a head-only checkpoint every tensor but the backbone's."""
+    if not head_only:
+        model.load_state_dict(state)
         return
-    arch = checkpoint["model_info"]["arch"]
-    check_backbone_file(record, where, canonical_name(arch["backbone"], arch["registers"]))
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     stray = unexpected + [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
     if stray:
         raise ValueError(f"{where}: the head's tensors do not fit the model ({', '.join(stray[:3])})")

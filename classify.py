@@ -26,7 +26,6 @@ import torch
 import config
 from checkpoint import CLASSIFIER_KIND, load_checkpoint, save_checkpoint
 from cli import (
-    RANDOM_INIT,
     ArgumentParser,
     add_backbone_args,
     add_device_args,
@@ -36,6 +35,7 @@ from cli import (
     non_negative,
     output_folder,
     positive,
+    random_init_note,
     run_cli,
 )
 from dinokit.classification.classifiers import (
@@ -289,8 +289,7 @@ def evaluate_methods(
             "sweep": {f"{lr:g}": top1 for lr, top1 in probe.sweep.items()},
         }
         write_csv(probe.history, out_dir / "metrics.csv")
-        title = RANDOM_INIT if args.no_pretrained else ""
-        save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"), title=title)
+        save_plots(probe.history, out_dir, curves=CURVES, splits=("train", "val"), title=random_init_note(args))
         save_confusion_matrix(
             confusion_counts(logits.argmax(1), val_y, num_classes),
             data.classes,

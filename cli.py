@@ -248,6 +248,11 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
 RANDOM_INIT = "random-init backbone (--no-pretrained): these figures say nothing about DINOv2/DINOv3 features"
 
 
+def random_init_note(args: argparse.Namespace) -> str:
+    """RANDOM_INIT for a random-init run (plot titles, the log), else nothing."""
+    return RANDOM_INIT if args.no_pretrained else ""
+
+
 def backbone_weights(args: argparse.Namespace) -> str:
     """Where the backbone's weights came from, as reports record it (a random-init run says so)."""
     if args.no_pretrained:

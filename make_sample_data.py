@@ -60,7 +60,6 @@ def main(args: argparse.Namespace) -> None:
     what = "image/depth" if args.depth else "image/mask"
     print(f"Wrote {args.train} training and {args.valid} validation {what} pairs to {root}")
     if args.video is not None:
-        Path(args.video).parent.mkdir(parents=True, exist_ok=True)
         frames = sample_clip(list_image_files(Path(root) / "valid_images"), Path(args.video))
         print(f"Wrote {frames} frames to {args.video}")
 

@@ -48,6 +48,7 @@ from cli import (
     non_negative,
     output_folder,
     positive,
+    random_init_note,
     run_cli,
     unit_interval,
 )
@@ -916,8 +917,7 @@ def end_epoch(
         print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
     if is_main_process():
         write_csv(run.checkpoints.history, run.out_dir / "metrics.csv")
-        title = RANDOM_INIT if run.args.no_pretrained else ""
-        save_plots(run.checkpoints.history, run.out_dir, CURVES[run.args.task], title=title)
+        save_plots(run.checkpoints.history, run.out_dir, CURVES[run.args.task], title=random_init_note(run.args))
     print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
     print("-" * 50)
 

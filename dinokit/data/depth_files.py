@@ -130,12 +130,12 @@ def scale_warning(measured: np.ndarray, spec: DepthSpec, split: str) -> str | No
     silently from the loss and the metrics), with the evidence and the scale that fits best."""
     if not measured.size:
         return None
-    share = lambda scale: float(  # noqa: E731 - the share in range had the files been read with `scale`
-        np.mean(
-            (measured * spec.depth_scale / scale >= spec.min_depth)
-            & (measured * spec.depth_scale / scale <= spec.max_depth)
-        )
-    )
+
+    def share(scale: float) -> float:
+        """The share of measured pixels in range, had the files been read with `scale`."""
+        metres = measured * spec.depth_scale / scale
+        return float(np.mean((metres >= spec.min_depth) & (metres <= spec.max_depth)))
+
     now = share(spec.depth_scale)
     if now >= SCALE_WARNING_SHARE:
         return None

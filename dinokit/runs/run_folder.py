@@ -132,7 +132,8 @@ def claim_output_folder(
 def check_writable(folder: Path, *, keep: bool, flag: str = "--out-dir") -> None:
     """Create `folder` and a file in it now, so that a read-only or mistyped place fails before the
     work; without `keep`, the folders this made are removed again."""
-    created = next((p for p in [folder, *folder.parents][::-1] if not p.exists()), None)
+    missing = missing_folders(folder)
+    created = missing[-1] if missing else None  # the outermost folder this makes
     blocking = next((p for p in [folder, *folder.parents] if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise RunFolderError(
