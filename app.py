@@ -38,13 +38,12 @@ from cli import ArgumentParser, add_device_args, add_model_args, at_least, port_
 from dinokit.classification.embeddings import build_backbone
 from dinokit.data.image_files import DatasetError, image_pixels, list_image_files, read_image
 from dinokit.errors import UserError, one_line
-from dinokit.prediction.depth_maps import colorize, depth_png, with_colour_bar
-from dinokit.prediction.drawing import class_shares, indexed_png, render
 from dinokit.prediction.modes import MODES, InferenceMode
 from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.retrieval.collection import Collection, index_path
 from dinokit.retrieval.descriptors import embed_files
 from dinokit.retrieval.vector_index import search
+from dinokit.tasks.task import OutputOptions
 from dinokit.writing import atomic_write
 from inference import Predictor, load_predictor
 from utils import select_device, select_precision, select_throughput
@@ -190,26 +189,16 @@ class Demo:
             f"{image.shape[1]}x{image.shape[0]}, {1000 * seconds:.0f} ms ({predictor.mode.describe()}, "
             f"{predictor.engine})"
         )
-        if predictor.task == "depth":
-            return (*self.depth_result(Path(path).stem, prediction, predictor), status)
-        png = self.output_path(f"{Path(path).stem}_mask.png")
-        atomic_write(png, lambda tmp: indexed_png(prediction, predictor.color_map).save(tmp, format="PNG"))
-        drawn = render(image, prediction, predictor.classes, predictor.color_map, alpha)
-        return drawn, predictor.color_map.decode(prediction), legend_html(prediction, predictor), str(png), status
-
-    def depth_result(self, stem: str, depth: np.ndarray, predictor: Predictor) -> tuple[Any, ...]:
-        """A depth model's page outputs: the depth in colour with its bar (twice: both image panes),
-        a summary in metres, and the 16-bit millimetre PNG to download."""
-        scale = (predictor.info["min_depth"], predictor.info["max_depth"])
-        png = self.output_path(f"{stem}_depth16.png")
-        atomic_write(png, lambda tmp: depth_png(depth).save(tmp, format="PNG"))
-        coloured = with_colour_bar(colorize(depth, scale), scale)
-        near, median, far = np.percentile(depth, [2, 50, 98])
-        summary = (
-            f"<p>depth (metres): nearest 2 % {near:.2f}, median {median:.2f}, farthest 2 % {far:.2f}; "
-            f"colour scale {scale[0]:g}-{scale[1]:g} m</p>"
+        outputs = predictor.task.demo_outputs(
+            predictor.info, Path(path).stem, image, prediction, self.write_output, alpha
         )
-        return coloured, coloured, summary, str(png)
+        return (*outputs, status)
+
+    def write_output(self, name: str, save: Callable[[str], None]) -> Path:
+        """A file of this request's results, written atomically by `save(temporary path)`."""
+        path = self.output_path(name)
+        atomic_write(path, save)
+        return path
 
     def segment_video(self, path: str | None, name: str, mode: str, alpha: float, progress=None) -> tuple[str, str]:
         """(overlaid clip, status line) for one uploaded video; `progress(fraction, desc=...)` is Gradio's bar."""
@@ -226,14 +215,9 @@ class Demo:
             timings: list[float] = []
             predictor = self.predictor(name, mode)
             batch, workers = select_throughput(predictor.device)
-            frames, size = predicted_frames(
-                read_frames(capture, self.max_frames),
-                predictor,
-                video.size,
-                timings,
-                alpha=alpha,
-                batch=batch,
-                workers=workers,
+            draw, size = predictor.task.frame_drawer(predictor.info, video.size, OutputOptions(alpha=alpha))
+            frames = predicted_frames(
+                read_frames(capture, self.max_frames), predictor, draw, timings, batch=batch, workers=workers
             )
             out = self.output_path(f"{Path(path).stem}_segmented.webm")  # VP8: plays in every browser
             try:
@@ -299,17 +283,6 @@ def with_progress(frames: Iterable[np.ndarray], total: int, progress: Callable |
         if progress is not None:
             progress(done / max(total, done), desc=f"frame {done}/{total}")
         yield frame
-
-
-def legend_html(mask: np.ndarray, predictor: Predictor) -> str:
-    """The classes present, largest first: colour swatch, name, share of the image."""
-    rows = "".join(
-        f'<tr><td><span style="display:inline-block;width:1em;height:1em;border:1px solid #888;'
-        f'background:rgb{tuple(int(v) for v in predictor.color_map.colors[index])}"></span></td>'
-        f"<td>{html.escape(predictor.classes[index])}</td><td style='text-align:right'>{100 * share:.1f} %</td></tr>"
-        for index, share in class_shares(mask, len(predictor.classes))
-    )
-    return f'<table class="legend"><tr><th></th><th>class</th><th>share of the image</th></tr>{rows}</table>'
 
 
 def shown_in_page(

@@ -31,6 +31,8 @@
    (--pipeline-video, default generated), the difference of a long and an 8-image run so start-up
    cancels, for --batch 1 and 8 with --workers 0 and 1, against the bare backbone's rate at batch 1
    on the same frames: how much of the network's speed survives the work around it.
+
+`python bench.py --summary [--backbone ...]` prints the segmentation model's layers instead (torchinfo).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -51,7 +54,7 @@ import numpy as np
 import torch
 
 import config
-from checkpoint import model_info, save_checkpoint
+from checkpoint import describe_model, save_checkpoint
 from cli import (
     ArgumentParser,
     add_backbone_args,
@@ -77,11 +80,14 @@ from dinokit.retrieval.collection import collect_images
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.vector_index import build_index, normalised, to_bytes
 from dinokit.runs.reports import format_bytes
+from dinokit.tasks import get_task
+from dinokit.tasks.segmentation import segmentation_model
+from dinokit.tasks.segmentation.scoring import SegmentationScoring, pixel_cross_entropy
 from dinokit.training.feature_cache import FeatureCache
-from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_epoch, validate
+from engine import LoopSettings, cache_features, train_one_epoch, validate
 from inference import Predictor, window_grid
 from metrics import ConfusionMatrix
-from model import Dinov2Segmentation
+from model import DenseModel
 from model_config import BACKBONE_NAMES
 from utils import autocast, select_device, select_precision
 
@@ -151,19 +157,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="backbones of the side-by-side section (default: %(default)s)",
     )
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="print a torchinfo summary of the segmentation model these flags build, at --imgsz, and exit",
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
 
-def build_model(args: argparse.Namespace, fine_tune: bool = False) -> Dinov2Segmentation:
+def build_model(args: argparse.Namespace, fine_tune: bool = False) -> DenseModel:
     torch.manual_seed(0)
-    return Dinov2Segmentation(NUM_CLASSES, fine_tune=fine_tune, **backbone_kwargs(args))
+    return segmentation_model(NUM_CLASSES, fine_tune=fine_tune, **backbone_kwargs(args))
 
 
 def save_bench_checkpoint(args: argparse.Namespace, path: Path) -> Path:
     """The benchmark model (`build_model`) as an inference checkpoint, `model` and `model_info` only."""
     model = build_model(args)
-    save_checkpoint({"model": model.state_dict(), "model_info": model_info(model, VOC, tuple(args.imgsz))}, path)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_info": describe_model(get_task("segmentation"), model, VOC, tuple(args.imgsz)),
+        },
+        path,
+    )
     return path
 
 
@@ -172,7 +189,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def seed_style_epoch(model: Dinov2Segmentation, train_loader, valid_loader, optimizer, device) -> float:
+def seed_style_epoch(model: DenseModel, train_loader, valid_loader, optimizer, device) -> float:
     """The seed article's loop: fp32, mean CE per batch, the backbone run over both splits every
     epoch (its frozen backbone has requires_grad=False but no no_grad block). Returns validation
     mIoU, computed over the whole split like ours so that the two columns compare training, not
@@ -249,7 +266,9 @@ def seed_style_run(args: argparse.Namespace, device: torch.device, data_dir: Pat
 
 def cached_run(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path, views: int) -> tuple:
     """train.py's loop: cached validation features, and with `views` the training views computed once."""
-    settings = LoopSettings(device, NUM_CLASSES, config.IGNORE_INDEX, select_precision(device, args.amp))
+    settings = LoopSettings(
+        device, partial(SegmentationScoring, NUM_CLASSES, config.IGNORE_INDEX), select_precision(device, args.amp)
+    )
     model = build_model(args).to(device)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
     train_set, train_loader, valid_loader = bench_loaders(args, device, data_dir)
@@ -280,7 +299,7 @@ def cached_run(args: argparse.Namespace, device: torch.device, data_dir: Path, o
         if views
         else "ours, default (train.py: cached validation features)"
     )
-    return name, times, result.miou, model.backbone_images, size
+    return name, times, result.metrics["miou"], model.backbone_images, size
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -583,7 +602,7 @@ def backbone_row(name: str, args: argparse.Namespace, device: torch.device) -> s
     """One backbone's row of `bench_backbones`: a frozen training step, a batch-1 forward, a cached view's bytes."""
     amp_dtype = select_precision(device, args.amp)
     torch.manual_seed(0)
-    model = Dinov2Segmentation(NUM_CLASSES, backbone=name, source="timm", pretrained=False).to(device)
+    model = segmentation_model(NUM_CLASSES, backbone=name, source="timm", pretrained=False).to(device)
     width, height = round_to_patch(args.imgsz, model.patch_size)
     images = torch.randn(args.batch, 3, height, width, device=device)
     target = torch.randint(0, NUM_CLASSES, (args.batch, height, width), device=device)
@@ -685,7 +704,22 @@ def bench_duplicates(args: argparse.Namespace, device: torch.device, out_dir: Pa
     return rows + [""] + verdicts
 
 
+def print_summary(args: argparse.Namespace) -> None:
+    """The model's layers, shapes and parameter counts (torchinfo), trainable or frozen."""
+    from torchinfo import summary
+
+    width, height = args.imgsz
+    summary(
+        build_model(args).eval(),
+        input_size=(1, 3, height, width),
+        depth=2,
+        col_names=("input_size", "output_size", "num_params", "trainable"),
+    )
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.summary:
+        return print_summary(args)
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
         return

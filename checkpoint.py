@@ -27,32 +27,31 @@ from typing import Any
 import torch
 
 from dinokit.backbones.loading import BackboneUnavailableError, hub_state_to_timm
-from dinokit.backbones.released_heads import META_IMGSZ, SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
+from dinokit.backbones.released_heads import META_IMGSZ
 from dinokit.backbones.settings import moved_weights
 from dinokit.backbones.weights_file import check_weights_unchanged, is_url, weights_identity
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
-from dinokit.data.labels import DatasetSpec
-from dinokit.depth.released import DepthHeadError, is_depth_head_name, read_depth_head
+from dinokit.runs.checkpoint_format import CHECKPOINT_FORMAT, migrate_checkpoint
+from dinokit.tasks import TASKS, get_task, task_of
+from dinokit.tasks.registry import DEFAULT_TASK
+from dinokit.tasks.task import Task
 from dinokit.writing import atomic_write
-from model import BackboneModel, DinoDepth, Dinov2Segmentation
-from model_config import canonical_name, get_backbone_spec
+from model import DenseModel
+from model_config import canonical_name
 from utils import broadcast_object, broadcast_state, is_main_process
 
-CHECKPOINT_FORMAT = 1
 BACKBONE_PREFIX = "backbone."  # the backbone's tensors in a model's state dict
 
 
-def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
-    """Everything inference needs to rebuild and interpret the model, without config.py (`extra`:
-    what the run adds, e.g. the data folder evaluate.py scores by default)."""
+def describe_model(task: Task, model: DenseModel, spec: Any, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
+    """A model's `model_info`: everything inference needs to rebuild and interpret it, without
+    config.py: the architecture (`model.arch`: the backbone's half and the head's), the
+    normalisation and token layout of the backbone, and the task's own part (`task.describe`:
+    classes and colours, or the depth range; `extra`: what the run adds, e.g. the data folder
+    evaluate.py scores by default)."""
     return {
         "arch": dict(model.arch),
         "hub_dir": model.hub_dir,
-        "classes": list(spec.classes),
-        "colors": [list(c) for c in spec.colors],
-        "ignore_index": spec.ignore_index,
-        "ignore_colors": [list(c) for c in spec.ignore_colors],
-        "mask_format": spec.mask_format,
         "imgsz": list(imgsz),
         "mean": list(model.mean),
         "std": list(model.std),
@@ -60,29 +59,8 @@ def model_info(model: Dinov2Segmentation, spec: DatasetSpec, imgsz: tuple[int, i
         "patch_size": model.patch_size,
         "prefix_tokens": model.spec.prefix_tokens,
         "licence": model.spec.licence,
-        **extra,
+        **task.describe(model, spec, imgsz, **extra),
     }
-
-
-def info_patch_size(info: dict[str, Any]) -> int:
-    """The patch size a model_info's backbone works in (checkpoints from before it was stored: from
-    the backbone's name)."""
-    if "patch_size" in info:
-        return int(info["patch_size"])
-    arch = info.get("arch", {})
-    return get_backbone_spec(arch.get("backbone", "small"), arch.get("registers", False)).patch_size
-
-
-def dataset_spec(info: dict[str, Any], source: str) -> DatasetSpec:
-    """The dataset description a model was trained with, back from its `model_info`."""
-    return DatasetSpec(
-        info["classes"],
-        [tuple(c) for c in info["colors"]],
-        [tuple(c) for c in info["ignore_colors"]],
-        info["ignore_index"],
-        info.get("mask_format", "auto"),
-        source=source,
-    )
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -107,10 +85,11 @@ CLASSIFIER_KIND = "image-classifier"  # the "kind" entry of classify.py's classi
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, kind: str = "segmentation"
+    path: str | Path, map_location: str | torch.device = "cpu", *, kind: str = "training"
 ) -> dict[str, Any]:
     """Load one of our checkpoints safely (`weights_only=True`: no code runs from the file):
-    train.py's segmentation checkpoints, or (kind=CLASSIFIER_KIND) classify.py's classifiers."""
+    train.py's checkpoints of every task, in today's format whatever format they were written in
+    (dinokit/runs/checkpoint_format.py), or (kind=CLASSIFIER_KIND) classify.py's classifiers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -120,7 +99,7 @@ def load_checkpoint(
         raise FileKindError(
             f"{path}: not a checkpoint written by {'classify.py' if kind == CLASSIFIER_KIND else 'train.py'}"
         )
-    return checkpoint
+    return migrate_checkpoint(checkpoint) if "model_info" in checkpoint else checkpoint
 
 
 def build_model_from_checkpoint(
@@ -134,7 +113,7 @@ def build_model_from_checkpoint(
     """
     info = checkpoint["model_info"]
     arch = info["arch"]
-    architecture, common = rebuild_arguments(info)
+    task, common = task_of(info), rebuild_arguments(info)
     state = checkpoint["model"]
     record = info.get("backbone_weights")
     if record is not None:  # a head-only checkpoint: the frozen backbone from its weights again
@@ -143,7 +122,7 @@ def build_model_from_checkpoint(
     model = None
     if not timm or arch["source"] == "timm":
         try:
-            model = architecture(source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+            model = task.rebuild(info, source=arch["source"], hub_dir=info.get("hub_dir"), **common)
         except BackboneUnavailableError as err:
             if arch["source"] == "timm":
                 raise
@@ -151,7 +130,7 @@ def build_model_from_checkpoint(
                 f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr
             )
     if model is None:  # Meta's architecture in timm's code: convert the keys
-        model = architecture(source="timm", **common)
+        model = task.rebuild(info, source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
         load_state(model, state, head_only=record is not None, where="the checkpoint")  # its file checked above
@@ -212,24 +191,17 @@ def check_backbone_file(record: dict[str, Any], where: str | Path, hub_name: str
     return found["path"]
 
 
-def rebuild_arguments(info: dict[str, Any]) -> tuple[type[BackboneModel], dict[str, Any]]:
-    """The model class of a `model_info` (its task) and the keywords that rebuild its architecture,
-    without pretrained weights (the checkpoint holds them)."""
+def rebuild_arguments(info: dict[str, Any]) -> dict[str, Any]:
+    """The keywords that rebuild a `model_info`'s backbone half, without pretrained weights (the
+    checkpoint holds them)."""
     arch = info["arch"]
-    common = dict(
+    return dict(
         backbone=arch["backbone"],
         registers=arch["registers"],
         pretrained=False,
-        padding=arch.get("padding", "bottom_right"),
-        normalization=arch.get("normalization", "imagenet"),
-    )  # older checkpoints: bottom_right padding, ImageNet's normalisation
-    if info.get("task") == "depth":
-        keys = ("head", "taps", "min_depth", "max_depth", "batch_norm")
-        return DinoDepth, {**common, **{key: arch[key] for key in keys}}
-    extra = dict(
-        num_classes=arch["num_classes"], head_layers=arch.get("head_layers", 4), dropout=arch.get("dropout", 0.0)
+        padding=arch["padding"],
+        normalization=arch["normalization"],
     )
-    return Dinov2Segmentation, {**common, **extra}  # older: 4 blocks, no dropout
 
 
 class RunCheckpoints:
@@ -272,7 +244,7 @@ class RunCheckpoints:
         """Continue a checkpoint's run: its history, best metrics and earlier overrides (+ `overrides`)."""
         self.history = list(checkpoint["history"])
         self.best = dict(checkpoint["best"])
-        self.overrides = list(checkpoint.get("overrides", [])) + list(overrides)
+        self.overrides = list(checkpoint["overrides"]) + list(overrides)
 
     def state(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         model = self.model.state_dict()
@@ -359,70 +331,20 @@ def model_with_head(
     backbone: str = "small",
     registers: bool = False,
     head_layers: int | None = None,
-    **backbone_kwargs,
-) -> tuple[Dinov2Segmentation, dict[str, Any]]:
-    """A ready model (backbone + Meta's head, centred padding) and its `model_info`: classes and
-    palette of VOC 2012 (21 classes) or ADE20K (150), by the head's class count; a depth head
-    (nyu_linear4, ... or such a file) gives a `DinoDepth` and its depth range."""
-    if is_depth_head(path_or_name):
-        return depth_model_with_head(path_or_name, backbone=backbone, registers=registers, **backbone_kwargs)
-    where = str(path_or_name)
-    head, layers = read_checked_head(path_or_name, backbone, registers, head_layers)
-    num_classes = head["classifier.weight"].shape[0]
-    if num_classes not in SPEC_BY_CLASSES:
-        raise HeadWeightsError(f"{where}: a head for {num_classes} classes, neither VOC 2012 (21) nor ADE20K (150)")
-    model = Dinov2Segmentation(
-        num_classes, backbone=backbone, registers=registers, head_layers=layers, padding="center", **backbone_kwargs
+    **backbone_kwargs: Any,
+) -> tuple[DenseModel, dict[str, Any]]:
+    """A ready model (backbone + one of Meta's released heads, centred padding) and its `model_info`:
+    the task whose head it is says (VOC 2012 / ADE20K classes by the head's class count; a depth
+    head: nyu_linear4, ... or such a file, its depth range)."""
+    task = released_head_task(path_or_name)
+    model, spec, extra = task.released_model(
+        path_or_name, backbone=backbone, registers=registers, head_layers=head_layers, **backbone_kwargs
     )
-    model.head.load_state_dict(head, strict=False)  # num_batches_tracked is optional
-    return model.eval(), model_info(model, SPEC_BY_CLASSES[num_classes], META_IMGSZ)
+    return model, describe_model(task, model, spec, META_IMGSZ, **extra)
 
 
-def is_depth_head(path_or_name: str | Path) -> bool:
-    """Whether --head-weights names one of Meta's depth heads or holds one (by content)."""
-    if not Path(path_or_name).is_file():
-        return is_depth_head_name(str(path_or_name))
-    try:
-        value = read_torch_file(path_or_name, "depth head")
-    except FileKindError:  # another kind of file: the segmentation path names it
-        return False
-    return torch_contents(value) == "depth head"
-
-
-def depth_model_with_head(
-    path_or_name: str | Path, *, backbone: str = "small", registers: bool = False, **backbone_kwargs: Any
-) -> tuple[DinoDepth, dict[str, Any]]:
-    """Meta's depth head on its backbone, as dinov2/hub/depthers.py builds it (dinokit/depth/released.py),
-    and its `model_info` (task, depth range, normalisation, the size it runs at by default)."""
-    state, released = read_depth_head(path_or_name, backbone, registers)
-    model = DinoDepth(
-        head=released.head,
-        taps=released.taps,
-        min_depth=released.min_depth,
-        max_depth=released.max_depth,
-        backbone=backbone,
-        registers=registers,
-        padding="center",
-        **backbone_kwargs,
-    )
-    missing, _ = model.head.load_state_dict(state, strict=False)  # extra tensors (none known) are ignored
-    if missing:
-        raise DepthHeadError(f"{path_or_name}: the head file lacks {', '.join(missing[:3])} (a damaged file?)")
-    return model.eval(), depth_info(model, META_IMGSZ, dataset=released.dataset)
-
-
-def depth_info(model: DinoDepth, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
-    """A depth model's `model_info`: what inference needs to rebuild and interpret it."""
-    return {
-        "task": "depth",
-        "arch": dict(model.arch),
-        "hub_dir": model.hub_dir,
-        "imgsz": list(imgsz),
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "patch_size": model.patch_size,
-        "min_depth": model.head.min_depth,
-        "max_depth": model.head.max_depth,
-        "licence": model.spec.licence,
-        **extra,
-    }
+def released_head_task(path_or_name: str | Path) -> Task:
+    """The task whose released head `path_or_name` names or holds (by content); the default task's
+    reader names what is wrong with anything else."""
+    claimed = [task for task in TASKS.values() if task.claims_released_head(path_or_name)]
+    return claimed[0] if claimed else get_task(DEFAULT_TASK)

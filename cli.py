@@ -22,6 +22,7 @@ from dinokit.backbones.weights_file import is_url, weights_identity
 from dinokit.data.resize import check_imgsz
 from dinokit.errors import UserError, one_line
 from dinokit.prediction.modes import MODES, InferenceMode
+from dinokit.tasks.task import OutputOptions
 from model_config import BACKBONE_NAMES, HEAD_LAYERS, SOURCES
 from utils import AMP_CHOICES, distributed, rank
 
@@ -410,11 +411,13 @@ def add_inference_args(parser: argparse.ArgumentParser, default_out_dir: Path) -
     )
 
 
-def depth_range_from_args(args: argparse.Namespace, info: dict) -> tuple[float, float]:
-    """The metres of a depth model's colour scale: --depth-range, else the model's range (`info`: its model_info)."""
-    if args.depth_range is not None:
-        near, far = args.depth_range
+def output_options(args: argparse.Namespace) -> OutputOptions:
+    """How infer_image.py / infer_video.py draw and write predictions: --alpha, --depth-range (checked:
+    a depth model's colour scale, default its own range), --save-npy."""
+    depth_range = getattr(args, "depth_range", None)
+    if depth_range is not None:
+        near, far = depth_range
         if far <= near:
             raise UserError(f"--depth-range {near:g} {far:g}: FAR must be greater than NEAR")
-        return near, far
-    return info["min_depth"], info["max_depth"]
+        depth_range = (near, far)
+    return OutputOptions(alpha=args.alpha, depth_range=depth_range, save_npy=getattr(args, "save_npy", False))

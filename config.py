@@ -77,7 +77,8 @@ WEIGHT_DECAY = 1e-2
 WORKERS = 4
 SEED = 42
 
-# The defaults of each `train.py --recipe`. "seed": the reference article's run (above). "paper":
+# The defaults of each `train.py --recipe`. "article": the reference article's run (above; named
+# "seed" before, which still works with a deprecation line). "paper":
 # the DINOv2 paper's linear-head protocol, as in Meta's mmseg configs (dinov2_vits14_voc2012_linear
 # _config.py and siblings): AdamW lr 1e-3 / weight decay 1e-4, poly decay (power 1) after a
 # 1500-step linear warmup, 40k steps of batch 16 on 518x518 crops (dinokit/data/augmentations.py), evaluated
@@ -87,7 +88,7 @@ SEED = 42
 # Dropout2d 0.1 before the head's BatchNorm, slide evaluation with 512 windows every 341 pixels.
 # Flags given on the command line win; a resumed run keeps its checkpoint's.
 RECIPES: dict[str, dict[str, object]] = {
-    "seed": {
+    "article": {
         "epochs": EPOCHS,
         "steps": None,
         "batch": BATCH_SIZE,

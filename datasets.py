@@ -1,5 +1,7 @@
-"""Images + masks -> (normalised image tensor, class-index mask) pairs (an RGB-D folder: depth maps in
-metres), with augmentation and loaders.
+"""The data plumbing every task shares: files paired by stem, augmented pairs whose epochs repeat
+exactly, feature-cache views, loaders and their shards under torchrun; and the segmentation pairs
+the reference article trains on (images + masks -> normalised image tensor, class-index mask). A
+task's own files and targets are its folder's (dinokit/tasks/depth/: RGB-D folders).
 
 Layout of a dataset directory (Pascal VOC as distributed on Kaggle, or anything shaped like it):
 
@@ -14,7 +16,7 @@ check of every pair before training, dinokit/data/data_check.py; image sizes, di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -23,15 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 import config
-from dinokit.data.augmentations import (
-    IMAGENET,
-    Normalization,
-    depth_train_transform,
-    seed_augmentation,
-    train_transform,
-)
+from dinokit.data.augmentations import IMAGENET, Normalization, seed_augmentation, train_transform
 from dinokit.data.data_check import DatasetCheck, check_dataset
-from dinokit.data.depth_files import DepthSpec, check_depth_pairs, list_depth_files, load_depth_spec, read_depth
 from dinokit.data.image_files import DatasetError, list_image_files, read_image
 from dinokit.data.labels import VOC, ColorMap, DatasetSpec, read_mask
 from dinokit.data.resize import eval_transform
@@ -44,21 +39,18 @@ def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pair_folders(data_dir / f"{split}_images", data_dir / f"{split}_labels", f"{data_dir}: {split} split")
 
 
-def find_depth_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """`(image, depth)` paths of one split of an RGB-D folder, `<split>_images` with `<split>_depth`
-    (dinokit/data/depth_files.py)."""
-    data_dir = Path(data_dir)
-    return pair_folders(
-        data_dir / f"{split}_images", data_dir / f"{split}_depth", f"{data_dir}: {split} split", depth=True
-    )
-
-
-def pair_folders(images_dir: Path, labels_dir: Path, what: str, *, depth: bool = False) -> list[tuple[Path, Path]]:
-    """Images and masks (`depth`: depth maps) paired by file stem; an image without its mask (or the
-    reverse) is an error."""
+def pair_folders(
+    images_dir: Path,
+    labels_dir: Path,
+    what: str,
+    *,
+    list_targets: Callable[[Path], list[Path]] = list_image_files,
+    noun: str = "mask",
+) -> list[tuple[Path, Path]]:
+    """Images and their targets (`list_targets` finds them: masks by default) paired by file stem;
+    an image without its target (or the reverse) is an error."""
     images = {p.stem: p for p in list_image_files(images_dir)}
-    masks = {p.stem: p for p in (list_depth_files(labels_dir) if depth else list_image_files(labels_dir))}
-    noun = "depth map" if depth else "mask"
+    masks = {p.stem: p for p in list_targets(labels_dir)}
     problems = [f"no {noun} for {images[s].name}" for s in sorted(images.keys() - masks.keys())]
     problems += [f"no image for {masks[s].name}" for s in sorted(masks.keys() - images.keys())]
     if problems:
@@ -67,22 +59,81 @@ def pair_folders(images_dir: Path, labels_dir: Path, what: str, *, depth: bool =
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
-class DepthPairDataset(Dataset):
-    """Yields `(image [H, W, 3] uint8, depth [H, W] float32 metres, NaN = unmeasured)` at original size."""
+PairReader = Callable[[Path, Path], tuple[np.ndarray, np.ndarray]]  # (image, target) of one pair's files
 
-    def __init__(self, pairs: list[tuple[Path, Path]], spec: DepthSpec):
-        self.pairs, self.spec = pairs, spec
+
+class PairedDataset(Dataset):
+    """Yields `(image [3, H, W] float32, target [H, W] of `target_dtype`)`: each pair read by
+    `read_pair` (the task's: a mask, a depth map), then transformed (the target resizes with nearest
+    neighbour). Sample i of epoch e is always augmented the same way, whichever worker loads it:
+    runs repeat exactly and a resumed run continues as if never stopped (`set_epoch` moves e)."""
+
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        read_pair: PairReader,
+        transform: A.Compose,
+        *,
+        target_dtype: type = np.int64,
+        seed: int = config.SEED,
+    ):
+        self.pairs, self.read_pair, self.transform = pairs, read_pair, transform
+        self.target_dtype = target_dtype
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The untransformed RGB image and its target."""
+        return self.read_pair(*self.pairs[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair `index` as epoch `epoch` augments it."""
+        image, target = self.load_pair(index)
+        seed_augmentation(self.transform, self.seed, epoch, index)
+        out = self.transform(image=image, mask=target)
+        image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return image_tensor, torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=self.target_dtype))
+
+
+class OriginalPairs(Dataset):
+    """`(image [H, W, 3] uint8 RGB, target)` at the files' own resolution, unaugmented, read by the
+    task's `read_pair`: what full-resolution evaluation scores against."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], read_pair: PairReader):
+        self.pairs, self.read_pair = pairs, read_pair
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, depth_path = self.pairs[index]
-        return read_image(image_path), read_depth(depth_path, self.spec)
+        return self.read_pair(*self.pairs[index])
 
 
-class SegmentationDataset(Dataset):
-    """Yields `(image [3, H, W] float32, mask [H, W] int64)`; masks resize with nearest neighbour."""
+class MaskReader:
+    """A segmentation pair: the image and its class-index mask (same size, or the mask's file is named)."""
+
+    def __init__(self, color_map: ColorMap | None, mask_format: str = "auto"):
+        self.color_map, self.mask_format = color_map, mask_format
+
+    def __call__(self, image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        image = read_image(image_path)
+        mask = read_mask(mask_path, self.color_map, self.mask_format)
+        if image.shape[:2] != mask.shape[:2]:
+            raise DatasetError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
+        return image, mask
+
+
+class SegmentationDataset(PairedDataset):
+    """Yields `(image [3, H, W] float32, mask [H, W] int64)`: the reference article's pairs."""
 
     def __init__(
         self,
@@ -93,63 +144,8 @@ class SegmentationDataset(Dataset):
         *,
         seed: int = config.SEED,
     ):
-        self.pairs = pairs
-        self.color_map = color_map
-        self.transform = transform
-        self.mask_format = mask_format
-        # Sample i of epoch e is always augmented the same way, whichever worker loads it: runs
-        # repeat exactly and a resumed run continues as if never stopped (`set_epoch` moves e).
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The untransformed RGB image and its class-index mask."""
-        image_path, mask_path = self.pairs[index]
-        image = read_image(image_path)
-        mask = read_mask(mask_path, self.color_map, self.mask_format)
-        if image.shape[:2] != mask.shape[:2]:
-            raise DatasetError(
-                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} "
-                f"is {image.shape[1]}x{image.shape[0]}"
-            )
-        return image, mask
-
-    def target(self, mask: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(mask.astype(np.int64))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sample(index, self.epoch)
-
-    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair `index` as epoch `epoch` augments it."""
-        image, mask = self.load_pair(index)
-        seed_augmentation(self.transform, self.seed, epoch, index)
-        out = self.transform(image=image, mask=mask)
-        image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image_tensor, self.target(out["mask"])
-
-
-class DepthDataset(SegmentationDataset):
-    """Yields `(image [3, H, W] float32, depth [H, W] float32 metres, 0 = unmeasured)`: an RGB-D
-    split for training, the depth map transformed as a mask (nearest neighbour); the same epochs
-    and seeds as segmentation."""
-
-    def __init__(self, pairs: list[tuple[Path, Path]], spec: DepthSpec, transform: A.Compose, *, seed: int):
-        super().__init__(pairs, None, transform, seed=seed)
-        self.depth_spec = spec
-
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, depth_path = self.pairs[index]
-        image, depth = read_image(image_path), read_depth(depth_path, self.depth_spec)
-        if image.shape[:2] != depth.shape:  # checked before training (check_depth_pairs); files can change
-            raise DatasetError(f"{depth_path}: depth is {depth.shape[1]}x{depth.shape[0]}, its image is not")
-        return image, np.nan_to_num(depth, nan=0.0)
-
-    def target(self, depth: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
+        super().__init__(pairs, MaskReader(color_map, mask_format), transform, seed=seed)
+        self.color_map, self.mask_format = color_map, mask_format
 
 
 class ViewsDataset(Dataset):
@@ -157,7 +153,7 @@ class ViewsDataset(Dataset):
     indices[j // views] augmented with key (seed, j % views, index), the augmentation epoch
     j % views would give it. What --train-views caches."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], views: int):
+    def __init__(self, dataset: PairedDataset, indices: Sequence[int], views: int):
         self.dataset, self.indices, self.views = dataset, list(indices), views
 
     def __len__(self) -> int:
@@ -176,19 +172,11 @@ def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
     return padded[rank::world_size]
 
 
-class PairDataset(Dataset):
-    """`(image [H, W, 3] uint8 RGB, mask [H, W] uint8 class indices)` at the files' own resolution,
-    unaugmented: what full-resolution evaluation scores against."""
+class PairDataset(OriginalPairs):
+    """Segmentation pairs at their own resolution: `(image [H, W, 3] uint8, mask [H, W] uint8)`."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, mask_format: str = "auto"):
-        self.pairs, self.color_map, self.mask_format = pairs, color_map, mask_format
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, mask_path = self.pairs[index]
-        return read_image(image_path), read_mask(mask_path, self.color_map, self.mask_format)
+        super().__init__(pairs, MaskReader(color_map, mask_format))
 
 
 def build_datasets(
@@ -198,7 +186,7 @@ def build_datasets(
     *,
     threads: int = 2,
     seed: int = config.SEED,
-    recipe: str = "seed",
+    recipe: str = "article",
     normalization: Normalization = IMAGENET,
 ) -> tuple[SegmentationDataset, SegmentationDataset, DatasetCheck]:
     """Train (augmented by `recipe`, dinokit/data/augmentations.py) and validation (resize only) datasets of
@@ -220,24 +208,6 @@ def build_datasets(
     return train, valid, check
 
 
-def build_depth_datasets(
-    data_dir: str | Path,
-    imgsz: tuple[int, int],
-    *,
-    seed: int = config.SEED,
-    normalization: Normalization = IMAGENET,
-) -> tuple[DepthDataset, DepthDataset, DepthSpec, dict[str, int]]:
-    """Train (depth-safe augmentation) and validation (resize only) datasets of an RGB-D folder,
-    after every depth file has been read and checked (`check_depth_pairs`); with the folder's
-    `depth.json` and each split's valid depth pixels."""
-    spec = load_depth_spec(data_dir)
-    splits = {split: find_depth_pairs(data_dir, split) for split in ("train", "valid")}
-    valid_pixels = {split: check_depth_pairs(pairs, spec, f"{data_dir}: {split}") for split, pairs in splits.items()}
-    train = DepthDataset(splits["train"], spec, depth_train_transform(imgsz, normalization), seed=seed)
-    valid = DepthDataset(splits["valid"], spec, eval_transform(imgsz, *normalization), seed=seed)
-    return train, valid, spec, valid_pixels
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
@@ -257,7 +227,7 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
 
 def make_loader(
-    dataset: SegmentationDataset, batch_size: int, *, shuffle: bool, workers: int = 0, pin_memory: bool = False
+    dataset: PairedDataset, batch_size: int, *, shuffle: bool, workers: int = 0, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose order and augmentation depend only on (dataset seed, epoch); call
     `set_epoch` per epoch.
@@ -284,6 +254,30 @@ def make_loader(
         persistent_workers=workers > 0 and not shuffle,
         generator=torch.Generator().manual_seed(epoch_seed(dataset.seed, 0)),
     )
+
+
+def build_loaders(
+    train_set: PairedDataset,
+    valid_set: PairedDataset,
+    *,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    where: str,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """A run's two loaders (`make_loader`: epochs that repeat exactly, shards under torchrun); a batch
+    larger than the training split (of `where`) is refused."""
+    if batch > len(train_set):
+        raise ValueError(f"--batch {batch} is larger than the training split ({len(train_set)} images in {where})")
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, batch, shuffle=True, workers=workers, pin_memory=pin)
+    valid_loader = make_loader(valid_set, batch, shuffle=False, workers=workers, pin_memory=pin)
+    if world_size() > 1:
+        print(
+            f"Distributed: {world_size()} processes x batch {batch} = global batch {batch * world_size()} "
+            f"per step ({'NCCL' if device.type == 'cuda' else 'gloo'}); --lr applies to the global batch."
+        )
+    return train_loader, valid_loader
 
 
 def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:

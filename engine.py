@@ -1,31 +1,47 @@
-"""The one train / validate loop, used by train.py (every epoch and the final test), bench.py and the notebook.
+"""The one train / validate loop, used by train.py (every epoch and the final test), bench.py and the
+notebook; and a training run's epochs (`Run`, `fit`): checkpoints, metrics.csv and curves, feature
+caches and TensorBoard, the same for every task.
 
 Batches come either from a DataLoader (images) or from a `FeatureCache` (backbone features of a
 frozen backbone, computed once by `cache_features`; the storage is dinokit/training/feature_cache.py):
-the loop, the loss and the metrics are the same code either way, and for either task: a `Scoring`
-(segmentation: cross-entropy and a confusion matrix; depth: SigLoss and the depth errors) is the
+the loop is the same code either way, and for every task: the task's `Scoring` (dinokit/tasks/;
+segmentation: cross-entropy and a confusion matrix; depth: SigLoss and the depth errors) is the
 only part that knows what the targets are. `LoopSettings` carries what every pass needs besides
 model and data.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import config
-from dinokit.depth.losses import gradient_loss, sig_loss
-from dinokit.prediction.scores import predicted_classes
-from dinokit.training.feature_cache import FeatureCache
-from metrics import DEPTH_METRICS, ConfusionMatrix, DepthErrors
-from utils import all_reduce_sum, autocast, is_main_process
+from checkpoint import RunCheckpoints
+from cli import random_init_note
+from datasets import PairedDataset, ViewsDataset, epoch_seed, set_epoch, shard_indices
+from dinokit.backbones.loading import weights_digest
+from dinokit.data.file_kinds import fingerprint_files
+from dinokit.data.resize import eval_transform
+from dinokit.prediction.modes import InferenceMode
+from dinokit.runs.reports import save_plots, write_csv
+from dinokit.runs.resume import steps_done
+from dinokit.runs.tensorboard_log import TrainingBoard
+from dinokit.tasks.task import Scoring, Task
+from dinokit.training.feature_cache import FeatureCache, default_cache_budget
+from dinokit.training.schedules import StepSchedule
+from inference import Predictor
+from model import DenseModel
+from utils import all_reduce_sum, autocast, is_main_process, rank, sync_buffers, world_size
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,116 +50,22 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class EpochResult:
-    """One pass over a split: the mean loss and the task's metrics (segmentation: pixacc, miou;
-    depth: metrics.DEPTH_METRICS), named as metrics.csv's columns are."""
+    """One pass over a split: the mean loss and the task's metrics, named as metrics.csv's columns
+    are (segmentation: pixacc, miou; depth: metrics.DEPTH_METRICS)."""
 
-    loss: float  # segmentation: mean cross-entropy over all valid pixels; depth: mean batch SigLoss
+    loss: float  # the mean of the task's loss over the split (segmentation: over its valid pixels)
     metrics: dict[str, float] = field(default_factory=dict)
     iou: list[float] = field(default_factory=list)  # segmentation: per class, nan where a class never occurs
-
-    @property
-    def miou(self) -> float:
-        return self.metrics["miou"]
-
-    @property
-    def pixel_accuracy(self) -> float:
-        return self.metrics["pixacc"]
-
-
-def pixel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over non-ignored pixels (in fp32 whatever the autocast dtype), and their count.
-    A batch with no valid pixel gives 0, not nan."""
-    loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    valid = (target != ignore_index).sum()
-    return loss_sum / valid.clamp(min=1), valid
-
-
-@dataclass(frozen=True)
-class DepthTarget:
-    """What a depth run's loss and metrics read from the data (depth.json): the metres that count,
-    and the weight of the gradient loss beside SigLoss."""
-
-    min_depth: float
-    max_depth: float
-    gradient_loss: float = 0.0
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """What every pass over a split needs besides the model and the data. `depth` makes it a depth
-    run (targets in metres, 0 = unmeasured); otherwise targets are class indices."""
+    """What every pass over a split needs besides the model and the data: the device, the task's
+    `scoring` (a new `Scoring` per pass: its loss and metrics, dinokit/tasks/) and the precision."""
 
     device: torch.device
-    num_classes: int = 0
-    ignore_index: int = config.IGNORE_INDEX
+    scoring: Callable[[], Scoring]
     amp_dtype: torch.dtype | None = None  # autocast dtype (utils.select_precision), None = fp32
-    depth: DepthTarget | None = None
-
-    @property
-    def task(self) -> str:
-        return "segmentation" if self.depth is None else "depth"
-
-
-class SegmentationScoring:
-    """Cross-entropy per pixel; pixel accuracy and mIoU from one confusion matrix over the split."""
-
-    best = ("miou", "IoU", max)  # (metric the best checkpoint is chosen on, its file's name, better of two)
-
-    def __init__(self, settings: LoopSettings):
-        self.ignore_index = settings.ignore_index
-        self.confmat = ConfusionMatrix(settings.num_classes, settings.ignore_index)
-
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's loss and its weight in the split's mean (its valid pixels)."""
-        return pixel_cross_entropy(logits, masks, self.ignore_index)
-
-    def update(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
-        self.confmat.update(masks, predicted_classes(logits))
-
-    def result(self, loss: float, device: torch.device) -> EpochResult:
-        self.confmat.reduce_from_all_processes(device)  # under torchrun: every rank's counts
-        scores = self.confmat.compute()
-        return EpochResult(loss, {"pixacc": scores.pixel_accuracy, "miou": scores.miou}, scores.iou)
-
-
-class DepthScoring:
-    """SigLoss (+ the gradient loss) per batch; the depth errors of every image, averaged."""
-
-    best = ("rmse", "RMSE", min)
-
-    def __init__(self, settings: LoopSettings):
-        self.target = settings.depth
-        self.errors = DepthErrors()
-
-    def valid(self, depth: torch.Tensor) -> torch.Tensor:
-        return (depth >= self.target.min_depth) & (depth <= self.target.max_depth)
-
-    def loss(self, pred: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's loss (fp32) and its weight in the split's mean (its images)."""
-        pred, valid = pred[:, 0].float(), self.valid(depth)
-        loss = sig_loss(pred, depth, valid)
-        if self.target.gradient_loss:
-            loss = loss + self.target.gradient_loss * gradient_loss(pred, depth, valid)
-        return loss, torch.tensor(depth.shape[0], device=depth.device)
-
-    def update(self, pred: torch.Tensor, depth: torch.Tensor) -> None:
-        valid = self.valid(depth)
-        for image_pred, image_depth, image_valid in zip(pred[:, 0].float(), depth, valid):
-            self.errors.update(image_pred, image_depth, image_valid)
-
-    def result(self, loss: float, device: torch.device) -> EpochResult:
-        errors = self.errors.compute(device)  # under torchrun: summed over the ranks
-        return EpochResult(loss, {name: errors[name] for name in DEPTH_METRICS})
-
-
-SCORINGS = {"segmentation": SegmentationScoring, "depth": DepthScoring}  # by task
-
-
-def scoring_for(settings: LoopSettings) -> SegmentationScoring | DepthScoring:
-    """The loss and metrics of the settings' task."""
-    return SCORINGS[settings.task](settings)
 
 
 def _run_epoch(
@@ -162,7 +84,7 @@ def _run_epoch(
     training = optimizer is not None
     device = settings.device
     model.train(training)
-    scoring = scoring_for(settings)
+    scoring = settings.scoring()
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     weight_total = torch.zeros((), dtype=torch.int64, device=device)
     progress = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
@@ -185,7 +107,8 @@ def _run_epoch(
             if step % 10 == 0:
                 progress.set_postfix(loss=f"{loss.item():.4f}")
     all_reduce_sum(loss_total, weight_total)  # under torchrun each rank saw its own share of the split
-    return scoring.result((loss_total / weight_total.clamp(min=1)).item(), device)
+    metrics, per_class = scoring.result(device)
+    return EpochResult((loss_total / weight_total.clamp(min=1)).item(), metrics, per_class)
 
 
 def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -281,3 +204,240 @@ def cache_features(cache: FeatureCache, model: nn.Module, loader: DataLoader, se
 def _require_built(cache: FeatureCache) -> None:
     if not cache.ready:
         raise RuntimeError(f"the {cache.name} feature cache is empty: call its build() first")
+
+
+# -- a training run: its epochs, checkpoints, caches and logs (train.py builds it) ------------------
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, built by `build_run`."""
+
+    args: argparse.Namespace
+    task: Task
+    out_dir: Path
+    imgsz: tuple[int, int]  # --imgsz rounded up to the patch size
+    total_steps: int  # optimizer steps of the whole run (--steps, or --epochs x batches per epoch)
+    spec: Any  # the task's dataset description: classes.json / VOC, or an RGB-D folder's depth.json
+    settings: LoopSettings
+    train_loader: torch.utils.data.DataLoader
+    valid_loader: torch.utils.data.DataLoader
+    model: DenseModel
+    train_model: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped per epoch (multistep) or per optimizer step
+    scaler: torch.amp.GradScaler
+    checkpoints: RunCheckpoints
+    valid_cache: FeatureCache | None = None  # frozen backbone: validation features computed once
+    train_cache: FeatureCache | None = None  # --train-views: K views of every training image
+
+    def close(self, finished: bool) -> None:
+        """Release the caches; an unfinished run keeps its resumable training views on disk."""
+        for cache in (self.valid_cache, self.train_cache):
+            if cache is not None:
+                cache.close(keep=not finished)
+
+
+def build_caches(
+    args: argparse.Namespace,
+    task: Task,
+    model: DenseModel,
+    train_set: PairedDataset,
+    imgsz: tuple[int, int],
+    amp_dtype: torch.dtype | None,
+    out_dir: Path,
+) -> tuple[FeatureCache | None, FeatureCache | None]:
+    """The frozen backbone's feature caches: validation (unless --no-val-cache) and --train-views."""
+    if args.fine_tune:
+        return None, None
+    budget = int(args.cache_ram_gb * 1e9) if args.cache_ram_gb is not None else default_cache_budget()
+    targets = task.target_dtype
+    valid = None if args.no_val_cache else FeatureCache("valid", budget, out_dir, rank=rank(), target_dtype=targets)
+    train = None
+    if args.train_views:
+        key = train_views_key(args, model, train_set, imgsz, amp_dtype)
+        train = FeatureCache(
+            "train_views", budget, out_dir, views=args.train_views, rank=rank(), key=key, target_dtype=targets
+        )
+    return valid, train
+
+
+def train_views_key(
+    args: argparse.Namespace,
+    model: DenseModel,
+    train_set: PairedDataset,
+    imgsz: tuple[int, int],
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """What cached training views depend on; a cache left in the run folder under another key is rebuilt."""
+    return {
+        "format": 1,
+        "views": args.train_views,
+        "recipe": args.recipe,
+        "imgsz": list(imgsz),
+        "seed": args.seed,
+        "pairs": fingerprint_files(path for pair in train_set.pairs for path in pair),
+        "arch": {k: v for k, v in model.arch.items() if k != "num_classes"},
+        "weights": weights_digest(model.backbone),
+        "dtype": str(amp_dtype or torch.float32),
+        "rank": rank(),
+        "world_size": world_size(),
+    }
+
+
+def fit(run: Run) -> None:
+    """Train from the epoch after the last recorded one to --epochs, recording each (RunCheckpoints)."""
+    args, settings = run.args, run.settings
+    if run.train_cache is not None:
+        prepare_train_views(run)
+    shuffle = torch.Generator()  # order (and views) of cached training features, reseeded every epoch
+    step = steps_done(run.checkpoints.history, len(run.train_loader))
+    board = open_board(run, step)
+    after_step = step_hook(run, board, step)
+    try:
+        for epoch in range(run.checkpoints.epochs_done, args.epochs):
+            print(f"EPOCH: {epoch + 1}/{args.epochs}")
+            started = time.perf_counter()
+            set_epoch(run.train_loader, epoch)
+            shuffle.manual_seed(epoch_seed(args.seed, epoch) + rank())
+            train_result = train_one_epoch(
+                run.train_model,
+                run.train_loader,
+                run.optimizer,
+                settings,
+                epoch=epoch + 1,
+                scaler=run.scaler,
+                cache=run.train_cache,
+                generator=shuffle,
+                after_step=after_step,
+                max_steps=run.total_steps - step,
+            )
+            step += min(len(run.train_loader), run.total_steps - step)
+            sync_buffers(run.model)  # every rank validates, and rank 0 saves, the same model
+            valid_result = validate_split(run, "Valid")
+            if not isinstance(run.scheduler, StepSchedule):
+                run.scheduler.step()
+            seconds = time.perf_counter() - started
+            print(run.task.epoch_line("Train", train_result.loss, train_result.metrics))
+            print(run.task.epoch_line("Valid", valid_result.loss, valid_result.metrics))
+            end_epoch(run, epoch, step, train_result, valid_result, seconds)
+            if board is not None:
+                board.log_epoch(epoch + 1, train_result, valid_result)
+                board.log_examples(epoch + 1, run_predictor(run), last=epoch + 1 == args.epochs)
+    finally:
+        if board is not None:
+            board.close()
+    run.checkpoints.save_final(args.epochs)
+    passes = torch.tensor(run.model.backbone_images)
+    all_reduce_sum(passes)
+    print(
+        f"Backbone passes: {int(passes):,} images"
+        + (f" ({world_size()} processes)" if world_size() > 1 else "")
+        + " (images run through the backbone in this run; cached features take none)"
+    )
+
+
+def prepare_train_views(run: Run) -> None:
+    """--train-views K: reuse a complete cache of this run's views, else compute them now, K per
+    image of this process's shard (K=1: the un-augmented image), storage reserved up front."""
+    args, base = run.args, run.train_loader.dataset
+    views = args.train_views
+    source = copy.copy(base)
+    if views == 1:
+        source.transform = eval_transform(run.imgsz, run.model.mean, run.model.std)
+    dataset = ViewsDataset(source, shard_indices(len(base), rank(), world_size()), views)
+    width, height = run.imgsz
+    shapes = (
+        len(dataset),
+        run.model.feature_shape(height, width),
+        run.settings.amp_dtype or torch.float32,
+        (height, width),
+    )
+    if run.train_cache.reuse(*shapes):
+        return
+    what = "un-augmented images" if views == 1 else f"{views} augmented views per image"
+    print(
+        f"Caching training features: {what}, {len(dataset)} backbone passes"
+        + (f" on this process's {len(dataset) // views} images" if world_size() > 1 else "")
+    )
+    run.train_cache.allocate(*shapes)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=False,
+        num_workers=args.workers,
+        pin_memory=run.settings.device.type == "cuda",
+    )
+    cache_features(run.train_cache, run.model, loader, run.settings)
+
+
+def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None] | None:
+    """What runs after every optimizer step: a per-step schedule's step, and the step's loss and
+    learning rate for TensorBoard (the rate the step used: read before the schedule moves it)."""
+    per_step = isinstance(run.scheduler, StepSchedule)
+    if board is None:
+        return (lambda loss: run.scheduler.step()) if per_step else None
+    counter = itertools.count(steps_before + 1)
+
+    def after_step(loss: torch.Tensor) -> None:
+        board.log_step(next(counter), loss, run.optimizer.param_groups[0]["lr"])
+        if per_step:
+            run.scheduler.step()
+
+    return after_step
+
+
+def open_board(run: Run, steps_before: int) -> TrainingBoard | None:
+    """--tensorboard: rank 0's writer into <run>/tensorboard (a resumed run drops the events after its checkpoint)."""
+    if not run.args.tensorboard or not is_main_process():
+        return None
+    dataset = run.valid_loader.dataset
+    examples = [
+        (dataset.pairs[i][0].stem, *dataset.load_pair(i)) for i in range(run.args.tensorboard_images)[: len(dataset)]
+    ]
+    board = TrainingBoard(
+        run.out_dir,
+        classes=run.checkpoints.info.get("classes", []),
+        examples=examples,
+        draw=run.task.drawer(run.checkpoints.info),
+        every=run.args.tensorboard_every,
+        purge_step=steps_before if run.checkpoints.epochs_done else None,
+    )
+    print(f"TensorBoard: {board.log_dir} (tensorboard --logdir {run.out_dir.parent})")
+    return board
+
+
+def validate_split(run: Run, desc: str) -> EpochResult:
+    """The validation split's metrics; a frozen backbone's features are computed on the first call only."""
+    if run.valid_cache is not None and not run.valid_cache.ready:
+        cache_features(run.valid_cache, run.model, run.valid_loader, run.settings)
+    return validate(run.model, run.valid_loader, run.settings, desc=desc, cache=run.valid_cache)
+
+
+def end_epoch(
+    run: Run, epoch: int, step: int, train_result: EpochResult, valid_result: EpochResult, seconds: float
+) -> None:
+    """Record the epoch (checkpoints, metrics.csv, curves) and report it."""
+    row = {"epoch": epoch + 1, "step": step}
+    for split, result in (("train", train_result), ("valid", valid_result)):
+        row[f"{split}_loss"] = result.loss
+        row.update({f"{split}_{name}": value for name, value in result.metrics.items()})
+    row.update(lr=run.optimizer.param_groups[0]["lr"], seconds=seconds)
+    for name, value in run.checkpoints.end_epoch(row).items():
+        print(f"Best validation {name}: {value:.4f}\nSaved best model for epoch: {epoch + 1}")
+    if is_main_process():
+        write_csv(run.checkpoints.history, run.out_dir / "metrics.csv")
+        save_plots(run.checkpoints.history, run.out_dir, run.task.curves, title=random_init_note(run.args))
+    print(f"LR for next epoch: {run.scheduler.get_last_lr()}  ({seconds:.1f} s)")
+    print("-" * 50)
+
+
+def run_predictor(run: Run) -> Predictor:
+    """The model being trained, predicting as inference will (whole image at the training size)."""
+    return Predictor(
+        run.model,
+        run.checkpoints.info,
+        device=run.settings.device,
+        amp_dtype=run.settings.amp_dtype,
+        mode=InferenceMode(imgsz=run.imgsz),
+    )

@@ -20,7 +20,6 @@ import argparse
 from pathlib import Path
 
 import config
-from checkpoint import dataset_spec
 from cli import (
     ArgumentParser,
     add_device_args,
@@ -31,13 +30,10 @@ from cli import (
     output_folder,
     run_cli,
 )
-from datasets import find_depth_pairs, find_pairs, pair_folders
-from dinokit.data.data_check import check_dataset
-from dinokit.data.depth_files import check_depth_pairs, load_depth_spec
-from dinokit.runs.reports import save_confusion_matrix
 from dinokit.runs.run_folder import claim_output_folder
+from dinokit.tasks.task import Task
 from dinokit.writing import write_json
-from evaluation import depth_report_lines, evaluate_depth_pairs, evaluate_pairs, report_json, report_lines
+from evaluation import evaluate_pairs
 from inference import Predictor, load_predictor
 from utils import init_distributed, is_main_process, on_main_process
 
@@ -75,15 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_pairs(args: argparse.Namespace, depth: bool) -> tuple[str, list[tuple[Path, Path]]]:
-    """(name, pairs) of the split to score: --images with --labels, else <data-dir>/<split>_{images,labels}
-    (a depth model: <split>_depth)."""
+def split_pairs(args: argparse.Namespace, task: Task) -> tuple[str, list[tuple[Path, Path]]]:
+    """(name, pairs) of the split to score: --images with --labels, else <data-dir>/<split>_images with
+    the task's targets beside them (<split>_labels; a depth model: <split>_depth)."""
     if (args.images is None) != (args.labels is None):
         raise ValueError("--images and --labels go together")
     if args.images is None:
-        return args.split, (find_depth_pairs if depth else find_pairs)(args.data_dir, args.split)
-    images = Path(args.images)
-    return images.name, pair_folders(images, Path(args.labels), f"{images} with {args.labels}", depth=depth)
+        return args.split, task.find_pairs(args.data_dir, args.split)
+    return Path(args.images).name, task.pair_folders(Path(args.images), Path(args.labels))
 
 
 def data_folder(args: argparse.Namespace, predictor: Predictor) -> str:
@@ -101,52 +96,35 @@ def main(args: argparse.Namespace) -> None:
     mode = mode_from_args(args)
     device = init_distributed(args.device)
     predictor = load_predictor(args, str(device), mode)  # its task says which split folders to read
+    task, info = predictor.task, predictor.info
     args.data_dir = data_folder(args, predictor)
-    split, pairs = split_pairs(args, predictor.task == "depth")
+    split, pairs = split_pairs(args, task)
     out_dir = output_folder(args.out_dir) if args.out_dir else default_report_folder(args)
     # before the work: a folder that cannot take the report fails now, on every process
     on_main_process(lambda: claim_output_folder(out_dir, beside=args.model, inputs=[image for image, _ in pairs]))
-    name = Path(args.model).name if args.model else Path(args.head_weights).name
-    stem = report_stem(args, out_dir)
-    if predictor.task == "depth":
-        return score_depth(args, predictor, split, f"{stem}_{split}", pairs, out_dir)
-    info = predictor.info
-    spec = dataset_spec(info, source=f"{name} (model_info)")
-    check = check_dataset({split: pairs}, spec)
-    print(f"Checked {check.pairs} pairs of the {split} split in {check.seconds:.1f} s")
+    label = f"{split} split of {Path(args.model or args.head_weights).name}"
+    data = task.evaluation_data(info, args.data_dir, pairs, label)
     print(
-        f"Scoring {name} on {split} ({len(pairs)} images) at original resolution; "
+        f"Scoring {label} ({len(pairs)} images, {task.describe_data(data)}) at original resolution; "
         f"{predictor.mode.describe()}; {predictor.engine}"
     )
-    result = evaluate_pairs(predictor, pairs, workers=args.workers, seed_batch=args.seed_batch)
-    for line in report_lines(result, predictor.classes):
+    result = evaluate_pairs(predictor, pairs, data, workers=args.workers, seed_batch=args.article_batch)
+    for line in result.lines():
         print(line)
-    if args.seed_metric:
-        print(
-            f"seed-style mIoU (per batch of {args.seed_batch}, absent classes as 0, mean over batches): "
-            f"{result.seed_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}"
-        )
+    if args.article_metric:
+        print(task.article_metric_line(result, args.article_batch))
     if is_main_process():
-        title = f"{split} split of {name} ({predictor.mode.describe()})"
-        name = f"{stem}_{split}_{predictor.mode.tag()}"
-        write_json(
-            out_dir / f"eval_{name}.json",
-            report_json(
-                result,
-                predictor.classes,
-                checkpoint=str(args.model or args.head_weights),
-                split=split,
-                mode=predictor.mode.describe(),
-                seed_batch=args.seed_batch,
-            ),
+        name = f"{report_stem(args, out_dir)}_{split}_{predictor.mode.tag()}"
+        report = result.report(
+            checkpoint=str(args.model or args.head_weights),
+            split=split,
+            mode=predictor.mode.describe(),
+            seed_batch=args.article_batch,
         )
-        save_confusion_matrix(
-            result.confusion,
-            predictor.classes,
-            out_dir / f"confusion_{name}.png",
-            f"{title}: mIoU {result.scores.miou:.3f}",
-        )
-        print(f"Wrote {out_dir / f'eval_{name}.json'} and confusion_{name}.png")
+        write_json(out_dir / f"eval_{name}.json", report)
+        title = f"{label} ({predictor.mode.describe()}): {result.headline()}"
+        figures = task.report_figures(result, out_dir, name, title)
+        print(f"Wrote {out_dir / f'eval_{name}.json'}" + "".join(f" and {figure.name}" for figure in figures))
 
 
 def default_report_folder(args: argparse.Namespace) -> Path:
@@ -161,32 +139,6 @@ def report_stem(args: argparse.Namespace, out_dir: Path) -> str:
     if not model.is_file() or out_dir.resolve() == model.resolve().parent:
         return model.name
     return f"{model.resolve().parent.name}-{model.name}"
-
-
-def score_depth(
-    args: argparse.Namespace,
-    predictor: Predictor,
-    split: str,
-    name: str,
-    pairs: list[tuple[Path, Path]],
-    out_dir: Path,
-) -> None:
-    """A depth model on an RGB-D split (depth.json of --data-dir: scale, range, evaluation crop)."""
-    spec = load_depth_spec(args.data_dir)
-    label = f"{split} split of {Path(args.model or args.head_weights).name}"
-    check_depth_pairs(pairs, spec, label)
-    print(
-        f"Scoring {label} ({len(pairs)} images, {spec.min_depth:g}-{spec.max_depth:g} m, crop {spec.eval_crop}) "
-        f"at original resolution; {predictor.mode.describe()}; {predictor.engine}"
-    )
-    result = evaluate_depth_pairs(predictor, pairs, spec, workers=args.workers)
-    for line in depth_report_lines(result):
-        print(line)
-    if is_main_process():
-        path = out_dir / f"eval_{name}_{predictor.mode.tag()}.json"
-        report = {"checkpoint": str(args.model or args.head_weights), "mode": predictor.mode.describe(), **result}
-        write_json(path, report)
-        print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

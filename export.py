@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import config
-from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkpoint
+from checkpoint import build_model_from_checkpoint, load_checkpoint
 from cli import ArgumentParser, at_least, run_cli
 from dinokit.data.image_files import image_paths, read_image
 from dinokit.data.resize import check_imgsz, preprocess, round_to_patch
@@ -40,14 +40,14 @@ from dinokit.prediction.deployment import (
     to_float16,
     write_metadata,
 )
-from dinokit.prediction.scores import predicted_classes
 from dinokit.runs.reports import format_bytes
 from dinokit.runs.run_folder import claim_output_folder
+from dinokit.tasks import task_of
+from dinokit.tasks.task import Task
 from dinokit.writing import temp_path
 
 FP32_MAX_DIFFERENCE = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
-DEPTH_TOLERANCE = 1e-3  # a depth pixel agrees when within 0.1 % of PyTorch's metres
 SINGLE_FILE_LIMIT = 2**31  # protobuf cannot serialise a message over 2 GB: larger weights need ONNX external data
 
 
@@ -106,7 +106,7 @@ class Agreement:
     what: str
     size: tuple[int, int]  # (H, W)
     max_difference: float | None  # largest |logit difference| (depth: metres); None for an --argmax export
-    agreement: float  # share of pixels with the same predicted class (depth: within DEPTH_TOLERANCE)
+    agreement: float  # share of pixels that agree (the task's measure: same class; depth within 0.1 %)
     measure: str = "argmax agreement"
     quantity: str = "logit"  # what the difference is of: logits, or a depth model's metres
 
@@ -151,7 +151,7 @@ def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, 
     """Real images for the self-check, named: --check-images, or the training data's validation images."""
     path = Path(args.check_images) if args.check_images else None
     if path is None:
-        data_dir = checkpoint.get("args", {}).get("data_dir")
+        data_dir = checkpoint["args"].get("data_dir")
         path = Path(data_dir) / "valid_images" if data_dir else None
         if path is None or not path.is_dir():
             return []
@@ -161,17 +161,14 @@ def check_images(args: argparse.Namespace, checkpoint: dict) -> list[tuple[str, 
 
 
 def compare(
-    reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool, depth: bool = False
+    reference: torch.nn.Module, exported: OnnxNetwork, inputs: torch.Tensor, *, argmax: bool, task: Task
 ) -> tuple[float | None, float]:
-    """(max |logit difference|, argmax agreement) of the two engines on one normalised batch; a
-    depth model: (max |depth difference|, share of pixels within DEPTH_TOLERANCE)."""
+    """(max |output difference|, agreement) of the two engines on one normalised batch: the task says
+    what agrees (segmentation: the argmax; depth: metres within 0.1 %)."""
     with torch.inference_mode():
         expected = reference(inputs)
     actual = exported(inputs)  # an --argmax file returns one-hot scores: no logits to compare
-    if depth:
-        agreement = ((actual - expected).abs() <= DEPTH_TOLERANCE * expected.abs()).float().mean().item()
-    else:
-        agreement = (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
+    agreement = task.agreement(actual, expected)
     return None if argmax else (actual - expected).abs().max().item(), agreement
 
 
@@ -187,9 +184,7 @@ def self_check(
     """onnxruntime's output for the written file vs the PyTorch model's, per size, on a random input
     and on each image."""
     exported = OnnxNetwork(path, device="cpu")
-    depth = info.get("task") == "depth"
-    measure = f"within {100 * DEPTH_TOLERANCE:g} %" if depth else "argmax agreement"
-    quantity = "depth (m)" if depth else "logit"
+    task = task_of(info)
     generator = torch.Generator().manual_seed(0)
     results = []
     for size in sizes:
@@ -198,7 +193,11 @@ def self_check(
         for name, tensor in inputs:
             results.append(
                 Agreement(
-                    name, size, *compare(reference, exported, tensor, argmax=argmax, depth=depth), measure, quantity
+                    name,
+                    size,
+                    *compare(reference, exported, tensor, argmax=argmax, task=task),
+                    task.export_measure,
+                    task.export_quantity,
                 )
             )
     return results
@@ -220,26 +219,20 @@ def verdict(results: list[Agreement], precision: str) -> str:
     return f"{precision}: {summary} (not held to the float32 tolerance)"
 
 
-OUTPUTS = {"logits": "logits", "classes": "class indices", "depth": "depth in metres"}
-
-
-def output_name(info: dict, argmax: bool) -> str:
-    """What the file outputs: logits, class indices (--argmax), or a depth model's metres."""
-    return "depth" if info.get("task") == "depth" else "classes" if argmax else "logits"
-
-
 def write_onnx(
     model: torch.nn.Module, info: dict, target: Path, args: argparse.Namespace, size: tuple[int, int], precision: str
 ) -> None:
     """Export, convert or quantise, and store the metadata, into `target`."""
     onnx = require("onnx")
+    task = task_of(info)
+    output = task.export_output(info, args.argmax, args.model)
     proto = export_network(
         model,
         size=size,
         dynamic=args.dynamic,
         opset=args.opset,
         argmax=args.argmax,
-        output=output_name(info, args.argmax),
+        output=output,
     )
     if precision == "fp16":
         proto = to_float16(proto)
@@ -251,7 +244,7 @@ def write_onnx(
         finally:
             float32.unlink(missing_ok=True)
         proto = onnx.load(target)
-    write_metadata(proto, info, output=output_name(info, args.argmax), precision=precision, dynamic=args.dynamic)
+    write_metadata(proto, info, output=output, precision=precision, dynamic=args.dynamic, summary=task.summary(info))
     onnx.save(proto, target)
 
 
@@ -262,11 +255,11 @@ def main(args: argparse.Namespace) -> None:
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
     info = checkpoint["model_info"]
-    if args.argmax and info.get("task") == "depth":
-        raise UserError(f"--argmax: {args.model} is a depth model (one channel of metres, no classes); drop --argmax")
+    task = task_of(info)
+    task.export_output(info, args.argmax, args.model)  # what it cannot export is refused before the work
     imgsz = args.imgsz or info["imgsz"]
     check_imgsz(imgsz)
-    patch_size = info_patch_size(info)
+    patch_size = info["patch_size"]
     imgsz = tuple(round_to_patch(imgsz, patch_size)) if args.dynamic else tuple(imgsz)
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     images = check_images(args, checkpoint)
@@ -300,7 +293,7 @@ def main(args: argparse.Namespace) -> None:
     opset = opset_of(require("onnx").load(out, load_external_data=False))  # as written, not as asked
     print(
         f"{summary}\nwrote {out} ({format_bytes(out.stat().st_size)}; {precision}, opset {opset}, {shape}, "
-        f"{OUTPUTS[output_name(info, args.argmax)]}) in {exported_in:.1f} s\n"
+        f"{task.export_outputs[task.export_output(info, args.argmax, args.model)]}) in {exported_in:.1f} s\n"
         f"run it: python infer_image.py --model {out} --input IMAGES"
     )
 

@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, depth_range_from_args, output_folder, run_cli
-from dinokit.data.image_files import DatasetError, image_paths, write_image
-from dinokit.prediction.depth_maps import write_depth_outputs
-from dinokit.prediction.drawing import indexed_png, render
-from dinokit.prediction.pipeline import BackgroundWriter, FolderItem, predicted_folder
+from cli import ArgumentParser, add_inference_args, output_folder, output_options, run_cli
+from dinokit.data.image_files import DatasetError, image_paths
+from dinokit.prediction.pipeline import BackgroundWriter, predicted_folder
 from dinokit.runs.run_folder import claim_output_folder
-from dinokit.writing import atomic_write
-from inference import Predictor, load_predictor, prepare
+from inference import load_predictor, prepare
 from utils import select_throughput
 
 
@@ -42,33 +37,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_names(image_path: Path) -> tuple[str, str]:
-    """The overlay and the index-mask file names written for one image."""
-    return f"{image_path.stem}.jpg", f"{image_path.stem}_mask.png"
-
-
-def result_writer(predictor: Predictor, out_dir: Path, args: argparse.Namespace) -> Callable[[FolderItem], None]:
-    """The function that draws and writes one image's results (run by the writer threads)."""
-    if predictor.task == "depth":
-        scale = depth_range_from_args(args, predictor.info)
-        return lambda item: write_depth_outputs(out_dir, item.path.stem, item.prediction, scale, npy=args.save_npy)
-
-    def write(item: FolderItem) -> None:
-        drawn_name, mask_name = output_names(item.path)
-        drawn = render(item.image, item.prediction, predictor.classes, predictor.color_map, args.alpha)
-        write_image(out_dir / drawn_name, drawn)
-        mask = indexed_png(item.prediction, predictor.color_map)
-        atomic_write(out_dir / mask_name, lambda tmp: mask.save(tmp, format="PNG"))
-
-    return write
-
-
 def main(args: argparse.Namespace) -> None:
+    options = output_options(args)
     images = image_paths(args.input)
     out_dir = claim_output_folder(output_folder(args.out_dir), inputs=images)
     predictor = load_predictor(args)
     batch, workers = select_throughput(predictor.device, args.batch, args.workers)
-    write = result_writer(predictor, out_dir, args)
+    write_result = predictor.task.image_writer(predictor.info, out_dir, options)
+    write = lambda item: write_result(item.path, item.image, item.prediction)  # noqa: E731
     timings: list[float] = []
     items = predicted_folder(
         images, predictor, partial(prepare, mode=predictor.mode), batch=batch, workers=workers, timings=timings

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from cli import ArgumentParser, add_inference_args, at_least, depth_range_from_args, output_folder, run_cli
+from cli import ArgumentParser, add_inference_args, at_least, output_folder, output_options, run_cli
 from dinokit.prediction.videos import open_video, predicted_frames, read_frames, write_video
 from dinokit.runs.run_folder import claim_output_folder
 from inference import load_predictor
@@ -71,6 +71,7 @@ def shown(frames: Iterable[np.ndarray], total: int, show: bool) -> Iterator[np.n
 
 def main(args: argparse.Namespace) -> None:
     source = Path(args.input)
+    options = output_options(args)
     capture, video = open_video(source)
     try:
         frame_count = video.frames_to_read(args.max_frames)
@@ -78,16 +79,9 @@ def main(args: argparse.Namespace) -> None:
         predictor = load_predictor(args)
         batch, workers = select_throughput(predictor.device, args.batch, args.workers)
         timings: list[float] = []
-        scale = depth_range_from_args(args, predictor.info) if predictor.task == "depth" else None
-        frames, size = predicted_frames(
-            read_frames(capture, args.max_frames),
-            predictor,
-            video.size,
-            timings,
-            alpha=args.alpha,
-            depth_range=scale,
-            batch=batch,
-            workers=workers,
+        draw, size = predictor.task.frame_drawer(predictor.info, video.size, options)
+        frames = predicted_frames(
+            read_frames(capture, args.max_frames), predictor, draw, timings, batch=batch, workers=workers
         )
         try:
             written = write_video(out_path, shown(frames, frame_count, args.show), video.fps, size)

@@ -12,8 +12,9 @@ notebook. `InferenceMode` says how:
   pass averaged at the original size (the DINOv2 paper's "+ms" evaluation); for a depth model the
   depths themselves are averaged.
 
-A depth model (`model_info["task"] == "depth"`: Meta's depth heads, dinokit/depth/) goes through
-the same path: its "scores" are one channel of metric depth, and `predict` returns metres.
+Every task goes through the same path; its task object (dinokit/tasks/) says what the passes
+average (segmentation: softmax probabilities; depth: the metres) and what a prediction is (class
+indices; metres).
 
 Every pass produces logits at its own input size and is resized to the original size once, so a
 single window covering the whole image is exactly `whole` at that size.
@@ -22,7 +23,7 @@ single window covering the whole image is exactly `whole` at that size.
 whole pass) an image is resized on the CPU (`prepare`, which DataLoader workers and reader threads
 run), uploaded as uint8, normalised on the device, batched with images of its input size, and its
 logits are upsampled and reduced to class indices there; only the uint8 mask comes back. One image
-at a time, the masks are `segment`'s bit for bit; a batch changes only the shapes the network's
+at a time, the masks are `predict_scores`'s bit for bit; a batch changes only the shapes the network's
 matrix products run at (on this CPU the masks stay bit-identical, a depth model moves by ~2e-6 m:
 tests, docs/inference.md).
 """
@@ -30,7 +31,7 @@ tests, docs/inference.md).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import build_model_from_checkpoint, info_patch_size, load_checkpoint, model_with_head
+from checkpoint import build_model_from_checkpoint, load_checkpoint, model_with_head
 from cli import backbone_kwargs, mode_from_args
 from dinokit.data.file_kinds import sniff
 from dinokit.data.labels import ColorMap
@@ -47,7 +48,9 @@ from dinokit.data.resize import normalisation_table, normalise, preprocess, resi
 from dinokit.errors import UserError
 from dinokit.prediction.deployment import OnnxNetwork
 from dinokit.prediction.modes import InferenceMode
-from dinokit.prediction.scores import predicted_classes, upsampled_classes
+from dinokit.runs.checkpoint_format import migrate_model_info
+from dinokit.tasks import task_of
+from dinokit.tasks.task import Task
 from utils import autocast, select_device, select_precision
 
 
@@ -80,7 +83,7 @@ def slide_logits(model: torch.nn.Module, images: torch.Tensor, crop: int, stride
     return total / count
 
 
-def segment(
+def predict_scores(
     model: torch.nn.Module,
     image: np.ndarray,
     mode: InferenceMode,
@@ -89,11 +92,11 @@ def segment(
     std: Sequence[float],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    depth: bool = False,
+    combine: Callable[[torch.Tensor], torch.Tensor] = lambda scores: scores.softmax(0),
 ) -> torch.Tensor:
-    """`[num_classes, H, W]` scores for an RGB uint8 image: logits for a single pass, else the mean
-    softmax probability of all passes (either way, argmax is the prediction). `depth`: `[1, H, W]`
-    metres, the mean of all passes."""
+    """`[C, H, W]` scores for an RGB uint8 image: the output of a single pass, else the mean of
+    `combine` of every pass (a segmentation model: softmax probabilities, whose argmax is the
+    prediction either way; a depth model: the metres themselves)."""
     height, width = image.shape[:2]
     total = None
     for scale in mode.scales:
@@ -107,8 +110,8 @@ def segment(
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
             if mode.passes == 1:
                 return logits
-            probabilities = logits if depth else logits.softmax(0)
-            total = probabilities if total is None else total.add_(probabilities)
+            combined = combine(logits)
+            total = combined if total is None else total.add_(combined)
     return total / mode.passes
 
 
@@ -161,19 +164,15 @@ class Predictor:
         amp_dtype: torch.dtype | None = None,
         mode: InferenceMode | None = None,
     ):
+        info = migrate_model_info(info)  # an ONNX file exported from an older checkpoint
         self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
-        self.task: str = info.get("task", "segmentation")
+        self.task: Task = task_of(info)
         self.classes: list[str] = info.get("classes", [])
-        self.color_map = (
-            ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
-            if self.task == "segmentation"
-            else None
-        )
-        self.mask_format: str = info.get("mask_format", "auto")  # how the training masks were read
+        self.color_map: ColorMap | None = self.task.color_map(info)
         mode = mode or InferenceMode()
         if mode.imgsz is None:
             mode = replace(mode, imgsz=tuple(info["imgsz"]))  # default: the training size
-        self.mode = mode.for_patch(info_patch_size(info))
+        self.mode = mode.for_patch(info["patch_size"])
         self._table: torch.Tensor | None = None  # normalisation_table on the device, made on first use
 
     @classmethod
@@ -198,7 +197,7 @@ class Predictor:
         **backbone: Any,
     ) -> Predictor:
         """Meta's released head (a name such as voc2012_ms or nyu_linear4, or a file) on a DINOv2 backbone built from
-        `backbone` (Dinov2Segmentation's keywords: backbone, registers, source, weights, ...)."""
+        `backbone` (model.DenseModel's keywords: backbone, registers, source, weights, ...)."""
         device = select_device(device)
         model, info = model_with_head(path_or_name, head_layers=head_layers, **backbone)
         return cls(model.to(device), info, device=device, amp_dtype=select_precision(device, amp), mode=mode)
@@ -236,9 +235,9 @@ class Predictor:
 
     @torch.inference_mode()
     def scores(self, image: np.ndarray) -> torch.Tensor:
-        """`[num_classes, H, W]` scores at the image's own size (see `segment`)."""
+        """`[C, H, W]` scores at the image's own size (see `predict_scores`)."""
         self.model.eval()
-        return segment(
+        return predict_scores(
             self.model,
             image,
             self.mode,
@@ -246,7 +245,7 @@ class Predictor:
             std=self.info["std"],
             device=self.device,
             amp_dtype=self.amp_dtype,
-            depth=self.task == "depth",
+            combine=self.task.combine_passes,
         )
 
     def prepare(self, image: np.ndarray) -> Prepared:
@@ -290,19 +289,12 @@ class Predictor:
         largest = max(height * width for height, width in (item.size for item in batch))
         per_group = max(1, UPSAMPLED_VALUES // (logits.shape[1] * largest))  # bounded memory for large photos
         for group in runs([item.size for item in batch], per_group):
-            size = batch[group][0].size
-            if self.task == "depth":
-                upsampled = F.interpolate(logits[group], size=size, mode="bilinear", align_corners=False)[:, 0]
-            else:
-                upsampled = upsampled_classes(logits[group], size)
-            predictions += list(upsampled.cpu().numpy())
+            predictions += list(self.task.reduce(logits[group], batch[group][0].size).cpu().numpy())
         return predictions
 
     def from_scores(self, scores: torch.Tensor) -> np.ndarray:
-        """`segment`'s scores as `predict` returns them."""
-        if self.task == "depth":
-            return scores[0].float().cpu().numpy()
-        return predicted_classes(scores, 0).to(torch.uint8).cpu().numpy()
+        """`predict_scores`'s scores as `predict` returns them."""
+        return self.task.from_scores(scores)
 
 
 def load_predictor(args: argparse.Namespace, device: str | None = None, mode: InferenceMode | None = None) -> Predictor:

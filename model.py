@@ -1,16 +1,17 @@
-"""The segmentation model: a DINOv2 or DINOv3 backbone (dinokit/backbones/loading.py) + the papers'
-linear head (BatchNorm + 1x1 conv over the patch tokens of the last block or the last four), logits
-upsampled to the image; and `PatchFeatures`, a backbone reduced to one block's patch features
-(feature maps). Patch size, tapped blocks and normalisation come from the backbone (model_config.py).
+"""The model every dense task trains: a DINOv2 or DINOv3 backbone (dinokit/backbones/loading.py), the
+tokens of its tapped blocks, and a task's head (dinokit/tasks/: segmentation's BatchNorm + 1x1 conv,
+depth's bins or DPT), its output fitted to the image; and `PatchFeatures`, a backbone reduced to one
+block's patch features (feature maps). Patch size and normalisation come from the backbone
+(model_config.py); the tapped blocks and the head from the task.
 
-Run `python model.py` to print a torchinfo summary of the model at 644x644.
+`python bench.py --summary` prints a torchinfo summary of a segmentation model.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,38 +20,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from cli import ArgumentParser, add_backbone_args, at_least, backbone_kwargs, run_cli
 from dinokit.backbones.loading import backbone_blocks, exporting, load_backbone
 from dinokit.data.resize import preprocess, round_to_patch
-from dinokit.depth.heads import DEPTH_HEADS, BinsHead, DPTHead, with_class_token
 from dinokit.errors import UserError
 from model_config import BackboneSpec, get_backbone_spec
 from utils import autocast, select_device, select_precision
-
-
-class LinearHead(nn.Module):
-    """BatchNorm + 1x1 conv over the concatenated patch features: DINOv2's linear probe ("BNHead");
-    with `dropout`, DINOv3's (Dropout2d on the features first, in training only)."""
-
-    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = features.shape
-        if self.training and batch * height * width == 1 and type(self.norm) is nn.BatchNorm2d:
-            # One value per channel (one image with a 1x1 token grid, e.g. a last batch of one at
-            # --imgsz 14) has no batch statistics: normalise it with the running ones instead of
-            # failing. SyncBatchNorm pools the values of every process and needs no such care.
-            norm = self.norm
-            normed = F.batch_norm(
-                features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
-            )
-            return self.classifier(normed)
-        return self.classifier(self.norm(self.dropout(features)))
-
 
 PADDINGS = ("bottom_right", "center")
 
@@ -201,24 +175,40 @@ class BackboneModel(nn.Module):
         self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
 
 
-class Dinov2Segmentation(BackboneModel):
-    """DINOv2 / DINOv3 features from the last `head_layers` blocks (a ConvNeXt: its last stage),
-    concatenated, classified per patch, upsampled to the image.
+@dataclass(frozen=True)
+class Taps:
+    """Which backbone tokens a head reads: the patch maps of `blocks` (0-based), after the
+    backbone's final norm or before it, each with its class token broadcast beside it or not."""
 
-    Any input size works: the image is zero-padded (after normalisation) to a multiple of the
-    patch size, so the output is always `[B, num_classes, H, W]`. Two paddings, stored with the
-    model: `bottom_right` (this project's own models) pads right and bottom and crops the logits
-    back; `center` is Meta's evaluation code for its released heads (`CenterPadding` in
-    dinov2/hub/utils.py, applied as a forward pre-hook on the backbone; mmseg's EncoderDecoder
-    then resizes the padded grid's logits straight to the unpadded image size, bilinear,
-    align_corners=False), which those heads were trained with.
+    blocks: tuple[int, ...]
+    norm: bool = True
+    class_token: bool = False
+
+    def channels(self, embed_dim: int) -> int:
+        """Width of the concatenated maps the head receives."""
+        return embed_dim * len(self.blocks) * (2 if self.class_token else 1)
+
+
+class DenseModel(BackboneModel):
+    """A backbone, the tokens of its tapped blocks and a task's head (dinokit/tasks/): `[B, C, H, W]`
+    out for images of any size (segmentation: class logits; depth: metres).
+
+    The image is zero-padded (after normalisation) to a multiple of the patch size, and the head's
+    output fitted back to the image. Two paddings, stored with the model: `bottom_right` (this
+    project's own models) pads right and bottom and crops the output back; `center` is Meta's
+    evaluation code for its released heads (`CenterPadding` in dinov2/hub/utils.py; mmseg's
+    EncoderDecoder then resizes the padded grid's output straight to the unpadded image size,
+    bilinear, align_corners=False), which those heads were trained with.
     With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
-    forward builds no autograd graph.
+    forward builds no autograd graph. `arch` is the description that rebuilds it: the backbone's
+    half (BackboneModel) and the head's (`head_arch`, the task's keywords).
     """
 
     def __init__(
         self,
-        num_classes: int,
+        head: nn.Module,
+        taps: Taps,
+        head_arch: dict,
         *,
         backbone: str = "small",
         registers: bool = False,
@@ -227,18 +217,11 @@ class Dinov2Segmentation(BackboneModel):
         weights: str | Path | None = None,
         pretrained: bool = True,
         fine_tune: bool = False,
-        head_layers: int | None = None,
         padding: str = "bottom_right",
-        dropout: float = 0.0,
         normalization: str | None = None,
     ):
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        spec = get_backbone_spec(backbone, registers)
-        head_layers = max(spec.head_layers()) if head_layers is None else head_layers  # ViT: 4, ConvNeXt: 1
-        check_head_layers(spec, head_layers)
         super().__init__(
-            spec,
+            get_backbone_spec(backbone, registers),
             source=source,
             hub_dir=hub_dir,
             weights=weights,
@@ -247,101 +230,33 @@ class Dinov2Segmentation(BackboneModel):
             padding=padding,
             normalization=normalization,
         )
-        self.arch = {"num_classes": num_classes, **self.arch, "head_layers": head_layers, "dropout": dropout}
-        self.out_indices = list(spec.out_indices[-head_layers:])
-        self.head = LinearHead(spec.embed_dim * head_layers, num_classes, dropout)
+        self.arch = {**self.arch, **head_arch}
+        self.taps, self.head = taps, head
         self.train()
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated `[B, layers x C, h, w]` patch features (each block's tokens after the
-        backbone's final LayerNorm, as Meta's segmentation heads read them)."""
-        return torch.cat(self.backbone.get_intermediate_layers(images, n=self.out_indices, reshape=True), dim=1)
-
-    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """Shape of one image's `extract_features` output at (height, width), without computing it."""
-        return (self.head.norm.num_features, *self.grid(height, width))
-
-    def forward_head(
-        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """Logits `[B, num_classes, H, W]` (see `BackboneModel.forward_head`)."""
-        logits = self.head(features)
-        return fit_to_image(logits, self.padded_size(features), image_size, output_size, self.padding)
-
-
-class DinoDepth(BackboneModel):
-    """Metric depth `[B, 1, H, W]` from a backbone's blocks `taps` and a depth head
-    (dinokit/depth/heads.py): tokens without the final norm, each block's class token beside its
-    patch tokens, as Meta's depth heads read them; the head's output clamped to its depth range and
-    fitted to the image with `padding` (Meta's heads: centred). Meta's heads run on a frozen
-    backbone; a head trained here (`batch_norm=True`, train.py --task depth) may fine-tune it."""
-
-    def __init__(
-        self,
-        *,
-        head: str = "linear",
-        taps: Sequence[int],
-        min_depth: float,
-        max_depth: float,
-        backbone: str = "small",
-        registers: bool = False,
-        source: str = "hub",
-        hub_dir: str | Path | None = None,
-        weights: str | Path | None = None,
-        pretrained: bool = True,
-        fine_tune: bool = False,
-        padding: str = "center",
-        batch_norm: bool = False,
-        normalization: str | None = None,
-    ):
-        spec = get_backbone_spec(backbone, registers)
-        if head not in DEPTH_HEADS or spec.is_convnext:
-            raise UserError(f"a {head!r} depth head on {spec.hub_name} is not supported (ViT backbones only)")
-        super().__init__(
-            spec,
-            source=source,
-            hub_dir=hub_dir,
-            weights=weights,
-            pretrained=pretrained,
-            fine_tune=fine_tune,
-            padding=padding,
-            normalization=normalization,
-        )
-        self.arch = {
-            "task": "depth",
-            **self.arch,
-            "head": head,
-            "taps": list(taps),
-            "min_depth": float(min_depth),
-            "max_depth": float(max_depth),
-            "batch_norm": batch_norm,
-        }
-        self.taps = list(taps)
-        if head == "dpt":
-            self.head = DPTHead(spec.embed_dim, min_depth=min_depth, max_depth=max_depth)
-        else:
-            width = 2 * spec.embed_dim * len(self.taps)
-            self.head = BinsHead(width, min_depth=min_depth, max_depth=max_depth, batch_norm=batch_norm)
-        self.train()
-
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """`[B, taps x 2C, h, w]`: each tapped block's patch map (no final norm) with its class token
-        broadcast beside it, concatenated."""
+        """The tapped blocks' `[B, C, h, w]` patch maps (with their class tokens beside them if the
+        head reads those), concatenated."""
+        taps = self.taps
         blocks = self.backbone.get_intermediate_layers(
-            images, n=self.taps, reshape=True, return_class_token=True, norm=False
+            images, n=list(taps.blocks), reshape=True, return_class_token=taps.class_token, norm=taps.norm
         )
-        return torch.cat(with_class_token(blocks), dim=1)
+        return torch.cat(with_class_token(blocks) if taps.class_token else list(blocks), dim=1)
 
     def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape of one image's `extract_features` output at (height, width), without computing it."""
-        return (2 * self.spec.embed_dim * len(self.taps), *self.grid(height, width))
+        return (self.taps.channels(self.spec.embed_dim), *self.grid(height, width))
 
     def forward_head(
         self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """Depth in metres `[B, 1, H, W]`, within the head's range (see `BackboneModel.forward_head`)."""
-        depth = self.head(features).clamp(self.head.min_depth, self.head.max_depth)
-        return fit_to_image(depth, self.padded_size(features), image_size, output_size, self.padding)
+        """The head's output fitted to the image (see `BackboneModel.forward_head`)."""
+        return fit_to_image(self.head(features), self.padded_size(features), image_size, output_size, self.padding)
+
+
+def with_class_token(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each block's `[B, C, h, w]` patch map with its class token broadcast beside it: `[B, 2C, h, w]`."""
+    return [torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1) for patches, cls in blocks]
 
 
 def check_head_layers(spec: BackboneSpec, head_layers: int) -> None:
@@ -362,32 +277,6 @@ def _checkpointed(forward):
         return forward(*args, **kwargs)
 
     return run
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Print a summary of the segmentation model (DINOv2 or DINOv3 backbone).")
-    add_backbone_args(parser)
-    parser.add_argument("--num-classes", type=at_least(1), default=21)
-    parser.add_argument("--imgsz", type=int, nargs=2, default=(644, 644), metavar=("W", "H"))
-    parser.add_argument("--fine-tune", action="store_true")
-    return parser
-
-
-def main(args: argparse.Namespace) -> None:
-    from torchinfo import summary
-
-    model = Dinov2Segmentation(args.num_classes, fine_tune=args.fine_tune, **backbone_kwargs(args)).eval()
-    width, height = args.imgsz
-    summary(
-        model,
-        input_size=(1, 3, height, width),
-        depth=2,
-        col_names=("input_size", "output_size", "num_params", "trainable"),
-    )
-
-
-if __name__ == "__main__":
-    run_cli(main, get_args_parser())
 
 
 class PatchFeatures:

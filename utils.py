@@ -120,6 +120,17 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> 
     return device
 
 
+def distribute(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torchrun: the model wrapped in DistributedDataParallel (BatchNorm synchronised on GPUs)."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":  # SyncBatchNorm needs GPU tensors; on CPU the head normalises per process
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def sync_buffers(model: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running stats drift apart with per-rank batches)."""
     if distributed():

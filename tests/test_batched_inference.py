@@ -17,14 +17,16 @@ from dinokit.prediction.modes import InferenceMode
 from dinokit.prediction.pipeline import BackgroundWriter, in_background, ordered_map, predicted_folder
 from dinokit.prediction.scores import contending_classes, predicted_classes, upsampled_classes
 from dinokit.prediction.videos import frame_predictions, predicted_frames
-from inference import Predictor, segment
-from model import Dinov2Segmentation
+from dinokit.tasks.segmentation import segmentation_model
+from inference import Predictor, predict_scores
 from tests.conftest import run_script
 from tests.test_depth import BACKBONE, meta_file
 from tests.test_inference import make_video, read_video
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INFO = {
+INFO = {  # the description of the model below (its backbone and its classes)
+    "task": "segmentation",
+    "arch": {"backbone": "small", "registers": False, "source": "timm"},
     "classes": [f"class {i}" for i in range(5)],
     "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]],
     "ignore_colors": [],
@@ -39,7 +41,7 @@ ODD_SIZES = [(101, 77), (101, 77), (64, 300), (33, 35), (101, 77)]
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     torch.manual_seed(0)
-    model = Dinov2Segmentation(5, source="timm", pretrained=False).eval()
+    model = segmentation_model(5, source="timm", pretrained=False).eval()
     return Predictor(model, INFO, device=torch.device("cpu"))
 
 
@@ -50,7 +52,7 @@ def random_images(sizes, seed=0):
 
 def segment_classes(predictor, image):
     """Today's prediction: `segment` (resize + normalise on the CPU, per image) and the argmax."""
-    scores = segment(predictor.model, image, predictor.mode, mean=MEAN, std=STD, device=predictor.device)
+    scores = predict_scores(predictor.model, image, predictor.mode, mean=MEAN, std=STD, device=predictor.device)
     return predicted_classes(scores, 0).to(torch.uint8).numpy()
 
 
@@ -106,15 +108,21 @@ def test_depth_one_by_one_is_segment_exactly_and_batches_agree_to_float_rounding
     batched = depth.predict_prepared([depth.prepare(image) for image in images])
     for image, metres in zip(images, batched):
         with torch.inference_mode():
-            expected = segment(
-                model, image, depth.mode, mean=info["mean"], std=info["std"], device=depth.device, depth=True
+            expected = predict_scores(
+                model,
+                image,
+                depth.mode,
+                mean=info["mean"],
+                std=info["std"],
+                device=depth.device,
+                combine=lambda scores: scores,
             )
         assert np.array_equal(depth.predict(image), expected[0].numpy())
         assert metres.dtype == np.float32 and metres.shape == image.shape[:2]
         np.testing.assert_allclose(metres, expected[0].numpy(), rtol=1e-5)
 
 
-def test_other_modes_go_image_by_image_through_segment(predictor):
+def test_other_modes_go_image_by_image_through_predict_scores(predictor):
     flip = predictor.with_mode(InferenceMode(imgsz=(56, 42), flip=True, scales=(1.0, 1.5)))
     images = random_images(ODD_SIZES[:3])
     masks = flip.predict_prepared([flip.prepare(image) for image in images])

@@ -5,7 +5,7 @@ import torch
 
 import config
 from datasets import SegmentationDataset, find_pairs
-from dinokit.data.augmentations import seed_augmentation, seed_train_transform
+from dinokit.data.augmentations import article_train_transform, seed_augmentation
 from dinokit.data.image_files import DatasetError
 from dinokit.data.labels import ColorMap
 from dinokit.data.resize import eval_transform, round_to_patch
@@ -96,7 +96,7 @@ def test_mismatched_image_and_mask_sizes_name_the_mask(tmp_path, voc_map):
 
 
 def test_augmentation_fills_rotated_border_with_ignore_not_background():
-    transform = seed_train_transform((56, 42), ignore_index=255)
+    transform = article_train_transform((56, 42), ignore_index=255)
     image = np.full((60, 80, 3), 128, np.uint8)
     mask = np.ones((60, 80), np.uint8)  # every pixel class 1
     seen = set()
@@ -109,7 +109,7 @@ def test_augmentation_fills_rotated_border_with_ignore_not_background():
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tiny_dataset, voc_map):
-    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, seed_train_transform((56, 42)), seed=3)
+    dataset = SegmentationDataset(find_pairs(tiny_dataset, "train"), voc_map, article_train_transform((56, 42)), seed=3)
     first = [dataset[i][0] for i in range(6)]
     assert all(torch.equal(a, dataset[i][0]) for i, a in enumerate(first))  # same epoch: same views
     dataset.epoch = 1

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import model_with_head
-from datasets import find_depth_pairs
-from dinokit.data.depth_files import check_depth_pairs, load_depth_spec
+from dinokit.tasks.depth.data import find_depth_pairs
 from dinokit.data.image_files import DatasetError
 from dinokit.data.synthetic import make_depth_dataset
-from dinokit.depth.released import DepthHeadError, depth_head_url, read_depth_head
-from dinokit.prediction.depth_maps import colorize, depth_png
 from dinokit.prediction.modes import InferenceMode
+from dinokit.tasks.depth.files import check_depth_pairs, load_depth_spec
+from dinokit.tasks.depth.maps import colorize, depth_png
+from dinokit.tasks.depth.released import DepthHeadError, depth_head_url, read_depth_head
 from inference import Predictor
 from metrics import DepthErrors, depth_errors
 from tests.conftest import OFFLINE, run_script
@@ -147,7 +147,7 @@ def test_our_model_is_metas_forward(kind, taps, tmp_path):
     with torch.no_grad():
         ours = model(images)
     expected = meta_depth(model.backbone, state, images, taps, kind.rstrip("4"), (0.001, 10.0))
-    assert ours.shape == (1, 1, 75, 101) and info["task"] == "depth" and model.taps == taps
+    assert ours.shape == (1, 1, 75, 101) and info["task"] == "depth" and list(model.taps.blocks) == taps
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 

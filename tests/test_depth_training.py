@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import build_depth_datasets
+from dinokit.tasks.depth.data import build_depth_datasets
 from dinokit.backbones.released_heads import HeadWeightsError, read_checked_head
 from dinokit.data.synthetic import make_depth_dataset
-from dinokit.depth.losses import MEAN_SHARE, gradient_loss, sig_loss
-from dinokit.depth.released import depth_taps
+from dinokit.tasks.depth.losses import MEAN_SHARE, gradient_loss, sig_loss
+from dinokit.tasks.depth.released import depth_taps
 from dinokit.training.feature_cache import FeatureCache
 from tests.conftest import OFFLINE, run_script
 from tests.test_inference import run_notebook
@@ -191,16 +191,23 @@ def test_a_resumed_depth_run_refuses_a_changed_depth_json(depth_run):
     """Metres read with another depth_scale are other targets: refused like a changed range."""
     import train
     from checkpoint import load_checkpoint
-    from dinokit.data.depth_files import load_depth_spec
+    from dinokit.runs.resume import check_model_matches
+    from dinokit.tasks import get_task
+    from dinokit.tasks.depth.files import load_depth_spec
 
     root, out, flags, _ = depth_run
     args = train.get_args_parser().parse_args(["--task", "depth", *map(str, flags), *OFFLINE])
     checkpoint = load_checkpoint(out / "last.pth")
-    train.resolve_defaults(args, checkpoint)
+    train.settle(args, checkpoint)
     spec = load_depth_spec(root)
-    train.check_resume_matches(checkpoint, args, spec, "last.pth")  # the same depth.json: resumes
+    info, task = checkpoint["model_info"], get_task("depth")
+
+    def check(spec):
+        check_model_matches(info, checkpoint["args"], args, task.resume_fields(info, spec), "last.pth")
+
+    check(spec)  # the same depth.json: resumes
     with pytest.raises(ValueError, match=r"trained with depth.json depth_scale 1000(\.0)? but this run has 500"):
-        train.check_resume_matches(checkpoint, args, dataclasses.replace(spec, depth_scale=500), "last.pth")
+        check(dataclasses.replace(spec, depth_scale=500))
 
 
 @pytest.mark.parametrize(

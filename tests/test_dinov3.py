@@ -9,15 +9,16 @@ import urllib.error
 import pytest
 import torch
 
-from checkpoint import build_model_from_checkpoint, model_info
+from checkpoint import build_model_from_checkpoint, describe_model
 from dinokit.backbones.dinov3 import TimmConvNext, TimmDinov3
 from dinokit.backbones.loading import BackboneUnavailableError, load_backbone
 from dinokit.data.augmentations import RandomRescale
 from dinokit.data.labels import VOC
 from dinokit.errors import UserError
 from dinokit.prediction.modes import InferenceMode
+from dinokit.tasks import get_task
+from dinokit.tasks.segmentation import segmentation_model
 from dinokit.training.schedules import lr_factor
-from model import Dinov2Segmentation
 from model_config import SAT493M_MEAN, canonical_name, get_backbone_spec
 from tests.dinov3_files import meta_layout, random_biases, write_hub_dir
 
@@ -63,7 +64,7 @@ def test_old_and_new_names_describe_the_same_backbones():
 
 @pytest.mark.parametrize("head_layers, channels", [(1, 384), (4, 4 * 384)])
 def test_segmentation_at_a_size_that_is_not_a_multiple_of_16(head_layers, channels):
-    model = Dinov2Segmentation(
+    model = segmentation_model(
         3, backbone="dinov3_vits16", source="timm", pretrained=False, head_layers=head_layers
     ).eval()
     images = torch.randn(2, 3, 90, 120)
@@ -152,8 +153,8 @@ def test_an_expired_signed_url_asks_for_a_new_link(monkeypatch):
 
 def test_convnext_feeds_the_head_from_its_last_stage():
     with pytest.raises(UserError, match="use --head-layers 1"):
-        Dinov2Segmentation(3, backbone="dinov3_convnext_tiny", source="timm", pretrained=False, head_layers=4)
-    model = Dinov2Segmentation(
+        segmentation_model(3, backbone="dinov3_convnext_tiny", source="timm", pretrained=False, head_layers=4)
+    model = segmentation_model(
         3, backbone="dinov3_convnext_tiny", source="timm", pretrained=False, head_layers=1
     ).eval()
     assert isinstance(model.backbone, TimmConvNext)
@@ -165,11 +166,11 @@ def test_a_hub_trained_checkpoint_rebuilds_offline_from_timm():
     """A run on Meta's hub code saves Meta's parameter names; without that code (sockets are refused
     here) the checkpoint is rebuilt with timm and the keys converted: the same predictions."""
     torch.manual_seed(1)
-    model = Dinov2Segmentation(3, backbone="dinov3_vits16", source="timm", pretrained=False).eval()
+    model = segmentation_model(3, backbone="dinov3_vits16", source="timm", pretrained=False).eval()
     random_biases(model.backbone)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     state.update({f"backbone.{k}": v for k, v in meta_layout(model.backbone).items()})
-    info = model_info(model, VOC, (64, 48))
+    info = describe_model(get_task("segmentation"), model, VOC, (64, 48))
     info["arch"]["source"] = "hub"
     rebuilt = build_model_from_checkpoint({"model": state, "model_info": info})
     images = torch.randn(1, 3, 48, 64)

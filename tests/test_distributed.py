@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 
 import cv2
 import pytest
@@ -15,6 +16,7 @@ from checkpoint import build_model_from_checkpoint, load_checkpoint
 from datasets import ShardSampler, build_datasets, find_pairs, make_loader
 from dinokit.data.labels import load_dataset_spec
 from dinokit.data.synthetic import make_dataset
+from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from engine import LoopSettings, validate
 from evaluation import evaluate_pairs
 from inference import Predictor
@@ -70,7 +72,7 @@ def test_two_processes_report_what_one_process_measures(two_process_run, uneven_
     assert report["processes"] == 2
     checkpoint = load_checkpoint(out / report["checkpoint"])
     predictor = Predictor(build_model_from_checkpoint(checkpoint), checkpoint["model_info"], device=torch.device("cpu"))
-    single = evaluate_pairs(predictor, find_pairs(uneven_dataset, "valid")).scores
+    single = evaluate_pairs(predictor, find_pairs(uneven_dataset, "valid")).result.scores
     # The final validation at original resolution: the same confusion matrix, nothing counted twice.
     assert report["miou"] == pytest.approx(single.miou, abs=1e-12)
     assert report["pixel_accuracy"] == pytest.approx(single.pixel_accuracy, abs=1e-12)
@@ -78,8 +80,12 @@ def test_two_processes_report_what_one_process_measures(two_process_run, uneven_
     assert [math.nan if v is None else v for v in report["iou"].values()] == pytest.approx(single.iou, nan_ok=True)
     # The per-epoch validation (training size, DDP loop) recorded in the checkpoint: the same too.
     _, valid_set, _ = build_datasets(uneven_dataset, (56, 42), load_dataset_spec(uneven_dataset))
-    epoch = validate(predictor.model, make_loader(valid_set, 2, shuffle=False), LoopSettings(torch.device("cpu"), 21))
-    assert checkpoint["metrics"]["valid_miou"] == pytest.approx(epoch.miou, abs=1e-12)
+    epoch = validate(
+        predictor.model,
+        make_loader(valid_set, 2, shuffle=False),
+        LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255)),
+    )
+    assert checkpoint["metrics"]["valid_miou"] == pytest.approx(epoch.metrics["miou"], abs=1e-12)
     assert checkpoint["metrics"]["valid_loss"] == pytest.approx(epoch.loss, rel=1e-6)  # fp32 sums, other groupings
 
 

@@ -15,14 +15,16 @@ from torch import nn
 
 from dinokit.data.synthetic import make_dataset
 from dinokit.prediction.modes import InferenceMode
+from dinokit.tasks.segmentation import segmentation_model
 from evaluation import evaluate_pairs
-from inference import Predictor, segment, slide_logits, window_grid
+from inference import Predictor, predict_scores, slide_logits, window_grid
 from metrics import SeedStyleIoU
-from model import Dinov2Segmentation
 from tests.conftest import ROOT, run_script
 
 CPU = torch.device("cpu")
-INFO = {
+INFO = {  # a model description by hand: the toy network below stands where a backbone + head would
+    "task": "segmentation",
+    "arch": {"backbone": "small", "registers": False, "source": "timm"},
     "classes": ["background", "red", "green"],
     "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
     "ignore_colors": [],
@@ -67,7 +69,8 @@ def test_full_resolution_metrics_equal_a_hand_built_confusion_matrix(tmp_path):
         truths.append(mask)
     predictor = Predictor(pointwise_model(), INFO, device=CPU, mode=InferenceMode(native=True))
     pairs = [(tmp_path / "images" / f"{n}.png", tmp_path / "labels" / f"{n}.png") for n in "ab"]
-    result = evaluate_pairs(predictor, pairs)
+    evaluation = evaluate_pairs(predictor, pairs)
+    result = evaluation.result
     truth, prediction = np.concatenate([t.ravel() for t in truths]), np.concatenate([p.ravel() for p in predictions])
     keep = truth != 255
     expected = np.bincount(truth[keep] * 3 + prediction[keep], minlength=9).reshape(3, 3)
@@ -77,21 +80,21 @@ def test_full_resolution_metrics_equal_a_hand_built_confusion_matrix(tmp_path):
     assert result.scores.miou == pytest.approx(iou.mean())
     assert result.scores.fwiou == pytest.approx((share * iou).sum())
     assert result.scores.mean_class_accuracy == pytest.approx((np.diag(expected) / expected.sum(1)).mean())
-    assert result.images == 2
+    assert evaluation.images == 2
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return Dinov2Segmentation(3, source="timm", pretrained=False).eval()
+    return segmentation_model(3, source="timm", pretrained=False).eval()
 
 
 def test_one_window_covering_the_image_is_whole(vit):
     image = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     kwargs = dict(mean=[0.5] * 3, std=[0.25] * 3, device=CPU)
     with torch.no_grad():
-        whole = segment(vit, image, InferenceMode(native=True), **kwargs)
-        slide = segment(vit, image, InferenceMode("slide", short_side=30, crop=42, stride=14), **kwargs)
+        whole = predict_scores(vit, image, InferenceMode(native=True), **kwargs)
+        slide = predict_scores(vit, image, InferenceMode("slide", short_side=30, crop=42, stride=14), **kwargs)
     assert torch.allclose(whole, slide, atol=1e-6)
 
 
@@ -109,8 +112,8 @@ def test_overlapping_windows_average_their_logits(vit):
 def test_flip_and_scale_averaging_of_a_flip_equivariant_model_changes_nothing():
     image = np.random.default_rng(2).integers(0, 255, (21, 33, 3), dtype=np.uint8)
     kwargs = dict(mean=[0, 0, 0], std=[1, 1, 1], device=CPU)
-    plain = segment(pointwise_model(), image, InferenceMode(native=True), **kwargs)
-    flipped = segment(pointwise_model(), image, InferenceMode(native=True, flip=True), **kwargs)
+    plain = predict_scores(pointwise_model(), image, InferenceMode(native=True), **kwargs)
+    flipped = predict_scores(pointwise_model(), image, InferenceMode(native=True, flip=True), **kwargs)
     assert torch.allclose(flipped, plain.softmax(0), atol=1e-6)  # two identical passes, softmax-averaged
     assert torch.equal(flipped.argmax(0), plain.argmax(0))
 

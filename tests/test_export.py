@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, describe_model, load_checkpoint
 from dinokit.backbones.loading import POS_EMBED_OFFSET, bicubic_matrix
 from dinokit.prediction.modes import InferenceMode
+from dinokit.tasks import get_task
 from inference import Predictor
 from tests.conftest import run_script
 from tests.test_inference import make_video
@@ -178,14 +179,19 @@ def test_int8_static_argmax_export(exported, tiny_dataset, tmp_path):
 
 def test_centre_padded_model_exports_at_odd_sizes(tmp_path):
     """Meta's padding (the paper recipe's models) is also computed in the graph."""
-    from checkpoint import model_info
     from dinokit.data.labels import VOC
-    from model import Dinov2Segmentation
+    from dinokit.tasks.segmentation import segmentation_model
 
     torch.manual_seed(0)
-    model = Dinov2Segmentation(21, source="timm", pretrained=False, padding="center", head_layers=1).eval()
+    model = segmentation_model(21, source="timm", pretrained=False, padding="center", head_layers=1).eval()
     proto = export_network(model, size=(56, 70), dynamic=True)
-    write_metadata(proto, model_info(model, VOC, (70, 56)), output="logits", precision="fp32", dynamic=True)
+    write_metadata(
+        proto,
+        describe_model(get_task("segmentation"), model, VOC, (70, 56)),
+        output="logits",
+        precision="fp32",
+        dynamic=True,
+    )
     onnx.save(proto, tmp_path / "centre.onnx")
     network = OnnxNetwork(tmp_path / "centre.onnx", device="cpu")
     for size in ((57, 71), (30, 100)):

@@ -13,7 +13,8 @@ from PIL import Image
 import config
 from checkpoint import model_with_head
 from dinokit.backbones.released_heads import HeadWeightsError, head_url
-from model import Dinov2Segmentation, pad_to_patches
+from dinokit.tasks.segmentation import segmentation_model
+from model import pad_to_patches
 from tests.conftest import OFFLINE, run_script
 
 BACKBONE = {"source": "timm", "pretrained": False}
@@ -108,7 +109,7 @@ def test_head_names_resolve_to_meta_urls_and_load_from_the_hub_cache_offline(tmp
 
 
 def test_centred_padding_is_metas_center_padding():
-    model = Dinov2Segmentation(3, padding="center", **BACKBONE).eval()
+    model = segmentation_model(3, padding="center", **BACKBONE).eval()
     # CenterPadding._get_pad: the smaller half first: left 5, right 6, top 4, bottom 4
     image = torch.ones(1, 1, 20, 31)
     padded = pad_to_patches(image, 14, "center")

@@ -1,5 +1,6 @@
-"""The repository's shape: scripts and the core at the root, the machinery in `dinokit/`, imports
-running one way (scripts -> root modules -> the package), never into a script, never in a cycle."""
+"""The repository's shape: scripts and the core at the root, the machinery in `dinokit/`, a task in
+one folder of `dinokit/tasks/`, imports running one way down `LAYERS`, never into a script, never
+in a cycle."""
 
 import ast
 from pathlib import Path
@@ -35,7 +36,17 @@ CORE = {
     "evaluation",
     "cli",
 }
-PURE_DATA = {"config", "model_config"}  # the only root modules the package may read
+PURE_DATA = {"config", "model_config"}  # the only root modules the package's machinery may read
+TASKS = PACKAGE + ".tasks"
+# Imports run one way: a module imports modules of its own layer or of the layers above it in this list.
+LAYERS = (
+    ("pure data", lambda name: name in PURE_DATA),
+    ("the package's machinery", lambda name: name.startswith(PACKAGE) and not name.startswith(TASKS)),
+    ("the core below the tasks", lambda name: name in {"utils", "metrics", "datasets", "model"}),
+    ("the tasks", lambda name: name.startswith(TASKS)),
+    ("the core that serves every task", lambda name: name in CORE),
+    ("the scripts", lambda name: name in SCRIPTS),
+)
 HANDFUL = 5  # core modules beyond the design's named ones
 FOUNDATION = (
     "errors.py",
@@ -75,13 +86,24 @@ def test_the_root_holds_the_scripts_and_the_core_and_nothing_else():
     assert len(CORE - named) <= HANDFUL
 
 
-def test_the_package_imports_no_root_module_but_pure_data():
+def layer(name: str) -> int:
+    return next(index for index, (_, holds) in enumerate(LAYERS) if holds(name))
+
+
+def test_imports_run_one_way_down_the_layers():
+    """The machinery reads no root module but pure data; the tasks build on the core below them
+    (model, datasets, metrics) and are served by the core above (the loop, checkpoints, prediction,
+    evaluation), which never reaches back down into them by name."""
     offenders = {
-        name: sorted(imported - PURE_DATA)
+        name: sorted(module for module in imported if layer(module) > layer(name))
         for name, imported in imports().items()
-        if name.startswith(PACKAGE) and imported - PURE_DATA - {m for m in imported if m.startswith(PACKAGE)}
+        if any(layer(module) > layer(name) for module in imported)
     }
     assert offenders == {}
+
+
+def test_every_module_has_a_layer():
+    assert all(isinstance(layer(name), int) for name in imports())
 
 
 def test_no_module_imports_a_script():

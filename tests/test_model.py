@@ -4,18 +4,18 @@ import urllib.error
 import pytest
 import torch
 
-import model as model_module
+import bench
 from cli import run_cli
 from dinokit.backbones.loading import BackboneUnavailableError, load_backbone
-from engine import pixel_cross_entropy
-from model import Dinov2Segmentation
+from dinokit.tasks.segmentation import segmentation_model
+from dinokit.tasks.segmentation.scoring import pixel_cross_entropy
 from model_config import SIZES, get_backbone_spec
 from tests.conftest import run_script
 
 
 def make_model(num_classes=21, fine_tune=False, seed=0):
     torch.manual_seed(seed)
-    return Dinov2Segmentation(num_classes, fine_tune=fine_tune, source="timm", pretrained=False)
+    return segmentation_model(num_classes, fine_tune=fine_tune, source="timm", pretrained=False)
 
 
 @pytest.mark.parametrize("num_classes, height, width", [(21, 112, 112), (3, 98, 154), (11, 90, 120), (1, 33, 17)])
@@ -85,14 +85,15 @@ def test_offline_hub_failure_is_one_clear_line(monkeypatch, capsys):
         load_backbone("small", source="hub")
     message = str(excinfo.value)
     assert "\n" not in message and "dinov2_vits14" in message and "--weights" in message
-    monkeypatch.setattr(sys, "argv", ["model.py"])
-    with pytest.raises(SystemExit) as exit_info:  # `python model.py` turns it into a one-line exit
-        run_cli(model_module.main, model_module.get_args_parser())
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--summary", "--source", "hub", "--backbone", "small"])
+    with pytest.raises(SystemExit) as exit_info:  # a script turns it into a one-line exit
+        run_cli(bench.main, bench.get_args_parser())
     assert str(exit_info.value).startswith("error: could not load dinov2_vits14 from torch.hub")
 
 
 @pytest.mark.slow
-def test_model_py_prints_a_summary():
-    result = run_script("model.py", "--source", "timm", "--no-pretrained", "--imgsz", "224", "224")
+def test_bench_prints_the_model_summary():
+    result = run_script("bench.py", "--summary", "--imgsz", "224", "224")
     assert result.returncode == 0, result.stderr
-    assert "Dinov2Segmentation" in result.stdout and "Trainable params: 35,349" in result.stdout
+    assert "DenseModel" in result.stdout and "LinearHead" in result.stdout
+    assert "Trainable params: 35,349" in result.stdout

@@ -575,6 +575,6 @@ def test_a_batch_of_one_with_a_one_token_grid_trains(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_model_py_offline_is_one_line_when_run_as_a_script(tmp_path):
-    result = run_script("model.py", "--hub-dir", tmp_path)  # no hubconf.py: the backbone cannot be had
+def test_a_missing_hub_directory_is_one_line_when_run_as_a_script(tmp_path):
+    result = run_script("bench.py", "--summary", "--hub-dir", tmp_path)  # no hubconf.py: no backbone to be had
     assert_one_line_error(result, "not a torch.hub directory")

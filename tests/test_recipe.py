@@ -18,7 +18,7 @@ from dinokit.data.augmentations import (
 )
 from dinokit.training.schedules import build_scheduler
 from tests.conftest import OFFLINE, run_script
-from train import get_args_parser, resolve_defaults
+from train import get_args_parser, settle
 
 
 def largest_share(mask: np.ndarray) -> float:
@@ -100,7 +100,7 @@ def test_photometric_distortion_follows_mmseg_order_and_truncation():
 
 def paper_args(*flags: str):
     args = get_args_parser().parse_args(["--recipe", "paper", *flags])
-    resolve_defaults(args, resumed=None)
+    settle(args, resumed=None)
     return args
 
 
@@ -120,10 +120,10 @@ def test_the_paper_recipe_sets_the_papers_optimisation_and_flags_given_win():
         3,
         None,
     )  # --epochs counts the run instead of the recipe's steps
-    seed = get_args_parser().parse_args([])
-    resolve_defaults(seed, resumed=None)
-    assert (seed.recipe, seed.batch, seed.epochs, seed.steps, seed.scheduler, seed.mode) == (
-        "seed",
+    article = get_args_parser().parse_args([])
+    settle(article, resumed=None)
+    assert (article.recipe, article.batch, article.epochs, article.steps, article.scheduler, article.mode) == (
+        "article",
         2,
         20,
         None,

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from dinokit.data.synthetic import make_dataset
+from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from tests.conftest import OFFLINE, ROOT, run_script
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")
@@ -177,11 +179,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 def test_nan_loss_names_the_step(tiny_dataset):
     from datasets import build_datasets, make_loader
+    from dinokit.tasks.segmentation import segmentation_model
     from engine import LoopSettings, NonFiniteLossError, train_one_epoch
-    from model import Dinov2Segmentation
 
     train_set, _, _ = build_datasets(tiny_dataset, (56, 42))
-    model = Dinov2Segmentation(21, source="timm", pretrained=False)
+    model = segmentation_model(21, source="timm", pretrained=False)
     with torch.no_grad():
         model.head.classifier.bias.fill_(float("nan"))
     optimizer = torch.optim.AdamW(model.head.parameters())
@@ -190,7 +192,7 @@ def test_nan_loss_names_the_step(tiny_dataset):
             model,
             make_loader(train_set, 4, shuffle=True, workers=0),
             optimizer,
-            LoopSettings(torch.device("cpu"), num_classes=21),
+            LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255)),
             epoch=3,
         )
 
@@ -198,14 +200,16 @@ def test_nan_loss_names_the_step(tiny_dataset):
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
     from engine import NonFiniteLossError
 
-    real_epoch = train.train_one_epoch
+    import engine
+
+    real_epoch = engine.train_one_epoch
 
     def diverge_in_epoch_2(*args, **kwargs):
         if kwargs["epoch"] == 2:
             raise NonFiniteLossError("Train 2, step 1/2: loss is nan")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
+    monkeypatch.setattr(engine, "train_one_epoch", diverge_in_epoch_2)
     args = train.get_args_parser().parse_args(
         ["--data-dir", str(dataset), "--out-dir", str(tmp_path), "--epochs", "3", *SMALL, *OFFLINE]
     )

@@ -24,6 +24,7 @@ from dinokit.data.image_files import DatasetError, read_image
 from dinokit.data.synthetic import make_dataset
 from dinokit.errors import UserError
 from dinokit.prediction.videos import write_video
+from dinokit.runs import resume
 from dinokit.runs.run_folder import CLASSIFIER_RESULTS
 from tests.conftest import OFFLINE, ROOT, dead_pid, run_script
 
@@ -447,32 +448,32 @@ OTHER_VALUES = {
 def saved_flags() -> dict:
     """The flags a checkpoint of a default run stores."""
     args = train.get_args_parser().parse_args([])
-    train.resolve_defaults(args, None)
-    return {k: train._plain(v) for k, v in vars(args).items() if k in train.RESUME_RULES}
+    train.settle(args, None)
+    return {k: resume.plain(v) for k, v in vars(args).items() if k in resume.RESUME_RULES}
 
 
 def test_every_train_flag_has_one_resume_rule():
     dests = {action.dest for action in train.get_args_parser()._actions} - {"help"}
-    assert dests == set(train.RESUME_RULES) == set(OTHER_VALUES)
+    assert dests == set(resume.RESUME_RULES) == set(OTHER_VALUES)
 
 
-@pytest.mark.parametrize("flag", sorted(train.RESUME_RULES))
+@pytest.mark.parametrize("flag", sorted(resume.RESUME_RULES))
 def test_each_flag_on_resume_follows_its_rule(flag):
     saved = saved_flags()
     argv = (["--resume", "ckpt.pth"] if flag != "resume" else []) + OTHER_VALUES[flag]
     args = train.get_args_parser().parse_args(argv)
-    rule = train.RESUME_RULES[flag]
-    if rule == train.KEEP:
+    rule = resume.RESUME_RULES[flag]
+    if rule == resume.KEEP:
         with pytest.raises(
             ValueError, match=f"checkpoint was trained with --{flag.replace('_', '-')} .* but this run has"
         ):
-            train.resolve_defaults(args, {"args": saved})
+            train.settle(args, {"args": saved})
         return
-    changes = train.resolve_defaults(args, {"args": saved})
-    given = train._plain(getattr(args, flag))
+    changes = train.settle(args, {"args": saved})
+    given = resume.plain(getattr(args, flag))
     assert given != saved[flag]  # applied
-    if rule == train.CHANGE:
-        assert changes == [(f"--{flag.replace('_', '-')}", saved[flag], given)]
+    if rule == resume.CHANGE:
+        assert changes == [resume.FlagChange(f"--{flag.replace('_', '-')}", saved[flag], given)]
     else:
         assert changes == []  # this invocation's own: applied, not recorded
 
@@ -480,7 +481,7 @@ def test_each_flag_on_resume_follows_its_rule(flag):
 def test_flags_not_given_on_resume_are_the_checkpoints():
     saved = {**saved_flags(), "imgsz": [320, 240], "train_views": 3, "fine_tune": True, "lr": 5e-4, "workers": 7}
     args = train.get_args_parser().parse_args(["--resume", "ckpt.pth"])
-    assert train.resolve_defaults(args, {"args": saved}) == []
+    assert train.settle(args, {"args": saved}) == []
     assert (args.imgsz, args.train_views, args.fine_tune, args.lr) == ([320, 240], 3, True, 5e-4)
     assert args.workers != 7  # where this process runs is its own
 

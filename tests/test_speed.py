@@ -1,25 +1,28 @@
 """The speed features change how fast results come, never what they are."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from datasets import build_datasets, make_loader
+from dinokit.tasks.segmentation import segmentation_model
+from dinokit.tasks.segmentation.scoring import SegmentationScoring, pixel_cross_entropy
 from dinokit.training.feature_cache import FeatureCache
-from engine import LoopSettings, cache_features, pixel_cross_entropy, train_one_epoch, validate
-from model import Dinov2Segmentation
+from engine import LoopSettings, cache_features, train_one_epoch, validate
 from tests.conftest import OFFLINE, run_script
-from train import build_optimizer, get_args_parser, resolve_defaults
+from train import build_optimizer, get_args_parser, settle
 from utils import select_precision
 
 CPU = torch.device("cpu")
-FP32 = LoopSettings(CPU, num_classes=21)
-BF16 = LoopSettings(CPU, num_classes=21, amp_dtype=torch.bfloat16)
+FP32 = LoopSettings(CPU, partial(SegmentationScoring, 21, 255))
+BF16 = LoopSettings(CPU, partial(SegmentationScoring, 21, 255), amp_dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
 def frozen_model():
     torch.manual_seed(0)
-    return Dinov2Segmentation(21, source="timm", pretrained=False)
+    return segmentation_model(21, source="timm", pretrained=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,8 @@ def test_cached_validation_equals_uncached(frozen_model, loaders, tmp_path, budg
     again = validate(frozen_model, valid_loader, FP32, cache=cache)
     for result in (first, again):
         assert result.loss == pytest.approx(uncached.loss, rel=1e-6)
-        assert result.miou == pytest.approx(uncached.miou, abs=1e-9)
-        assert result.pixel_accuracy == pytest.approx(uncached.pixel_accuracy, abs=1e-9)
+        assert result.metrics["miou"] == pytest.approx(uncached.metrics["miou"], abs=1e-9)
+        assert result.metrics["pixacc"] == pytest.approx(uncached.metrics["pixacc"], abs=1e-9)
     cache.close()
     assert not list(tmp_path.iterdir())  # the disk cache is deleted
 
@@ -74,7 +77,7 @@ def test_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(frozen_model, loaders):
     fp32 = validate(frozen_model, loaders[1], FP32)
     bf16 = validate(frozen_model, loaders[1], BF16)
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.05)
-    model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False)
+    model = segmentation_model(21, fine_tune=True, source="timm", pretrained=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     result = train_one_epoch(model, loaders[0], optimizer, BF16)
     assert torch.isfinite(torch.tensor(result.loss))
@@ -86,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False).train()
+        model = segmentation_model(21, fine_tune=True, source="timm", pretrained=False).train()
         model.set_grad_checkpointing(checkpointing)
         loss, _ = pixel_cross_entropy(model(images), target, 255)
         loss.backward()
@@ -105,14 +108,14 @@ def test_precision_choice():
 
 
 def test_fine_tuning_gives_the_backbone_a_lower_learning_rate():
-    model = Dinov2Segmentation(21, fine_tune=True, source="timm", pretrained=False)
+    model = segmentation_model(21, fine_tune=True, source="timm", pretrained=False)
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3"])
-    resolve_defaults(args, resumed=None)  # flags not given take their defaults
+    settle(args, resumed=None)  # flags not given take their defaults
     head, backbone = build_optimizer(model, args).param_groups
     assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
     assert len(backbone["params"]) == len(list(model.backbone.parameters()))
     args = get_args_parser().parse_args(["--fine-tune", "--lr", "1e-3", "--backbone-lr", "5e-6"])
-    resolve_defaults(args, resumed=None)
+    settle(args, resumed=None)
     assert build_optimizer(model, args).param_groups[1]["lr"] == 5e-6
 
 

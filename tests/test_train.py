@@ -2,6 +2,7 @@
 
 import csv
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from checkpoint import build_model_from_checkpoint, load_checkpoint
 from datasets import SegmentationDataset, find_pairs, make_loader
 from dinokit.data.labels import ColorMap
 from dinokit.data.resize import eval_transform
+from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from engine import LoopSettings, validate
 from tests.conftest import OFFLINE, run_script
 
@@ -92,9 +94,11 @@ def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(tra
         assert torch.equal(model_a(valid_set[0][0][None]), model_b(valid_set[0][0][None]))
     # The reloaded weights are the trained ones: they reproduce the validation metrics recorded at save time.
     result = validate(
-        model_a, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21)
+        model_a,
+        make_loader(valid_set, 4, shuffle=False, workers=0),
+        LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255)),
     )
-    assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
+    assert result.metrics["miou"] == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
     assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
 
 
@@ -171,8 +175,12 @@ def test_a_frozen_backbone_from_a_weights_file_is_not_stored_in_the_checkpoint(t
     model = build_model_from_checkpoint(checkpoint)
     color_map = ColorMap(config.COLORS, config.IGNORE_COLORS)
     valid_set = SegmentationDataset(find_pairs(tiny_dataset, "valid"), color_map, eval_transform((56, 42)))
-    result = validate(model, make_loader(valid_set, 4, shuffle=False, workers=0), LoopSettings(torch.device("cpu"), 21))
-    assert result.miou == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
+    result = validate(
+        model,
+        make_loader(valid_set, 4, shuffle=False, workers=0),
+        LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255)),
+    )
+    assert result.metrics["miou"] == pytest.approx(checkpoint["metrics"]["valid_miou"], abs=1e-6)
 
     resumed = run_script("train.py", "--epochs", "2", "--resume", tmp_path / "run" / "last.pth", *flags)
     assert resumed.returncode == 0 and "Resumed from" in resumed.stdout, resumed.stderr[-3000:]

@@ -5,21 +5,23 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 import train
 from datasets import ViewsDataset, build_datasets, shard_indices
+from dinokit.tasks.segmentation import segmentation_model
+from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from dinokit.training import feature_cache
 from dinokit.training.feature_cache import FeatureCache
 from dinokit.writing import write_json
 from engine import LoopSettings, cache_features
-from model import Dinov2Segmentation
 from tests.conftest import OFFLINE, ROOT, run_script
 
 FLAGS = ("--imgsz", "56", "42", "--batch", "4", "--lr", "1e-3", "--seed", "7", "--source", "timm", "--no-pretrained")
-CPU = LoopSettings(torch.device("cpu"), 21, 255, None)
+CPU = LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255))
 
 
 @pytest.mark.slow
@@ -50,7 +52,7 @@ def test_the_backbone_runs_k_times_per_training_image_and_once_per_validation_im
 
 def test_a_cached_view_is_the_seeded_augmentation_computed_afresh(tiny_dataset, tmp_path):
     torch.manual_seed(0)
-    model = Dinov2Segmentation(21, source="timm", pretrained=False).eval()
+    model = segmentation_model(21, source="timm", pretrained=False).eval()
     train_set, _, _ = build_datasets(tiny_dataset, (56, 42), seed=3)
     dataset = ViewsDataset(train_set, [0, 4, 7], views=3)
     cache = FeatureCache("train_views", 10**9, tmp_path)

@@ -37,7 +37,7 @@ class HeadWeightsError(UserError):
 def head_url(name: str, backbone: str = "small", registers: bool = False) -> str:
     """`voc2012_linear` -> Meta's URL of that head for the backbone."""
     dataset, _, kind = name.partition("_")
-    if dataset in ("nyu", "kitti"):  # dinokit/depth/released.py
+    if dataset in ("nyu", "kitti"):  # dinokit/tasks/depth/released.py
         raise HeadWeightsError(
             f"--head-weights {name}: one of Meta's depth heads, not a segmentation head; it goes to "
             "--head-weights of infer_image.py / infer_video.py / evaluate.py / app.py"

@@ -39,10 +39,10 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 IMAGENET: Normalization = (config.MEAN, config.STD)
 
 
-def seed_train_transform(
+def article_train_transform(
     imgsz: tuple[int, int], ignore_index: int = config.IGNORE_INDEX, normalization: Normalization = IMAGENET
 ) -> A.Compose:
-    """The seed's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
+    """The reference article's augmentation: resize, flip, brightness/contrast, rotation (border -> ignore)."""
     width, height = imgsz
     return A.Compose(
         [
@@ -85,10 +85,11 @@ def train_transform(
     ignore_index: int = config.IGNORE_INDEX,
     normalization: Normalization = IMAGENET,
 ) -> A.Compose:
-    """The augmentation of `recipe`: the seed's at `imgsz`, or the paper's / DINOv3's crops of side imgsz[0]."""
+    """The augmentation of `recipe`: the reference article's at `imgsz`, or the paper's / DINOv3's
+    crops of side imgsz[0]."""
     if recipe in ("paper", "dinov3"):
         return paper_train_transform(imgsz[0], ignore_index, normalization, long_side_cap=recipe == "paper")
-    return seed_train_transform(imgsz, ignore_index, normalization)
+    return article_train_transform(imgsz, ignore_index, normalization)
 
 
 DEPTH_ROTATION = 2.5  # degrees: Meta's NYU depth config, RandomRotate(prob=0.5, degree=2.5)

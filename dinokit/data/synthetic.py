@@ -127,7 +127,7 @@ def make_depth_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[n
 def make_depth_dataset(
     root: str | Path, n_train: int = 8, n_valid: int = 4, size: tuple[int, int] = (96, 72), seed: int = 0
 ) -> Path:
-    """An RGB-D folder (dinokit/data/depth_files.py): JPEG images, 16-bit millimetre PNG depth, depth.json."""
+    """An RGB-D folder (dinokit/tasks/depth/files.py): JPEG images, 16-bit millimetre PNG depth, depth.json."""
     root, rng = Path(root), np.random.default_rng(seed)
     for split, count in (("train", n_train), ("valid", n_valid)):
         (root / f"{split}_images").mkdir(parents=True, exist_ok=True)

@@ -143,20 +143,18 @@ def quantize_int8(source: Path, target: Path) -> None:
         prepared.unlink(missing_ok=True)
 
 
-def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: str, dynamic: bool) -> None:
+def write_metadata(
+    proto: Any, info: dict[str, Any], *, output: str, precision: str, dynamic: bool, summary: str
+) -> None:
     """Store `info` (a checkpoint's model_info) and how the file was exported as JSON-valued metadata
-    entries, readable by any ONNX tool (Netron lists them)."""
+    entries, readable by any ONNX tool (Netron lists them); `summary` (the task's: "segmentation
+    (21 classes)") opens the file's description."""
     entries = {"format": FORMAT, "output": output, "precision": precision, "dynamic": dynamic, **info}
     del proto.metadata_props[:]
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
-    what = (
-        f"depth ({info['min_depth']:g}-{info['max_depth']:g} m)"
-        if info.get("task") == "depth"
-        else f"segmentation ({len(info['classes'])} classes)"
-    )
     proto.doc_string = (
-        f"{info['arch']['backbone']} {what}. "
+        f"{info['arch']['backbone']} {summary}. "
         f"Input 'images': float32 [B, 3, H, W], RGB / 255, minus mean, divided by std (metadata). Output: {output}."
     )
 
@@ -164,7 +162,7 @@ def write_metadata(proto: Any, info: dict[str, Any], *, output: str, precision: 
 def read_metadata(path: str | Path, entries: list[Any]) -> dict[str, Any]:
     """The metadata `write_metadata` stored, from a session's `custom_metadata_map` entries."""
     values = dict(entries)
-    if ("classes" not in values and "min_depth" not in values) or "format" not in values:
+    if "arch" not in values or "format" not in values:
         raise UserError(
             f"{path}: an ONNX model without this project's metadata (classes, colours, normalisation); "
             "export it with export.py"

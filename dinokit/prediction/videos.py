@@ -13,20 +13,16 @@ dropped, and the result is at most one pixel wider and taller than the input.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import cv2
 import numpy as np
 
-from dinokit.prediction.depth_maps import PANEL_WIDTH, colorize, with_colour_bar
-from dinokit.prediction.drawing import Segmenter, render
 from dinokit.prediction.pipeline import BatchPredictor, batched, in_background, ordered_map, timed_prediction
 from dinokit.writing import temp_path
 
@@ -188,15 +184,8 @@ def draw_fps(frame: np.ndarray, seconds: float) -> np.ndarray:
     return frame
 
 
-class FramePredictor(Segmenter, BatchPredictor, Protocol):
-    """A `Segmenter` that also predicts prepared batches (inference.Predictor is one)."""
-
-    task: str
-    info: dict
-
-
 def frame_predictions(
-    frames: Iterable[np.ndarray], predictor: FramePredictor, timings: list[float], *, batch: int = 1, ahead: int = 0
+    frames: Iterable[np.ndarray], predictor: BatchPredictor, timings: list[float], *, batch: int = 1, ahead: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
     """(frame, prediction, seconds of its prediction) for each RGB frame, in order, predicted `batch`
     frames at a time (each frame's share of the batch's time, also appended to `timings`). `ahead`
@@ -213,37 +202,23 @@ def frame_predictions(
 
 def predicted_frames(
     frames: Iterable[np.ndarray],
-    predictor: FramePredictor,
-    size: tuple[int, int],
+    predictor: BatchPredictor,
+    draw: Callable[[np.ndarray, np.ndarray], np.ndarray],
     timings: list[float],
     *,
-    alpha: float = 0.5,
-    depth_range: tuple[float, float] | None = None,
     batch: int = 1,
     workers: int = 0,
-) -> tuple[Iterator[np.ndarray], tuple[int, int]]:
-    """The frames as a video of `predictor`'s task shows them, and their (W, H): segmentation
-    overlays (classes, legend) at the input `size`; depth in colour on one scale (`depth_range`,
-    default the model's) with its bar, `PANEL_WIDTH` wider; each with its prediction's FPS.
-    `workers` > 0: frames are decoded ahead by a reader thread, predicted `batch` at a time by a
-    second and drawn by `workers` more while the caller encodes (close the iterator before
-    releasing the capture). The frames are the same either way."""
+) -> Iterator[np.ndarray]:
+    """The frames drawn with their predictions by `draw` (the task's: segmentation overlays, depth in
+    colour with its bar), each with its prediction's FPS. `workers` > 0: frames are decoded ahead by
+    a reader thread, predicted `batch` at a time by a second and drawn by `workers` more while the
+    caller encodes (close the iterator before releasing the capture). The frames are the same
+    either way."""
     ahead = 2 * batch if workers > 0 else 0
     predicted = frame_predictions(frames, predictor, timings, batch=batch, ahead=ahead)
     if workers > 0:
         predicted = in_background(predicted, ahead)
-    if getattr(predictor, "task", "segmentation") == "depth":
-        scale = depth_range or (predictor.info["min_depth"], predictor.info["max_depth"])
-        draw = functools.partial(depth_frame, depth_range=scale)
-        size = (size[0] + PANEL_WIDTH, size[1])
-    else:
-        draw = functools.partial(render, classes=predictor.classes, color_map=predictor.color_map, alpha=alpha)
-    return drawn_frames(predicted, draw, workers), size
-
-
-def depth_frame(image: np.ndarray, depth: np.ndarray, *, depth_range: tuple[float, float]) -> np.ndarray:
-    """A frame's depth in colour on the clip's one scale, with the colour bar (the frame itself is not shown)."""
-    return with_colour_bar(colorize(depth, depth_range), depth_range)
+    return drawn_frames(predicted, draw, workers)
 
 
 def drawn_frames(

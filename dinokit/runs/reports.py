@@ -24,29 +24,16 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     atomic_write(path, write)
 
 
-# (metric, axis label, file) of train.py's curves; history rows hold train_<metric> and valid_<metric>
-SEGMENTATION_CURVES = (
-    ("loss", "Loss", "loss.png"),
-    ("pixacc", "Pixel accuracy", "accuracy.png"),
-    ("miou", "mIoU", "miou.png"),
-)
-DEPTH_CURVES = (
-    ("loss", "Loss (SigLoss)", "loss.png"),
-    ("rmse", "RMSE (m)", "rmse.png"),
-    ("abs_rel", "AbsRel", "abs_rel.png"),
-    ("delta1", "δ < 1.25", "delta1.png"),
-)
-
-
 def save_plots(
     history: list[dict[str, float]],
     out_dir: str | Path,
-    curves=SEGMENTATION_CURVES,
+    curves: tuple[tuple[str, str, str], ...],
     splits: tuple[str, str] = ("train", "valid"),
     title: str = "",
 ) -> None:
-    """One PNG per curve: the training and validation values of a metric per epoch (whole epochs on
-    the axis); `title` above each (a random-init run says so there)."""
+    """One PNG per curve (`curves`: (metric, axis label, file); the rows hold <split>_<metric>): the
+    training and validation values of a metric per epoch (whole epochs on the axis); `title` above
+    each (a random-init run says so there)."""
     import matplotlib
 
     matplotlib.use("Agg")

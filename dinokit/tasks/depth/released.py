@@ -3,7 +3,7 @@
 Names: `{nyu,kitti}_{linear,linear4,dpt}`, resolved as dinov2/hub/depthers.py does to
 `{base}/dinov2_vit{s,b,l,g}14/dinov2_vit…14_{dataset}_{linear,linear4,dpt}_head.pth` and kept in the
 torch.hub cache. The files are mmseg checkpoints: `state_dict` with `decode_head.*` keys, which
-dinokit/depth/heads.py mirrors. What the file does not say is taken from Meta's code, with one
+dinokit/tasks/depth/heads.py mirrors. What the file does not say is taken from Meta's code, with one
 correction:
 
 - the blocks: 1 layer = the last; 4 layers and DPT = Meta's `out_index` (S/B 2, 5, 8, 11;
@@ -76,7 +76,7 @@ def _released_backbone(backbone: str, registers: bool, what: str) -> str:
 def read_depth_head(
     path_or_name: str | Path, backbone: str = "small", registers: bool = False
 ) -> tuple[dict[str, torch.Tensor], ReleasedDepthHead]:
-    """The head's tensors (keys of dinokit/depth/heads.py) and how it is built, checked against the
+    """The head's tensors (keys of dinokit/tasks/depth/heads.py) and how it is built, checked against the
     backbone: a released name (downloaded once into the torch.hub cache) or such a file."""
     where = str(path_or_name)
     if Path(path_or_name).is_file():

@@ -4,8 +4,8 @@ its released head files load by name, without mmcv.
 Both read backbone tokens with `norm=False` and the class token beside every patch token (DPT:
 "project" readout; linear: concatenated, 2 x width per block). Output: metric depth `[B, 1, h, w]`
 at 4x the token grid (linear) or 16x (DPT: four fusion blocks and its regression head each
-upsample 2x from half the grid); the model clamps it to the head's (min_depth, max_depth) and
-resizes it to the image, as Meta's encoder-decoder does.
+upsample 2x from half the grid), clamped to the head's (min_depth, max_depth); the model resizes it
+to the image, as Meta's encoder-decoder does.
 
 - `BinsHead` (Meta's `BNHead` with classify=True: despite the name it has no BatchNorm — the line is
   commented out in Meta's code): the blocks' [patch, class] maps resized 4x (bilinear) and
@@ -31,11 +31,6 @@ UPSAMPLE = 4
 BIN_EPS = 0.1  # Meta's "linear" normalisation: ReLU(logit) + 0.1, then divided by the sum
 
 
-def with_class_token(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Each block's `[B, C, h, w]` patch map with its class token broadcast beside it: `[B, 2C, h, w]`."""
-    return [torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1) for patches, cls in blocks]
-
-
 class BinsHead(nn.Module):
     """Meta's linear depth head (module docstring): 256 depth bins per pixel."""
 
@@ -52,7 +47,7 @@ class BinsHead(nn.Module):
         (resizing the concatenation is resizing each map: bilinear works channel by channel)."""
         size = [side * UPSAMPLE for side in features.shape[-2:]]
         maps = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
-        return self.depth(self.conv_depth(self.norm(maps)))
+        return self.depth(self.conv_depth(self.norm(maps))).clamp(self.min_depth, self.max_depth)
 
     def depth(self, logits: torch.Tensor) -> torch.Tensor:
         """Bin logits `[B, bins, h, w]` -> depth `[B, 1, h, w]` (Meta's "UD" bins, "linear" normalisation)."""
@@ -149,7 +144,8 @@ class DPTHead(nn.Module):
         out = self.fusion_blocks[0](maps[-1])
         for index in range(1, 4):
             out = self.fusion_blocks[index](out, maps[-(index + 1)])
-        return torch.relu(self.conv_depth(self.project(out))) + self.min_depth
+        depth = torch.relu(self.conv_depth(self.project(out))) + self.min_depth
+        return depth.clamp(self.min_depth, self.max_depth)
 
 
 class _RegressionHead(nn.Module):
