@@ -18,6 +18,7 @@ from dinokit.prediction.pipeline import BackgroundWriter, in_background, ordered
 from dinokit.prediction.scores import contending_classes, predicted_classes, upsampled_classes
 from dinokit.prediction.videos import frame_predictions, predicted_frames
 from dinokit.tasks.segmentation import segmentation_model
+from dinokit.tasks.task import OutputOptions
 from inference import Predictor, predict_scores
 from tests.conftest import run_script
 from tests.test_depth import BACKBONE, meta_file
@@ -161,8 +162,9 @@ def test_video_predictions_do_not_depend_on_batch_or_threads(predictor):
 
 def test_closing_a_pipelined_video_stops_its_threads(predictor):
     before = threading.active_count()
-    frames, size = predicted_frames(
-        (frame for frame in random_images([(60, 80)] * 50)), predictor, (80, 60), [], batch=2, workers=2
+    draw, size = predictor.task.frame_drawer(predictor.info, (80, 60), OutputOptions())
+    frames = predicted_frames(
+        (frame for frame in random_images([(60, 80)] * 50)), predictor, draw, [], batch=2, workers=2
     )
     next(frames), next(frames)
     assert threading.active_count() > before
