@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import model_with_head
-from dinokit.tasks.depth.data import find_depth_pairs
 from dinokit.data.image_files import DatasetError
 from dinokit.data.synthetic import make_depth_dataset
 from dinokit.prediction.modes import InferenceMode
+from dinokit.tasks.depth.data import find_depth_pairs
 from dinokit.tasks.depth.files import check_depth_pairs, load_depth_spec
 from dinokit.tasks.depth.maps import colorize, depth_png
 from dinokit.tasks.depth.released import DepthHeadError, depth_head_url, read_depth_head

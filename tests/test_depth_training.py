@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinokit.tasks.depth.data import build_depth_datasets
 from dinokit.backbones.released_heads import HeadWeightsError, read_checked_head
 from dinokit.data.synthetic import make_depth_dataset
+from dinokit.tasks.depth.data import build_depth_datasets
 from dinokit.tasks.depth.losses import MEAN_SHARE, gradient_loss, sig_loss
 from dinokit.tasks.depth.released import depth_taps
 from dinokit.training.feature_cache import FeatureCache

@@ -198,9 +198,8 @@ def test_nan_loss_names_the_step(tiny_dataset):
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
-    from engine import NonFiniteLossError
-
     import engine
+    from engine import NonFiniteLossError
 
     real_epoch = engine.train_one_epoch
 
