@@ -189,7 +189,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def seed_style_epoch(model: DenseModel, train_loader, valid_loader, optimizer, device) -> float:
+def article_epoch(model: DenseModel, train_loader, valid_loader, optimizer, device) -> float:
     """The seed article's loop: fp32, mean CE per batch, the backbone run over both splits every
     epoch (its frozen backbone has requires_grad=False but no no_grad block). Returns validation
     mIoU, computed over the whole split like ours so that the two columns compare training, not
@@ -218,14 +218,14 @@ def seed_style_epoch(model: DenseModel, train_loader, valid_loader, optimizer, d
 
 
 def bench_epochs(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
-    """The same frozen run three ways (same seed, data and head initialisation): the seed-style
+    """The same frozen run three ways (same seed, data and head initialisation): the article-style
     loop, train.py's default loop, and train.py with --train-views."""
-    rows = [seed_style_run(args, device, data_dir)]
+    rows = [article_run(args, device, data_dir)]
     for views in (0, args.train_views):  # train.py by default; with --train-views (augmented views computed once)
         rows.append(cached_run(args, device, data_dir, out_dir, views))
     baseline, default = sum(rows[0][1]), sum(rows[1][1])
     lines = [
-        f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | vs seed-style | vs default "
+        f"| loop | s/epoch (epoch 1, later mean) | total {args.epochs} epochs | vs the article's | vs default "
         "| backbone passes | training-view cache | valid mIoU |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -249,7 +249,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, data_dir: Path
     )
 
 
-def seed_style_run(args: argparse.Namespace, device: torch.device, data_dir: Path) -> tuple:
+def article_run(args: argparse.Namespace, device: torch.device, data_dir: Path) -> tuple:
     """The reference article's loop: fp32, the backbone on every batch, per-batch mIoU."""
     model = build_model(args).to(device)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
@@ -258,10 +258,10 @@ def seed_style_run(args: argparse.Namespace, device: torch.device, data_dir: Pat
     for _ in range(args.epochs):
         sync(device)
         start = time.perf_counter()
-        miou = seed_style_epoch(model, train_loader, valid_loader, optimizer, device)
+        miou = article_epoch(model, train_loader, valid_loader, optimizer, device)
         sync(device)
         times.append(time.perf_counter() - start)
-    return "seed-style loop (fp32, no cache)", times, miou, model.backbone_images, "-"
+    return "article's loop (fp32, no cache)", times, miou, model.backbone_images, "-"
 
 
 def cached_run(args: argparse.Namespace, device: torch.device, data_dir: Path, out_dir: Path, views: int) -> tuple:

@@ -172,6 +172,21 @@ class FlagParser(ArgumentParser):
         return parsed, extra
 
 
+def add_renamed_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, *, flag: bool = False, **kwargs: Any
+) -> None:
+    """`old`, renamed `new`, kept working for one release: it sets what `new` sets and says so on
+    stderr (hidden from --help). `flag`: an on/off switch, else it takes a value like `new`."""
+    base = argparse._StoreTrueAction if flag else argparse._StoreAction
+
+    class Renamed(base):  # type: ignore[valid-type, misc]
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is renamed {new}; the old name goes in the next release", file=sys.stderr)
+            super().__call__(parser, namespace, values, option_string)
+
+    parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS, **kwargs)
+
+
 def _rank_tag() -> str:
     return f" (rank {rank()})" if distributed() else ""
 

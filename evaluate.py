@@ -7,7 +7,7 @@
     python evaluate.py --head-weights nyu_linear4 --data-dir input/nyu            # valid_images/ + valid_depth/
 
 Prints pixel accuracy, mIoU, mean class accuracy, frequency-weighted IoU and a per-class table
-(and, with --seed-metric, the seed article's per-batch mIoU on the same predictions); writes
+(and, with --article-metric, the reference article's per-batch mIoU on the same predictions); writes
 eval_<model file>_<split>_<mode>.json and confusion_<...>.png next to the checkpoint (or into
 --out-dir): e.g. eval_best_model_iou.pth_valid_whole-644x644.json; the name says which file (.pth or
 .onnx), which split and which mode, so evaluating another of them never replaces a report. Runs
@@ -25,6 +25,7 @@ from cli import (
     add_device_args,
     add_mode_args,
     add_model_args,
+    add_renamed_flag,
     at_least,
     mode_from_args,
     output_folder,
@@ -61,13 +62,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     add_device_args(run)
     run.add_argument(
-        "--seed-metric",
+        "--article-metric",
         action="store_true",
-        help="also print the seed article's metric: per-batch mIoU (absent classes count 0), averaged over batches",
+        help="also print the reference article's metric: per-batch mIoU (absent classes count 0), averaged over "
+        "batches",
     )
     run.add_argument(
-        "--seed-batch", type=at_least(1), default=2, help="images per batch of --seed-metric (the seed trained with 2)"
+        "--article-batch",
+        type=at_least(1),
+        default=2,
+        help="images per batch of --article-metric (the article trained with 2)",
     )
+    add_renamed_flag(run, "--seed-metric", "--article-metric", dest="article_metric", flag=True)
+    add_renamed_flag(run, "--seed-batch", "--article-batch", dest="article_batch", type=at_least(1))
     return parser
 
 
@@ -108,18 +115,15 @@ def main(args: argparse.Namespace) -> None:
         f"Scoring {label} ({len(pairs)} images, {task.describe_data(data)}) at original resolution; "
         f"{predictor.mode.describe()}; {predictor.engine}"
     )
-    result = evaluate_pairs(predictor, pairs, data, workers=args.workers, seed_batch=args.article_batch)
+    result = evaluate_pairs(predictor, pairs, data, workers=args.workers, article_batch=args.article_batch)
     for line in result.lines():
         print(line)
     if args.article_metric:
-        print(task.article_metric_line(result, args.article_batch))
+        print(task.article_metric_line(result))
     if is_main_process():
         name = f"{report_stem(args, out_dir)}_{split}_{predictor.mode.tag()}"
         report = result.report(
-            checkpoint=str(args.model or args.head_weights),
-            split=split,
-            mode=predictor.mode.describe(),
-            seed_batch=args.article_batch,
+            checkpoint=str(args.model or args.head_weights), split=split, mode=predictor.mode.describe()
         )
         write_json(out_dir / f"eval_{name}.json", report)
         title = f"{label} ({predictor.mode.describe()}): {result.headline()}"

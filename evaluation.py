@@ -26,7 +26,7 @@ from utils import all_reduce_sum, distributed, is_main_process, rank, select_thr
 @dataclass
 class Evaluation:
     """A split scored at full resolution: the task's result (segmentation: scores, confusion matrix
-    and the seed-style mIoU; depth: the errors), with what it took."""
+    and the article-style mIoU; depth: the errors), with what it took."""
 
     predictor: Predictor
     result: Any
@@ -70,7 +70,7 @@ def evaluate_pairs(
     data: Any = None,
     *,
     workers: int = 0,
-    seed_batch: int = 2,
+    article_batch: int = 2,
     desc: str | None = "Evaluate",
 ) -> Evaluation:
     """Predict every pair's image at its own size and score it against its truth. `data`: what the
@@ -80,7 +80,7 @@ def evaluate_pairs(
     sampler = ShardSampler(len(dataset), rank(), world_size()) if distributed() else None
     loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)
     device = predictor.device
-    evaluator = task.evaluator(info, data, seed_batch)
+    evaluator = task.evaluator(info, data, article_batch)
     seconds, count = 0.0, 0
     for prediction, truth, took in predicted_pairs(predictor, loader, desc):
         seconds, count = seconds + took, count + 1

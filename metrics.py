@@ -90,8 +90,8 @@ class ConfusionMatrix:
         )
 
 
-class SeedStyleIoU:
-    """The mIoU that seed-article-style training loops print, for comparison with ours.
+class ArticleIoU:
+    """The mIoU that the reference article's training loop prints, for comparison with ours.
 
     Per batch: IoU of every class = intersection / (union + eps) over the batch's pixels, so a
     class absent from the batch counts as 0; the batch's mIoU is the mean over all classes; the
@@ -128,7 +128,7 @@ class SeedStyleIoU:
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-_EPS = float(torch.finfo(torch.float64).eps)  # numpy's np.spacing(1), as the seed-style loops use
+_EPS = float(torch.finfo(torch.float64).eps)  # numpy's np.spacing(1), as the article's loops use
 
 
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")

@@ -1,5 +1,5 @@
 """Evaluation at original resolution, the inference modes (whole, slide, multi-scale + flip) and
-the seed-style metric, each against something computed by hand."""
+the article's metric, each against something computed by hand."""
 
 import json
 import os
@@ -18,7 +18,7 @@ from dinokit.prediction.modes import InferenceMode
 from dinokit.tasks.segmentation import segmentation_model
 from evaluation import evaluate_pairs
 from inference import Predictor, predict_scores, slide_logits, window_grid
-from metrics import SeedStyleIoU
+from metrics import ArticleIoU
 from tests.conftest import ROOT, run_script
 
 CPU = torch.device("cpu")
@@ -119,7 +119,7 @@ def test_flip_and_scale_averaging_of_a_flip_equivariant_model_changes_nothing():
 
 
 def test_seed_style_metric_on_a_hand_computed_two_batch_case():
-    seed = SeedStyleIoU(num_classes=3, ignore_index=255, batch_images=1)
+    seed = ArticleIoU(num_classes=3, ignore_index=255, batch_images=1)
     # batch 1: truth [0 0 1 1], prediction [0 1 1 1] -> IoU 0: 1/2, 1: 2/3, 2: absent -> 0; mean 7/18
     seed.update(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 1, 1]]))
     # batch 2: truth [2 2 255 0], prediction [2 0 1 0]; the ignored pixel drops the only 1 -> IoU 0: 1/2, 1: 0, 2: 1/2
@@ -139,10 +139,10 @@ def test_split(tmp_path_factory):
 @pytest.mark.slow
 def test_evaluate_py_on_a_test_split_under_torchrun_equals_one_process(trained_run, test_split, tmp_path):
     checkpoint = trained_run[0] / "best_model_iou.pth"
-    flags = ("--model", checkpoint, "--data-dir", test_split, "--split", "test", "--workers", "0", "--seed-metric")
+    flags = ("--model", checkpoint, "--data-dir", test_split, "--split", "test", "--workers", "0", "--article-metric")
     single = run_script("evaluate.py", *flags, "--out-dir", tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
-    assert "mean class accuracy" in single.stdout and "seed-style mIoU" in single.stdout
+    assert "mean class accuracy" in single.stdout and "article-style mIoU" in single.stdout
     two = subprocess.run(
         [
             sys.executable,

@@ -228,7 +228,7 @@ class DepthTask(Task):
     def truth(self, pairs: list[tuple[Path, Path]], info: dict[str, Any], spec: DepthSpec) -> OriginalPairs:
         return truth_pairs(pairs, spec)
 
-    def evaluator(self, info: dict[str, Any], spec: DepthSpec, seed_batch: int = 2) -> DepthEvaluator:
+    def evaluator(self, info: dict[str, Any], spec: DepthSpec, article_batch: int = 2) -> DepthEvaluator:
         return DepthEvaluator(spec)
 
     def report_lines(self, evaluation: Any, info: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dinokit.prediction.scores import predicted_classes
-from metrics import ConfusionMatrix, SeedStyleIoU, SegmentationScores
+from metrics import ArticleIoU, ConfusionMatrix, SegmentationScores
 
 
 def pixel_cross_entropy(
@@ -47,27 +47,30 @@ class SegmentationScoring:
 @dataclass
 class SegmentationEvaluation:
     """A split scored at full resolution: the scores, the confusion matrix and, for comparison with
-    per-batch loops, the seed article's per-batch mIoU on the same predictions."""
+    per-batch loops, the reference article's per-batch mIoU on the same predictions."""
 
     scores: SegmentationScores
     confusion: torch.Tensor  # [num_classes, num_classes] pixel counts, row = true class
-    seed_miou: float
+    article_miou: float
+    article_batch: int  # images per batch of `article_miou`
 
 
 class SegmentationEvaluator:
-    """One confusion matrix over the split (ignore pixels excluded) and the seed-style mIoU beside it."""
+    """One confusion matrix over the split (ignore pixels excluded) and the article-style mIoU beside it."""
 
-    def __init__(self, num_classes: int, ignore_index: int, seed_batch: int = 2):
+    def __init__(self, num_classes: int, ignore_index: int, article_batch: int = 2):
         self.confmat = ConfusionMatrix(num_classes, ignore_index)
-        self.seed = SeedStyleIoU(num_classes, ignore_index, seed_batch)
+        self.article = ArticleIoU(num_classes, ignore_index, article_batch)
+        self.article_batch = article_batch
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor) -> None:
         self.confmat.update(truth, prediction)
-        self.seed.update(truth, prediction)
+        self.article.update(truth, prediction)
 
     def result(self, device: torch.device) -> SegmentationEvaluation:
         self.confmat.reduce_from_all_processes(device)
-        return SegmentationEvaluation(self.confmat.compute(), self.confmat.mat.cpu(), self.seed.compute(device))
+        scores, confusion = self.confmat.compute(), self.confmat.mat.cpu()
+        return SegmentationEvaluation(scores, confusion, self.article.compute(device), self.article_batch)
 
 
 def report_lines(result: SegmentationEvaluation, classes: list[str], images: int, ms_per_image: float) -> list[str]:
@@ -93,7 +96,8 @@ def report_json(result: SegmentationEvaluation, classes: list[str]) -> dict[str,
         "miou": s.miou,
         "mean_class_accuracy": s.mean_class_accuracy,
         "fwiou": s.fwiou,
-        "seed_style_miou": result.seed_miou,
+        "article_miou": result.article_miou,
+        "article_batch": result.article_batch,
         "iou": dict(zip(classes, s.iou)),
         "class_accuracy": dict(zip(classes, s.class_accuracy)),
         "pixel_share": dict(zip(classes, s.pixel_share)),

@@ -25,6 +25,7 @@ from dinokit.data.image_files import write_image
 from dinokit.data.labels import ColorMap, DatasetSpec, load_dataset_spec
 from dinokit.prediction.drawing import class_shares, indexed_png, overlay, render
 from dinokit.prediction.scores import predicted_classes, upsampled_classes
+from dinokit.runs.reports import save_confusion_matrix
 from dinokit.tasks.registry import register_task
 from dinokit.tasks.segmentation.head import LinearHead
 from dinokit.tasks.segmentation.scoring import SegmentationEvaluator, SegmentationScoring, report_json, report_lines
@@ -244,8 +245,8 @@ class SegmentationTask(Task):
         """`(image, mask [H, W] uint8 class indices)` at the files' own size, read as in training."""
         return OriginalPairs(pairs, MaskReader(info_color_map(info), info.get("mask_format", "auto")))
 
-    def evaluator(self, info: dict[str, Any], spec: Any, seed_batch: int = 2) -> SegmentationEvaluator:
-        return SegmentationEvaluator(len(info["classes"]), info["ignore_index"], seed_batch)
+    def evaluator(self, info: dict[str, Any], spec: Any, article_batch: int = 2) -> SegmentationEvaluator:
+        return SegmentationEvaluator(len(info["classes"]), info["ignore_index"], article_batch)
 
     def report_lines(self, evaluation: Any, info: dict[str, Any]) -> list[str]:
         return report_lines(evaluation.result, info["classes"], evaluation.images, evaluation.ms_per_image)
@@ -261,6 +262,20 @@ class SegmentationTask(Task):
 
     def headline(self, evaluation: Any) -> str:
         return f"mIoU {evaluation.result.scores.miou:.3f}"
+
+    def article_metric_line(self, evaluation: Any) -> str:
+        """The reference article's per-batch mIoU beside the whole split's."""
+        result = evaluation.result
+        return (
+            f"article-style mIoU (per batch of {result.article_batch}, absent classes as 0, mean over batches): "
+            f"{result.article_miou:.4f}  vs  whole-split mIoU {result.scores.miou:.4f}"
+        )
+
+    def report_figures(self, evaluation: Any, out_dir: Path, name: str, title: str) -> list[Path]:
+        """The confusion matrix beside the report: confusion_<name>.png."""
+        path = out_dir / f"confusion_{name}.png"
+        save_confusion_matrix(evaluation.result.confusion, evaluation.predictor.classes, path, title)
+        return [path]
 
     # -- prediction -----------------------------------------------------------------------------
 
