@@ -31,13 +31,18 @@ from dinokit.backbones.released_heads import META_IMGSZ
 from dinokit.backbones.settings import moved_weights
 from dinokit.backbones.weights_file import check_weights_unchanged, is_url, weights_identity
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
-from dinokit.runs.checkpoint_format import CHECKPOINT_FORMAT, migrate_checkpoint
-from dinokit.tasks import TASKS, get_task, task_of
+from dinokit.runs.checkpoint_format import (
+    BACKBONE_ARCH,
+    CHECKPOINT_FORMAT,
+    BackboneDescription,
+    ModelDescription,
+    migrate_checkpoint,
+)
+from dinokit.tasks import TASKS, get_task
 from dinokit.tasks.registry import DEFAULT_TASK
 from dinokit.tasks.task import Task
 from dinokit.writing import atomic_write
 from model import DenseModel
-from model_config import canonical_name
 from utils import broadcast_object, broadcast_state, is_main_process
 
 BACKBONE_PREFIX = "backbone."  # the backbone's tensors in a model's state dict
@@ -45,22 +50,24 @@ BACKBONE_PREFIX = "backbone."  # the backbone's tensors in a model's state dict
 
 def describe_model(task: Task, model: DenseModel, spec: Any, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
     """A model's `model_info`: everything inference needs to rebuild and interpret it, without
-    config.py: the architecture (`model.arch`: the backbone's half and the head's), the
-    normalisation and token layout of the backbone, and the task's own part (`task.describe`:
-    classes and colours, or the depth range; `extra`: what the run adds, e.g. the data folder
-    evaluate.py scores by default)."""
-    return {
-        "arch": dict(model.arch),
-        "hub_dir": model.hub_dir,
-        "imgsz": list(imgsz),
-        "mean": list(model.mean),
-        "std": list(model.std),
-        # read from the backbone: the size rules and token layout of inference and export
-        "patch_size": model.patch_size,
-        "prefix_tokens": model.spec.prefix_tokens,
-        "licence": model.spec.licence,
-        **task.describe(model, spec, imgsz, **extra),
-    }
+    config.py (dinokit/runs/checkpoint_format.py `ModelDescription`): the backbone and how it is fed,
+    the head's architecture, and the task's own part (`task.describe`: classes and colours, or the
+    depth range; `extra`: what the run adds, e.g. the data folder evaluate.py scores by default)."""
+    backbone = BackboneDescription(
+        name=model.spec.hub_name,
+        source=model.source,
+        hub_dir=model.hub_dir,
+        padding=model.padding,
+        normalization=model.normalization,
+        patch_size=model.patch_size,
+        prefix_tokens=model.spec.prefix_tokens,
+        licence=model.spec.licence,
+    )
+    head = {key: value for key, value in model.arch.items() if key not in BACKBONE_ARCH}
+    fields = task.describe(model, spec, imgsz, **extra)
+    return ModelDescription(
+        task.name, backbone, head, tuple(imgsz), tuple(model.mean), tuple(model.std), fields
+    ).to_info()
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -112,19 +119,18 @@ def build_model_from_checkpoint(
     architecture is built with timm and the keys converted: the features agree to float rounding.
     """
     info = checkpoint["model_info"]
-    arch = info["arch"]
-    task, common = task_of(info), rebuild_arguments(info)
-    state = checkpoint["model"]
-    record = info.get("backbone_weights")
-    if record is not None:  # a head-only checkpoint: the frozen backbone from its weights again
-        weights = check_backbone_file(record, "the checkpoint", canonical_name(arch["backbone"], arch["registers"]))
+    described = ModelDescription.from_info(info)
+    backbone, task = described.backbone, get_task(described.task)
+    common, state = backbone.rebuild_keywords(), checkpoint["model"]
+    if backbone.weights is not None:  # a head-only checkpoint: the frozen backbone from its weights again
+        weights = check_backbone_file(backbone.weights, "the checkpoint", backbone.name)
         common = {**common, "pretrained": True, "weights": weights}
     model = None
-    if not timm or arch["source"] == "timm":
+    if not timm or backbone.source == "timm":
         try:
-            model = task.rebuild(info, source=arch["source"], hub_dir=info.get("hub_dir"), **common)
+            model = task.rebuild(info, source=backbone.source, hub_dir=backbone.hub_dir, **common)
         except BackboneUnavailableError as err:
-            if arch["source"] == "timm":
+            if backbone.source == "timm":
                 raise
             print(
                 f"note: {str(err).split(';')[0]}; rebuilding the same architecture with timm instead", file=sys.stderr
@@ -133,10 +139,11 @@ def build_model_from_checkpoint(
         model = task.rebuild(info, source="timm", **common)
         state = hub_state_to_timm(state, model.backbone)
     try:
-        load_state(model, state, head_only=record is not None, where="the checkpoint")  # its file checked above
+        load_state(model, state, head_only=backbone.weights is not None, where="the checkpoint")  # checked above
     except RuntimeError as err:
         raise ValueError(
-            f"checkpoint weights do not fit the model its model_info describes ({arch}): {str(err).splitlines()[0]}"
+            f"checkpoint weights do not fit the model its model_info describes ({info['arch']}): "
+            f"{str(err).splitlines()[0]}"
         ) from err
     return model.to(device).eval()
 
@@ -159,11 +166,10 @@ def load_model_state(model: torch.nn.Module, checkpoint: dict[str, Any], where: 
     """Load a checkpoint's `model` into `model`: whole, or (a head-only checkpoint) the head, with
     every missing tensor the backbone's, and the backbone's weights file checked to be the one the
     head was trained on."""
-    record = checkpoint["model_info"].get("backbone_weights")
-    if record is not None:
-        arch = checkpoint["model_info"]["arch"]
-        check_backbone_file(record, where, canonical_name(arch["backbone"], arch["registers"]))
-    load_state(model, checkpoint["model"], head_only=record is not None, where=where)
+    backbone = ModelDescription.from_info(checkpoint["model_info"]).backbone
+    if backbone.weights is not None:
+        check_backbone_file(backbone.weights, where, backbone.name)
+    load_state(model, checkpoint["model"], head_only=backbone.weights is not None, where=where)
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, head_only: bool, where: str | Path) -> None:
@@ -189,19 +195,6 @@ def check_backbone_file(record: dict[str, Any], where: str | Path, hub_name: str
         "put that file back, or its copy into $DINOKIT_WEIGHTS_DIR (the head is only valid on its features)",
     )
     return found["path"]
-
-
-def rebuild_arguments(info: dict[str, Any]) -> dict[str, Any]:
-    """The keywords that rebuild a `model_info`'s backbone half, without pretrained weights (the
-    checkpoint holds them)."""
-    arch = info["arch"]
-    return dict(
-        backbone=arch["backbone"],
-        registers=arch["registers"],
-        pretrained=False,
-        padding=arch["padding"],
-        normalization=arch["normalization"],
-    )
 
 
 class RunCheckpoints:

@@ -40,6 +40,7 @@ from dinokit.prediction.deployment import (
     to_float16,
     write_metadata,
 )
+from dinokit.runs.checkpoint_format import ModelDescription
 from dinokit.runs.reports import format_bytes
 from dinokit.runs.run_folder import claim_output_folder
 from dinokit.tasks import task_of
@@ -259,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
     task.export_output(info, args.argmax, args.model)  # what it cannot export is refused before the work
     imgsz = args.imgsz or info["imgsz"]
     check_imgsz(imgsz)
-    patch_size = info["patch_size"]
+    patch_size = ModelDescription.from_info(info).backbone.patch_size
     imgsz = tuple(round_to_patch(imgsz, patch_size)) if args.dynamic else tuple(imgsz)
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     images = check_images(args, checkpoint)

@@ -48,8 +48,8 @@ from dinokit.data.resize import normalisation_table, normalise, preprocess, resi
 from dinokit.errors import UserError
 from dinokit.prediction.deployment import OnnxNetwork
 from dinokit.prediction.modes import InferenceMode
-from dinokit.runs.checkpoint_format import migrate_model_info
-from dinokit.tasks import task_of
+from dinokit.runs.checkpoint_format import ModelDescription
+from dinokit.tasks import get_task
 from dinokit.tasks.task import Task
 from utils import autocast, select_device, select_precision
 
@@ -164,15 +164,16 @@ class Predictor:
         amp_dtype: torch.dtype | None = None,
         mode: InferenceMode | None = None,
     ):
-        info = migrate_model_info(info)  # an ONNX file exported from an older checkpoint
+        self.description = ModelDescription.from_info(info)  # an ONNX file of an older checkpoint: migrated
+        info = self.description.to_info()
         self.model, self.info, self.device, self.amp_dtype = model, info, device, amp_dtype
-        self.task: Task = task_of(info)
+        self.task: Task = get_task(self.description.task)
         self.classes: list[str] = info.get("classes", [])
         self.color_map: ColorMap | None = self.task.color_map(info)
         mode = mode or InferenceMode()
         if mode.imgsz is None:
-            mode = replace(mode, imgsz=tuple(info["imgsz"]))  # default: the training size
-        self.mode = mode.for_patch(info["patch_size"])
+            mode = replace(mode, imgsz=self.description.imgsz)  # default: the training size
+        self.mode = mode.for_patch(self.description.backbone.patch_size)
         self._table: torch.Tensor | None = None  # normalisation_table on the device, made on first use
 
     @classmethod
@@ -241,8 +242,8 @@ class Predictor:
             self.model,
             image,
             self.mode,
-            mean=self.info["mean"],
-            std=self.info["std"],
+            mean=self.description.mean,
+            std=self.description.std,
             device=self.device,
             amp_dtype=self.amp_dtype,
             combine=self.task.combine_passes,
@@ -278,7 +279,7 @@ class Predictor:
         if self.device.type == "cuda":
             images = images.pin_memory()
         if self._table is None:
-            self._table = normalisation_table(self.info["mean"], self.info["std"]).to(self.device)
+            self._table = normalisation_table(self.description.mean, self.description.std).to(self.device)
         inputs = normalise(images.to(self.device, non_blocking=True), self._table)
         with autocast(self.device, self.amp_dtype):
             return self.model(inputs).float()

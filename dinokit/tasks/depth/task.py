@@ -141,7 +141,7 @@ class DepthTask(Task):
 
     def describe(self, model: DenseModel, spec: DepthSpec | None, imgsz: tuple[int, int], **extra: Any) -> dict:
         """The depth half of a `model_info` (checkpoint.describe_model adds the backbone's)."""
-        described = {"task": self.name, "min_depth": model.head.min_depth, "max_depth": model.head.max_depth}
+        described = {"min_depth": model.head.min_depth, "max_depth": model.head.max_depth}
         if spec is not None:  # how the training files were read: a resumed run must read them the same way
             described.update(depth_scale=spec.depth_scale, eval_crop=spec.eval_crop)
         return {**described, **extra}

@@ -148,7 +148,6 @@ class SegmentationTask(Task):
     def describe(self, model: DenseModel, spec: DatasetSpec, imgsz: tuple[int, int], **extra: Any) -> dict:
         """The segmentation half of a `model_info`: the classes, their colours and how masks were read."""
         return {
-            "task": self.name,
             "classes": list(spec.classes),
             "colors": [list(c) for c in spec.colors],
             "ignore_index": spec.ignore_index,
