@@ -86,3 +86,45 @@ def trained_run(tiny_dataset, tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result.stdout
+
+
+SMALL = ("--imgsz", "56", "42", "--batch", "4")  # a training run that takes seconds
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A fresh generated VOC-format dataset per test, free to break."""
+    return make_dataset(tmp_path / "data", n_train=6, n_valid=3, size=(64, 48), seed=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained_run):
+    """The best checkpoint of `trained_run`."""
+    return trained_run[0] / "best_model_iou.pth"
+
+
+def train_cli(data, out, *flags, epochs="1"):
+    """train.py on `data` into `out`: a small, offline, random-init run (`flags` come last and win)."""
+    return run_script("train.py", "--data-dir", data, "--out-dir", out, "--epochs", epochs, *SMALL, *OFFLINE, *flags)
+
+
+def one_line_error(result, *fragments, code=1):
+    """The run failed with exit `code` and said why in its last stderr line (progress bars may stand
+    above it), without a traceback; each fragment is in that line, which is returned."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr[-2000:]
+    assert lines and lines[-1].startswith("error"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def assert_nothing_written(out):
+    """No checkpoint, metrics file or temporary file in `out`."""
+    assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".pth", ".csv", ".tmp")]
+
+
+def files_of(folder):
+    """Every file of `folder` by name, with its bytes (to show a folder unchanged)."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app import shown_in_page
 from dinokit.data.image_files import read_image
 from dinokit.errors import UserError
 from dinokit.prediction.modes import InferenceMode
+from dinokit.prediction.videos import write_video
 from inference import Predictor
 from tests.conftest import ROOT, run_script
 from tests.test_inference import make_video
@@ -311,3 +313,17 @@ def test_the_search_tab_serves_no_file_of_the_indexed_folders(tmp_path, monkeypa
             f"{examples}/../photos/notes.txt",
         ):
             assert http_status(served + str(refused)) in (403, 404), refused
+
+
+def test_the_web_demo_says_nothing_about_the_webm_codec_tag(tmp_path, capfd):
+    frames = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)]
+    assert write_video(tmp_path / "clip.webm", frames, 10, (64, 48)) == 3
+    assert "not supported" not in capfd.readouterr().err
+
+
+def test_errors_in_the_web_page_keep_their_quotes():
+    def refuse(path):
+        raise UserError(f"{path}: can't read 'it' <here>")
+
+    status = shown_in_page(refuse, 2)("/tmp/gradio/x.jpg")[-1]
+    assert status == "**Could not segment it:** x.jpg: can't read 'it' &lt;here&gt;"

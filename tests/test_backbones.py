@@ -12,7 +12,7 @@ from dinov2.models import vision_transformer  # Meta's model code (make test ins
 
 from checkpoint import build_model_from_checkpoint, load_checkpoint
 from dinokit.backbones.loading import BackboneUnavailableError, TimmDinov2, load_backbone
-from tests.conftest import OFFLINE, run_script
+from tests.conftest import run_script
 
 OUT_INDICES = [8, 9, 10, 11]
 # Mirrors facebookresearch/dinov2's hubconf: build the ViT, then fetch the released weights by URL
@@ -152,29 +152,6 @@ def test_register_mismatch_names_the_flag(meta_backbone, meta_weights, tmp_path)
 def test_segmentation_checkpoint_given_as_weights_is_explained(trained_run):
     with pytest.raises(ValueError, match="is a training checkpoint, not backbone weights; it goes to --model of"):
         load_backbone("small", source="timm", weights=trained_run[0] / "best_model_iou.pth")
-
-
-@pytest.mark.slow
-def test_resume_with_other_flags_names_the_field(trained_run, tiny_dataset):
-    last = trained_run[0] / "last.pth"
-    common = (
-        "--data-dir",
-        tiny_dataset,
-        "--epochs",
-        "5",
-        "--resume",
-        last,
-        "--out-dir",
-        trained_run[0].parent / "other",
-    )
-    result = run_script("train.py", *common, *OFFLINE, "--backbone", "base")
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"error: {last}: checkpoint was trained with --backbone 'small' but this run has 'base'; "
-        "a resumed run keeps it (start a new run to change it)"
-    )
-    result = run_script("train.py", *common, *OFFLINE, "--fine-tune")
-    assert "checkpoint was trained with --fine-tune False but this run has True" in result.stderr
 
 
 @pytest.fixture(scope="module")

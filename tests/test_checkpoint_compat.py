@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import build_model_from_checkpoint, load_checkpoint
+from checkpoint import build_model_from_checkpoint, describe_model, load_checkpoint
+from dinokit.data.labels import VOC
+from dinokit.tasks import get_task
+from dinokit.tasks.segmentation import segmentation_model
 from inference import Predictor
 from tests.conftest import OFFLINE, run_script
 from tests.fixtures.make_checkpoint_v1 import write_dataset
@@ -49,3 +52,11 @@ def test_an_old_checkpoint_predicts_and_resumes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resumed from" in result.stdout and "at epoch 2" in result.stdout
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_description_is_refused():
+    model = segmentation_model(21, source="timm", pretrained=False)
+    edited = {"model": model.state_dict(), "model_info": describe_model(get_task("segmentation"), model, VOC, (56, 42))}
+    edited["model_info"]["arch"]["num_classes"] = 5  # the weights are for 21 classes
+    with pytest.raises(ValueError, match="checkpoint weights do not fit the model its model_info describes"):
+        build_model_from_checkpoint(edited)

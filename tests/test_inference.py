@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from dinokit.prediction.drawing import indexed_png, overlay
+from dinokit.prediction.videos import write_video
 from inference import Predictor
 from tests.conftest import ROOT, run_script
 from tests.test_heads import mmseg_head_file
@@ -223,3 +224,28 @@ def test_infer_image_in_every_inference_mode(checkpoint, tmp_path, mode):
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(tmp_path / "o" / "odd_mask.png").size == (61, 45)
     assert ("+ flip" in result.stdout) and (("slide" in result.stdout) == ("slide" in mode))
+
+
+def test_an_odd_sized_clip_keeps_its_last_column_and_row(tmp_path):
+    frame = np.zeros((119, 161, 3), np.uint8)
+    frame[:, -1] = 255  # a white last column and row: what the encoder used to crop away
+    frame[-1, :] = 255
+    assert write_video(tmp_path / "clip.mp4", [frame] * 3, 10, (161, 119)) == 3
+    capture = cv2.VideoCapture(str(tmp_path / "clip.mp4"))
+    ok, decoded = capture.read()
+    capture.release()
+    assert ok and decoded.shape == (120, 162, 3)  # padded to the codec's even sides, never cropped
+    assert decoded[:, 160].mean() > 200 and decoded[118].mean() > 200
+    assert decoded[10:100, 10:150].mean() < 20
+
+
+@pytest.mark.slow
+def test_infer_video_keeps_an_odd_sized_clip_whole(checkpoint, tmp_path):
+    clip = tmp_path / "odd.gif"  # OpenCV's own writers crop odd sizes even for lossless codecs; a GIF keeps them
+    frames = [Image.fromarray(np.full((119, 161, 3), 60 * i, np.uint8)) for i in range(3)]
+    frames[0].save(clip, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    result = run_script("infer_video.py", "--input", clip, "--model", checkpoint, "--out-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "odd.mp4"))
+    assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (162, 120)
+    capture.release()

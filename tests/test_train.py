@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import config
+import train
 from checkpoint import build_model_from_checkpoint, load_checkpoint
-from datasets import SegmentationDataset, find_pairs, make_loader
+from datasets import SegmentationDataset, build_datasets, find_pairs, make_loader
 from dinokit.data.labels import ColorMap
 from dinokit.data.resize import eval_transform
 from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from engine import LoopSettings, validate
-from tests.conftest import OFFLINE, run_script
+from tests.conftest import OFFLINE, SMALL, run_script
 
 
 def read_metrics(out_dir):
@@ -197,3 +198,83 @@ def test_a_frozen_backbone_from_a_weights_file_is_not_stored_in_the_checkpoint(t
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the file replaced: the head is not valid on it
     with pytest.raises(WeightsChangedError, match="the frozen backbone of the checkpoint was trained with has changed"):
         build_model_from_checkpoint(load_checkpoint(path))
+
+
+@pytest.mark.slow
+def test_a_batch_of_one_with_a_one_token_grid_trains(dataset, tmp_path):
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "14",
+        "14",
+        "--batch",
+        "5",
+        *OFFLINE,
+    )  # 6 images: batches of 5 and 1
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script(
+        "train.py",
+        "--data-dir",
+        dataset,
+        "--out-dir",
+        tmp_path / "run1",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "14",
+        "14",
+        "--batch",
+        "1",
+        *OFFLINE,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_nan_loss_names_the_step(tiny_dataset):
+    from datasets import make_loader
+    from dinokit.tasks.segmentation import segmentation_model
+    from engine import LoopSettings, NonFiniteLossError, train_one_epoch
+
+    train_set, _, _ = build_datasets(tiny_dataset, (56, 42))
+    model = segmentation_model(21, source="timm", pretrained=False)
+    with torch.no_grad():
+        model.head.classifier.bias.fill_(float("nan"))
+    optimizer = torch.optim.AdamW(model.head.parameters())
+    with pytest.raises(NonFiniteLossError, match="Train 3, step 1/3: loss is nan"):
+        train_one_epoch(
+            model,
+            make_loader(train_set, 4, shuffle=True, workers=0),
+            optimizer,
+            LoopSettings(torch.device("cpu"), partial(SegmentationScoring, 21, 255)),
+            epoch=3,
+        )
+
+
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    import engine
+    from engine import NonFiniteLossError
+
+    real_epoch = engine.train_one_epoch
+
+    def diverge_in_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise NonFiniteLossError("Train 2, step 1/2: loss is nan")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", diverge_in_epoch_2)
+    args = train.get_args_parser().parse_args(
+        ["--data-dir", str(dataset), "--out-dir", str(tmp_path), "--epochs", "3", *SMALL, *OFFLINE]
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"training diverged: Train 2, step 1/2: loss is nan; .*last.pth \(epoch 1\) is the last good checkpoint",
+    ):
+        train.main(args)
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
+    assert not (tmp_path / "final_model.pth").exists()
