@@ -68,27 +68,57 @@ def fit_to_image(
     return maps
 
 
-class BackboneModel(nn.Module):
-    """What every task model shares: the backbone (loaded by dinokit/backbones/loading.py, frozen
-    unless `fine_tune`), its patch size and normalisation, the padding to whole patches, and the
-    split `extract_features` -> `forward_head` that lets a frozen backbone's features be cached.
-    A subclass says which tokens its head reads (`tokens`) and what the head makes of them."""
+@dataclass(frozen=True)
+class Taps:
+    """Which backbone tokens a head reads: the patch maps of `blocks` (0-based), after the
+    backbone's final norm or before it, each with its class token broadcast beside it or not."""
+
+    blocks: tuple[int, ...]
+    norm: bool = True
+    class_token: bool = False
+
+    def channels(self, embed_dim: int) -> int:
+        """Width of the concatenated maps the head receives."""
+        return embed_dim * len(self.blocks) * (2 if self.class_token else 1)
+
+
+class DenseModel(nn.Module):
+    """A backbone (dinokit/backbones/loading.py), the tokens of its tapped blocks and a task's head
+    (dinokit/tasks/): `[B, C, H, W]` out for images of any size (segmentation: class logits; depth:
+    metres). `extract_features` -> `forward_head` is the split that lets a frozen backbone's
+    features be cached.
+
+    The image is zero-padded (after normalisation) to a multiple of the patch size, and the head's
+    output fitted back to the image. Two paddings, stored with the model: `bottom_right` (this
+    project's own models) pads right and bottom and crops the output back; `center` is Meta's
+    evaluation code for its released heads (`CenterPadding` in dinov2/hub/utils.py; mmseg's
+    EncoderDecoder then resizes the padded grid's output straight to the unpadded image size,
+    bilinear, align_corners=False), which those heads were trained with.
+    With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
+    forward builds no autograd graph. `arch` is what rebuilds it, stored in every checkpoint: the
+    backbone's half and the head's (`head_arch`, the task's keywords).
+    """
 
     def __init__(
         self,
-        spec: BackboneSpec,
+        head: nn.Module,
+        taps: Taps,
+        head_arch: dict,
         *,
-        source: str,
-        hub_dir: str | Path | None,
-        weights: str | Path | None,
-        pretrained: bool,
-        fine_tune: bool,
-        padding: str,
-        normalization: str | None,
+        backbone: str = "small",
+        registers: bool = False,
+        source: str = "hub",
+        hub_dir: str | Path | None = None,
+        weights: str | Path | None = None,
+        pretrained: bool = True,
+        fine_tune: bool = False,
+        padding: str = "bottom_right",
+        normalization: str | None = None,
     ):
         super().__init__()
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        spec = get_backbone_spec(backbone, registers)
         self.source = "local" if hub_dir is not None else source  # a local clone of the hub repository
         # The weights' normalisation: SAT-493M files have their own (model_config.py); a rebuilt
         # model gets it from its checkpoint.
@@ -99,37 +129,36 @@ class BackboneModel(nn.Module):
         self.backbone = load_backbone(
             spec.hub_name, source=self.source, weights=weights, pretrained=pretrained, hub_dir=hub_dir
         )
-        # What it takes to rebuild the backbone half; each task adds its head's and the whole is
-        # stored in every checkpoint.
         self.arch = {
             "backbone": spec.hub_name,
             "registers": spec.hub_name.endswith("_reg"),
             "source": self.source,
             "padding": padding,
             "normalization": self.normalization,
+            **head_arch,
         }
+        self.taps, self.head = taps, head
         self.fine_tune = fine_tune
         self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
         self.backbone.requires_grad_(fine_tune)
         if hasattr(self.backbone, "mask_token"):  # Meta's iBOT mask token: unused outside pretraining
             self.backbone.mask_token.requires_grad_(False)
+        self.train()
 
-    def train(self, mode: bool = True) -> BackboneModel:
+    def train(self, mode: bool = True) -> DenseModel:
         super().train(mode)
         if not self.fine_tune:
             self.backbone.eval()
         return self
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input `[B, C, h, w]` from padded, normalised images."""
-        raise NotImplementedError
-
-    def forward_head(
-        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """The output for images of `image_size` (H, W) from `extract_features` output: the head
-        alone, which is all a frozen-backbone epoch needs once features are cached."""
-        raise NotImplementedError
+        """The tapped blocks' `[B, C, h, w]` patch maps of padded, normalised images (with their
+        class tokens beside them if the head reads those), concatenated."""
+        taps = self.taps
+        blocks = self.backbone.get_intermediate_layers(
+            images, n=list(taps.blocks), reshape=True, return_class_token=taps.class_token, norm=taps.norm
+        )
+        return torch.cat(with_class_token(blocks) if taps.class_token else list(blocks), dim=1)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """`tokens` of normalised images of any size (padded to whole patches first), counted."""
@@ -137,6 +166,17 @@ class BackboneModel(nn.Module):
         images = pad_to_patches(images, self.patch_size, self.padding)
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
             return self.tokens(images)
+
+    def forward_head(
+        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The output for images of `image_size` (H, W) from `extract_features` output: the head
+        alone, which is all a frozen-backbone epoch needs once features are cached."""
+        return fit_to_image(self.head(features), self.padded_size(features), image_size, output_size, self.padding)
+
+    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape of one image's `extract_features` output at (height, width), without computing it."""
+        return (self.taps.channels(self.spec.embed_dim), *self.grid(height, width))
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The token grid of an image of (height, width)."""
@@ -173,85 +213,6 @@ class BackboneModel(nn.Module):
     def compile_backbone(self) -> None:
         """torch.compile the backbone's feature extraction (the parameters and state dict are unchanged)."""
         self.backbone.get_intermediate_layers = torch.compile(self.backbone.get_intermediate_layers)
-
-
-@dataclass(frozen=True)
-class Taps:
-    """Which backbone tokens a head reads: the patch maps of `blocks` (0-based), after the
-    backbone's final norm or before it, each with its class token broadcast beside it or not."""
-
-    blocks: tuple[int, ...]
-    norm: bool = True
-    class_token: bool = False
-
-    def channels(self, embed_dim: int) -> int:
-        """Width of the concatenated maps the head receives."""
-        return embed_dim * len(self.blocks) * (2 if self.class_token else 1)
-
-
-class DenseModel(BackboneModel):
-    """A backbone, the tokens of its tapped blocks and a task's head (dinokit/tasks/): `[B, C, H, W]`
-    out for images of any size (segmentation: class logits; depth: metres).
-
-    The image is zero-padded (after normalisation) to a multiple of the patch size, and the head's
-    output fitted back to the image. Two paddings, stored with the model: `bottom_right` (this
-    project's own models) pads right and bottom and crops the output back; `center` is Meta's
-    evaluation code for its released heads (`CenterPadding` in dinov2/hub/utils.py; mmseg's
-    EncoderDecoder then resizes the padded grid's output straight to the unpadded image size,
-    bilinear, align_corners=False), which those heads were trained with.
-    With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
-    forward builds no autograd graph. `arch` is the description that rebuilds it: the backbone's
-    half (BackboneModel) and the head's (`head_arch`, the task's keywords).
-    """
-
-    def __init__(
-        self,
-        head: nn.Module,
-        taps: Taps,
-        head_arch: dict,
-        *,
-        backbone: str = "small",
-        registers: bool = False,
-        source: str = "hub",
-        hub_dir: str | Path | None = None,
-        weights: str | Path | None = None,
-        pretrained: bool = True,
-        fine_tune: bool = False,
-        padding: str = "bottom_right",
-        normalization: str | None = None,
-    ):
-        super().__init__(
-            get_backbone_spec(backbone, registers),
-            source=source,
-            hub_dir=hub_dir,
-            weights=weights,
-            pretrained=pretrained,
-            fine_tune=fine_tune,
-            padding=padding,
-            normalization=normalization,
-        )
-        self.arch = {**self.arch, **head_arch}
-        self.taps, self.head = taps, head
-        self.train()
-
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The tapped blocks' `[B, C, h, w]` patch maps (with their class tokens beside them if the
-        head reads those), concatenated."""
-        taps = self.taps
-        blocks = self.backbone.get_intermediate_layers(
-            images, n=list(taps.blocks), reshape=True, return_class_token=taps.class_token, norm=taps.norm
-        )
-        return torch.cat(with_class_token(blocks) if taps.class_token else list(blocks), dim=1)
-
-    def feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """Shape of one image's `extract_features` output at (height, width), without computing it."""
-        return (self.taps.channels(self.spec.embed_dim), *self.grid(height, width))
-
-    def forward_head(
-        self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """The head's output fitted to the image (see `BackboneModel.forward_head`)."""
-        return fit_to_image(self.head(features), self.padded_size(features), image_size, output_size, self.padding)
 
 
 def with_class_token(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

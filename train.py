@@ -86,7 +86,7 @@ from utils import (
 def main(args: argparse.Namespace) -> None:
     resumed = load_checkpoint(args.resume) if args.resume else None
     changes = settle(args, resumed)
-    task, backbone = get_task(args.task), BackboneChoice.from_flags(args)
+    task, backbone = get_task(args.task), resolve_backbone(args)
     check_args(args, task, backbone)
     device = init_distributed(args.device, args.dist_timeout)
     seed_everything(args.seed)
@@ -145,13 +145,20 @@ def settle(args: argparse.Namespace, resumed: dict[str, Any] | None) -> list[Fla
     for name, default in config.RECIPES[args.recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.head_layers is None:  # a ViT's last four blocks; a ConvNeXt's last stage
-        args.head_layers = max(BackboneChoice.from_flags(args).spec.head_layers())
     if counted_in == "epochs":
         args.steps = None
     elif args.steps is not None:
         args.epochs = None  # set from the training split's length (plan_steps)
     return changes
+
+
+def resolve_backbone(args: argparse.Namespace) -> BackboneChoice:
+    """The backbone, resolved once from its flags and passed on; --head-layers defaults to what it
+    serves best (a ViT's last four blocks, a ConvNeXt's last stage)."""
+    backbone = BackboneChoice.from_flags(args)
+    if args.head_layers is None:
+        args.head_layers = max(backbone.spec.head_layers())
+    return backbone
 
 
 def check_args(args: argparse.Namespace, task: Task, backbone: BackboneChoice) -> None:
@@ -175,7 +182,7 @@ def check_args(args: argparse.Namespace, task: Task, backbone: BackboneChoice) -
         )
     if args.recipe == "dinov3" and backbone.spec.family != "dinov3":
         print(f"Note: --recipe dinov3 on {backbone.name}: Meta's DINOv3 protocol on a DINOv2 backbone.")
-    task.check_args(args)
+    task.check_args(args, backbone)
 
 
 def run_folder(args: argparse.Namespace, task: Task) -> Path:

@@ -199,6 +199,7 @@ def test_a_resumed_depth_run_refuses_a_changed_depth_json(depth_run):
     args = train.get_args_parser().parse_args(["--task", "depth", *map(str, flags), *OFFLINE])
     checkpoint = load_checkpoint(out / "last.pth")
     train.settle(args, checkpoint)
+    train.resolve_backbone(args)
     spec = load_depth_spec(root)
     info, task = checkpoint["model_info"], get_task("depth")
 

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from dinokit.backbones.choice import BackboneChoice
+
 
 @dataclass(frozen=True)
 class OutputOptions:
@@ -76,7 +78,7 @@ class Task:
     def run_folder(self, fine_tune: bool) -> str:
         return f"{self.folder_prefix}{'fine_tuning' if fine_tune else 'transfer_learning'}"
 
-    def check_args(self, args: argparse.Namespace) -> None:
+    def check_args(self, args: argparse.Namespace, backbone: BackboneChoice) -> None:
         """Refuse train.py flags this task cannot take, each with its reason."""
         raise NotImplementedError
 

@@ -86,7 +86,7 @@ class DepthTask(Task):
 
     # -- training -------------------------------------------------------------------------------
 
-    def check_args(self, args: argparse.Namespace) -> None:
+    def check_args(self, args: argparse.Namespace, backbone: BackboneChoice) -> None:
         """What a depth run cannot take, each refusal with its reason."""
         if args.recipe in ("paper", "dinov3"):
             raise ValueError(
@@ -102,7 +102,7 @@ class DepthTask(Task):
             raise ValueError("--classes with --task depth: an RGB-D folder is described by its depth.json")
         if args.head_dropout:
             raise ValueError("--head-dropout applies to segmentation heads; a depth head has none")
-        if get_backbone_spec(args.backbone, args.registers).is_convnext:
+        if backbone.spec.is_convnext:
             raise ValueError(f"--task depth on {args.backbone}: depth heads read ViT blocks with their class token")
 
     def load_data(

@@ -92,7 +92,7 @@ class SegmentationTask(Task):
 
     # -- training -------------------------------------------------------------------------------
 
-    def check_args(self, args: argparse.Namespace) -> None:
+    def check_args(self, args: argparse.Namespace, backbone: BackboneChoice) -> None:
         if args.gradient_loss:
             raise ValueError("--gradient-loss weighs a depth loss: it needs --task depth")
 
