@@ -203,8 +203,8 @@ def test_checkpoint_rebuilds_with_timm_when_the_hub_code_is_gone(
 
 
 @pytest.mark.slow
-def test_model_py_accepts_a_hub_dir(hub_dir):
-    result = run_script("model.py", "--hub-dir", hub_dir, "--no-pretrained", "--imgsz", "224", "224")
+def test_the_model_summary_takes_a_hub_dir(hub_dir):
+    result = run_script("bench.py", "--summary", "--hub-dir", hub_dir, "--imgsz", "224", "224")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DinoVisionTransformer" in result.stdout
 

@@ -191,6 +191,7 @@ def test_centre_padded_model_exports_at_odd_sizes(tmp_path):
         output="logits",
         precision="fp32",
         dynamic=True,
+        summary="segmentation (21 classes)",
     )
     onnx.save(proto, tmp_path / "centre.onnx")
     network = OnnxNetwork(tmp_path / "centre.onnx", device="cpu")
