@@ -54,14 +54,15 @@ from dinokit.runs.checkpoint_format import RENAMED_RECIPES
 from dinokit.runs.resume import (
     FlagChange,
     check_model_matches,
+    diverged_message,
     follow_schedule_flags,
+    interrupted_message,
     plan_steps,
     recorded_flags,
     restore_scaler,
-    resume_command,
     settle_flags,
 )
-from dinokit.runs.run_folder import RunLock, claim_run_folder, missing_folders, remove_empty_folders
+from dinokit.runs.run_folder import claim_run_folder, missing_folders, remove_empty_folders
 from dinokit.tasks import TASKS, get_task, task_names
 from dinokit.tasks.registry import DEFAULT_TASK
 from dinokit.tasks.task import Task
@@ -92,7 +93,8 @@ def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     out_dir = run_folder(args, task)
     new_folders = missing_folders(out_dir)
-    lock = claim_folder(out_dir, args)
+    # rank 0 claims the run folder (dinokit/runs/run_folder.py); every rank gets its verdict
+    lock = on_main_process(lambda: claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok))
     try:
         run = build_run(args, task, backbone, device, out_dir, resumed)
         finished = False
@@ -103,20 +105,9 @@ def main(args: argparse.Namespace) -> None:
             final_evaluation(run)
             finished = True
         except NonFiniteLossError as err:
-            last = out_dir / "last.pth"
-            kept = (
-                f"{last} (epoch {run.checkpoints.epochs_done}) is the last good checkpoint"
-                if last.exists()
-                else "no checkpoint was written"
-            )
-            raise NonFiniteLossError(f"training diverged: {err}; {kept}; lower --lr or use --amp off") from err
+            raise NonFiniteLossError(diverged_message(err, out_dir / "last.pth", run.checkpoints.epochs_done)) from err
         except KeyboardInterrupt:
-            last = out_dir / "last.pth"
-            print(
-                f"\nInterrupted. {last} holds epoch {run.checkpoints.epochs_done}; continue with:\n"
-                f"  {resume_command(sys.argv[1:], last)}",
-                file=sys.stderr,
-            )
+            print(interrupted_message(sys.argv[1:], out_dir / "last.pth", run.checkpoints.epochs_done), file=sys.stderr)
             sys.exit(130)
         finally:
             run.close(finished)
@@ -190,11 +181,6 @@ def run_folder(args: argparse.Namespace, task: Task) -> Path:
     if args.out_dir is None and args.resume:
         return Path(args.resume).parent
     return output_folder(args.out_dir or task.run_folder(args.fine_tune))
-
-
-def claim_folder(out_dir: Path, args: argparse.Namespace) -> RunLock | None:
-    """Rank 0 claims the run folder (dinokit/runs/run_folder.py); every rank gets its verdict."""
-    return on_main_process(lambda: claim_run_folder(out_dir, resume=args.resume, exist_ok=args.exist_ok))
 
 
 # -- build --------------------------------------------------------------------------------------
@@ -380,7 +366,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_flags(parser)
     add_model_flags(parser)
     add_optimisation_flags(parser)
-    add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # seed: whole, paper: slide
+    add_mode_args(parser, flag="--eval-mode", sizes=False, default=None)  # article: whole, paper: slide
     add_speed_flags(parser)
     add_run_flags(parser)
     return parser
@@ -412,7 +398,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar=("W", "H"),
         help="training/validation size, rounded up to a multiple of the backbone's patch size (640 -> 644 for "
-        "/14, 640 for /16); --recipe paper/dinov3: the side of its square crops (default: seed 640 640, "
+        "/14, 640 for /16); --recipe paper/dinov3: the side of its square crops (default: article 640 640, "
         "paper 518 518, dinov3 512 512)",
     )
     data.add_argument("--workers", type=at_least(0), default=config.WORKERS, help="DataLoader worker processes")
@@ -458,13 +444,16 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--recipe",
         default=None,
-        choices=list(config.RECIPES),
-        help="seed (default): the reference article's run; paper: the DINOv2 paper's protocol "
+        choices=[*config.RECIPES, *RENAMED_RECIPES],  # an old name works, with a deprecation line
+        metavar="{" + ",".join(config.RECIPES) + "}",
+        help="article (default): the reference article's run (named seed before); paper: the DINOv2 paper's protocol "
         "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation); "
         "dinov3: Meta's DINOv3 linear protocol (512 crops, 40k steps of 16, lr 1e-3, wd 1e-3, warmup + "
         "one-cycle cosine, Dropout2d 0.1, slide 512/341)",
     )
-    optim.add_argument("--epochs", type=at_least(1), default=None, help=f"total epochs (default: seed {config.EPOCHS})")
+    optim.add_argument(
+        "--epochs", type=at_least(1), default=None, help=f"total epochs (default: article {config.EPOCHS})"
+    )
     optim.add_argument(
         "--steps",
         type=at_least(1),
@@ -472,22 +461,22 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         help="total optimizer steps instead of --epochs; the last epoch stops there (default: paper and dinov3 40000)",
     )
     optim.add_argument(
-        "--batch", type=at_least(1), default=None, help="images per step (default: seed 2, paper and dinov3 16)"
+        "--batch", type=at_least(1), default=None, help="images per step (default: article 2, paper and dinov3 16)"
     )
     optim.add_argument(
-        "--lr", type=positive, default=None, help="AdamW learning rate (default: seed 1e-4, paper and dinov3 1e-3)"
+        "--lr", type=positive, default=None, help="AdamW learning rate (default: article 1e-4, paper and dinov3 1e-3)"
     )
     optim.add_argument(
         "--weight-decay",
         type=non_negative,
         default=None,
-        help="AdamW weight decay (default: seed 1e-2, paper 1e-4, dinov3 1e-3)",
+        help="AdamW weight decay (default: article 1e-2, paper 1e-4, dinov3 1e-3)",
     )
     optim.add_argument(
         "--scheduler",
         default=None,
         choices=SCHEDULERS,
-        help="multistep: --scheduler-epochs milestones (seed); poly (paper) / cosine / onecycle (dinov3): "
+        help="multistep: --scheduler-epochs milestones (article); poly (paper) / cosine / onecycle (dinov3): "
         "decay per step",
     )
     optim.add_argument(
@@ -505,7 +494,7 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="poly / cosine / onecycle: linear warmup over the first N optimizer steps "
-        "(default: seed 0, paper and dinov3 1500)",
+        "(default: article 0, paper and dinov3 1500)",
     )
     optim.add_argument(
         "--backbone-lr",

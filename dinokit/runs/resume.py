@@ -202,3 +202,14 @@ def resume_command(argv: Sequence[str], last: Path) -> str:
     if "--resume" in command:
         del command[command.index("--resume") : command.index("--resume") + 2]
     return f"python train.py {' '.join(command)} --resume {last}"
+
+
+def interrupted_message(argv: Sequence[str], last: Path, epochs_done: int) -> str:
+    """What a run stopped with Ctrl-C says: where it stands and the command that continues it."""
+    return f"\nInterrupted. {last} holds epoch {epochs_done}; continue with:\n  {resume_command(argv, last)}"
+
+
+def diverged_message(error: Exception, last: Path, epochs_done: int) -> str:
+    """What a run whose loss became nan/inf says: the step, the last good checkpoint, the fix."""
+    kept = f"{last} (epoch {epochs_done}) is the last good checkpoint" if last.exists() else "no checkpoint was written"
+    return f"training diverged: {error}; {kept}; lower --lr or use --amp off"
