@@ -10,7 +10,7 @@ block's patch features (feature maps). Patch size and normalisation come from th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +96,13 @@ class DenseModel(nn.Module):
     bilinear, align_corners=False), which those heads were trained with.
     With `fine_tune=False` the backbone is frozen: no gradients, always in eval mode, and its
     forward builds no autograd graph. `arch` is what rebuilds it, stored in every checkpoint: the
-    backbone's half and the head's (`head_arch`, the task's keywords).
+    backbone's half and the head's (`head_arch`, the task's keywords). `make_head` builds the head
+    once the backbone is there.
     """
 
     def __init__(
         self,
-        head: nn.Module,
+        make_head: Callable[[], nn.Module],
         taps: Taps,
         head_arch: dict,
         *,
@@ -137,7 +138,8 @@ class DenseModel(nn.Module):
             "normalization": self.normalization,
             **head_arch,
         }
-        self.taps, self.head = taps, head
+        self.taps = taps
+        self.head = make_head()  # after the backbone: a random-init head draws the same numbers as always
         self.fine_tune = fine_tune
         self.backbone_images = 0  # images the backbone has processed (a count for reports, not state)
         self.backbone.requires_grad_(fine_tune)

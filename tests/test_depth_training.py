@@ -163,14 +163,13 @@ def test_every_script_reads_a_trained_depth_checkpoint(depth_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_depth_notebook_shows_a_run(depth_run):
+def test_the_notebook_shows_a_depth_run_with_the_cells_of_a_segmentation_run(depth_run):
     root, out, _, _ = depth_run
     outputs = run_notebook(
         f"DATA_DIR = {str(root)!r}\nCHECKPOINT = {str(out / 'best_model_rmse.pth')!r}\nHEAD_WEIGHTS = None\n"
-        "NUM_SAMPLES = 2\nDEVICE = 'cpu'",
-        "depth.ipynb",
+        "NUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0]\nFLIP = False"
     )
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # curves, depth maps
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, curves, depth maps
     assert any("rmse" in o.get("text", "") and "(4 images" in o.get("text", "") for o in outputs)
 
 

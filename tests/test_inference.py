@@ -196,7 +196,7 @@ def test_notebook_shows_a_released_head_without_training(tiny_dataset, tmp_path)
     )
     text = "".join(o.get("text", "") for o in outputs)
     assert "no training curves" in text and "slide" in text and "mIoU" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, predictions, IoU bars
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, predictions, confusion matrix
 
 
 @pytest.mark.slow

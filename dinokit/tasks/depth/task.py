@@ -52,10 +52,10 @@ def depth_model(
     if head not in DEPTH_HEADS or spec.is_convnext:
         raise UserError(f"a {head!r} depth head on {spec.hub_name} is not supported (ViT backbones only)")
     if head == "dpt":
-        module = DPTHead(spec.embed_dim, min_depth=min_depth, max_depth=max_depth)
+        module = functools.partial(DPTHead, spec.embed_dim, min_depth=min_depth, max_depth=max_depth)
     else:
         width = 2 * spec.embed_dim * len(taps)
-        module = BinsHead(width, min_depth=min_depth, max_depth=max_depth, batch_norm=batch_norm)
+        module = functools.partial(BinsHead, width, min_depth=min_depth, max_depth=max_depth, batch_norm=batch_norm)
     arch = {
         "head": head,
         "taps": list(taps),

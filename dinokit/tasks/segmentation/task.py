@@ -54,7 +54,7 @@ def segmentation_model(
     head_layers = max(spec.head_layers()) if head_layers is None else head_layers  # ViT: 4, ConvNeXt: 1
     check_head_layers(spec, head_layers)
     taps = Taps(tuple(spec.out_indices[-head_layers:]))
-    head = LinearHead(taps.channels(spec.embed_dim), num_classes, dropout)
+    head = functools.partial(LinearHead, taps.channels(spec.embed_dim), num_classes, dropout)
     arch = {"num_classes": num_classes, "head_layers": head_layers, "dropout": dropout}
     return DenseModel(head, taps, arch, backbone=backbone, registers=registers, padding=padding, **kwargs)
 
