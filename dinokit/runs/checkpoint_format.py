@@ -42,7 +42,8 @@ def migrate_model_info(info: dict[str, Any]) -> dict[str, Any]:
     arch.setdefault("padding", "bottom_right")  # before Meta's centred padding was offered
     arch.setdefault("normalization", "imagenet")  # before SAT-493M weights were served
     spec = get_backbone_spec(arch["backbone"], arch.get("registers", False))
-    arch.setdefault("registers", spec.hub_name.endswith("_reg"))
+    arch["backbone"] = spec.hub_name  # before DINOv3, a DINOv2 backbone was named by its size ("small")
+    arch["registers"] = spec.hub_name.endswith("_reg")
     info.setdefault("patch_size", spec.patch_size)  # before DINOv3: from the backbone's name
     info.setdefault("prefix_tokens", spec.prefix_tokens)
     info.setdefault("licence", spec.licence)
