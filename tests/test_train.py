@@ -103,17 +103,6 @@ def test_reloaded_checkpoint_gives_identical_logits_and_its_recorded_metrics(tra
     assert result.loss == pytest.approx(checkpoint["metrics"]["valid_loss"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
-    common = ("--data-dir", tiny_dataset, "--imgsz", "56", "42", "--batch", "4", "--out-dir", tmp_path, *OFFLINE)
-    first = run_script("train.py", "--epochs", "1", *common)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_script("train.py", "--epochs", "2", "--resume", tmp_path / "last.pth", *common)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from" in resumed.stdout and "EPOCH: 1/2" not in resumed.stdout
-    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
