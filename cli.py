@@ -279,7 +279,7 @@ def backbone_weights(args: argparse.Namespace) -> str:
 
 
 def backbone_kwargs(args: argparse.Namespace) -> dict:
-    """`add_backbone_args` flags as keyword arguments of `Dinov2Segmentation` / `load_backbone`."""
+    """`add_backbone_args` flags as keyword arguments of `model.DenseModel` / `load_backbone`."""
     return {
         "backbone": args.backbone,
         "registers": args.registers,
