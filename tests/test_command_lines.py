@@ -189,3 +189,22 @@ def test_checkpoints_never_run_code_from_the_file(trained_run, tmp_path):
     torch.save(checkpoint, tmp_path / "tampered.pth")
     with pytest.raises(ValueError, match="tampered.pth: not a readable training checkpoint"):
         load_checkpoint(tmp_path / "tampered.pth")
+
+
+def test_renamed_flags_work_for_a_release_and_say_their_new_name(capsys):
+    """The reference article's recipe and metric were named "seed" (a random seed's word)."""
+    import evaluate
+    import train
+
+    args = train.get_args_parser().parse_args(["--recipe", "seed"])
+    train.settle(args, resumed=None)
+    assert args.recipe == "article" and args.lr == 1e-4  # the article's defaults
+    args = evaluate.get_args_parser().parse_args(["--model", "m.pth", "--seed-metric", "--seed-batch", "3"])
+    assert (args.article_metric, args.article_batch) == (True, 3)
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        "warning: --recipe seed is now --recipe article",
+        "warning: --seed-metric is renamed --article-metric; the old name goes in the next release",
+        "warning: --seed-batch is renamed --article-batch; the old name goes in the next release",
+    ]
+    assert "--seed-metric" not in evaluate.get_args_parser().format_help()  # hidden: the new names are shown
