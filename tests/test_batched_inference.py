@@ -32,6 +32,7 @@ INFO = {  # the description of the model below (its backbone and its classes)
     "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]],
     "ignore_colors": [],
     "ignore_index": 255,
+    "mask_format": "auto",
     "imgsz": [56, 42],
     "mean": list(MEAN),
     "std": list(STD),

@@ -96,6 +96,11 @@ class Task:
         """This task's part of the model's description (checkpoint.describe_model adds the backbone's)."""
         raise NotImplementedError
 
+    def targets(self, info: dict[str, Any]) -> Any:
+        """What a model's outputs mean, typed, from its description (segmentation: its classes, their
+        colours and the ignore index, a DatasetSpec; depth: its metres, a DepthRange)."""
+        raise NotImplementedError
+
     def scoring(self, spec: Any, args: argparse.Namespace) -> Callable[[], Scoring]:
         """A new `Scoring` per pass over a split."""
         raise NotImplementedError

@@ -8,6 +8,7 @@ import argparse
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,23 @@ from model import DenseModel, Taps
 from model_config import get_backbone_spec
 
 EXPORT_TOLERANCE = 1e-3  # an exported depth pixel agrees when within 0.1 % of PyTorch's metres
+
+
+@dataclass(frozen=True)
+class DepthRange:
+    """What a depth model's outputs mean: metres, clamped to its range; for a model trained here, how
+    its training files were read (depth.json's scale and evaluation crop; None for Meta's heads and
+    for checkpoints from before they were recorded)."""
+
+    min_depth: float
+    max_depth: float
+    depth_scale: float | None = None
+    eval_crop: str | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """The colour scale of its drawings, in metres."""
+        return self.min_depth, self.max_depth
 
 
 def depth_model(
@@ -152,19 +170,25 @@ class DepthTask(Task):
     def resume_fields(self, info: dict[str, Any], spec: DepthSpec) -> list[tuple[str, Any, Any]]:
         """What must not change on resume (older depth checkpoints did not record how their files were
         read: nothing to compare there)."""
-        arch = info["arch"]
+        saved = self.targets(info)
+        scale = spec.depth_scale if saved.depth_scale is None else saved.depth_scale
+        crop = spec.eval_crop if saved.depth_scale is None else saved.eval_crop
         return [
-            ("depth range", [arch["min_depth"], arch["max_depth"]], [spec.min_depth, spec.max_depth]),
-            ("depth.json depth_scale", info.get("depth_scale", spec.depth_scale), spec.depth_scale),
-            ("depth.json eval_crop", info.get("eval_crop", spec.eval_crop), spec.eval_crop),
+            ("depth range", list(saved.scale), [spec.min_depth, spec.max_depth]),
+            ("depth.json depth_scale", scale, spec.depth_scale),
+            ("depth.json eval_crop", crop, spec.eval_crop),
         ]
 
     def check_resume(self, info: dict[str, Any], spec: DepthSpec, path: str) -> None:
         """Nothing beyond `resume_fields`."""
 
+    def targets(self, info: dict[str, Any]) -> DepthRange:
+        """What a model's outputs mean: metres in its range, and how its training files were read."""
+        return DepthRange(info["min_depth"], info["max_depth"], info.get("depth_scale"), info.get("eval_crop"))
+
     def drawer(self, info: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """Depth in colour on the model's range (the image itself is not shown)."""
-        scale = (info["min_depth"], info["max_depth"])
+        scale = self.targets(info).scale
         return lambda image, depth: colorize(depth, scale)
 
     # -- rebuilding ---------------------------------------------------------------------------------
@@ -253,7 +277,7 @@ class DepthTask(Task):
 
     def colour_scale(self, info: dict[str, Any], options: OutputOptions) -> tuple[float, float]:
         """The metres of the colour scale: the option's, else the model's range."""
-        return options.depth_range or (info["min_depth"], info["max_depth"])
+        return options.depth_range or self.targets(info).scale
 
     def image_writer(
         self, info: dict[str, Any], out_dir: Path, options: OutputOptions
@@ -274,7 +298,7 @@ class DepthTask(Task):
     ) -> tuple[Any, ...]:
         """The page's panes: the depth in colour with its bar (both image panes), a summary in metres,
         and the 16-bit millimetre PNG to download (`write(name, save)` gives its path)."""
-        scale = (info["min_depth"], info["max_depth"])
+        scale = self.targets(info).scale
         png = write(f"{stem}_depth16.png", lambda tmp: depth_png(depth).save(tmp, format="PNG"))
         coloured = with_colour_bar(colorize(depth, scale), scale)
         near, median, far = np.percentile(depth, [2, 50, 98])
@@ -292,7 +316,8 @@ class DepthTask(Task):
         return "depth"
 
     def summary(self, info: dict[str, Any]) -> str:
-        return f"depth ({info['min_depth']:g}-{info['max_depth']:g} m)"
+        near, far = self.targets(info).scale
+        return f"depth ({near:g}-{far:g} m)"
 
     export_outputs = {"depth": "depth in metres"}
     export_measure = f"within {100 * EXPORT_TOLERANCE:g} %"

@@ -59,21 +59,22 @@ def segmentation_model(
     return DenseModel(head, taps, arch, backbone=backbone, registers=registers, padding=padding, **kwargs)
 
 
-def info_color_map(info: dict[str, Any]) -> ColorMap:
-    """The palette a segmentation model's description carries (its dataset's colours)."""
-    return ColorMap(info["colors"], info["ignore_colors"], info["ignore_index"], shared_colors=True)
-
-
-def dataset_spec(info: dict[str, Any], source: str) -> DatasetSpec:
-    """The dataset description a model was trained with, back from its `model_info`."""
+def dataset_spec(info: dict[str, Any], source: str = "model_info") -> DatasetSpec:
+    """The dataset description a model was trained with (its classes, their colours, the ignore
+    index, how its masks were read), typed, back from its `model_info`."""
     return DatasetSpec(
         info["classes"],
         [tuple(c) for c in info["colors"]],
         [tuple(c) for c in info["ignore_colors"]],
         info["ignore_index"],
-        info.get("mask_format", "auto"),
+        info["mask_format"],
         source=source,
     )
+
+
+def palette(spec: DatasetSpec) -> ColorMap:
+    """The colours predictions are drawn in (two classes may share one: a model's, not a file's)."""
+    return ColorMap(spec.colors, spec.ignore_colors, spec.ignore_index, shared_colors=True)
 
 
 @register_task
@@ -164,21 +165,26 @@ class SegmentationTask(Task):
 
     def check_resume(self, info: dict[str, Any], spec: DatasetSpec, path: str) -> None:
         """A resumed run's classes, colours and ignore index are the checkpoint's."""
+        saved = self.targets(info)
         for index, (name, color) in enumerate(zip(spec.classes, spec.colors)):
-            saved_name, saved_color = info["classes"][index], tuple(info["colors"][index])
+            saved_name, saved_color = saved.classes[index], tuple(saved.colors[index])
             if (saved_name, saved_color) != (name, tuple(color)):
                 raise ValueError(
                     f"{path}: class {index} is {saved_name!r} {saved_color} in the checkpoint but {name!r} "
                     f"{tuple(color)} in {spec.source}; resume with the dataset description it was trained with"
                 )
-        if info["ignore_index"] != spec.ignore_index:
+        if saved.ignore_index != spec.ignore_index:
             raise ValueError(
-                f"{path}: checkpoint was trained with ignore index {info['ignore_index']} but {spec.source} "
+                f"{path}: checkpoint was trained with ignore index {saved.ignore_index} but {spec.source} "
                 f"says {spec.ignore_index}"
             )
 
+    def targets(self, info: dict[str, Any]) -> DatasetSpec:
+        """What a model's outputs mean: its classes, their colours, the ignore index, its mask format."""
+        return dataset_spec(info)
+
     def drawer(self, info: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        color_map = info_color_map(info)
+        color_map = palette(self.targets(info))
         return lambda image, mask: overlay(image, mask, color_map)
 
     # -- rebuilding ---------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ class SegmentationTask(Task):
         self, info: dict[str, Any], data_dir: str | Path, pairs: list[tuple[Path, Path]], label: str
     ) -> DatasetSpec:
         """The model's own dataset description; every pair decoded and checked against it."""
-        check = check_dataset({label: pairs}, dataset_spec(info, source=f"{label} (model_info)"))
+        check = check_dataset({label: pairs}, dataset_spec(info, f"{label} (model_info)"))
         print(f"Checked {check.pairs} pairs of the {label} in {check.seconds:.1f} s")
         return check.spec
 
@@ -242,20 +248,23 @@ class SegmentationTask(Task):
 
     def truth(self, pairs: list[tuple[Path, Path]], info: dict[str, Any], spec: Any) -> OriginalPairs:
         """`(image, mask [H, W] uint8 class indices)` at the files' own size, read as in training."""
-        return OriginalPairs(pairs, MaskReader(info_color_map(info), info.get("mask_format", "auto")))
+        spec = self.targets(info)
+        return OriginalPairs(pairs, MaskReader(palette(spec), spec.mask_format))
 
     def evaluator(self, info: dict[str, Any], spec: Any, article_batch: int = 2) -> SegmentationEvaluator:
-        return SegmentationEvaluator(len(info["classes"]), info["ignore_index"], article_batch)
+        spec = self.targets(info)
+        return SegmentationEvaluator(len(spec.classes), spec.ignore_index, article_batch)
 
     def report_lines(self, evaluation: Any, info: dict[str, Any]) -> list[str]:
-        return report_lines(evaluation.result, info["classes"], evaluation.images, evaluation.ms_per_image)
+        classes = self.targets(info).classes
+        return report_lines(evaluation.result, classes, evaluation.images, evaluation.ms_per_image)
 
     def report_json(self, evaluation: Any, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {
             **extra,
             "images": evaluation.images,
             "ms_per_image": evaluation.ms_per_image,
-            **report_json(evaluation.result, info["classes"]),
+            **report_json(evaluation.result, self.targets(info).classes),
             "processes": evaluation.processes,
         }
 
@@ -279,7 +288,7 @@ class SegmentationTask(Task):
     # -- prediction -----------------------------------------------------------------------------
 
     def color_map(self, info: dict[str, Any]) -> ColorMap:
-        return info_color_map(info)
+        return palette(self.targets(info))
 
     def combine_passes(self, logits: torch.Tensor) -> torch.Tensor:
         """Test-time passes average their softmax probabilities."""
@@ -299,7 +308,8 @@ class SegmentationTask(Task):
     ) -> Callable[[Path, np.ndarray, np.ndarray], None]:
         """`<stem>.jpg` (the classes blended in, named, with a legend) and `<stem>_mask.png` (a
         palette PNG whose pixel values are class indices)."""
-        classes, color_map = info["classes"], info_color_map(info)
+        spec = self.targets(info)
+        classes, color_map = spec.classes, palette(spec)
 
         def write(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
             write_image(out_dir / f"{path.stem}.jpg", render(image, mask, classes, color_map, options.alpha))
@@ -312,7 +322,8 @@ class SegmentationTask(Task):
         self, info: dict[str, Any], size: tuple[int, int], options: OutputOptions
     ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], tuple[int, int]]:
         """The frame with its classes blended in, named, and a legend."""
-        draw = functools.partial(render, classes=info["classes"], color_map=info_color_map(info), alpha=options.alpha)
+        spec = self.targets(info)
+        draw = functools.partial(render, classes=spec.classes, color_map=palette(spec), alpha=options.alpha)
         return draw, size
 
     def demo_outputs(
@@ -320,10 +331,11 @@ class SegmentationTask(Task):
     ) -> tuple[Any, ...]:
         """The page's panes: the overlay, the colour mask, the legend and the index-mask PNG
         (`write(name, save)` gives its path)."""
-        color_map = info_color_map(info)
+        spec = self.targets(info)
+        color_map = palette(spec)
         png = write(f"{stem}_mask.png", lambda tmp: indexed_png(mask, color_map).save(tmp, format="PNG"))
-        drawn = render(image, mask, info["classes"], color_map, alpha)
-        return drawn, color_map.decode(mask), legend_html(mask, info["classes"], color_map), str(png)
+        drawn = render(image, mask, spec.classes, color_map, alpha)
+        return drawn, color_map.decode(mask), legend_html(mask, spec.classes, color_map), str(png)
 
     # -- export ---------------------------------------------------------------------------------
 
@@ -331,7 +343,7 @@ class SegmentationTask(Task):
         return "classes" if argmax else "logits"
 
     def summary(self, info: dict[str, Any]) -> str:
-        return f"segmentation ({len(info['classes'])} classes)"
+        return f"segmentation ({len(self.targets(info).classes)} classes)"
 
     export_outputs = {"logits": "logits", "classes": "class indices"}  # what a file outputs, in words
     export_measure = "argmax agreement"
