@@ -33,10 +33,19 @@ from dinokit.data.resize import eval_transform
 from utils import distributed, rank, world_size
 
 
-def find_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """`(image, mask)` paths of one split, `<data_dir>/<split>_images` with `<split>_labels`."""
+def find_pairs(
+    data_dir: str | Path,
+    split: str,
+    targets: str = "labels",
+    *,
+    list_targets: Callable[[Path], list[Path]] = list_image_files,
+    noun: str = "mask",
+) -> list[tuple[Path, Path]]:
+    """`(image, target)` paths of one split, `<data_dir>/<split>_images` with `<split>_<targets>`
+    (segmentation: `_labels`, masks; a task's own targets through `list_targets` and `noun`)."""
     data_dir = Path(data_dir)
-    return pair_folders(data_dir / f"{split}_images", data_dir / f"{split}_labels", f"{data_dir}: {split} split")
+    images, found = data_dir / f"{split}_images", data_dir / f"{split}_{targets}"
+    return pair_folders(images, found, f"{data_dir}: {split} split", list_targets=list_targets, noun=noun)
 
 
 def pair_folders(
@@ -145,7 +154,6 @@ class SegmentationDataset(PairedDataset):
         seed: int = config.SEED,
     ):
         super().__init__(pairs, MaskReader(color_map, mask_format), transform, seed=seed)
-        self.color_map, self.mask_format = color_map, mask_format
 
 
 class ViewsDataset(Dataset):
@@ -170,13 +178,6 @@ def shard_indices(size: int, rank: int, world_size: int) -> list[int]:
     missing = -size % world_size
     padded += (padded * math.ceil(missing / max(size, 1)))[:missing]
     return padded[rank::world_size]
-
-
-class PairDataset(OriginalPairs):
-    """Segmentation pairs at their own resolution: `(image [H, W, 3] uint8, mask [H, W] uint8)`."""
-
-    def __init__(self, pairs: list[tuple[Path, Path]], color_map: ColorMap, mask_format: str = "auto"):
-        super().__init__(pairs, MaskReader(color_map, mask_format))
 
 
 def build_datasets(

@@ -30,8 +30,16 @@ from tests.conftest import (
     run_script,
     train_cli,
 )
+from tests.test_inference import make_video
 
 CLASSIFY = ("--imgsz", "28", "--source", "timm", "--no-pretrained", "--workers", "0", "--k", "2", "--epochs", "2")
+
+
+def classify_cli(photos, out, *flags):
+    """classify.py on generated class folders written to `photos`, into `out`: small and offline."""
+    return run_script(
+        "classify.py", "--data-dir", class_folders(photos), "--val-fraction", "0.5", "--out-dir", out, *CLASSIFY, *flags
+    )
 
 
 def class_folders(root, classes=("ants", "bees"), per_class=4):
@@ -50,16 +58,7 @@ def test_classify_refuses_a_training_run_folder(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
     before = files_of(run)
-    result = run_script(
-        "classify.py",
-        "--data-dir",
-        class_folders(tmp_path / "photos"),
-        "--val-fraction",
-        "0.5",
-        "--out-dir",
-        run,
-        *CLASSIFY,
-    )
+    result = classify_cli(tmp_path / "photos", run)
     one_line_error(result, f"{run}: holds a training run (train.py): last.pth", "choose another --out-dir")
     assert files_of(run) == before
 
@@ -67,16 +66,7 @@ def test_classify_refuses_a_training_run_folder(trained_run, tmp_path):
 @pytest.mark.slow
 def test_train_refuses_a_classifier_folder(tmp_path, tiny_dataset):
     out = tmp_path / "classifier"
-    result = run_script(
-        "classify.py",
-        "--data-dir",
-        class_folders(tmp_path / "photos"),
-        "--val-fraction",
-        "0.5",
-        "--out-dir",
-        out,
-        *CLASSIFY,
-    )
+    result = classify_cli(tmp_path / "photos", out)
     assert result.returncode == 0, result.stderr[-2000:]
     before = files_of(out)
     result = run_script(
@@ -291,17 +281,10 @@ def test_infer_image_never_writes_over_its_inputs(checkpoint, tmp_path):
     assert (folder / "a.jpg").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
 
 
-def write_clip(path, frames, size=(64, 48)):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size)
-    for i in range(frames):
-        writer.write(np.full((size[1], size[0], 3), (i * 5) % 255, np.uint8))
-    writer.release()
-
-
 @pytest.mark.slow
 def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
     # written under a private temporary name, then renamed: the result must not stay owner-only (0600)
-    write_clip(tmp_path / "clip.mp4", 2)
+    make_video(tmp_path / "clip.mp4", frames=2, size=(64, 48), fps=10.0)
     result = run_script(
         "infer_video.py",
         "--input",
@@ -321,7 +304,7 @@ def test_results_get_the_permissions_of_a_plain_file(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
-    write_clip(tmp_path / "clip.mp4", 3)
+    make_video(tmp_path / "clip.mp4", frames=3, size=(64, 48), fps=10.0)
     before = (tmp_path / "clip.mp4").read_bytes()
     result = run_script(
         "infer_video.py",
@@ -341,7 +324,7 @@ def test_infer_video_never_writes_over_its_input(checkpoint, tmp_path):
 def test_an_incomplete_video_never_replaces_the_previous_result(checkpoint, tmp_path, monkeypatch):
     import infer_video
 
-    write_clip(tmp_path / "clip.mp4", 6)
+    make_video(tmp_path / "clip.mp4", frames=6, size=(64, 48), fps=10.0)
     out = tmp_path / "out"
     out.mkdir()
     (out / "clip.mp4").write_bytes(b"the previous, complete result")
@@ -377,7 +360,7 @@ def test_an_incomplete_video_never_replaces_the_previous_result(checkpoint, tmp_
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_video_keeps_the_previous_result(checkpoint, tmp_path):
-    write_clip(tmp_path / "clip.mp4", 400)
+    make_video(tmp_path / "clip.mp4", frames=400, size=(64, 48), fps=10.0)
     out = tmp_path / "out"
     out.mkdir()
     (out / "clip.mp4").write_bytes(b"the previous, complete result")

@@ -196,25 +196,14 @@ def read_metrics(path):
         return [{k: float(v) for k, v in row.items() if k not in ("seconds",)} for row in csv.DictReader(f)]
 
 
+def run_flags(data, out, epochs):
+    """train.py's flags of the runs that are killed or interrupted, and of their references."""
+    common = ("--epochs", str(epochs), *SMALL, "--lr", "1e-3", *OFFLINE[:3], "--workers", "1", "--seed", "7")
+    return ["--data-dir", str(data), "--out-dir", str(out), *common]
+
+
 def start_training(data, out, epochs):
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--data-dir",
-        str(data),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        str(epochs),
-        *SMALL,
-        "--lr",
-        "1e-3",
-        *OFFLINE[:3],
-        "--workers",
-        "1",
-        "--seed",
-        "7",
-    ]
+    command = [sys.executable, str(ROOT / "train.py"), *run_flags(data, out, epochs)]
     return command, subprocess.Popen(
         command,
         cwd=ROOT,
@@ -234,23 +223,7 @@ def wait_for(process, text):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
-    reference = run_script(
-        "train.py",
-        "--data-dir",
-        dataset,
-        "--out-dir",
-        tmp_path / "straight",
-        "--epochs",
-        "3",
-        *SMALL,
-        "--lr",
-        "1e-3",
-        *OFFLINE[:3],
-        "--workers",
-        "1",
-        "--seed",
-        "7",
-    )
+    reference = run_script("train.py", *run_flags(dataset, tmp_path / "straight", 3))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     _, process = start_training(dataset, tmp_path / "killed", 3)
@@ -259,23 +232,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(dataset, tmp_path):
     process.wait()
     assert load_checkpoint(tmp_path / "killed" / "last.pth")["epoch"] == 1
     resumed = run_script(
-        "train.py",
-        "--data-dir",
-        dataset,
-        "--out-dir",
-        tmp_path / "killed",
-        "--epochs",
-        "3",
-        *SMALL,
-        "--lr",
-        "1e-3",
-        *OFFLINE[:3],
-        "--workers",
-        "1",
-        "--seed",
-        "7",
-        "--resume",
-        tmp_path / "killed" / "last.pth",
+        "train.py", *run_flags(dataset, tmp_path / "killed", 3), "--resume", tmp_path / "killed" / "last.pth"
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = (

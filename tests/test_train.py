@@ -15,7 +15,7 @@ from dinokit.data.labels import ColorMap
 from dinokit.data.resize import eval_transform
 from dinokit.tasks.segmentation.scoring import SegmentationScoring
 from engine import LoopSettings, validate
-from tests.conftest import OFFLINE, SMALL, run_script
+from tests.conftest import OFFLINE, SMALL, run_script, train_cli
 
 
 def read_metrics(out_dir):
@@ -191,38 +191,9 @@ def test_a_frozen_backbone_from_a_weights_file_is_not_stored_in_the_checkpoint(t
 
 @pytest.mark.slow
 def test_a_batch_of_one_with_a_one_token_grid_trains(dataset, tmp_path):
-    result = run_script(
-        "train.py",
-        "--data-dir",
-        dataset,
-        "--out-dir",
-        tmp_path / "run",
-        "--epochs",
-        "1",
-        "--imgsz",
-        "14",
-        "14",
-        "--batch",
-        "5",
-        *OFFLINE,
-    )  # 6 images: batches of 5 and 1
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script(
-        "train.py",
-        "--data-dir",
-        dataset,
-        "--out-dir",
-        tmp_path / "run1",
-        "--epochs",
-        "1",
-        "--imgsz",
-        "14",
-        "14",
-        "--batch",
-        "1",
-        *OFFLINE,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    for batch in ("5", "1"):  # 6 images: batches of 5 and 1, and batches of 1
+        result = train_cli(dataset, tmp_path / f"run{batch}", "--imgsz", "14", "14", "--batch", batch)
+        assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_nan_loss_names_the_step(tiny_dataset):

@@ -15,7 +15,9 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from datasets import find_pairs, pair_folders
 from dinokit.backbones.choice import BackboneChoice
+from dinokit.data.image_files import list_image_files
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Task:
     metric_names: dict[str, str] = {}  # how the epoch line names a metric (others: by their column)
     target_dtype: torch.dtype  # what a feature cache stores the training targets as
     folder_prefix: str = ""  # a run's default folder: <prefix>transfer_learning / <prefix>fine_tuning
+    target_folder: str = "labels"  # a split's targets: <split>_<target_folder>/ beside <split>_images/
+    target_noun: str = "mask"  # one target file, in messages
     export_outputs: dict[str, str] = {}  # what an exported file can output, in words
     export_measure: str = ""  # how export's self-check says two outputs agree
     export_quantity: str = ""  # what export's largest difference is of
@@ -138,13 +142,18 @@ class Task:
 
     # -- full-resolution evaluation (evaluation.py, evaluate.py) --------------------------------
 
+    def list_targets(self, folder: Path) -> list[Path]:
+        """The target files of a folder (image files by default: masks)."""
+        return list_image_files(folder)
+
     def find_pairs(self, data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-        """(image, target) files of a split of a dataset folder."""
-        raise NotImplementedError
+        """(image, target) files of a split: <split>_images/ with <split>_<target_folder>/, by stem."""
+        return find_pairs(data_dir, split, self.target_folder, list_targets=self.list_targets, noun=self.target_noun)
 
     def pair_folders(self, images: Path, targets: Path) -> list[tuple[Path, Path]]:
-        """(image, target) files of evaluate.py's --images / --labels folders."""
-        raise NotImplementedError
+        """(image, target) files of evaluate.py's --images / --labels folders, by stem."""
+        what = f"{images} with {targets}"
+        return pair_folders(images, targets, what, list_targets=self.list_targets, noun=self.target_noun)
 
     def evaluation_data(
         self, info: dict[str, Any], data_dir: str | Path, pairs: list[tuple[Path, Path]], label: str

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-from datasets import OriginalPairs, PairedDataset, pair_folders
+from datasets import OriginalPairs, PairedDataset, find_pairs
 from dinokit.data.augmentations import IMAGENET, Normalization, depth_train_transform
 from dinokit.data.image_files import DatasetError, read_image
 from dinokit.data.resize import eval_transform
@@ -17,13 +17,7 @@ from dinokit.tasks.depth.files import DepthSpec, check_depth_pairs, list_depth_f
 
 def find_depth_pairs(data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
     """`(image, depth)` paths of one split of an RGB-D folder, `<split>_images` with `<split>_depth`."""
-    data_dir = Path(data_dir)
-    return depth_folders(data_dir / f"{split}_images", data_dir / f"{split}_depth", f"{data_dir}: {split} split")
-
-
-def depth_folders(images: Path, depths: Path, what: str) -> list[tuple[Path, Path]]:
-    """An image folder and its depth folder, paired by file stem."""
-    return pair_folders(images, depths, what, list_targets=list_depth_files, noun="depth map")
+    return find_pairs(data_dir, split, "depth", list_targets=list_depth_files, noun="depth map")
 
 
 class DepthReader:

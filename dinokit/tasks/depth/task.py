@@ -20,8 +20,8 @@ from datasets import OriginalPairs, PairedDataset
 from dinokit.backbones.choice import BackboneChoice
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.errors import UserError
-from dinokit.tasks.depth.data import build_depth_datasets, depth_folders, find_depth_pairs, truth_pairs
-from dinokit.tasks.depth.files import DepthSpec, check_depth_pairs, load_depth_spec
+from dinokit.tasks.depth.data import build_depth_datasets, truth_pairs
+from dinokit.tasks.depth.files import DepthSpec, check_depth_pairs, list_depth_files, load_depth_spec
 from dinokit.tasks.depth.heads import DEPTH_HEADS, BinsHead, DPTHead
 from dinokit.tasks.depth.maps import PANEL_WIDTH, colorize, depth_png, with_colour_bar, write_depth_outputs
 from dinokit.tasks.depth.released import depth_taps, is_depth_head_name, read_depth_head
@@ -101,6 +101,7 @@ class DepthTask(Task):
     )
     target_dtype = torch.float32  # metres
     folder_prefix = "depth_"
+    target_folder, target_noun = "depth", "depth map"
 
     # -- training -------------------------------------------------------------------------------
 
@@ -232,11 +233,9 @@ class DepthTask(Task):
 
     # -- full-resolution evaluation -------------------------------------------------------------
 
-    def find_pairs(self, data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-        return find_depth_pairs(data_dir, split)
-
-    def pair_folders(self, images: Path, targets: Path) -> list[tuple[Path, Path]]:
-        return depth_folders(images, targets, f"{images} with {targets}")
+    def list_targets(self, folder: Path) -> list[Path]:
+        """Depth files: 16-bit PNG or .npy (dinokit/tasks/depth/files.py)."""
+        return list_depth_files(folder)
 
     def evaluation_data(
         self, info: dict[str, Any], data_dir: str | Path, pairs: list[tuple[Path, Path]], label: str

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets import MaskReader, OriginalPairs, SegmentationDataset, build_datasets, find_pairs, pair_folders
+from datasets import MaskReader, OriginalPairs, SegmentationDataset, build_datasets
 from dinokit.backbones.choice import BackboneChoice
 from dinokit.backbones.released_heads import SPEC_BY_CLASSES, HeadWeightsError, read_checked_head
 from dinokit.data.data_check import check_dataset
@@ -228,12 +228,6 @@ class SegmentationTask(Task):
         return model.eval(), SPEC_BY_CLASSES[num_classes], {}
 
     # -- full-resolution evaluation -------------------------------------------------------------
-
-    def find_pairs(self, data_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
-        return find_pairs(data_dir, split)
-
-    def pair_folders(self, images: Path, targets: Path) -> list[tuple[Path, Path]]:
-        return pair_folders(images, targets, f"{images} with {targets}")
 
     def evaluation_data(
         self, info: dict[str, Any], data_dir: str | Path, pairs: list[tuple[Path, Path]], label: str
