@@ -139,3 +139,113 @@ def make_depth_dataset(
             Image.fromarray(millimetres).save(root / f"{split}_depth" / f"{split}_{index:04d}.png")
     (root / "depth.json").write_text('{"depth_scale": 1000, "min_depth": 0.001, "max_depth": 10}\n')
     return root
+
+
+PANOPTIC_CATEGORIES = (  # (id, name, isthing): COCO-style ids, things first
+    (1, "disc", 1),
+    (2, "square", 1),
+    (3, "triangle", 1),
+    (4, "sky", 0),
+    (5, "ground", 0),
+)
+THING_HUES = {1: (200, 60, 60), 2: (60, 170, 70), 3: (70, 90, 210)}
+STUFF_COLORS = {4: (150, 190, 235), 5: (120, 95, 60)}
+
+
+def thing_polygon(kind: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    """The outline of a disc (a 24-gon), a square or a triangle: `[N, 2]` (x, y) float points."""
+    if kind == 1:
+        angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        return np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1)
+    if kind == 2:
+        return np.array([[cx - radius, cy - radius], [cx + radius, cy - radius], [cx + radius, cy + radius], [cx - radius, cy + radius]])
+    return np.array([[cx, cy - radius], [cx + radius, cy + radius], [cx - radius, cy + radius]])
+
+
+def make_panoptic_scene(
+    rng: np.random.Generator, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, list[np.ndarray]]]]:
+    """One image of `size` (W, H): a sky band over a ground band (stuff) and 2-5 things (discs,
+    squares, triangles), some of them touching another of their class; each instance a little
+    brighter or darker than its neighbours. Returns (image, segment ids [H, W], segments: (id,
+    category id, polygons)); segment ids are unique per image, 0 nowhere (every pixel is labelled)."""
+    width, height = size
+    horizon = int(rng.integers(height // 3, 2 * height // 3))
+    ids = np.zeros((height, width), dtype=np.int32)
+    ids[:horizon], ids[horizon:] = 1, 2
+    segments: list[tuple[int, int, list[np.ndarray]]] = [(1, 4, []), (2, 5, [])]
+    image = np.zeros((height, width, 3), dtype=np.float64)
+    image[:horizon], image[horizon:] = STUFF_COLORS[4], STUFF_COLORS[5]
+    next_id = 3
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(1, 4))
+        radius = float(rng.uniform(min(size) / 10, min(size) / 5))
+        cx, cy = float(rng.uniform(radius, width - 3 * radius)), float(rng.uniform(radius, height - radius))
+        centres = [(cx, cy)] + ([(cx + 2 * radius, cy)] if rng.random() < 0.6 else [])  # a touching twin
+        for x, y in centres:
+            polygon = thing_polygon(kind, x, y, radius)
+            shape = np.zeros((height, width), dtype=np.uint8)
+            cv2.fillPoly(shape, [np.round(polygon).astype(np.int32)], 1)
+            inside = shape.astype(bool)
+            ids[inside] = next_id
+            tone = np.array(THING_HUES[kind]) * rng.uniform(0.7, 1.15)
+            image[inside] = tone
+            edge = cv2.morphologyEx(shape, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool) & inside
+            image[edge] *= 0.6
+            segments.append((next_id, kind, [polygon]))
+            next_id += 1
+    image += rng.normal(0, 10, image.shape)
+    present = set(np.unique(ids).tolist())
+    segments = [s for s in segments if s[0] in present]  # a thing fully covered by a later one
+    return image.clip(0, 255).astype(np.uint8), ids, segments
+
+
+def make_panoptic_dataset(
+    root: str | Path, n_train: int = 24, n_valid: int = 8, size: tuple[int, int] = (160, 120), *, seed: int = 0
+) -> Path:
+    """A COCO-format shapes set: `{split}_images/`, `annotations/panoptic_{split}.json` with
+    `annotations/panoptic_{split}/*.png`, and the same things as polygons in
+    `annotations/instances_{split}.json` (things only, as COCO's instances files)."""
+    import json
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    categories = [{"id": i, "name": n, "isthing": t, "color": list(THING_HUES.get(i) or STUFF_COLORS[i])} for i, n, t in PANOPTIC_CATEGORIES]
+    for split, count in (("train", n_train), ("valid", n_valid)):
+        images_dir, png_dir = root / f"{split}_images", root / "annotations" / f"panoptic_{split}"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        png_dir.mkdir(parents=True, exist_ok=True)
+        images, panoptic, instances = [], [], []
+        for index in range(count):
+            image, ids, segments = make_panoptic_scene(rng, size)
+            name = f"{split}_{index:04d}"
+            Image.fromarray(image).save(images_dir / f"{name}.jpg", quality=95)
+            rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(png_dir / f"{name}.png")
+            image_id = index + 1
+            images.append({"id": image_id, "file_name": f"{name}.jpg", "width": size[0], "height": size[1]})
+            infos = []
+            for segment_id, category, polygons in segments:
+                area = int((ids == segment_id).sum())
+                ys, xs = np.nonzero(ids == segment_id)
+                bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+                infos.append({"id": segment_id, "category_id": category, "iscrowd": 0, "area": area, "bbox": bbox})
+                if polygons:
+                    instances.append(
+                        {
+                            "id": len(instances) + 1,
+                            "image_id": image_id,
+                            "category_id": category,
+                            "segmentation": [[round(float(v), 2) for v in p.reshape(-1)] for p in polygons],
+                            "area": area,
+                            "bbox": bbox,
+                            "iscrowd": 0,
+                        }
+                    )
+            panoptic.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": infos})
+        with open(root / "annotations" / f"panoptic_{split}.json", "w") as handle:
+            json.dump({"images": images, "annotations": panoptic, "categories": categories}, handle)
+        things = [c for c in categories if c["isthing"]]
+        with open(root / "annotations" / f"instances_{split}.json", "w") as handle:
+            json.dump({"images": images, "annotations": instances, "categories": things}, handle)
+    return root
