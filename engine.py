@@ -371,18 +371,21 @@ def prepare_train_views(run: Run) -> None:
     cache_features(run.train_cache, run.model, loader, run.settings)
 
 
-def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None] | None:
-    """What runs after every optimizer step: a per-step schedule's step, and the step's loss and
-    learning rate for TensorBoard (the rate the step used: read before the schedule moves it)."""
+def step_hook(run: Run, board: TrainingBoard | None, steps_before: int) -> Callable[[torch.Tensor], None]:
+    """What runs after every optimizer step: a per-step schedule's step, the model's own schedule
+    (`training_progress`), and the step's loss and learning rate for TensorBoard (the rate the step
+    used: read before the schedule moves it)."""
     per_step = isinstance(run.scheduler, StepSchedule)
-    if board is None:
-        return (lambda loss: run.scheduler.step()) if per_step else None
     counter = itertools.count(steps_before + 1)
+    run.model.training_progress(steps_before, run.total_steps)
 
     def after_step(loss: torch.Tensor) -> None:
-        board.log_step(next(counter), loss, run.optimizer.param_groups[0]["lr"])
+        step = next(counter)
+        if board is not None:
+            board.log_step(step, loss, run.optimizer.param_groups[0]["lr"])
         if per_step:
             run.scheduler.step()
+        run.model.training_progress(step, run.total_steps)
 
     return after_step
 

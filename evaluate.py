@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> None:
         write_json(out_dir / f"eval_{name}.json", report)
         title = f"{label} ({predictor.mode.describe()}): {result.headline()}"
         figures = task.report_figures(result, out_dir, name, title)
+        figures += task.write_predictions(result, info, out_dir, split)
         print(f"Wrote {out_dir / f'eval_{name}.json'}" + "".join(f" and {figure.name}" for figure in figures))
 
 

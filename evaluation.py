@@ -47,9 +47,7 @@ class Evaluation:
         return self.predictor.task.headline(self)
 
 
-def predicted_pairs(
-    predictor: Predictor, loader: DataLoader, desc: str | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+def predicted_pairs(predictor: Predictor, loader: DataLoader, desc: str | None) -> Iterator[tuple[Any, Any, float]]:
     """(prediction, truth, seconds of the prediction) of each (image, truth) pair, predicted the way
     infer_image.py predicts (`Predictor.predict_prepared`, batched on a GPU: the same masks). A
     progress bar named `desc` on stderr; None: none (a notebook's output stays clean)."""
@@ -61,7 +59,7 @@ def predicted_pairs(
         predictions = predictor.predict_prepared([predictor.prepare(image.numpy()) for image, _ in group])
         seconds = (time.perf_counter() - started) / len(group)
         for (_, truth), prediction in zip(group, predictions):
-            yield torch.from_numpy(prediction), truth, seconds
+            yield prediction, truth, seconds
 
 
 def evaluate_pairs(
@@ -84,7 +82,7 @@ def evaluate_pairs(
     seconds, count = 0.0, 0
     for prediction, truth, took in predicted_pairs(predictor, loader, desc):
         seconds, count = seconds + took, count + 1
-        evaluator.update(prediction.to(device), truth.to(device))
+        evaluator.update(*task.on_device(prediction, truth, device))
     images = torch.tensor(count, device=device)
     all_reduce_sum(images)
     return Evaluation(

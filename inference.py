@@ -174,6 +174,7 @@ class Predictor:
         if mode.imgsz is None:
             mode = replace(mode, imgsz=self.description.imgsz)  # default: the training size
         self.mode = mode.for_patch(self.description.backbone.patch_size)
+        self.task.check_mode(self.mode)
         self._table: torch.Tensor | None = None  # normalisation_table on the device, made on first use
 
     @classmethod
@@ -290,7 +291,7 @@ class Predictor:
         largest = max(height * width for height, width in (item.size for item in batch))
         per_group = max(1, UPSAMPLED_VALUES // (logits.shape[1] * largest))  # bounded memory for large photos
         for group in runs([item.size for item in batch], per_group):
-            predictions += list(self.task.reduce(logits[group], batch[group][0].size).cpu().numpy())
+            predictions += self.task.reduce(logits[group], batch[group][0].size, self.info)
         return predictions
 
     def from_scores(self, scores: torch.Tensor) -> np.ndarray:

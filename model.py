@@ -204,6 +204,10 @@ class DenseModel(nn.Module):
             features, image_size = self.extract_features(images), images.shape[-2:]
         return self.forward_head(features, image_size, output_size)
 
+    def training_progress(self, step: int, total: int) -> None:
+        """Told after every optimizer step (engine.py): a model whose forward changes over training
+        follows its schedule here (EoMT's masked-attention annealing); this one does not."""
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block's activations in the backward pass instead of storing
         them: fine-tuning memory drops to about one block's worth, for ~30% more compute."""

@@ -182,6 +182,14 @@ class Task:
         """The one figure a title shows (mIoU, RMSE)."""
         raise NotImplementedError
 
+    def on_device(self, prediction: Any, truth: Any, device: torch.device) -> tuple[Any, Any]:
+        """A prediction and its truth as the evaluator takes them (arrays: tensors on `device`)."""
+        return torch.as_tensor(prediction).to(device), truth.to(device)
+
+    def write_predictions(self, evaluation: Any, info: dict[str, Any], out_dir: Path, split: str) -> list[Path]:
+        """Files evaluate.py writes with the predictions of the split (none by default; panoptic: COCO's formats)."""
+        return []
+
     def report_figures(self, evaluation: Any, out_dir: Path, name: str, title: str) -> list[Path]:
         """Figures evaluate.py saves beside its report eval_<name>.json (none by default)."""
         return []
@@ -200,8 +208,11 @@ class Task:
         """What test-time passes average (`[C, H, W]` of one pass): the outputs themselves by default."""
         return scores
 
-    def reduce(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """A batch's outputs `[B, C, h, w]` as predictions at the images' `size` (H, W)."""
+    def check_mode(self, mode: Any) -> None:
+        """Refuse an InferenceMode the task cannot predict in (the Predictor asks)."""
+
+    def reduce(self, outputs: Any, size: tuple[int, int], info: dict[str, Any]) -> list[Any]:
+        """A batch's outputs (`[B, C, h, w]`; EoMT: its queries) as each image's prediction at `size` (H, W)."""
         raise NotImplementedError
 
     def from_scores(self, scores: torch.Tensor) -> np.ndarray:

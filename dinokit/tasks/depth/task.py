@@ -265,9 +265,9 @@ class DepthTask(Task):
 
     # -- prediction -----------------------------------------------------------------------------
 
-    def reduce(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def reduce(self, outputs: torch.Tensor, size: tuple[int, int], info: dict[str, Any]) -> list[np.ndarray]:
         """Metres at the image's size."""
-        return F.interpolate(outputs, size=size, mode="bilinear", align_corners=False)[:, 0]
+        return list(F.interpolate(outputs, size=size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy())
 
     def from_scores(self, scores: torch.Tensor) -> np.ndarray:
         return scores[0].float().cpu().numpy()

@@ -143,6 +143,12 @@ def find_split(data_dir: str | Path, split: str, kinds: Iterable[str]) -> SplitF
     raise DatasetError(f"{data_dir}: no {split} annotations (looked for {', '.join(looked)})")
 
 
+def split_files(annotations: Path, images: Path) -> SplitFiles:
+    """The files of a split from its annotation file (panoptic PNGs: the folder of the file's name)."""
+    kind = "panoptic" if annotations.name.startswith("panoptic") else "instances"
+    return SplitFiles(images, annotations, kind, annotations.with_suffix("") if kind == "panoptic" else None)
+
+
 def load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:

@@ -288,9 +288,9 @@ class SegmentationTask(Task):
         """Test-time passes average their softmax probabilities."""
         return logits.softmax(0)
 
-    def reduce(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def reduce(self, outputs: torch.Tensor, size: tuple[int, int], info: dict[str, Any]) -> list[np.ndarray]:
         """Class indices at the image's size (upsampling only the classes that can win)."""
-        return upsampled_classes(outputs, size)
+        return list(upsampled_classes(outputs, size).cpu().numpy())
 
     def from_scores(self, scores: torch.Tensor) -> np.ndarray:
         return predicted_classes(scores, 0).to(torch.uint8).cpu().numpy()
