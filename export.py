@@ -170,7 +170,7 @@ def compare(
         expected = reference(inputs)
     actual = exported(inputs)  # an --argmax file returns one-hot scores: no logits to compare
     agreement = task.agreement(actual, expected)
-    return None if argmax else (actual - expected).abs().max().item(), agreement
+    return None if argmax else task.max_difference(actual, expected), agreement
 
 
 def self_check(

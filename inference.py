@@ -283,7 +283,10 @@ class Predictor:
             self._table = normalisation_table(self.description.mean, self.description.std).to(self.device)
         inputs = normalise(images.to(self.device, non_blocking=True), self._table)
         with autocast(self.device, self.amp_dtype):
-            return self.model(inputs).float()
+            outputs = self.model(inputs)
+        if isinstance(outputs, tuple):  # an exported file's several outputs
+            outputs = self.task.from_exported(outputs, tuple(inputs.shape[-2:]), self.description.backbone.patch_size)
+        return outputs.float()
 
     def reduced(self, logits: torch.Tensor, batch: Sequence[Prepared]) -> list[np.ndarray]:
         """Logits upsampled to each image's size and reduced there (class indices, or metres)."""

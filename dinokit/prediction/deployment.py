@@ -54,12 +54,17 @@ class ExportedNetwork(nn.Module):
         self.model, self.argmax = model, argmax
         self.num_classes: int = model.arch.get("num_classes", 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         logits = self.model(images)
+        if not isinstance(logits, torch.Tensor):  # several outputs (EoMT's queries: class and mask logits)
+            return tuple(logits.tensors())
         if not self.argmax:
             return logits
         classes = predicted_classes(logits, 1)
         return classes.to(torch.uint8) if self.num_classes <= 256 else classes
+
+
+OUTPUT_NAMES = {"queries": ["class_logits", "mask_logits"]}  # files with several outputs
 
 
 def export_network(
@@ -98,7 +103,7 @@ def export_network(
             opset_version=opset,
             dynamic_shapes=shapes,
             input_names=["images"],
-            output_names=[output],
+            output_names=OUTPUT_NAMES.get(output, [output]),
             verbose=False,
         )
     proto = program.model_proto
@@ -228,7 +233,10 @@ class OnnxNetwork(nn.Module):
                 "or export with --dynamic"
             )
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        output = torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        outputs = [torch.from_numpy(o).to(images.device) for o in self.session.run(None, {self.input_name: array})]
+        if len(outputs) > 1:  # the task reads them (Task.from_exported)
+            return tuple(outputs)
+        output = outputs[0]
         if self.info["output"] == "classes":
             output = F.one_hot(output.long(), self.num_classes).permute(0, 3, 1, 2).float()
         return output.to(images.device)

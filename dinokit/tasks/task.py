@@ -249,6 +249,14 @@ class Task:
         """The model in a few words, for the file's description ("segmentation (21 classes)")."""
         raise NotImplementedError
 
+    def max_difference(self, actual: Any, expected: Any) -> float:
+        """Largest |difference| between an exported file's output and PyTorch's."""
+        return (actual - expected).abs().max().item()
+
+    def from_exported(self, outputs: tuple[torch.Tensor, ...], input_size: tuple[int, int], patch_size: int) -> Any:
+        """An exported file's several outputs as the model's own output (tasks with one output never get here)."""
+        raise NotImplementedError
+
     def agreement(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
         """Share of pixels where an exported file's output agrees with PyTorch's."""
         raise NotImplementedError

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.backbones.dinov3 import exporting
 from dinokit.backbones.loading import backbone_blocks
 from dinokit.errors import UserError
 from model import DenseModel, Taps, pad_to_patches
@@ -78,7 +79,7 @@ class MaskModule(nn.Module):
         """`[B, K, h', w']` mask logits and `[B, K, classes + 1]` class logits of normalised tokens
         laid out [queries, prefix tokens, patches]."""
         queries = tokens[:, : self.q.num_embeddings]
-        patches = tokens[:, patch_start:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        patches = tokens[:, patch_start:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(queries), self.upscale(patches))
         return masks, self.class_head(queries)
 
@@ -104,6 +105,10 @@ class QueryOutputs:
 
     def __getitem__(self, index: Any) -> QueryOutputs:
         return replace(self, masks=self.masks[index], classes=self.classes[index], layers=())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an exported file outputs: class logits, mask logits."""
+        return self.classes, self.masks
 
     def float(self) -> QueryOutputs:
         return replace(self, masks=self.masks.float(), classes=self.classes.float(), layers=())
@@ -289,7 +294,9 @@ class EomtModel(DenseModel):
         self, features: torch.Tensor, image_size: Sequence[int], output_size: Sequence[int] | None = None
     ) -> QueryOutputs:
         """The query blocks and the mask module on `extract_features` output of images of `image_size`."""
-        grid = self.grid(*image_size)
+        height, width = image_size
+        patch = self.patch_size
+        grid = ((height + patch - 1) // patch, (width + patch - 1) // patch)  # integer ops: symbolic sizes in export
         rope = self.path.rope(grid)
         head: MaskModule = self.head
         queries = head.q.weight[None].expand(features.shape[0], -1, -1)
@@ -299,14 +306,16 @@ class EomtModel(DenseModel):
         for index, block in enumerate(self.path.blocks[self.split :]):
             attn_mask = None
             probability = self.attn_mask_probs[index]
-            if self.masked_attention and (self.training or probability > 0):
+            # exported graphs are inference's plain forward (a model whose annealing has not ended
+            # would mask: export's self-check then reports the difference)
+            if self.masked_attention and not exporting() and (self.training or probability > 0):
                 masks, classes = head.predict(self.path.norm(x), patch_start, grid)
                 layers.append((masks, classes))
                 attn_mask = self.attention_mask(masks, grid, x.shape[1], patch_start, probability)
             x = block_forward(block, x, attn_mask, rope, patch_start)
         masks, classes = head.predict(self.path.norm(x), patch_start, grid)
         padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
-        return QueryOutputs(masks, classes, tuple(layers), tuple(int(v) for v in image_size), padded)
+        return QueryOutputs(masks, classes, tuple(layers), (height, width), padded)
 
     def attention_mask(
         self, masks: torch.Tensor, grid: tuple[int, int], tokens: int, patch_start: int, probability: torch.Tensor

@@ -350,9 +350,20 @@ class PanopticTask(Task):
         categories = self.targets(info)
         return f"{self.name} ({len(categories.names)} classes, {info['arch']['queries']} queries)"
 
+    def from_exported(self, outputs: tuple[torch.Tensor, ...], input_size: tuple[int, int], patch_size: int) -> QueryOutputs:
+        classes, masks = outputs
+        padded = tuple((side + patch_size - 1) // patch_size * patch_size for side in input_size)
+        return QueryOutputs(masks, classes, (), input_size, padded)
+
+    def max_difference(self, actual: Any, expected: Any) -> float:
+        """The largest logit difference, classes and masks."""
+        actual_classes, actual_masks = actual
+        return max((actual_classes - expected.classes).abs().max().item(), (actual_masks - expected.masks).abs().max().item())
+
     def agreement(self, actual: Any, expected: Any) -> float:
-        """Share of pixels with the same panoptic class, mask logits thresholded at 0 per query."""
-        return ((actual.masks > 0) == (expected.masks > 0)).float().mean().item()
+        """Share of (query, pixel) mask decisions (logit > 0) that agree."""
+        _, actual_masks = actual
+        return ((actual_masks > 0) == (expected.masks > 0)).float().mean().item()
 
 
 @register_task
