@@ -429,9 +429,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="--task depth: add W x the multi-scale gradient loss of log depth to SigLoss (Meta's configs: 0.5)",
     )
     queries = parser.add_argument_group("EoMT (--task panoptic / instance)")
-    queries.add_argument("--queries", type=int, default=None, metavar="K", help="object queries (default 100; the paper: 200 on COCO)")
     queries.add_argument(
-        "--query-blocks", type=int, default=None, metavar="L", help="the last L blocks see the queries (default: the paper's 4)"
+        "--queries", type=int, default=None, metavar="K", help="object queries (default 100; the paper: 200 on COCO)"
+    )
+    queries.add_argument(
+        "--query-blocks",
+        type=int,
+        default=None,
+        metavar="L",
+        help="the last L blocks see the queries (default: the paper's 4)",
     )
     queries.add_argument(
         "--no-masked-attention",

@@ -158,7 +158,14 @@ def thing_polygon(kind: int, cx: float, cy: float, radius: float) -> np.ndarray:
         angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
         return np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1)
     if kind == 2:
-        return np.array([[cx - radius, cy - radius], [cx + radius, cy - radius], [cx + radius, cy + radius], [cx - radius, cy + radius]])
+        return np.array(
+            [
+                [cx - radius, cy - radius],
+                [cx + radius, cy - radius],
+                [cx + radius, cy + radius],
+                [cx - radius, cy + radius],
+            ]
+        )
     return np.array([[cx, cy - radius], [cx + radius, cy + radius], [cx - radius, cy + radius]])
 
 
@@ -210,7 +217,10 @@ def make_panoptic_dataset(
 
     root = Path(root)
     rng = np.random.default_rng(seed)
-    categories = [{"id": i, "name": n, "isthing": t, "color": list(THING_HUES.get(i) or STUFF_COLORS[i])} for i, n, t in PANOPTIC_CATEGORIES]
+    categories = [
+        {"id": i, "name": n, "isthing": t, "color": list(THING_HUES.get(i) or STUFF_COLORS[i])}
+        for i, n, t in PANOPTIC_CATEGORIES
+    ]
     for split, count in (("train", n_train), ("valid", n_valid)):
         images_dir, png_dir = root / f"{split}_images", root / "annotations" / f"panoptic_{split}"
         images_dir.mkdir(parents=True, exist_ok=True)

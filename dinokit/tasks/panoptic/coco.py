@@ -49,7 +49,9 @@ class Categories:
     def things(self) -> Categories:
         """The thing classes alone (what an instance model predicts)."""
         keep = [i for i, thing in enumerate(self.isthing) if thing]
-        return Categories(*(tuple(values[i] for i in keep) for values in (self.names, self.ids, self.isthing, self.colors)))
+        return Categories(
+            *(tuple(values[i] for i in keep) for values in (self.names, self.ids, self.isthing, self.colors))
+        )
 
     def to_json(self) -> list[dict[str, Any]]:
         """COCO's `categories` list."""
@@ -185,7 +187,9 @@ def image_records(raw: dict[str, Any], files: SplitFiles) -> dict[int, ImageReco
         try:
             image_id, name, width, height = entry["id"], entry["file_name"], int(entry["width"]), int(entry["height"])
         except (KeyError, TypeError, ValueError) as err:
-            raise DatasetError(f"{files.annotations}: an image entry lacks id/file_name/width/height: {entry!r}"[:300]) from err
+            raise DatasetError(
+                f"{files.annotations}: an image entry lacks id/file_name/width/height: {entry!r}"[:300]
+            ) from err
         path = files.images / name
         if not path.is_file():
             raise DatasetError(f"{files.annotations}: image {name} is listed but {path} does not exist")
@@ -228,7 +232,8 @@ def attach_instances(
         category = index.get(entry.get("category_id"))
         if category is None:
             raise DatasetError(
-                f"{files.annotations}: {record.image.name}: category id {entry.get('category_id')} is not in 'categories'"
+                f"{files.annotations}: {record.image.name}: category id {entry.get('category_id')} "
+                "is not in 'categories'"
             )
         geometry = entry.get("segmentation")
         check_geometry(geometry, record, files.annotations)
@@ -243,15 +248,21 @@ def check_geometry(geometry: Any, record: ImageRecord, where: Path) -> None:
             points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
             if len(points) < 3:
                 raise DatasetError(f"{where}: {name}: a polygon needs at least 3 points")
-            if (points < -1).any() or (points[:, 0] > record.width + 1).any() or (points[:, 1] > record.height + 1).any():
+            if (
+                (points < -1).any()
+                or (points[:, 0] > record.width + 1).any()
+                or (points[:, 1] > record.height + 1).any()
+            ):
                 raise DatasetError(
                     f"{where}: {name}: a polygon reaches outside the {record.width}x{record.height} image "
-                    f"(x {points[:, 0].min():.0f}..{points[:, 0].max():.0f}, y {points[:, 1].min():.0f}..{points[:, 1].max():.0f})"
+                    f"(x {points[:, 0].min():.0f}..{points[:, 0].max():.0f}, "
+                    f"y {points[:, 1].min():.0f}..{points[:, 1].max():.0f})"
                 )
     elif isinstance(geometry, dict) and "size" in geometry and "counts" in geometry:
         if list(geometry["size"]) != [record.height, record.width]:
             raise DatasetError(
-                f"{where}: {name}: an RLE mask of size {geometry['size']} (h, w) for a {record.width}x{record.height} image"
+                f"{where}: {name}: an RLE mask of size {geometry['size']} (h, w) "
+                f"for a {record.width}x{record.height} image"
             )
     else:
         raise DatasetError(f"{where}: {name}: 'segmentation' is neither polygons nor RLE")
@@ -309,12 +320,15 @@ def encode_target(record: ImageRecord, categories: Categories) -> np.ndarray:
         ids = read_png_ids(record.mask)
         if ids.shape != target.shape:
             raise DatasetError(
-                f"{record.mask}: {ids.shape[1]}x{ids.shape[0]} but its image is listed as {record.width}x{record.height}"
+                f"{record.mask}: {ids.shape[1]}x{ids.shape[0]} but its image is listed as "
+                f"{record.width}x{record.height}"
             )
         listed = {s.png_id for s in record.segments}
         missing = sorted(set(np.unique(ids).tolist()) - listed - {0})
         if missing:
-            raise DatasetError(f"{record.mask}: segment id(s) {missing[:5]} are in the PNG but not in its segments_info")
+            raise DatasetError(
+                f"{record.mask}: segment id(s) {missing[:5]} are in the PNG but not in its segments_info"
+            )
         for segment in record.segments:
             target[ids == segment.png_id] = value(segment)
         return target

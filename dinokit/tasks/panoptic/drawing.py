@@ -50,7 +50,7 @@ class SegmentColors:
             color = None
             if self.track and instance > 0:
                 best, best_iou = None, MATCH_IOU
-                for old, (old_mask, old_color) in self.previous.items():
+                for old, (old_mask, _) in self.previous.items():
                     if old // LABEL_DIVISOR != cls or old in taken:
                         continue
                     union = np.logical_or(mask, old_mask).sum()
@@ -62,7 +62,7 @@ class SegmentColors:
                     color = self.previous[best][1]
                 else:
                     self.next_instance[cls] = self.next_instance.get(cls, 0) + 1
-                    color = instance_color(self.categories.colors[cls], self.next_instance[cls] + instance * 0)
+                    color = instance_color(self.categories.colors[cls], self.next_instance[cls])
             if color is None:
                 color = instance_color(self.categories.colors[cls], instance)
             colors[value] = color
@@ -96,7 +96,10 @@ def draw_panoptic(
         y, x = most_interior_point(region.astype(bool))
         text = categories.names[value // LABEL_DIVISOR]
         (w, h), _ = cv2.getTextSize(text, FONT, scale, 1)
-        origin = (int(np.clip(x - w // 2, 0, max(0, drawn.shape[1] - w))), int(np.clip(y + h // 2, h, drawn.shape[0] - 1)))
+        origin = (
+            int(np.clip(x - w // 2, 0, max(0, drawn.shape[1] - w))),
+            int(np.clip(y + h // 2, h, drawn.shape[0] - 1)),
+        )
         cv2.putText(drawn, text, origin, FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(drawn, text, origin, FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return drawn
@@ -110,9 +113,7 @@ def color_panoptic(panoptic: np.ndarray, colors: dict[int, tuple[int, int, int]]
     return out
 
 
-def coco_panoptic(
-    prediction: ObjectPrediction, categories: Categories
-) -> tuple[Image.Image, list[dict[str, Any]]]:
+def coco_panoptic(prediction: ObjectPrediction, categories: Categories) -> tuple[Image.Image, list[dict[str, Any]]]:
     """The COCO panoptic PNG (segment id = R + 256 G + 256^2 B, 0 = no segment) and its segments_info."""
     panoptic = prediction.panoptic
     ids = np.zeros(panoptic.shape, dtype=np.int64)
@@ -138,7 +139,9 @@ def coco_panoptic(
     return Image.fromarray(rgb), segments
 
 
-def legend_html(panoptic: np.ndarray, categories: Categories, colors: dict[int, tuple[int, int, int]], scores: dict[int, float]) -> str:
+def legend_html(
+    panoptic: np.ndarray, categories: Categories, colors: dict[int, tuple[int, int, int]], scores: dict[int, float]
+) -> str:
     """The segments, largest first: colour, class, share of the image, score."""
     values = sorted(colors, key=lambda v: -int((panoptic == v).sum()))
     rows = "".join(

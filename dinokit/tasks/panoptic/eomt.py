@@ -72,10 +72,14 @@ class MaskModule(nn.Module):
         super().__init__()
         self.q = nn.Embedding(queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)  # the last class: no object
-        self.mask_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.mask_head = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)
+        )
         self.upscale = nn.Sequential(*[ScaleBlock(dim) for _ in range(upscales)])
 
-    def predict(self, tokens: torch.Tensor, patch_start: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(
+        self, tokens: torch.Tensor, patch_start: int, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, K, h', w']` mask logits and `[B, K, classes + 1]` class logits of normalised tokens
         laid out [queries, prefix tokens, patches]."""
         queries = tokens[:, : self.q.num_embeddings]
@@ -187,8 +191,12 @@ def block_forward(
         from timm.layers import apply_rot_embed_cat
 
         half = getattr(attn, "rotate_half", False)
-        q = torch.cat([q[:, :, :patch_start], apply_rot_embed_cat(q[:, :, patch_start:], rope, half=half)], 2).type_as(v)
-        k = torch.cat([k[:, :, :patch_start], apply_rot_embed_cat(k[:, :, patch_start:], rope, half=half)], 2).type_as(v)
+        q = torch.cat([q[:, :, :patch_start], apply_rot_embed_cat(q[:, :, patch_start:], rope, half=half)], 2).type_as(
+            v
+        )
+        k = torch.cat([k[:, :, :patch_start], apply_rot_embed_cat(k[:, :, patch_start:], rope, half=half)], 2).type_as(
+            v
+        )
     dropout = attn.attn_drop.p if block.training and hasattr(attn, "attn_drop") else 0.0
     mask = attn_mask[:, None] if attn_mask is not None else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -269,7 +277,9 @@ class EomtModel(DenseModel):
         self.path = TokenPath(self.backbone, spec.hub_name)
         self.query_blocks, self.masked_attention = query_blocks, masked_attention
         # the probability that a query block masks a query's attention (annealed over training)
-        self.register_buffer("attn_mask_probs", torch.ones(query_blocks) if masked_attention else torch.zeros(query_blocks))
+        self.register_buffer(
+            "attn_mask_probs", torch.ones(query_blocks) if masked_attention else torch.zeros(query_blocks)
+        )
 
     @property
     def split(self) -> int:

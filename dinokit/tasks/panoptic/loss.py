@@ -86,7 +86,11 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) 
 
 @torch.no_grad()
 def match(
-    masks: torch.Tensor, classes: torch.Tensor, target: Segments, weights: LossWeights, generator: torch.Generator | None
+    masks: torch.Tensor,
+    classes: torch.Tensor,
+    target: Segments,
+    weights: LossWeights,
+    generator: torch.Generator | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query indices, segment indices) of the cheapest one-to-one assignment for one image."""
     if len(target.classes) == 0:

@@ -87,7 +87,11 @@ def to_transformers(state: dict[str, torch.Tensor], family: str) -> dict[str, to
             out[f"upscale_block.block.{index}.{'layernorm2d' if part == 'norm' else part}.{rest}"] = tensor
         elif name.startswith("backbone.vit."):
             rest = name.removeprefix("backbone.vit.")
-            table = {"cls_token": "embeddings.cls_token", "reg_token": "embeddings.register_tokens", "norm": "layernorm"}
+            table = {
+                "cls_token": "embeddings.cls_token",
+                "reg_token": "embeddings.register_tokens",
+                "norm": "layernorm",
+            }
             if rest == "pos_embed":
                 out["embeddings.position_embeddings.weight"] = tensor[0]
             elif (renamed := _rename(rest, {**table, **EMBEDDING_NAMES[family]})) is not None:
@@ -97,7 +101,9 @@ def to_transformers(state: dict[str, torch.Tensor], family: str) -> dict[str, to
     return out
 
 
-def from_transformers(state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+def from_transformers(
+    state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], family: str
+) -> dict[str, torch.Tensor]:
     """transformers' EoMT tensors as our state dict (`ours`: the model's own, for names and shapes);
     every tensor of ours must be found, with its shape."""
     expected = to_transformers(ours, family)
@@ -107,7 +113,11 @@ def from_transformers(state: dict[str, torch.Tensor], ours: dict[str, torch.Tens
         tensor = ours[name]
         missing = [s for s in sources if s not in state]
         if missing:
-            raise UserError(f"the file lacks {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1 else f"the file lacks {missing[0]}")
+            raise UserError(
+                f"the file lacks {missing[0]} (and {len(missing) - 1} more)"
+                if len(missing) > 1
+                else f"the file lacks {missing[0]}"
+            )
         parts = [state[s] for s in sources]
         for source, part in zip(sources, parts):
             if tuple(part.shape) != tuple(expected[source].shape):
@@ -180,7 +190,7 @@ def tue_mps_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def released_layout(state: dict[str, torch.Tensor]) -> str:
-    """"transformers" or "tue-mps" (or an error naming what the file holds)."""
+    """ "transformers" or "tue-mps" (or an error naming what the file holds)."""
     if any(name.startswith("network.") for name in state):
         return "tue-mps"
     if "query.weight" in state and "class_predictor.weight" in state:
@@ -188,9 +198,7 @@ def released_layout(state: dict[str, torch.Tensor]) -> str:
     raise UserError("not an EoMT checkpoint (neither transformers' EoMT names nor tue-mps' network.*)")
 
 
-def load_released_eomt(
-    model: torch.nn.Module, path: str | Path, family: str, *, delta: bool | None = None
-) -> str:
+def load_released_eomt(model: torch.nn.Module, path: str | Path, family: str, *, delta: bool | None = None) -> str:
     """Load a released EoMT file into `model` (its backbone already holds Meta's pretrained weights
     where the file is a delta). `delta`: None decides by layout (tue-mps DINOv3 releases are
     deltas; transformers exports are whole). Returns what was loaded, in words."""
@@ -199,7 +207,9 @@ def load_released_eomt(
     if layout == "tue-mps":
         state = tue_mps_to_transformers(state)
         if family != "dinov3":
-            raise UserError(f"{path}: a tue-mps DINOv3 checkpoint needs a DINOv3 backbone (--backbone dinov3_vits16, ...)")
+            raise UserError(
+                f"{path}: a tue-mps DINOv3 checkpoint needs a DINOv3 backbone (--backbone dinov3_vits16, ...)"
+            )
     is_delta = layout == "tue-mps" if delta is None else delta
     own = model.state_dict()
     try:

@@ -28,11 +28,12 @@ from dinokit.tasks.panoptic.coco import (
     Categories,
     CocoReader,
     ImageRecord,
+    Truth,
     TruthReader,
     check_records,
     find_split,
-    split_files,
     read_split,
+    split_files,
 )
 from dinokit.tasks.panoptic.drawing import (
     SegmentColors,
@@ -91,7 +92,9 @@ class PanopticTask(Task):
         if args.gradient_loss:
             raise UserError("--gradient-loss weighs a depth loss: it needs --task depth")
         if args.train_views:
-            raise UserError("--train-views caches augmented views of a frozen backbone's features: EoMT trains on images")
+            raise UserError(
+                "--train-views caches augmented views of a frozen backbone's features: EoMT trains on images"
+            )
 
     def load_data(
         self, args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple
@@ -104,7 +107,9 @@ class PanopticTask(Task):
             if categories is not None and found != categories:
                 raise DatasetError(f"{files.annotations}: its categories differ from the train split's")
             categories = found
-            count = check_records(split_records, categories, str(files.annotations), threads=min(8, os.cpu_count() or 1))
+            count = check_records(
+                split_records, categories, str(files.annotations), threads=min(8, os.cpu_count() or 1)
+            )
             print(f"Checked {split}: {len(split_records)} images, {count} segments ({files.annotations})")
             splits[split] = [(r.image, files.annotations) for r in split_records]
             records.update({r.image: r for r in split_records})
@@ -116,7 +121,8 @@ class PanopticTask(Task):
             "valid": eval_transform(imgsz, *normalization),
         }
         train, valid = (
-            PairedDataset(splits[s], reader, transforms[s], target_dtype=np.int32, seed=args.seed) for s in ("train", "valid")
+            PairedDataset(splits[s], reader, transforms[s], target_dtype=np.int32, seed=args.seed)
+            for s in ("train", "valid")
         )
         return train, valid, CocoData(categories, records)
 
@@ -134,7 +140,9 @@ class PanopticTask(Task):
             **backbone.kwargs(),
         )
         if args.head_weights and resumed is None:
-            print(f"Started from {args.head_weights}: " + load_released_eomt(model, args.head_weights, model.spec.family))
+            print(
+                f"Started from {args.head_weights}: " + load_released_eomt(model, args.head_weights, model.spec.family)
+            )
         return model
 
     def describe(self, model: EomtModel, spec: CocoData, imgsz: tuple[int, int], **extra: Any) -> dict[str, Any]:
@@ -166,7 +174,10 @@ class PanopticTask(Task):
         categories = self.targets(info)
 
         def draw(image: np.ndarray, target: Any) -> np.ndarray:
-            panoptic = target.panoptic if isinstance(target, ObjectPrediction) else np.asarray(target)
+            if isinstance(target, ObjectPrediction):
+                panoptic = target.panoptic
+            else:
+                panoptic = target.target if isinstance(target, Truth) else np.asarray(target)
             return draw_panoptic(image, panoptic, categories, SegmentColors(categories)(panoptic))
 
         return draw
@@ -207,7 +218,8 @@ class PanopticTask(Task):
         model_classes = self.targets(info)
         if list(categories.names) != list(model_classes.names):
             raise DatasetError(
-                f"{files.annotations}: classes {list(categories.names)} but the model predicts {list(model_classes.names)}"
+                f"{files.annotations}: classes {list(categories.names)} but the model predicts "
+                f"{list(model_classes.names)}"
             )
         segments = check_records(records, categories, label)
         print(f"Checked {len(records)} images and {segments} segments of the {label}")
@@ -218,8 +230,11 @@ class PanopticTask(Task):
 
     def truth(self, pairs: list[tuple[Path, Path]], info: dict[str, Any], data: CocoData) -> OriginalPairs:
         """`(image, Truth)` at the files' own size."""
-        records = [data.records[image] for image, _ in pairs]
-        return OriginalPairs(pairs, TruthReader(records, data.categories))
+        known = dict(data.records)
+        if pairs and any(image not in known for image, _ in pairs):  # another split than the one checked
+            _, records = read_split(split_files(pairs[0][1], pairs[0][0].parent), things_only=self.things_only)
+            known.update({r.image: r for r in records})
+        return OriginalPairs(pairs, TruthReader([known[image] for image, _ in pairs], data.categories))
 
     def evaluator(self, info: dict[str, Any], data: Any, article_batch: int = 2) -> PanopticEvaluator:
         return PanopticEvaluator(self.targets(info))
@@ -228,11 +243,14 @@ class PanopticTask(Task):
         return prediction, truth
 
     def report_lines(self, evaluation: Any, info: dict[str, Any]) -> list[str]:
+        """Each class's PQ, then the one summary line of fractions (with what it took, in brackets)."""
         result: PanopticResult = evaluation.result
-        lines = [f"{result.line()}  ({evaluation.images} images, {evaluation.ms_per_image:.0f} ms/image)"]
-        lines.append(f"{'class':<20} {'PQ':>7}")
-        lines += [f"{name[:20]:<20} {v:7.4f}" if v == v else f"{name[:20]:<20} {'-':>7}" for name, v in result.per_class.items()]
-        return lines
+        lines = [f"{'class':<20} {'PQ':>7}"]
+        lines += [
+            f"{name[:20]:<20} {v:7.4f}" if v == v else f"{name[:20]:<20} {'-':>7}"
+            for name, v in result.per_class.items()
+        ]
+        return lines + [f"{result.line()}  ({evaluation.images} images, {evaluation.ms_per_image:.0f} ms/image)"]
 
     def report_json(self, evaluation: Any, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
         result: PanopticResult = evaluation.result
@@ -269,7 +287,12 @@ class PanopticTask(Task):
                 counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
                 segmentation = {"size": list(rle["size"]), "counts": counts}
                 results.append(
-                    {"image_id": record.image_id, "category_id": categories.ids[cls], "segmentation": segmentation, "score": round(score, 5)}
+                    {
+                        "image_id": record.image_id,
+                        "category_id": categories.ids[cls],
+                        "segmentation": segmentation,
+                        "score": round(score, 5),
+                    }
                 )
         shutil.rmtree(png_dir, ignore_errors=True)
         staging.rename(png_dir)
@@ -309,7 +332,10 @@ class PanopticTask(Task):
 
         def write(path: Path, image: np.ndarray, prediction: ObjectPrediction) -> None:
             colors = SegmentColors(categories)(prediction.panoptic)
-            write_image(out_dir / f"{path.stem}.jpg", draw_panoptic(image, prediction.panoptic, categories, colors, options.alpha))
+            write_image(
+                out_dir / f"{path.stem}.jpg",
+                draw_panoptic(image, prediction.panoptic, categories, colors, options.alpha),
+            )
             png, segments = coco_panoptic(prediction, categories)
             atomic_write(out_dir / f"{path.stem}_panoptic.png", lambda tmp: png.save(tmp, format="PNG"))
             write_json(out_dir / f"{path.stem}_segments.json", {"file_name": path.name, "segments_info": segments})
@@ -329,7 +355,13 @@ class PanopticTask(Task):
         return draw, size
 
     def demo_outputs(
-        self, info: dict[str, Any], stem: str, image: np.ndarray, prediction: ObjectPrediction, write: Callable, alpha: float
+        self,
+        info: dict[str, Any],
+        stem: str,
+        image: np.ndarray,
+        prediction: ObjectPrediction,
+        write: Callable,
+        alpha: float,
     ) -> tuple[Any, ...]:
         """The page's panes: the drawn instances, the segments in colour, the segment table, the PNG."""
         categories = self.targets(info)
@@ -337,7 +369,12 @@ class PanopticTask(Task):
         png, _ = coco_panoptic(prediction, categories)
         path = write(f"{stem}_panoptic.png", lambda tmp: png.save(tmp, format="PNG"))
         drawn = draw_panoptic(image, prediction.panoptic, categories, colors, alpha)
-        return drawn, color_panoptic(prediction.panoptic, colors), legend_html(prediction.panoptic, categories, colors, prediction.scores), str(path)
+        return (
+            drawn,
+            color_panoptic(prediction.panoptic, colors),
+            legend_html(prediction.panoptic, categories, colors, prediction.scores),
+            str(path),
+        )
 
     # -- export ---------------------------------------------------------------------------------
 
@@ -350,7 +387,9 @@ class PanopticTask(Task):
         categories = self.targets(info)
         return f"{self.name} ({len(categories.names)} classes, {info['arch']['queries']} queries)"
 
-    def from_exported(self, outputs: tuple[torch.Tensor, ...], input_size: tuple[int, int], patch_size: int) -> QueryOutputs:
+    def from_exported(
+        self, outputs: tuple[torch.Tensor, ...], input_size: tuple[int, int], patch_size: int
+    ) -> QueryOutputs:
         classes, masks = outputs
         padded = tuple((side + patch_size - 1) // patch_size * patch_size for side in input_size)
         return QueryOutputs(masks, classes, (), input_size, padded)
@@ -358,7 +397,9 @@ class PanopticTask(Task):
     def max_difference(self, actual: Any, expected: Any) -> float:
         """The largest logit difference, classes and masks."""
         actual_classes, actual_masks = actual
-        return max((actual_classes - expected.classes).abs().max().item(), (actual_masks - expected.masks).abs().max().item())
+        return max(
+            (actual_classes - expected.classes).abs().max().item(), (actual_masks - expected.masks).abs().max().item()
+        )
 
     def agreement(self, actual: Any, expected: Any) -> float:
         """Share of (query, pixel) mask decisions (logit > 0) that agree."""
