@@ -204,6 +204,11 @@ class DenseModel(nn.Module):
             features, image_size = self.extract_features(images), images.shape[-2:]
         return self.forward_head(features, image_size, output_size)
 
+    @property
+    def head_blocks(self) -> int:
+        """Backbone blocks the head works in (EoMT: its query blocks); layer-wise decay leaves them undecayed."""
+        return 0
+
     def training_progress(self, step: int, total: int) -> None:
         """Told after every optimizer step (engine.py): a model whose forward changes over training
         follows its schedule here (EoMT's masked-attention annealing); this one does not."""

@@ -49,6 +49,8 @@ from cli import (
 )
 from datasets import build_loaders
 from dinokit.backbones.choice import BackboneChoice
+from dinokit.backbones.loading import backbone_blocks
+from dinokit.data.augmentations import CROPPED_RECIPES
 from dinokit.data.resize import check_imgsz, round_to_patch
 from dinokit.runs.checkpoint_format import RENAMED_RECIPES
 from dinokit.runs.resume import (
@@ -153,6 +155,8 @@ def resolve_backbone(args: argparse.Namespace) -> BackboneChoice:
 
 
 def check_args(args: argparse.Namespace, task: Task, backbone: BackboneChoice) -> None:
+    if args.layer_decay < 1.0 and not args.fine_tune:
+        raise ValueError(f"--layer-decay {args.layer_decay:g} decays the backbone's learning rates: add --fine-tune")
     """Reject flag values that would only fail later, with the flag's name in the message."""
     check_schedule(args.scheduler, args.warmup_steps)
     check_imgsz(args.imgsz)
@@ -160,7 +164,7 @@ def check_args(args: argparse.Namespace, task: Task, backbone: BackboneChoice) -
         raise ValueError("--train-views / --cache-train-features need a frozen backbone; drop --fine-tune")
     if args.grad_checkpointing and not args.fine_tune:
         raise ValueError("--grad-checkpointing only matters with --fine-tune (a frozen backbone stores no activations)")
-    cropped = args.recipe in ("paper", "dinov3")
+    cropped = args.recipe in CROPPED_RECIPES
     if cropped and args.imgsz[0] != args.imgsz[1]:
         raise ValueError(
             f"--imgsz {args.imgsz[0]} {args.imgsz[1]}: --recipe {args.recipe} trains on square crops; "
@@ -298,17 +302,40 @@ def print_model(model: DenseModel, args: argparse.Namespace, amp_dtype: torch.dt
 
 
 def build_optimizer(model: DenseModel, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW over what trains, at `base_lrs`: the head, and with --fine-tune the backbone."""
-    parts = [model.head] + ([model.backbone] if args.fine_tune else [])
-    groups = [{"params": list(part.parameters()), "lr": lr} for part, lr in zip(parts, base_lrs(args))]
+    """AdamW over what trains, one group per learning rate (`parameter_groups`)."""
+    groups = [{"params": params, "lr": lr} for params, lr in parameter_groups(model, args)]
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def base_lrs(args: argparse.Namespace) -> list[float]:
-    """Learning rate of each optimizer group: the head at --lr; with --fine-tune the backbone at
-    --backbone-lr (default --lr / 10), since a foundation model's features degrade at a freshly
-    initialised head's rate."""
-    return [args.lr] + ([args.backbone_lr or args.lr / 10] if args.fine_tune else [])
+def base_lrs(model: DenseModel, args: argparse.Namespace) -> list[float]:
+    """Learning rate of each optimizer group, in `build_optimizer`'s order."""
+    return [lr for _, lr in parameter_groups(model, args)]
+
+
+def parameter_groups(model: DenseModel, args: argparse.Namespace) -> list[tuple[list[torch.nn.Parameter], float]]:
+    """(parameters, learning rate) of each group: the head at --lr; with --fine-tune the backbone at
+    --backbone-lr (default --lr / 10, since a foundation model's features degrade at a freshly
+    initialised head's rate), and with --layer-decay d below 1 block i of N at d^(N-1-i) of it, the
+    patch embedding at d^N, the final norm and the blocks the head works in (EoMT's query blocks)
+    undecayed: BEiT / EoMT's layer-wise decay, lower layers changing least."""
+    groups = [(list(model.head.parameters()), args.lr)]
+    if not args.fine_tune:
+        return groups
+    backbone_lr, decay = args.backbone_lr or args.lr / 10, args.layer_decay
+    if decay == 1.0:
+        return groups + [([p for p in model.backbone.parameters() if p.requires_grad], backbone_lr)]
+    blocks = backbone_blocks(model.backbone)
+    depth, undecayed = len(blocks), len(blocks) - model.head_blocks
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    norm = {id(p) for name, p in model.backbone.named_parameters() if name.split(".")[-2] == "norm"}
+    by_lr: dict[float, list[torch.nn.Parameter]] = {}
+    for param in model.backbone.parameters():
+        if not param.requires_grad:
+            continue
+        index = block_of.get(id(param), -1)  # -1: the embeddings
+        scale = 1.0 if id(param) in norm or index >= undecayed else decay ** (depth - 1 - index)
+        by_lr.setdefault(backbone_lr * scale, []).append(param)
+    return groups + [(params, lr) for lr, params in sorted(by_lr.items(), reverse=True)]
 
 
 def restore(run: Run, resumed: dict[str, Any], changes: list[FlagChange]) -> None:
@@ -317,7 +344,7 @@ def restore(run: Run, resumed: dict[str, Any], changes: list[FlagChange]) -> Non
     run.optimizer.load_state_dict(resumed["optimizer"])
     run.scheduler.load_state_dict(resumed["scheduler"])
     factor = current_factor(run.scheduler)
-    follow_schedule_flags(run.optimizer, run.scheduler, base_lrs(run.args), run.args.weight_decay, factor)
+    follow_schedule_flags(run.optimizer, run.scheduler, base_lrs(run.model, run.args), run.args.weight_decay, factor)
     restore_scaler(run.scaler, resumed["scaler"])
     start = resumed["epoch"] + 2
     overrides = [{"epoch": start, "flag": c.flag, "from": c.before, "to": c.now} for c in changes]
@@ -428,7 +455,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         metavar="W",
         help="--task depth: add W x the multi-scale gradient loss of log depth to SigLoss (Meta's configs: 0.5)",
     )
-    queries = parser.add_argument_group("EoMT (--task panoptic / instance)")
+    parser.add_argument(
+        "--head",
+        default=None,
+        choices=("linear", "eomt"),
+        help="--task segmentation: the linear head (default) or EoMT's queries and mask module (mask "
+        "classification, read as per-pixel classes); panoptic / instance: always eomt",
+    )
+    queries = parser.add_argument_group("EoMT (--task panoptic / instance, --head eomt)")
     queries.add_argument(
         "--queries", type=int, default=None, metavar="K", help="object queries (default 100; the paper: 200 on COCO)"
     )
@@ -465,7 +499,8 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         help="article (default): the reference article's run (named seed before); paper: the DINOv2 paper's protocol "
         "(rescale + 518 crops + photometric distortion, 40k steps of 16, poly LR, slide evaluation); "
         "dinov3: Meta's DINOv3 linear protocol (512 crops, 40k steps of 16, lr 1e-3, wd 1e-3, warmup + "
-        "one-cycle cosine, Dropout2d 0.1, slide 512/341)",
+        "one-cycle cosine, Dropout2d 0.1, slide 512/341); eomt: EoMT's COCO recipe for --task panoptic / instance "
+        "(--fine-tune, 640 crops, 12 epochs of 16, lr 1e-4 everywhere, wd 0.05, layer decay 0.8, poly after warm-up)",
     )
     optim.add_argument(
         "--epochs", type=at_least(1), default=None, help=f"total epochs (default: article {config.EPOCHS})"
@@ -517,6 +552,13 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         type=positive,
         default=None,
         help="with --fine-tune: the backbone's learning rate (default: --lr / 10; the head keeps --lr)",
+    )
+    optim.add_argument(
+        "--layer-decay",
+        type=unit_interval,
+        default=None,
+        metavar="D",
+        help="with --fine-tune: block i of N learns at D^(N-1-i) x --backbone-lr (default: --recipe eomt 0.8, else 1)",
     )
 
 

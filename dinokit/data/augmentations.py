@@ -34,6 +34,7 @@ PAPER_CROP = 518  # Meta's configs: crop_size (518, 518), 37 patches of 14
 PAPER_SHORT_SIDE = 512  # img_scale (2048, 512): short side 512, long side at most 2048
 PAPER_RATIO_RANGE = (0.5, 2.0)
 CAT_MAX_RATIO = 0.75
+CROPPED_RECIPES = ("paper", "dinov3", "eomt")  # square random crops (EoMT: DINOv3's rescale and crop)
 DINOV3_CROP = 512  # Meta's DINOv3 config: img_size 512, crop_size [512, 512], 32 patches of 16
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 IMAGENET: Normalization = (config.MEAN, config.STD)
@@ -87,7 +88,7 @@ def train_transform(
 ) -> A.Compose:
     """The augmentation of `recipe`: the reference article's at `imgsz`, or the paper's / DINOv3's
     crops of side imgsz[0]."""
-    if recipe in ("paper", "dinov3"):
+    if recipe in CROPPED_RECIPES:
         return paper_train_transform(imgsz[0], ignore_index, normalization, long_side_cap=recipe == "paper")
     return article_train_transform(imgsz, ignore_index, normalization)
 

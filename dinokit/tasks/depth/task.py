@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from datasets import OriginalPairs, PairedDataset
 from dinokit.backbones.choice import BackboneChoice
+from dinokit.data.augmentations import CROPPED_RECIPES
 from dinokit.data.file_kinds import FileKindError, read_torch_file, torch_contents
 from dinokit.errors import UserError
 from dinokit.tasks.depth.data import build_depth_datasets, truth_pairs
@@ -107,7 +108,7 @@ class DepthTask(Task):
 
     def check_args(self, args: argparse.Namespace, backbone: BackboneChoice) -> None:
         """What a depth run cannot take, each refusal with its reason."""
-        if args.recipe in ("paper", "dinov3"):
+        if args.recipe in CROPPED_RECIPES:
             raise ValueError(
                 f"--recipe {args.recipe} with --task depth: its random rescale and crops change how near things "
                 "look while their metres stay the same; depth trains with --recipe article (depth-safe augmentation)"
@@ -123,6 +124,10 @@ class DepthTask(Task):
             raise ValueError("--head-dropout applies to segmentation heads; a depth head has none")
         if backbone.spec.is_convnext:
             raise ValueError(f"--task depth on {args.backbone}: depth heads read ViT blocks with their class token")
+        if args.head not in (None, "linear") or args.queries or args.query_blocks or args.no_masked_attention:
+            raise ValueError(
+                "--head / --queries / --query-blocks / --no-masked-attention are EoMT's: depth has its own heads"
+            )
 
     def load_data(
         self, args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple

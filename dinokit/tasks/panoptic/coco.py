@@ -33,6 +33,7 @@ from dinokit.data.image_files import DatasetError, read_image
 
 LABEL_DIVISOR = 1000  # value = class * LABEL_DIVISOR + instance; at most 999 instances of a class in an image
 VOID = -1
+IGNORED = -2  # semantic masks' ignore index (--head eomt): out of the loss, like a crowd
 COCO_2017 = {"train": "train2017", "valid": "val2017"}  # COCO's own names of the two splits
 FORMATS = ("panoptic", "instances")
 

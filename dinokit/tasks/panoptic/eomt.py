@@ -130,7 +130,7 @@ class QueryOutputs:
         height, width = size
         in_h, in_w = self.input_size
         pad_h, pad_w = self.padded_size
-        full = (round(height * pad_h / in_h), round(width * pad_w / in_w))
+        full = ((height * pad_h + in_h // 2) // in_h, (width * pad_w + in_w // 2) // in_w)  # integers: exportable
         return F.interpolate(self.masks, size=full, mode="bilinear", align_corners=False)[..., :height, :width]
 
 
@@ -280,6 +280,10 @@ class EomtModel(DenseModel):
         self.register_buffer(
             "attn_mask_probs", torch.ones(query_blocks) if masked_attention else torch.zeros(query_blocks)
         )
+
+    @property
+    def head_blocks(self) -> int:
+        return self.query_blocks
 
     @property
     def split(self) -> int:

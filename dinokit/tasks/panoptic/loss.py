@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from dinokit.tasks.panoptic.coco import LABEL_DIVISOR
+from dinokit.tasks.panoptic.coco import IGNORED, LABEL_DIVISOR
 from utils import all_reduce_sum, world_size
 
 
@@ -45,12 +45,13 @@ class Segments:
 
 def target_segments(target: torch.Tensor, isthing: torch.Tensor) -> Segments:
     """An encoded target map (dinokit/tasks/panoptic/coco.py) as segments: every (class, instance)
-    value is one, a thing class's instance 0 is a crowd region (excluded), VOID is in none."""
+    value is one, a thing class's instance 0 is a crowd region and IGNORED pixels are out of the
+    loss, VOID is in no segment."""
     values = torch.unique(target)
     values = values[values >= 0]
     classes, instances = values // LABEL_DIVISOR, values % LABEL_DIVISOR
     crowd = isthing[classes] & (instances == 0)
-    valid = torch.ones_like(target, dtype=torch.bool)
+    valid = target != IGNORED
     for value in values[crowd]:
         valid &= target != value
     kept = values[~crowd]

@@ -95,6 +95,8 @@ class PanopticTask(Task):
             raise UserError(
                 "--train-views caches augmented views of a frozen backbone's features: EoMT trains on images"
             )
+        if args.head == "linear":
+            raise UserError(f"--head linear: a {self.name} model is EoMT (queries and a mask module); drop --head")
 
     def load_data(
         self, args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple

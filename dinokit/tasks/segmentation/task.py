@@ -26,7 +26,10 @@ from dinokit.data.labels import ColorMap, DatasetSpec, load_dataset_spec
 from dinokit.prediction.drawing import class_shares, indexed_png, overlay, render
 from dinokit.prediction.scores import predicted_classes, upsampled_classes
 from dinokit.runs.reports import save_confusion_matrix
+from dinokit.tasks.panoptic.eomt import QUERIES, QUERY_BLOCKS
+from dinokit.tasks.panoptic.released import load_released_eomt
 from dinokit.tasks.registry import register_task
+from dinokit.tasks.segmentation.eomt_head import EomtSegmentationScoring, SemanticEomt
 from dinokit.tasks.segmentation.head import LinearHead
 from dinokit.tasks.segmentation.scoring import SegmentationEvaluator, SegmentationScoring, report_json, report_lines
 from dinokit.tasks.task import Best, OutputOptions, Task
@@ -96,6 +99,10 @@ class SegmentationTask(Task):
     def check_args(self, args: argparse.Namespace, backbone: BackboneChoice) -> None:
         if args.gradient_loss:
             raise ValueError("--gradient-loss weighs a depth loss: it needs --task depth")
+        if args.head != "eomt":
+            refuse_query_flags(args, "add --head eomt")
+        elif args.train_views:
+            raise ValueError("--train-views caches the linear head's features; --head eomt trains on images")
 
     def load_data(
         self, args: argparse.Namespace, imgsz: tuple[int, int], normalization: tuple
@@ -129,6 +136,8 @@ class SegmentationTask(Task):
         """The linear head over the backbone's last blocks, started from Meta's released one with
         --head-weights. Meta's heads and the paper's recipe use their centred padding; a resumed run
         keeps whatever it had."""
+        if (resumed or {}).get("head", args.head) == "eomt":
+            return eomt_segmentation(args, spec, backbone, resumed)
         if resumed is not None:
             padding = resumed.get("padding", "bottom_right")
         else:
@@ -158,7 +167,8 @@ class SegmentationTask(Task):
         }
 
     def scoring(self, spec: DatasetSpec, args: argparse.Namespace) -> Callable[[], SegmentationScoring]:
-        return functools.partial(SegmentationScoring, len(spec.classes), spec.ignore_index)
+        kind = EomtSegmentationScoring if args.head == "eomt" else SegmentationScoring
+        return functools.partial(kind, len(spec.classes), spec.ignore_index)
 
     def resume_fields(self, info: dict[str, Any], spec: DatasetSpec) -> list[tuple[str, Any, Any]]:
         return [("number of classes", info["arch"]["num_classes"], len(spec.classes))]
@@ -192,6 +202,14 @@ class SegmentationTask(Task):
     def rebuild(self, info: dict[str, Any], **common: Any) -> DenseModel:
         """Older checkpoints: 4 blocks, no dropout."""
         arch = info["arch"]
+        if arch.get("head") == "eomt":
+            return SemanticEomt(
+                arch["num_classes"],
+                queries=arch["queries"],
+                query_blocks=arch["query_blocks"],
+                masked_attention=arch["masked_attention"],
+                **common,
+            )
         return segmentation_model(
             arch["num_classes"], head_layers=arch.get("head_layers", 4), dropout=arch.get("dropout", 0.0), **common
         )
@@ -346,6 +364,34 @@ class SegmentationTask(Task):
     def agreement(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
         """Share of pixels with the same predicted class."""
         return (predicted_classes(actual, 1) == predicted_classes(expected, 1)).float().mean().item()
+
+
+def refuse_query_flags(args: argparse.Namespace, fix: str) -> None:
+    """EoMT's flags on a model without queries: refused with the fix."""
+    for flag, value in (("--queries", args.queries), ("--query-blocks", args.query_blocks)):
+        if value is not None:
+            raise ValueError(f"{flag} sets EoMT's queries; this model has none: {fix}")
+    if args.no_masked_attention:
+        raise ValueError(f"--no-masked-attention is EoMT's; this model has no queries: {fix}")
+
+
+def eomt_segmentation(
+    args: argparse.Namespace, spec: DatasetSpec, backbone: BackboneChoice, resumed: dict[str, Any] | None
+) -> SemanticEomt:
+    """--head eomt: EoMT's queries read as per-pixel classes, from a released EoMT file with --head-weights."""
+    arch = resumed or {}
+    model = SemanticEomt(
+        len(spec.classes),
+        queries=arch.get("queries", args.queries or QUERIES),
+        query_blocks=arch.get("query_blocks", args.query_blocks or QUERY_BLOCKS),
+        masked_attention=arch.get("masked_attention", not args.no_masked_attention),
+        fine_tune=args.fine_tune,
+        normalization=arch.get("normalization"),
+        **backbone.kwargs(),
+    )
+    if args.head_weights and resumed is None:
+        print(f"Started from {args.head_weights}: " + load_released_eomt(model, args.head_weights, model.spec.family))
+    return model
 
 
 def load_released_head(
