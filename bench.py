@@ -31,6 +31,11 @@
    (--pipeline-video, default generated), the difference of a long and an 8-image run so start-up
    cancels, for --batch 1 and 8 with --workers 0 and 1, against the bare backbone's rate at batch 1
    on the same frames: how much of the network's speed survives the work around it.
+10. EoMT (--task panoptic / instance): a training step (forward with masked attention, the
+   mask-classification loss, backward) and an inference forward of ours against transformers'
+   EomtForUniversalSegmentation of the same size (DINOv2-S with registers, --eomt-queries queries,
+   random init) on the same square input of side --imgsz[0], and the inference forward against the bare
+   backbone's (what the queries and the mask module add). Needs transformers (requirements-dev.txt).
 
 `python bench.py --summary [--backbone ...]` prints the segmentation model's layers instead (torchinfo).
 """
@@ -126,7 +131,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval"),
+        choices=(
+            "epochs",
+            "inference",
+            "modes",
+            "memory",
+            "classification",
+            "export",
+            "backbones",
+            "eomt",
+            "retrieval",
+        ),
     )
     parser.add_argument(
         "--pipeline", action="store_true", help="the end-to-end section (starts infer_*.py 24 times: minutes)"
@@ -143,6 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="retrieval: stored embeddings per index (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the draw of a random-init backbone (--photos)")
+    parser.add_argument("--eomt-queries", type=at_least(1), default=100, help="EoMT section: queries of both models")
     parser.add_argument(
         "--photos", default=None, metavar="DIR", help="near-duplicate threshold: real photos (searched recursively)"
     )
@@ -704,6 +720,65 @@ def bench_duplicates(args: argparse.Namespace, device: torch.device, out_dir: Pa
     return rows + [""] + verdicts
 
 
+def bench_eomt(args: argparse.Namespace, device: torch.device, side: int) -> list[str]:
+    """Ours against transformers' EoMT of the same architecture, and against the bare backbone."""
+    try:
+        import transformers
+    except ImportError:
+        return ["(transformers is not installed: pip install -r requirements-dev.txt)"]
+    from dinokit.tasks.panoptic.coco import LABEL_DIVISOR
+    from dinokit.tasks.panoptic.eomt import EomtModel
+    from dinokit.tasks.panoptic.loss import MaskClassificationLoss, target_segments
+
+    classes, queries = 5, args.eomt_queries
+    ours = EomtModel(classes, queries=queries, registers=True, source="timm", pretrained=False, fine_tune=True)
+    ours = ours.to(device)
+    config = transformers.EomtConfig(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        image_size=side,
+        patch_size=14,
+        num_upscale_blocks=1,
+        num_queries=queries,
+        num_labels=classes,
+    )
+    theirs = transformers.EomtForUniversalSegmentation(config).to(device)
+    images = torch.randn(args.batch, 3, side, side, device=device)
+    target = torch.full((args.batch, side, side), 3 * LABEL_DIVISOR, dtype=torch.int32, device=device)
+    target[:, : side // 2, : side // 2] = 1  # a disc
+    target[:, side // 2 :, side // 2 :] = 1 * LABEL_DIVISOR + 1  # a square
+    loss = MaskClassificationLoss(classes, [True, True, True, False, False])
+    segments = [target_segments(t, torch.tensor([True, True, True, False, False], device=device)) for t in target]
+    mask_labels = [s.masks for s in segments]
+    class_labels = [s.classes for s in segments]
+
+    def our_step() -> None:
+        ours.zero_grad(set_to_none=True)
+        loss(ours(images), target)[0].backward()
+
+    def their_step() -> None:
+        theirs.zero_grad(set_to_none=True)
+        theirs(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels).loss.backward()
+
+    ours.train(), theirs.train()
+    rows = ["| | ours | transformers | ratio |", "|---|---:|---:|---:|"]
+    ours_ms, theirs_ms = timed(our_step, args.repeats, device), timed(their_step, args.repeats, device)
+    rows.append(
+        f"| training step, batch {args.batch} (ms) | {ours_ms:.0f} | {theirs_ms:.0f} | {ours_ms / theirs_ms:.2f} |"
+    )
+    ours.eval(), theirs.eval()
+    ours.attn_mask_probs.zero_(), theirs.attn_mask_probs.zero_()  # after training: plain forward
+    one = images[:1]
+    with torch.inference_mode():
+        ours_ms = timed(lambda: ours(one), args.repeats, device)
+        theirs_ms = timed(lambda: theirs(pixel_values=one), args.repeats, device)
+        bare_ms = timed(lambda: ours.backbone.get_intermediate_layers(one, n=[11]), args.repeats, device)
+    rows.append(f"| inference forward, batch 1 (ms) | {ours_ms:.0f} | {theirs_ms:.0f} | {ours_ms / theirs_ms:.2f} |")
+    rows.append(f"| bare backbone forward, batch 1 (ms) | {bare_ms:.0f} | | EoMT / bare {ours_ms / bare_ms:.2f} |")
+    return rows
+
+
 def print_summary(args: argparse.Namespace) -> None:
     """The model's layers, shapes and parameter counts (torchinfo), trainable or frozen."""
     from torchinfo import summary
@@ -768,6 +843,12 @@ def main(args: argparse.Namespace) -> None:
         if args.pipeline:
             print(f"## End to end: infer_video.py and infer_image.py at {args.imgsz[0]}x{args.imgsz[1]}\n")
             print("\n".join(bench_pipeline(args, device, tmp)) + "\n", flush=True)
+        if "eomt" not in args.skip:
+            side = round_to_patch((args.imgsz[0], args.imgsz[0]), 14)[0]
+            print(
+                f"## EoMT against transformers' EomtForUniversalSegmentation at {side}x{side} (median of {args.repeats})\n"
+            )
+            print("\n".join(bench_eomt(args, device, side)) + "\n", flush=True)
         if "retrieval" not in args.skip:
             print("## Retrieval indexes (retrieve.py), 384-d embeddings, 100 queries\n")
             bench_retrieval(args)
