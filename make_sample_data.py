@@ -11,6 +11,12 @@ with the image row and a box at 2 m, 16-bit millimetre PNGs and depth.json.
 
     python make_sample_data.py --depth --out input/sample_rgbd --train 16 --valid 4
 
+With --panoptic, a COCO-format shapes set for --task panoptic / instance (docs/panoptic.md): a sky
+band over a ground band (stuff) and discs, squares and triangles (things), some touching another of
+their class; COCO panoptic PNGs + JSON and the same things as polygons in a COCO instances file.
+
+    python make_sample_data.py --panoptic --out input/sample_coco --train 24 --valid 8
+
 With --video FILE, also a short clip for infer_video.py and the demo's video tab: the validation
 images one after the other, each panned across a few frames (what `make demo` writes as
 input/sample_clip.mp4).
@@ -26,7 +32,7 @@ import numpy as np
 import config
 from cli import ArgumentParser, at_least, run_cli
 from dinokit.data.image_files import list_image_files, read_image
-from dinokit.data.synthetic import make_dataset, make_depth_dataset
+from dinokit.data.synthetic import make_dataset, make_depth_dataset, make_panoptic_dataset
 from dinokit.errors import UserError
 from dinokit.prediction.videos import write_video
 
@@ -38,7 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid", type=at_least(1), default=8)
     parser.add_argument("--size", type=at_least(14), nargs=2, default=(160, 120), metavar=("W", "H"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--depth", action="store_true", help="an RGB-D folder (images + depth maps) instead")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--depth", action="store_true", help="an RGB-D folder (images + depth maps) instead")
+    kind.add_argument("--panoptic", action="store_true", help="a COCO panoptic + instances shapes set instead")
     parser.add_argument("--video", default=None, metavar="FILE", help="also a clip of the validation images (.mp4)")
     return parser
 
@@ -55,9 +63,9 @@ def sample_clip(images: list[Path], path: Path, fps: float = 8.0, frames_per_ima
 def main(args: argparse.Namespace) -> None:
     if args.video is not None and Path(args.video).suffix not in (".mp4", ".webm"):
         raise UserError(f"--video {args.video}: write the clip as .mp4 or .webm")
-    make = make_depth_dataset if args.depth else make_dataset
+    make = make_depth_dataset if args.depth else make_panoptic_dataset if args.panoptic else make_dataset
     root = make(args.out, args.train, args.valid, tuple(args.size), seed=args.seed)
-    what = "image/depth" if args.depth else "image/mask"
+    what = "image/depth" if args.depth else "COCO-annotated" if args.panoptic else "image/mask"
     print(f"Wrote {args.train} training and {args.valid} validation {what} pairs to {root}")
     if args.video is not None:
         frames = sample_clip(list_image_files(Path(root) / "valid_images"), Path(args.video))
