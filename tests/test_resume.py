@@ -75,6 +75,11 @@ OTHER_VALUES = {
     "tensorboard_images": ["--tensorboard-images", "2"],
     "tensorboard_every": ["--tensorboard-every", "3"],
     "dist_timeout": ["--dist-timeout", "5"],
+    "head": ["--head", "eomt"],
+    "queries": ["--queries", "20"],
+    "query_blocks": ["--query-blocks", "2"],
+    "no_masked_attention": ["--no-masked-attention"],
+    "layer_decay": ["--layer-decay", "0.7"],
 }
 
 
