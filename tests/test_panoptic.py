@@ -493,3 +493,37 @@ def test_an_instance_keeps_its_colour_from_frame_to_frame():
     second[:, 11:16], second[:, 1:6] = 1, 2  # the two discs swapped their numbers
     a, b = colors(first), colors(second)
     assert b[1] == a[2] and b[2] == a[1] and a[1] != a[2]
+
+
+@pytest.mark.slow
+def test_the_notebook_shows_a_panoptic_run_with_the_cells_of_every_task(panoptic_run, shapes):
+    from tests.test_inference import run_notebook
+
+    out, _ = panoptic_run
+    outputs = run_notebook(
+        f"DATA_DIR = {str(shapes)!r}\nCHECKPOINT = {str(out / 'best_model_pq.pth')!r}\nHEAD_WEIGHTS = None\n"
+        "NUM_SAMPLES = 2\nDEVICE = 'cpu'\nMODE = 'whole'\nSCALES = [1.0]\nFLIP = False"
+    )
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # samples, curves, predictions
+    assert any("PQ " in o.get("text", "") and "(3 images" in o.get("text", "") for o in outputs)
+
+
+@pytest.mark.slow
+def test_the_demo_shows_instances_and_refuses_sliding_windows(panoptic_run, shapes, tmp_path):
+    import app
+    from dinokit.prediction.modes import InferenceMode
+    from inference import Predictor
+    from tests.test_inference import make_video
+
+    out, _ = panoptic_run
+    predictor = Predictor.from_checkpoint(out / "best_model_pq.pth", "cpu", "off", InferenceMode())
+    (tmp_path / "results").mkdir()
+    demo = app.Demo({"shapes": predictor}, tmp_path / "results", max_pixels=50_000, max_frames=3)
+    image = str(shapes / "valid_images" / "valid_0000.jpg")
+    drawn, colours, table, png, status = demo.segment_image(image, "shapes", "whole", 0.5)
+    assert drawn.shape == colours.shape == (84, 112, 3) and "<table" in table and png.endswith("_panoptic.png")
+    with pytest.raises(UserError, match="one pass"):
+        demo.segment_image(image, "shapes", "slide", 0.5)
+    make_video(tmp_path / "clip.mp4", frames=3, size=(112, 84))
+    clip, status = demo.segment_video(str(tmp_path / "clip.mp4"), "shapes", "whole", 0.5)
+    assert clip.endswith(".webm") and status.startswith("3 frames")
