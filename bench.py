@@ -846,7 +846,8 @@ def main(args: argparse.Namespace) -> None:
         if "eomt" not in args.skip:
             side = round_to_patch((args.imgsz[0], args.imgsz[0]), 14)[0]
             print(
-                f"## EoMT against transformers' EomtForUniversalSegmentation at {side}x{side} (median of {args.repeats})\n"
+                f"## EoMT against transformers' EomtForUniversalSegmentation at {side}x{side} "
+                f"(median of {args.repeats})\n"
             )
             print("\n".join(bench_eomt(args, device, side)) + "\n", flush=True)
         if "retrieval" not in args.skip:
