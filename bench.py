@@ -36,6 +36,12 @@
    EomtForUniversalSegmentation of the same size (DINOv2-S with registers, --eomt-queries queries,
    random init) on the same square input of side --imgsz[0], and the inference forward against the bare
    backbone's (what the queries and the mask module add). Needs transformers (requirements-dev.txt).
+11. EoMT learning, with --eomt-shapes: transformers' EomtForUniversalSegmentation (ViT-S-sized,
+   patch 16, random init, --eomt-queries queries, AdamW --eomt-lr) trained --eomt-epochs epochs at
+   256x256 on the shapes set of make_sample_data.py --panoptic (24 train / 8 valid, 160x120), with
+   the same augmentation, masked-attention annealing and panoptic fusion as ours, scored by our PQ at
+   the images' own size on both splits: the reference a train.py --task panoptic run on the same set
+   is compared with (docs/panoptic.md gives both commands and figures).
 
 `python bench.py --summary [--backbone ...]` prints the segmentation model's layers instead (torchinfo).
 """
@@ -159,6 +165,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="the draw of a random-init backbone (--photos)")
     parser.add_argument("--eomt-queries", type=at_least(1), default=100, help="EoMT section: queries of both models")
+    parser.add_argument(
+        "--eomt-shapes", action="store_true", help="train transformers' EoMT on the shapes set (minutes)"
+    )
+    parser.add_argument("--eomt-epochs", type=at_least(1), default=40, help="--eomt-shapes: epochs")
+    parser.add_argument("--eomt-lr", type=float, default=3e-4, help="--eomt-shapes: AdamW learning rate")
     parser.add_argument(
         "--photos", default=None, metavar="DIR", help="near-duplicate threshold: real photos (searched recursively)"
     )
@@ -779,6 +790,87 @@ def bench_eomt(args: argparse.Namespace, device: torch.device, side: int) -> lis
     return rows
 
 
+def bench_eomt_shapes(args: argparse.Namespace, device: torch.device, out_dir: Path) -> list[str]:
+    """transformers' EoMT trained on the shapes set as ours is, scored as ours is."""
+    import transformers
+
+    from datasets import PairedDataset
+    from dinokit.data.augmentations import train_transform
+    from dinokit.data.synthetic import make_panoptic_dataset
+    from dinokit.tasks.panoptic.coco import VOID, CocoReader, TruthReader, find_split, read_split
+    from dinokit.tasks.panoptic.eomt import QueryOutputs, anneal_spans, mask_probability
+    from dinokit.tasks.panoptic.loss import target_segments
+    from dinokit.tasks.panoptic.predictions import predict_objects
+    from dinokit.tasks.panoptic.scoring import ObjectScores
+
+    root = make_panoptic_dataset(out_dir / "shapes", 24, 8, (160, 120), seed=0)
+    splits = {s: read_split(find_split(root, s, ["panoptic"])) for s in ("train", "valid")}
+    categories = splits["train"][0]
+    isthing = torch.tensor(categories.isthing)
+    side = 256
+    hf_config = transformers.EomtConfig(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        image_size=side,
+        patch_size=16,
+        num_queries=args.eomt_queries,
+        num_labels=len(categories.names),
+    )
+    torch.manual_seed(args.seed)
+    model = transformers.EomtForUniversalSegmentation(hf_config).to(device)
+    records = splits["train"][1]
+    pairs = [(r.image, r.image) for r in records]
+    data = PairedDataset(
+        pairs,
+        CocoReader(records, categories),
+        train_transform("article", (side, side), VOID),
+        target_dtype=np.int32,
+        seed=args.seed,
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.eomt_lr)
+    total, step, started = args.eomt_epochs * len(loader), 0, time.perf_counter()
+    spans = anneal_spans(hf_config.num_blocks)
+    for epoch in range(args.eomt_epochs):
+        data.epoch = epoch
+        model.train()
+        for images, targets in loader:
+            segments = [target_segments(t, isthing) for t in targets]
+            outputs = model(
+                pixel_values=images.to(device),
+                mask_labels=[s.masks.to(device) for s in segments],
+                class_labels=[s.classes.to(device) for s in segments],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            outputs.loss.backward()
+            optimizer.step()
+            step += 1
+            for index, (start, end) in enumerate(spans):
+                model.attn_mask_probs[index] = mask_probability(step, round(start * total), round(end * total))
+    minutes = (time.perf_counter() - started) / 60
+    model.eval()
+    rows = ["| split | PQ | PQ things | PQ stuff | mask AP | mIoU |", "|---|---:|---:|---:|---:|---:|"]
+    for split, (_, split_records) in splits.items():
+        scores = ObjectScores(list(categories.names), list(categories.isthing))
+        reader = TruthReader(split_records, categories)
+        for record in split_records:
+            image, truth = reader(record.image, record.image)
+            pixels = preprocess(image, (side, side), config.MEAN, config.STD).to(device)
+            with torch.inference_mode():
+                out = model(pixel_values=pixels)
+            queries = QueryOutputs(out.masks_queries_logits, out.class_queries_logits, (), (side, side), (side, side))
+            masks = queries.image_masks(image.shape[:2])[0]
+            prediction = predict_objects(masks, out.class_queries_logits[0], list(categories.isthing))
+            scores.update(truth.target, prediction, truth.instances, truth.image_id)
+        result = scores.result()
+        rows.append(
+            f"| {split} | {result.pq:.3f} | {result.pq_things:.3f} | {result.pq_stuff:.3f} | {result.mask_ap:.3f} "
+            f"| {result.miou:.3f} |"
+        )
+    return rows + [f"({total} steps in {minutes:.1f} min)"]
+
+
 def print_summary(args: argparse.Namespace) -> None:
     """The model's layers, shapes and parameter counts (torchinfo), trainable or frozen."""
     from torchinfo import summary
@@ -850,6 +942,9 @@ def main(args: argparse.Namespace) -> None:
                 f"(median of {args.repeats})\n"
             )
             print("\n".join(bench_eomt(args, device, side)) + "\n", flush=True)
+        if args.eomt_shapes:
+            print(f"## transformers' EoMT trained on the shapes set, {args.eomt_epochs} epochs at 256x256\n")
+            print("\n".join(bench_eomt_shapes(args, device, tmp)) + "\n", flush=True)
         if "retrieval" not in args.skip:
             print("## Retrieval indexes (retrieve.py), 384-d embeddings, 100 queries\n")
             bench_retrieval(args)
