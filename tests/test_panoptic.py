@@ -253,7 +253,7 @@ def test_matching_pairs_each_segment_with_the_query_that_predicts_it():
     masks[2, :8], masks[0, 8:] = 10.0, 10.0
     classes = torch.zeros(3, 6)
     classes[2, 1], classes[0, 4] = 10.0, 10.0
-    rows, cols = match(masks, classes, segments, MaskClassificationLoss(5, THINGS).weights, None)
+    rows, cols = match(masks, classes, segments, MaskClassificationLoss(5, THINGS).weights)
     assert dict(zip(segments.classes[cols].tolist(), rows.tolist())) == {1: 2, 4: 0}
     loss = MaskClassificationLoss(5, THINGS)
     right = loss(QueryOutputs(masks[None], classes[None]), target[None])[0]
@@ -527,3 +527,28 @@ def test_the_demo_shows_instances_and_refuses_sliding_windows(panoptic_run, shap
     make_video(tmp_path / "clip.mp4", frames=3, size=(112, 84))
     clip, status = demo.segment_video(str(tmp_path / "clip.mp4"), "shapes", "whole", 0.5)
     assert clip.endswith(".webm") and status.startswith("3 frames")
+
+
+def test_eomt_on_meta_hub_code_equals_eomt_on_timm_with_the_same_weights(tmp_path):
+    """The query blocks run from the block's own weights whatever the source: Meta's DINOv2 hub
+    code and timm's, holding one weights file, give the same masks and classes."""
+    pytest.importorskip("dinov2")
+    from tests.test_backbones import HUBCONF, vision_transformer
+
+    (tmp_path / "hubconf.py").write_text(HUBCONF)
+    torch.manual_seed(0)
+    meta = vision_transformer.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
+    torch.save(meta.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
+    weights = tmp_path / "dinov2_vits14_pretrain.pth"
+    hub = EomtModel(5, queries=8, source="local", hub_dir=tmp_path, weights=weights).eval()
+    timm = EomtModel(5, queries=8, source="timm", weights=weights).eval()
+    timm.head.load_state_dict(hub.head.state_dict())
+    images = torch.randn(1, 3, 252, 196, generator=torch.Generator().manual_seed(1))
+    for probability in (0.0, 1.0):
+        hub.attn_mask_probs.fill_(probability)
+        timm.attn_mask_probs.fill_(probability)
+        with torch.no_grad():
+            a, b = hub(images), timm(images)
+        assert torch.allclose(a.masks, b.masks, rtol=1e-4, atol=1e-3) and torch.allclose(
+            a.classes, b.classes, atol=1e-4
+        )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -98,7 +98,6 @@ class QueryOutputs:
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # the predictions before the last, in block order
     input_size: tuple[int, int] = (0, 0)  # (H, W) of the image the network saw
     padded_size: tuple[int, int] = (0, 0)  # (H, W) after padding to whole patches
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shape(self) -> torch.Size:

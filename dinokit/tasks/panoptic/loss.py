@@ -1,7 +1,8 @@
 """Mask classification's loss (Mask2Former / EoMT): each target segment is matched to one query by
 the Hungarian algorithm (scipy) on class + mask BCE + Dice costs, computed on points sampled
-uniformly; matched queries learn their segment's class and mask (BCE + Dice on points sampled where
-the prediction is most uncertain), the others "no object" (weighted 0.1). Every prediction EoMT
+uniformly (torch's generator, which train.py seeds); matched queries learn their segment's class
+and mask (BCE + Dice on points sampled where the prediction is most uncertain), the others
+"no object" (weighted 0.1). Every prediction EoMT
 makes (after each query block's input and the last block) is supervised the same way. Crowd regions
 take no part in the mask terms.
 
@@ -64,17 +65,17 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps, 2.0 * points[:, :, None] - 1.0, align_corners=False).squeeze(-1)
 
 
-def uncertain_points(logits: torch.Tensor, weights: LossWeights, generator: torch.Generator | None) -> torch.Tensor:
+def uncertain_points(logits: torch.Tensor, weights: LossWeights) -> torch.Tensor:
     """Mask2Former's importance sampling: oversample, keep the most uncertain (|logit| smallest),
     the rest uniform. `logits` `[N, 1, H, W]` -> `[N, P, 2]`."""
     count, device = logits.shape[0], logits.device
     sampled = int(weights.points * weights.oversample)
-    candidates = torch.rand(count, sampled, 2, device=device, generator=generator)
+    candidates = torch.rand(count, sampled, 2, device=device)
     uncertainty = -point_sample(logits, candidates).abs()[:, 0]
     important = int(weights.importance * weights.points)
     index = uncertainty.topk(important, dim=1).indices
     chosen = torch.gather(candidates, 1, index[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(count, weights.points - important, 2, device=device, generator=generator)
+    uniform = torch.rand(count, weights.points - important, 2, device=device)
     return torch.cat([chosen, uniform], dim=1)
 
 
@@ -87,17 +88,13 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) 
 
 @torch.no_grad()
 def match(
-    masks: torch.Tensor,
-    classes: torch.Tensor,
-    target: Segments,
-    weights: LossWeights,
-    generator: torch.Generator | None,
+    masks: torch.Tensor, classes: torch.Tensor, target: Segments, weights: LossWeights
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query indices, segment indices) of the cheapest one-to-one assignment for one image."""
     if len(target.classes) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     cost_class = -classes.float().softmax(-1)[:, target.classes]
-    points = torch.rand(1, weights.points, 2, device=masks.device, generator=generator)
+    points = torch.rand(1, weights.points, 2, device=masks.device)
     predicted = point_sample(masks[None].float(), points)[0]  # [K, P]
     wanted = point_sample(target.masks[None], points)[0]  # [S, P]
     valid = point_sample(target.valid[None, None].float(), points)[0]  # [1, P]
@@ -115,12 +112,11 @@ def match(
 class MaskClassificationLoss:
     """The loss of one batch of `QueryOutputs` against encoded target maps."""
 
-    def __init__(self, num_classes: int, isthing: list[bool], weights: LossWeights = LossWeights(), seed: int = 0):
+    def __init__(self, num_classes: int, isthing: list[bool], weights: LossWeights = LossWeights()):
         self.num_classes, self.weights = num_classes, weights
         self.isthing = torch.tensor(isthing, dtype=torch.bool)
         self.class_weights = torch.ones(num_classes + 1)
         self.class_weights[-1] = weights.no_object
-        self.generator_seed = seed
 
     def __call__(self, outputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, weight): the sum over every supervised prediction, and the batch's segment count."""
@@ -142,8 +138,7 @@ class MaskClassificationLoss:
     ) -> torch.Tensor:
         weights = self.weights
         device = masks.device
-        generator = None
-        matches = [match(masks[i], classes[i], s, weights, generator) for i, s in enumerate(segments)]
+        matches = [match(masks[i], classes[i], s, weights) for i, s in enumerate(segments)]
         labels = torch.full(classes.shape[:2], self.num_classes, dtype=torch.long, device=device)
         for i, (rows, cols) in enumerate(matches):
             labels[i, torch.as_tensor(rows, device=device)] = segments[i].classes[torch.as_tensor(cols, device=device)]
@@ -155,7 +150,7 @@ class MaskClassificationLoss:
         wanted = torch.cat([s.masks[torch.as_tensor(cols, device=device)] for s, (_, cols) in zip(segments, matches)])
         valid = torch.cat([s.valid[None].expand(len(cols), -1, -1) for s, (_, cols) in zip(segments, matches)])
         with torch.no_grad():
-            points = uncertain_points(predicted, weights, generator)
+            points = uncertain_points(predicted, weights)
             wanted_points = point_sample(wanted[:, None], points)[:, 0]
             valid_points = point_sample(valid[:, None].float(), points)[:, 0]
         predicted_points = point_sample(predicted, points)[:, 0]

@@ -211,8 +211,8 @@ class PanopticScoring:
     """The training loop's `Scoring`: the mask-classification loss and, per pass, the split's PQ,
     mask AP and mIoU at the training size."""
 
-    def __init__(self, classes: list[str], isthing: list[bool], seed: int = 0):
-        self.loss_fn = MaskClassificationLoss(len(classes), isthing, seed=seed)
+    def __init__(self, classes: list[str], isthing: list[bool]):
+        self.loss_fn = MaskClassificationLoss(len(classes), isthing)
         self.scores = ObjectScores(classes, isthing)
         self.isthing = isthing
 

@@ -59,11 +59,6 @@ class CocoData:
     records: dict[Path, ImageRecord]
 
 
-def eomt_model(categories_or_count: Categories | int, **kwargs: Any) -> EomtModel:
-    count = categories_or_count if isinstance(categories_or_count, int) else len(categories_or_count.names)
-    return EomtModel(count, **kwargs)
-
-
 @register_task
 class PanopticTask(Task):
     name = "panoptic"
@@ -132,8 +127,8 @@ class PanopticTask(Task):
         self, args: argparse.Namespace, spec: CocoData, backbone: BackboneChoice, resumed: dict[str, Any] | None
     ) -> EomtModel:
         arch = resumed or {}
-        model = eomt_model(
-            spec.categories,
+        model = EomtModel(
+            len(spec.categories.names),
             queries=arch.get("queries", args.queries or QUERIES),
             query_blocks=arch.get("query_blocks", args.query_blocks or QUERY_BLOCKS),
             masked_attention=arch.get("masked_attention", not args.no_masked_attention),
@@ -167,7 +162,7 @@ class PanopticTask(Task):
 
     def scoring(self, spec: CocoData, args: argparse.Namespace) -> Callable[[], PanopticScoring]:
         categories = spec.categories
-        return lambda: PanopticScoring(list(categories.names), list(categories.isthing), seed=args.seed)
+        return lambda: PanopticScoring(list(categories.names), list(categories.isthing))
 
     def resume_fields(self, info: dict[str, Any], spec: CocoData) -> list[tuple[str, Any, Any]]:
         return [("classes", info["classes"], list(spec.categories.names))]
@@ -188,7 +183,7 @@ class PanopticTask(Task):
 
     def rebuild(self, info: dict[str, Any], **common: Any) -> EomtModel:
         arch = info["arch"]
-        return eomt_model(
+        return EomtModel(
             arch["num_classes"],
             queries=arch["queries"],
             query_blocks=arch["query_blocks"],
