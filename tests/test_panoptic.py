@@ -552,3 +552,26 @@ def test_eomt_on_meta_hub_code_equals_eomt_on_timm_with_the_same_weights(tmp_pat
         assert torch.allclose(a.masks, b.masks, rtol=1e-4, atol=1e-3) and torch.allclose(
             a.classes, b.classes, atol=1e-4
         )
+
+
+@pytest.mark.slow
+def test_segmentation_with_the_eomt_head_trains_and_scores_miou_like_the_linear_head(tiny_dataset, tmp_path):
+    from tests.conftest import train_cli
+
+    out = tmp_path / "eomt"
+    result = train_cli(tiny_dataset, out, "--head", "eomt", "--queries", "6", "--fine-tune")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Valid Epoch mIOU" in result.stdout and (out / "best_model_iou.pth").is_file()
+    result = run_script(
+        "evaluate.py", "--model", out / "best_model_iou.pth", "--data-dir", tiny_dataset, "--mode", "slide"
+    )
+    assert result.returncode == 0 and "mIoU" in result.stdout, result.stderr[-3000:]  # sliding windows, as any head
+
+
+def test_eomt_flags_on_a_model_without_queries_are_refused_with_the_fix():
+    import train
+
+    args = train.get_args_parser().parse_args(["--queries", "20"])
+    train.settle(args, None)
+    with pytest.raises(ValueError, match="--queries sets EoMT's queries; this model has none: add --head eomt"):
+        train.check_args(args, train.get_task("segmentation"), train.resolve_backbone(args))
