@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The longest modules start first, so the test processes finish together (pytest-xdist hands out
 # whole modules in collection order): each took over two minutes on the development machine.
 LONGEST_FIRST = (
+    "test_panoptic_scripts",
     "test_readme",
     "test_export",
     "test_dinov3_scripts",
@@ -31,7 +32,7 @@ LONGEST_FIRST = (
 )
 sys.path.insert(0, str(ROOT))
 
-from dinokit.data.synthetic import make_dataset  # noqa: E402
+from dinokit.data.synthetic import make_dataset, make_panoptic_dataset  # noqa: E402
 
 # A suite started in the background of a non-interactive shell (`make test &`) has SIGINT ignored,
 # and scripts started from it would inherit that: the Ctrl-C tests' scripts would never see theirs.
@@ -112,6 +113,12 @@ def trained_run(tiny_dataset, tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result.stdout
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """A COCO-format shapes set (panoptic PNGs + JSON, instances JSON): 6 train / 3 valid, 112x84."""
+    return make_panoptic_dataset(tmp_path_factory.mktemp("shapes") / "data", 6, 3, (112, 84), seed=3)
 
 
 SMALL = ("--imgsz", "56", "42", "--batch", "4")  # a training run that takes seconds
