@@ -243,7 +243,9 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
         "--source",
         default=default_source(),
         choices=SOURCES,
-        help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir",
+        help="hub: torch.hub (Meta's code, GitHub + cache); timm; local: needs --hub-dir; hf: the transformers "
+        "snapshot on the Hugging Face Hub (facebook/dinov2-small, ...; token from HF_TOKEN or `hf auth login`), "
+        "built by timm",
     )
     group.add_argument(
         "--hub-dir",
@@ -256,7 +258,8 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH|URL",
         help="Meta's backbone file, e.g. dinov2_vits14_pretrain.pth or dinov3_vits16_pretrain_lvd1689m-08c60483.pth; "
-        "DINOv3 (gated): the file or the signed URL Meta sent (needed with --source hub)",
+        "DINOv3 (gated): the file or the signed URL Meta sent (needed with --source hub); or a transformers "
+        "snapshot folder / its model.safetensors / pytorch_model.bin (any --source)",
     )
     group.add_argument("--no-pretrained", action="store_true", help="random-init backbone (offline smoke runs only)")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 PATCH_SIZE = 14  # DINOv2's; every size rule asks the backbone in use (BackboneSpec.patch_size)
 # Where a backbone comes from (dinokit/backbones/loading.py): torch.hub, timm, or a local clone of the
 # hub repository (dinov2 or dinov3).
-SOURCES = ("hub", "timm", "local")
+SOURCES = ("hub", "timm", "local", "hf")
 HEAD_LAYERS = (1, 4)  # 1: the last block (the papers' "lin" head); 4: the last four (DINOv2's "+ms" head input)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,6 +56,14 @@ class BackboneSpec:
     @property
     def licence(self) -> str:
         return LICENCES[self.family]
+
+    @property
+    def hf_repo(self) -> str:
+        """The backbone's transformers snapshot on the Hugging Face Hub (DINOv3: the LVD-1689M weights)."""
+        if self.family == "dinov2":
+            size = {"s": "small", "b": "base", "l": "large", "g": "giant"}[self.hub_name.split("_vit")[1][0]]
+            return f"facebook/dinov2-{'with-registers-' if self.hub_name.endswith('_reg') else ''}{size}"
+        return f"facebook/{self.hub_name.replace('_', '-')}-pretrain-lvd1689m"
 
     @property
     def timm_pretrained(self) -> str:

@@ -17,11 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dinokit.backbones.hf_weights import is_hf_weights, read_hf_backbone
 from dinokit.data.file_kinds import read_torch_file
 from model_config import BACKBONES, BackboneSpec
 
 # Meta's hub code reads LVD vs SAT from a ViT-L file's `-<8 hex>.pth` suffix and fails without it.
 VITL_RELEASED_NAMES = "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth or dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+VITL_TAGS = {
+    "lvd": "lvd1689m-8aa4cbdd",
+    "sat": "sat493m-eadcf0ff",
+}  # what Meta's hub code reads from a ViT-L file's name
 REQUEST_ACCESS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 
 
@@ -123,7 +128,10 @@ def build_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 
 def read_dinov3_weights(path: str | Path, spec: BackboneSpec) -> dict[str, torch.Tensor]:
     """Meta's released DINOv3 backbone file, checked against `spec` (a clear error naming the field)."""
-    state = read_torch_file(Path(path), "backbone weights")
+    if is_hf_weights(path):
+        state = read_hf_backbone(path, "dinov3")
+    else:
+        state = read_torch_file(Path(path), "backbone weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     marker = "downsample_layers.0.0.weight" if spec.is_convnext else "storage_tokens"

@@ -23,10 +23,12 @@ from torch import nn
 
 from dinokit.backbones import dinov3
 from dinokit.backbones.dinov3 import exporting
+from dinokit.backbones.hf_weights import is_hf_weights, read_hf_backbone
 from dinokit.backbones.settings import SETTING_HINT
 from dinokit.backbones.weights_file import is_url
 from dinokit.data.file_kinds import read_torch_file
 from dinokit.errors import UserError
+from dinokit.writing import atomic_write
 from model_config import BACKBONES, HUB_REPOS, SOURCES, BackboneSpec, get_backbone_spec
 
 # An explicit ref lets torch.hub use its cache without asking GitHub for the default branch.
@@ -171,6 +173,31 @@ def _load_timm(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     return TimmDinov2(vit)
 
 
+def hf_snapshot(spec: BackboneSpec) -> Path:
+    """The backbone's snapshot folder from the Hugging Face Hub (or its cache), through huggingface_hub;
+    the token comes from HF_TOKEN or the login cache, as huggingface_hub reads them."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as err:
+        raise BackboneUnavailableError("--source hf needs huggingface_hub: pip install huggingface_hub") from err
+    repo = spec.hf_repo
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", "*.json"]))
+    except GatedRepoError as err:
+        raise BackboneUnavailableError(
+            f"{repo} is gated: accept the licence on https://huggingface.co/{repo} and log in (hf auth login, or "
+            "set HF_TOKEN)"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise BackboneUnavailableError(f"{repo}: no such repository on the Hugging Face Hub (or no access)") from err
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise BackboneUnavailableError(
+            f"could not download {repo} (offline?): copy the snapshot folder here and pass it as --weights FOLDER "
+            f"(any --source), or {offline_hint(spec)}"
+        ) from err
+
+
 def offline_hint(spec: BackboneSpec) -> str:
     """The ways to a backbone without network access, for an error message."""
     if spec.family == "dinov2":
@@ -220,6 +247,8 @@ def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A Meta-format DINOv2 backbone state dict from `path`: the released `dinov2_*_pretrain.pth`,
     or the teacher backbone of a DINOv2 training checkpoint."""
     path = Path(path)
+    if is_hf_weights(path):
+        return read_hf_backbone(path, "dinov2")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: backbone weights file not found")
     state = read_torch_file(path, "backbone weights")
@@ -277,6 +306,14 @@ def _load_state(target: nn.Module, state: dict[str, torch.Tensor], path: str | P
     """Strict loading with a one-line error naming the file."""
     if isinstance(target, (dinov3.TimmDinov3, dinov3.TimmConvNext)):
         target = target.vit if isinstance(target, dinov3.TimmDinov3) else target.convnext
+    own = target.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"] if unexpected else []
+        raise ValueError(
+            f"{path}: does not match the backbone architecture: tensors {'; '.join(parts)}; nothing loaded"
+        )
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -326,6 +363,10 @@ def load_backbone(
     spec = get_backbone_spec(name, registers)
     if hub_dir is not None:
         source = "local"
+    if source == "hf":  # the architecture from timm, the weights from a transformers snapshot
+        source = "timm"
+        if weights is None and pretrained:
+            weights = hf_snapshot(spec)
     if source not in SOURCES:
         raise ValueError(f"unknown backbone source {source!r}; choose one of {', '.join(SOURCES)}")
     if source == "local" and hub_dir is None:
@@ -346,6 +387,22 @@ def load_backbone(
     return backbone
 
 
+def meta_layout_file(state: dict[str, torch.Tensor], spec: BackboneSpec, source: str | Path) -> Path:
+    """A transformers snapshot converted to Meta's file layout, for Meta's own loading code: written
+    once per snapshot under the torch.hub folder, named as Meta names its files."""
+    digest = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]
+    tag = (
+        dinov3.VITL_TAGS["sat" if "sat493m" in str(source).lower() else "lvd"]
+        if spec.hub_name == "dinov3_vitl16"
+        else ""
+    )
+    target = Path(torch.hub.get_dir()) / "dinokit_converted" / f"{spec.hub_name}_pretrain_{tag or 'hf-' + digest}.pth"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: torch.save(state, tmp))
+    return target
+
+
 def _load_dinov3(
     spec: BackboneSpec, source: str, weights: str | Path | None, pretrained: bool, hub_dir: str | Path | None
 ) -> nn.Module:
@@ -355,7 +412,7 @@ def _load_dinov3(
         if weights is None:
             return _load_timm(spec, pretrained)
         path = downloaded_weights(weights, spec)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path}: backbone weights file not found")
         state = dinov3.read_dinov3_weights(path, spec)
         backbone = _load_timm(spec, pretrained=False)
@@ -365,6 +422,8 @@ def _load_dinov3(
         if pretrained:
             raise UserError(f"{spec.hub_name} from torch.hub needs --weights SIGNED_URL_OR_FILE: {offline_hint(spec)}")
         return _load_hub(spec, False, hub_dir)
+    if not is_url(weights) and is_hf_weights(weights):  # Meta's hub code reads Meta's layout only
+        weights = meta_layout_file(dinov3.read_dinov3_weights(weights, spec), spec, weights)
     dinov3.check_hub_weights_name(spec, str(weights))
     if not is_url(weights):
         if not Path(weights).is_file():

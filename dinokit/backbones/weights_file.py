@@ -28,16 +28,33 @@ def is_url(weights: str | Path) -> bool:
     return str(weights).startswith(("https://", "http://", "file://"))
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The files whose bytes are the weights: the file itself, or a snapshot folder's config and tensor files."""
+    if not path.is_dir():
+        return [path]
+    return sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".json"))
+    )
+
+
+def weights_size(path: str | Path) -> int:
+    return sum(os.stat(p).st_size for p in weight_files(Path(path)))
+
+
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (memoised for the process by path, size and modification time)."""
+    """SHA-256 of a weights file's bytes, or of a snapshot folder's files in name order (memoised for
+    the process by path, size and modification time)."""
     path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    files = weight_files(path)
+    key = (str(path), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if key not in _DIGESTS:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        for file in files:
+            if len(files) > 1:
+                digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
 
@@ -45,9 +62,9 @@ def file_sha256(path: str | Path) -> str:
 def weights_identity(path: str | Path) -> dict[str, Any]:
     """{"path": absolute path, "size": bytes, "sha256": content hash} of a local weights file."""
     resolved = Path(path).resolve()
-    if not resolved.is_file():
+    if not resolved.exists():
         raise FileNotFoundError(f"--weights {path}: file not found")
-    return {"path": str(resolved), "size": resolved.stat().st_size, "sha256": file_sha256(resolved)}
+    return {"path": str(resolved), "size": weights_size(resolved), "sha256": file_sha256(resolved)}
 
 
 def describe_identity(identity: dict[str, Any]) -> str:
@@ -59,12 +76,12 @@ def check_weights_unchanged(stored: dict[str, Any], made: str, fix: str) -> None
     """Refuse when the file `stored` names is gone or no longer has the stored content. `made`: what
     the file made ("the index photos.index was embedded"), `fix`: the command that re-embeds."""
     path = Path(stored["path"])
-    if not path.is_file():
+    if not path.exists():
         raise WeightsChangedError(
             f"{path}: the weights file {made} with is gone; put it back (sha256 {stored['sha256'][:12]}), "
             f"give --weights FILE with the same content, or re-embed: {fix}"
         )
-    size = os.stat(path).st_size
+    size = weights_size(path)
     if size != stored["size"] or file_sha256(path) != stored["sha256"]:
         now = {"path": str(path), "size": size, "sha256": file_sha256(path)}
         raise WeightsChangedError(
