@@ -91,6 +91,19 @@ def test_a_snapshot_gives_transformers_features(case, tmp_path):
         assert compare(ours, theirs, images, prefix) <= 1e-5, (height, width)
 
 
+def test_dinov2_off_its_grid_follows_meta_not_transformers(tmp_path):
+    """Off 518x518 transformers resizes DINOv2's position embeddings to the target grid, Meta's code
+    (and ours) by (grid + 0.1) / 37: the features differ, by the figure docs/backbones.md gives."""
+    theirs = dinov2()
+    ours = load_backbone("small", source="timm", weights=snapshot(theirs, tmp_path / "snapshot")).eval()
+    images = torch.randn(1, 3, 224, 308, generator=torch.Generator().manual_seed(1))
+    difference = compare(ours, theirs, images, 1)
+    print(
+        f"DINOv2 ViT-S/14 at 224x308, ours (Meta's interpolation) vs transformers: {100 * difference:.1f} %"
+    )
+    assert 1e-3 < difference < 0.1
+
+
 def test_every_file_form_of_a_snapshot_loads_the_same_weights(tmp_path):
     theirs = dinov3_vit()
     folder = snapshot(theirs, tmp_path / "whole")
