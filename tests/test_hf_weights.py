@@ -98,9 +98,7 @@ def test_dinov2_off_its_grid_follows_meta_not_transformers(tmp_path):
     ours = load_backbone("small", source="timm", weights=snapshot(theirs, tmp_path / "snapshot")).eval()
     images = torch.randn(1, 3, 224, 308, generator=torch.Generator().manual_seed(1))
     difference = compare(ours, theirs, images, 1)
-    print(
-        f"DINOv2 ViT-S/14 at 224x308, ours (Meta's interpolation) vs transformers: {100 * difference:.1f} %"
-    )
+    print(f"DINOv2 ViT-S/14 at 224x308, ours (Meta's interpolation) vs transformers: {100 * difference:.1f} %")
     assert 1e-3 < difference < 0.1
 
 
@@ -190,3 +188,18 @@ def test_train_takes_a_snapshot_as_weights_and_refuses_a_partial_one(tiny_datase
     result = run_script("train.py", *flags, "--weights", folder, "--out-dir", tmp_path / "refused")
     one_line_error(result, "model.safetensors", "1 tensors a dinov2 backbone needs are not in the file")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_snapshot_folder_is_an_index_weights_identity_that_notices_a_replaced_shard(tmp_path):
+    """retrieve.py / classify.py record the weights they embedded with by content: a folder too."""
+    from dinokit.backbones.weights_file import WeightsChangedError, check_weights_unchanged, weights_identity
+
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    safetensors_torch.save_file({"a": torch.zeros(3)}, str(folder / "model.safetensors"))
+    identity = weights_identity(folder)
+    check_weights_unchanged(identity, "the index was embedded", "retrieve.py index ...")
+    safetensors_torch.save_file({"a": torch.ones(3)}, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsChangedError, match="has changed since"):
+        check_weights_unchanged(identity, "the index was embedded", "retrieve.py index ...")
