@@ -300,6 +300,7 @@ def test_bench_measures_extraction_and_knn_over_stored_embeddings():
         "memory",
         "export",
         "backbones",
+        "eomt",
         "retrieval",
         "--cls-images",
         "8",

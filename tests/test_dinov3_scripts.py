@@ -149,7 +149,7 @@ def test_notebook_and_demo_take_the_checkpoint(dinov3_run, tiny_dataset, tmp_pat
 
 
 def test_bench_compares_backbones_side_by_side(tmp_path):
-    skip = ("epochs", "inference", "modes", "memory", "classification", "export", "retrieval")
+    skip = ("epochs", "inference", "modes", "memory", "classification", "export", "eomt", "retrieval")
     result = run_script(
         "bench.py", "--skip", *skip, "--imgsz", "64", "64", "--batch", "1", "--repeats", "1",
         "--compare", "dinov2_vits14", "dinov3_vits16",

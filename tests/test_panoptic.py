@@ -369,3 +369,14 @@ def test_eomt_flags_on_a_model_without_queries_are_refused_with_the_fix():
     train.settle(args, None)
     with pytest.raises(ValueError, match="--queries sets EoMT's queries; this model has none: add --head eomt"):
         train.check_args(args, train.get_task("segmentation"), train.resolve_backbone(args))
+
+
+@pytest.mark.slow
+def test_bench_times_eomt_against_transformers_and_the_bare_backbone():
+    pytest.importorskip("transformers")
+    others = ("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "retrieval")
+    result = run_script("bench.py", "--skip", *others, "--imgsz", "56", "56", "--batch", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| training step, batch 1 (ms) |") and rows[2].startswith("| inference forward")
+    assert "EoMT / bare" in rows[3]

@@ -386,7 +386,7 @@ def test_the_demo_searches_an_index(tmp_path):
 @pytest.mark.slow
 def test_bench_measures_the_index_kinds_and_the_duplicate_threshold(tmp_path):
     photos = make_photos(tmp_path / "data", count=3) / "photos"
-    others = ("epochs", "inference", "modes", "memory", "classification", "export", "backbones")
+    others = ("epochs", "inference", "modes", "memory", "classification", "export", "backbones", "eomt")
     result = run_script("bench.py", "--skip", *others, "--index-sizes", "2000", "--photos", photos)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| gem | its copy JPEG quality 50 |" in result.stdout and "| gem | another photo |" in result.stdout
