@@ -33,7 +33,8 @@ class HfWeightsError(UserError, ValueError):
 
 
 def is_hf_weights(path: str | Path) -> bool:
-    """A snapshot folder, or a file in transformers' layout (by name or by its tensor names)."""
+    """A snapshot folder, or a file named as a snapshot's (model.safetensors, its index,
+    pytorch_model.bin) or any .safetensors file."""
     path = Path(path)
     if path.is_dir():
         return any((path / name).is_file() for name in SNAPSHOT_FILES)

@@ -198,24 +198,31 @@ def image_records(raw: dict[str, Any], files: SplitFiles) -> dict[int, ImageReco
     return records
 
 
+def annotated_record(entry: dict[str, Any], records: dict[int, ImageRecord], where: Path) -> ImageRecord:
+    """The image an annotation entry is of (its image_id must be listed in 'images')."""
+    record = records.get(entry.get("image_id"))
+    if record is None:
+        raise DatasetError(f"{where}: annotation of image id {entry.get('image_id')} not in 'images'")
+    return record
+
+
+def category_index(categories: Categories, category_id: Any, record: ImageRecord, where: Path) -> int:
+    """The class index of a COCO category id (it must be listed in 'categories')."""
+    if category_id not in categories.ids:
+        raise DatasetError(f"{where}: {record.image.name}: category id {category_id} is not in 'categories'")
+    return categories.ids.index(category_id)
+
+
 def attach_panoptic(
     raw: dict[str, Any], files: SplitFiles, categories: Categories, records: dict[int, ImageRecord]
 ) -> None:
-    index = {cid: k for k, cid in enumerate(categories.ids)}
     for entry in raw.get("annotations", []):
-        record = records.get(entry.get("image_id"))
-        if record is None:
-            raise DatasetError(f"{files.annotations}: annotation of image id {entry.get('image_id')} not in 'images'")
+        record = annotated_record(entry, records, files.annotations)
         record.mask = files.masks / entry["file_name"]
         if not record.mask.is_file():
             raise DatasetError(f"{files.annotations}: {record.mask} (the PNG of {record.image.name}) does not exist")
         for info in entry.get("segments_info", []):
-            category = index.get(info.get("category_id"))
-            if category is None:
-                raise DatasetError(
-                    f"{files.annotations}: {record.image.name}: category id {info.get('category_id')} is not in "
-                    "'categories'"
-                )
+            category = category_index(categories, info.get("category_id"), record, files.annotations)
             record.segments.append(Segment(category, bool(info.get("iscrowd", 0)), png_id=int(info["id"])))
     unannotated = [r.image.name for r in records.values() if r.mask is None]
     if unannotated:
@@ -225,17 +232,9 @@ def attach_panoptic(
 def attach_instances(
     raw: dict[str, Any], files: SplitFiles, categories: Categories, records: dict[int, ImageRecord]
 ) -> None:
-    index = {cid: k for k, cid in enumerate(categories.ids)}
     for entry in raw.get("annotations", []):
-        record = records.get(entry.get("image_id"))
-        if record is None:
-            raise DatasetError(f"{files.annotations}: annotation of image id {entry.get('image_id')} not in 'images'")
-        category = index.get(entry.get("category_id"))
-        if category is None:
-            raise DatasetError(
-                f"{files.annotations}: {record.image.name}: category id {entry.get('category_id')} "
-                "is not in 'categories'"
-            )
+        record = annotated_record(entry, records, files.annotations)
+        category = category_index(categories, entry.get("category_id"), record, files.annotations)
         geometry = entry.get("segmentation")
         check_geometry(geometry, record, files.annotations)
         record.segments.append(Segment(category, bool(entry.get("iscrowd", 0)), geometry=geometry))
