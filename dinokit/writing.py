@@ -123,3 +123,29 @@ def write_json(path: str | Path, value: Any) -> None:
     """Atomically write `value` as strict JSON (nan -> null)."""
     text = json.dumps(json_ready(value), indent=1, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`atomic_write` for a folder of files that belong together (an index and its id table): written
+    into a temporary folder beside `path`, then swapped in by two renames; the folder `path` held
+    before is removed only once the new one is in place. A failed or killed write leaves the old one."""
+    path = Path(path)
+    try:
+        staging = temp_path(path, directory=True)
+    except OSError as err:
+        raise write_error(path, err) from err
+    try:
+        write(staging)
+        if path.exists():
+            old = temp_path(path, directory=True)
+            os.replace(path, old)  # `old` was an empty folder: replaced by the previous one
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise err if isinstance(err, WriteError) else write_error(path, err) from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -259,3 +259,17 @@ def make_panoptic_dataset(
         with open(root / "annotations" / f"instances_{split}.json", "w") as handle:
             json.dump({"images": images, "annotations": instances, "categories": things}, handle)
     return root
+
+
+def clustered_unit_vectors(count: int, dim: int, *, clusters: int = 1000, spread: float = 0.6, seed: int = 0):
+    """`count` L2-normalised float32 rows around `clusters` random centres (noise `spread` of a
+    centre's norm): the shape of image embeddings (groups of similar images), for index benchmarks
+    and tests that need many vectors but no images. Made in blocks: 10^6 x 384 needs no copy."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 65_536):
+        n = min(65_536, count - start)
+        block = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+        out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from dinokit.backbones.weights_file import (
 from dinokit.data.file_kinds import file_kind, sniff, wrong_file
 from dinokit.data.image_files import IMAGE_EXTENSIONS
 from dinokit.errors import UserError
-from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, to_bytes
+from dinokit.retrieval.vector_index import build_index, from_bytes, index_kind, search, to_bytes
 from dinokit.writing import atomic_write
 from model_config import canonical_name
 
@@ -137,26 +138,28 @@ class Collection:
         folders = " ".join(str(p) for p in self.indexed_folders()) or "DIR"
         return f"python retrieve.py index --images {folders} --index {path}"
 
+    def rebuild_command(self, path: Path, flags: str) -> str:
+        """The command that embeds every image again with `flags`."""
+        return f"{self.refresh_command(path)} {flags} --rebuild"
+
     def check_weights(self, path: Path, given: str | None = None) -> None:
-        """Refuse to embed queries for this index with other weights than its vectors were made by:
-        the stored weights file is checked by content (dinokit/backbones/weights_file.py); a
-        `given` --weights FILE with the same content replaces the stored path (a moved copy)."""
-        backbone = self.key["backbone"]
-        stored = backbone.get("weights_file") or {}
-        if given is not None:
-            asked = weights_identity(given)
-            if asked["sha256"] != stored.get("sha256"):
-                was = describe_identity(stored) if "sha256" in stored else backbone.get("weights") or "no weights file"
-                raise WeightsChangedError(
-                    f"--weights {given}: not the weights {path} was embedded with ({was}); give that file, "
-                    f"or re-embed with these weights: {self.refresh_command(path)} --weights {given} --rebuild"
-                )
-            self.key = {**self.key, "backbone": {**backbone, "weights": asked["path"], "weights_file": asked}}
-        elif "sha256" in stored:
-            found = moved_weights(stored, canonical_name(backbone["backbone"], backbone.get("registers", False)))
-            fix = f"{self.refresh_command(path)} {describe_key(self.key)} --rebuild"
-            check_weights_unchanged(found, f"{path} was embedded", fix)
-            self.key = {**self.key, "backbone": {**backbone, "weights": found["path"], "weights_file": found}}
+        """Refuse to embed queries with other weights than the vectors were made by (`checked_key`)."""
+        self.key = checked_key(self.key, path, given, lambda flags: self.rebuild_command(path, flags))
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, rows) `[Q, k]`, best first (row -1: fewer than k stored)."""
+        return search(self.index, vectors, k)
+
+    def path_of(self, row: int) -> str:
+        return self.records[row].path
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
 
     def missing_files(self, paths: list[str]) -> list[str]:
         """Of indexed `paths`, those no longer on disk (the index is stale)."""
@@ -206,6 +209,29 @@ class Collection:
             raise IndexFileError(f"{path}: index format {table.get('format')!r}, this version reads {FORMAT}")
         records = [FileRecord(p, size, mtime) for p, size, mtime in table["files"]]
         return cls(table["key"], records, vectors, index, table.get("recall", 1.0), table.get("folders", []))
+
+
+def checked_key(key: dict[str, Any], path: Path, given: str | None, rebuild: Callable[[str], str]) -> dict[str, Any]:
+    """Refuse to embed queries for the vectors at `path` with other weights than they were made by:
+    the stored weights file is checked by content (dinokit/backbones/weights_file.py); a `given`
+    --weights FILE with the same content replaces the stored path (a moved copy). Returns the key
+    with the weights file as found now; `rebuild(flags)` is the command that re-embeds with `flags`."""
+    backbone = key["backbone"]
+    stored = backbone.get("weights_file") or {}
+    if given is not None:
+        asked = weights_identity(given)
+        if asked["sha256"] != stored.get("sha256"):
+            was = describe_identity(stored) if "sha256" in stored else backbone.get("weights") or "no weights file"
+            raise WeightsChangedError(
+                f"--weights {given}: not the weights {path} was embedded with ({was}); give that file, "
+                f"or re-embed with these weights: {rebuild(f'--weights {given}')}"
+            )
+        return {**key, "backbone": {**backbone, "weights": asked["path"], "weights_file": asked}}
+    if "sha256" in stored:
+        found = moved_weights(stored, canonical_name(backbone["backbone"], backbone.get("registers", False)))
+        check_weights_unchanged(found, f"{path} was embedded", rebuild(describe_key(key)))
+        return {**key, "backbone": {**backbone, "weights": found["path"], "weights_file": found}}
+    return key
 
 
 def describe_key(key: dict[str, Any]) -> str:
