@@ -43,6 +43,15 @@
    the images' own size on both splits: the reference a train.py --task panoptic run on the same set
    is compared with (docs/panoptic.md gives both commands and figures).
 
+12. Retrieval past one machine, with --sharded (retrieve.py embed / build as users run them):
+   embedding images/s of `embed` with 1 process and with `torchrun --nproc-per-node 2`
+   (--sharded-images generated images at --cls-imgsz; the rate from the difference of a full and a
+   half run, so start-up cancels); then for each --sharded-sizes count of generated clustered 384-d
+   vectors written as shards, a `build` per index kind (--sharded-kinds; the budget each kind's
+   estimate needs, or --sharded-budget): kind, size, build time, peak RSS (the build process's own),
+   recall@10 and ms/query at the tuned parameter. With --autofaiss-python (a Python with autofaiss
+   installed), autofaiss builds on the same shards and budget, scored on the same queries.
+
 `python bench.py --summary [--backbone ...]` prints the segmentation model's layers instead (torchinfo).
 """
 
@@ -50,7 +59,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,12 +95,22 @@ from dinokit.classification.image_folders import class_images
 from dinokit.data.image_files import list_image_files, read_image
 from dinokit.data.labels import VOC
 from dinokit.data.resize import normalisation_table, normalise, preprocess, round_to_patch
-from dinokit.data.synthetic import make_dataset, make_image_folders
+from dinokit.data.synthetic import clustered_unit_vectors, make_dataset, make_image_folders
 from dinokit.prediction.modes import InferenceMode
 from dinokit.prediction.videos import open_video, read_frames, write_video
 from dinokit.retrieval.collection import collect_images
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
-from dinokit.retrieval.vector_index import build_index, normalised, to_bytes
+from dinokit.retrieval.index_folder import (
+    RECALL_K,
+    RECALL_QUERIES,
+    exact_neighbours,
+    recall_at,
+    sample_ids,
+    timed_search,
+)
+from dinokit.retrieval.index_plan import INDEX_KINDS, candidates, parse_size
+from dinokit.retrieval.shards import write_vector_shards
+from dinokit.retrieval.vector_index import build_index, faiss_module, normalised, to_bytes
 from dinokit.runs.reports import format_bytes
 from dinokit.tasks import get_task
 from dinokit.tasks.segmentation import segmentation_model
@@ -189,6 +210,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a torchinfo summary of the segmentation model these flags build, at --imgsz, and exit",
     )
+    parser.add_argument("--sharded", action="store_true", help="retrieval past one machine: embed and build (minutes)")
+    parser.add_argument("--sharded-images", type=at_least(4), default=64, help="--sharded: images embedded")
+    parser.add_argument("--sharded-sizes", type=at_least(1000), nargs="+", default=[100_000, 1_000_000], metavar="N")
+    parser.add_argument(
+        "--sharded-kinds", nargs="+", default=list(INDEX_KINDS), choices=INDEX_KINDS, help="--sharded: index kinds"
+    )
+    parser.add_argument(
+        "--sharded-budget", type=parse_size, default=None, help="--sharded: one --max-memory for every build"
+    )
+    parser.add_argument("--autofaiss-python", default=None, metavar="PYTHON", help="--sharded: a Python with autofaiss")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -685,6 +716,108 @@ def bench_retrieval(args: argparse.Namespace) -> None:
             del index
 
 
+def embed_rate(args: argparse.Namespace, images: Path, out: Path, launcher: list[str]) -> float:
+    """Images/s of `retrieve.py embed` over `images`: the difference of a run over all and one over
+    the first half (one shard each), so the start-up of the processes cancels."""
+    files = sorted(images.rglob("*.jpg"))
+    out.mkdir(parents=True)
+    lists = {}
+    for name, part in (("all", files), ("half", files[: len(files) // 2])):
+        lists[name] = out / f"{name}.txt"
+        lists[name].write_text("\n".join(map(str, part)))
+    seconds = {}
+    for name, listed in lists.items():
+        started = time.perf_counter()
+        command = [*launcher, str(Path(__file__).with_name("retrieve.py")), "embed", "--list", str(listed)]
+        command += ["--out", str(out / f"emb_{name}"), "--imgsz", str(args.cls_imgsz), "--batch", "16"]
+        command += ["--shard-size", str(max(1, len(files) // 4)), *backbone_argv(args), "--device", args.device]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"retrieve.py embed failed: {result.stderr.strip().splitlines()[-1:]}")
+        seconds[name] = time.perf_counter() - started
+    return (len(files) - len(files) // 2) / max(seconds["all"] - seconds["half"], 1e-9)
+
+
+def bench_sharded_embed(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """Embedding images/s with one process and with two under torchrun."""
+    images = make_image_folders(tmp / "embed_images", 4, args.sharded_images // 4, 0, size=(320, 240))
+    rows = ["| processes | images/s |", "|---|---|"]
+    for processes in (1, 2):
+        launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run"]
+        launcher += [] if processes == 1 else ["--nproc-per-node", str(processes)]
+        rate = embed_rate(args, images, tmp / f"embed_{processes}", launcher)
+        rows.append(f"| {processes} | {rate:.1f} |")
+    return rows
+
+
+AUTOFAISS_BUILD = """
+import json, resource, sys, time
+from autofaiss import build_index
+started = time.perf_counter()
+build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3], metric_type="ip",
+            max_index_memory_usage=sys.argv[4], current_memory_available="4G", verbose=30)
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def bench_sharded_builds(args: argparse.Namespace, tmp: Path) -> None:
+    """retrieve.py build per kind and size (and autofaiss beside it), a row printed as each ends."""
+    print(
+        "| vectors | builder | --max-memory | index | size | build (s) | peak RSS | recall@10 | ms/query |\n"
+        "|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    key = {"format": 1, "backbone": {"backbone": "generated"}, "imgsz": 0, "features": "clustered", "scales": [1.0]}
+    for count in args.sharded_sizes:
+        folder = tmp / f"vectors_{count}"
+        embeddings = write_vector_shards(folder, clustered_unit_vectors(count, 384), key, shard_size=100_000)
+        options = {choice.kind: choice for choice in candidates(count, 384)}  # the first of each kind
+        for kind in [k for k in args.sharded_kinds if k in options]:
+            budget = args.sharded_budget or math.ceil(options[kind].bytes * 1.02 / 10**6) * 10**6
+            index = tmp / f"index_{count}_{kind}"
+            seconds = script_seconds("retrieve.py", "build", "--embeddings", str(folder), "--index", str(index),
+                                     "--max-memory", str(budget), "--kind", kind)  # fmt: skip
+            report = json.loads((index / "index.json").read_text())
+            print(
+                f"| {count:,} | retrieve.py | {format_bytes(budget)} | {report['factory']} "
+                f"{report['parameter'] or ''} {report['value'] or ''} | {format_bytes(report['index_bytes'])} "
+                f"| {report['build_seconds']:.0f} ({seconds:.0f} with tuning) "
+                f"| {format_bytes(report['peak_rss_bytes'])} | {report['recall']:.3f} | {report['query_ms']:.3f} |",
+                flush=True,
+            )
+            shutil.rmtree(index)
+            if args.autofaiss_python and kind == "ivf-sq8":
+                print(autofaiss_row(args, embeddings, budget, tmp / f"autofaiss_{count}"), flush=True)
+        shutil.rmtree(folder)
+
+
+def autofaiss_row(args: argparse.Namespace, embeddings, budget: int, out: Path) -> str:
+    """autofaiss on the same shards (it reads every .npy of the folder) and budget, scored here."""
+    out.mkdir()
+    result = subprocess.run(
+        [args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(embeddings.folder), str(out / "knn.index"),
+         str(out / "infos.json"), f"{budget // 10**6}MB"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        return f"| {embeddings.count:,} | autofaiss | failed: {result.stderr.strip().splitlines()[-1:]} |"
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    index = faiss_module().read_index(str(out / "knn.index"))
+    own = sample_ids(embeddings.count, RECALL_QUERIES, 1)  # the queries retrieve.py build scored with
+    queries = embeddings.rows_at(own)
+    truth = exact_neighbours(embeddings, queries, own, RECALL_K)
+    found, ms = timed_search(index, queries)
+    infos = json.loads((out / "infos.json").read_text())
+    size = (out / "knn.index").stat().st_size
+    shutil.rmtree(out)
+    return (
+        f"| {embeddings.count:,} | autofaiss | {format_bytes(budget)} | {infos.get('index_key')} "
+        f"{infos.get('index_param', '')} | {format_bytes(size)} | {measured['seconds']:.0f} "
+        f"| {format_bytes(measured['peak_rss'])} | {recall_at(found, truth, own, RECALL_K):.3f} | {ms:.3f} |"
+    )
+
+
 COPIES = {
     "resized to 50 %": lambda image: cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), cv2.INTER_AREA),
     "JPEG quality 50": lambda image: cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 50])[1], 1),
@@ -948,6 +1081,11 @@ def main(args: argparse.Namespace) -> None:
         if "retrieval" not in args.skip:
             print("## Retrieval indexes (retrieve.py), 384-d embeddings, 100 queries\n")
             bench_retrieval(args)
+        if args.sharded:
+            print(f"## Sharded embedding: retrieve.py embed, {args.sharded_images} images at {args.cls_imgsz}\n")
+            print("\n".join(bench_sharded_embed(args, tmp)) + "\n", flush=True)
+            print("## Index builds from shards: retrieve.py build (recall target 0.9)\n")
+            bench_sharded_builds(args, tmp)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from dinokit.retrieval.collection import (
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.duplicates import duplicate_groups
 from dinokit.retrieval.index_folder import IndexFolder, build_index_folder, index_folder_path, is_index_folder
-from dinokit.retrieval.index_plan import choose_index, parse_size
+from dinokit.retrieval.index_plan import INDEX_KINDS, choose_index, parse_size
 from dinokit.retrieval.server import SearchService, make_server
 from dinokit.retrieval.shards import (
     DTYPES,
@@ -440,7 +440,7 @@ def build_from_shards(args: argparse.Namespace) -> None:
     path = index_folder_path(args.index)
     if path.exists() and not is_index_folder(path):
         raise UserError(f"--index {path}: exists and is not an index folder of `build`; give another --index")
-    choice = choose_index(embeddings.count, embeddings.dim, args.max_memory)
+    choice = choose_index(embeddings.count, embeddings.dim, args.max_memory, args.kind)
     print(
         f"{embeddings.count:,} {embeddings.dim}-d vectors in {len(embeddings.rows)} shards: building {choice.factory}"
     )
@@ -514,6 +514,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     build_parser.add_argument(
         "--recall-target", type=unit_interval, default=0.9, help="recall@10 against exact search to tune to"
+    )
+    build_parser.add_argument(
+        "--kind", default="auto", choices=("auto", *INDEX_KINDS), help="auto: the best that fits (docs/retrieval.md)"
     )
     build_parser.add_argument("--seed", type=int, default=0, help="the training sample and the recall queries")
     search_parser = commands.add_parser("search", help="the nearest indexed images of query images (or vectors)")

@@ -40,7 +40,8 @@ RECALL_K = 10
 ADD_BATCH_BYTES = 64 * 10**6  # float32 vectors handed to FAISS at once: bounds the build's memory beyond the index
 EXACT_CHUNK = 16_384  # stored vectors compared with all queries at once in the exact search
 SWEEP = {"nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], "efSearch": [16, 32, 64, 128, 256, 512]}
-QUANTIZER_EF_SEARCH = 128  # an HNSW coarse quantizer's own search breadth
+QUANTIZER_EF_SEARCH = 128
+OPQ_ITERATIONS = 10  # an HNSW coarse quantizer's own search breadth
 
 
 class IndexFolderError(UserError):
@@ -156,6 +157,8 @@ def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int):
     index = faiss.index_factory(embeddings.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
     if choice.factory.startswith("HNSW"):
         faiss.downcast_index(index).hnsw.efConstruction = 80
+    if choice.factory.startswith("OPQ"):  # FAISS's 50 rotation iterations take minutes per 10^5 samples
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
     if "_HNSW" in choice.factory:
         set_parameter(index, "quantizer_efSearch", QUANTIZER_EF_SEARCH)
     if not index.is_trained:

@@ -28,6 +28,7 @@ ID_BYTES = 8  # an inverted list's id per vector
 PQ_BYTES = (128, 96, 64, 48, 32, 24, 16, 8)  # OPQ+PQ code sizes tried, largest (best recall) first
 POINTS_PER_CELL = 64  # k-means training points a cell (FAISS warns below 39)
 MIN_TRAIN = 1_000  # fewer vectors than this: exact search, there is nothing to approximate
+INDEX_KINDS = ("exact", "hnsw", "ivf-flat", "ivf-sq8", "opq-ivf-pq")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -107,16 +108,19 @@ def candidates(count: int, dim: int) -> list[IndexChoice]:
     return choices
 
 
-def choose_index(count: int, dim: int, budget: int) -> IndexChoice:
-    """The first of `candidates` that fits in `budget` bytes; a budget none fits is refused naming
-    the smallest that works."""
-    options = candidates(count, dim)
+def choose_index(count: int, dim: int, budget: int, kind: str = "auto") -> IndexChoice:
+    """The first of `candidates` (of `kind`, unless "auto") that fits in `budget` bytes; a budget
+    none fits is refused naming the smallest that works."""
+    options = [c for c in candidates(count, dim) if kind in ("auto", c.kind)]
+    if not options:
+        raise UserError(f"--kind {kind}: not built for {count:,} vectors (see docs/retrieval.md); use --kind auto")
     for choice in options:
         if choice.bytes <= budget:
             return choice
     smallest = min(options, key=lambda c: c.bytes)
     raise UserError(
-        f"--max-memory {format_size(budget)}: no index of {count:,} {dim}-d vectors fits; the smallest "
+        f"--max-memory {format_size(budget)}: no {'' if kind == 'auto' else kind + ' '}index of {count:,} {dim}-d "
+        "vectors fits; the smallest "
         f"({smallest.factory}) needs {format_size(smallest.bytes)}: give at least --max-memory "
         f"{math.ceil(smallest.bytes / 10**6)}MB"
     )

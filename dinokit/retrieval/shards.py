@@ -257,8 +257,8 @@ class EmbeddingFolder:
             if not meta.is_file() or not emb.is_file():
                 missing = emb.name if not emb.is_file() else meta.name
                 raise ShardError(
-                    f"{folder / missing}: missing ({number} of {manifest['shards']} shards before it are there); "
-                    f"complete the embedding by running the same embed command again"
+                    f"{folder / missing}: missing (shard {number} of 0..{manifest['shards'] - 1} is not complete); "
+                    "run the same embed command again to complete the folder"
                 )
             try:
                 import pyarrow.parquet as pq
@@ -304,3 +304,18 @@ class EmbeddingFolder:
     def paths(self) -> Iterator[str]:
         for shard in self.shards():
             yield from shard.paths()
+
+
+def write_vector_shards(
+    folder: Path, vectors: np.ndarray, key: dict[str, Any], *, shard_size: int, dtype: str = "float32"
+) -> EmbeddingFolder:
+    """Vectors made elsewhere (another tool, a benchmark's generated ones) as an embedding folder,
+    row i named `vector_<i>` (no file behind it): `build` and `search --vectors` take it like `embed`'s."""
+    names = tuple(Path(f"vector_{row:09d}") for row in range(len(vectors)))
+    plan = ShardPlan(names, shard_size)
+    claim_embedding_folder(folder, manifest_for(key, plan, dtype), lambda stored, asked: [])
+    for number in range(plan.count):
+        rows = slice(number * shard_size, (number + 1) * shard_size)
+        records = [FileRecord(str(name), 0, 0) for name in plan.files_of(number)]
+        write_shard(folder, number, vectors[rows], records, [], dtype)
+    return EmbeddingFolder.open(folder)
