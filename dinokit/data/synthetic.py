@@ -261,7 +261,7 @@ def make_panoptic_dataset(
     return root
 
 
-def clustered_unit_vectors(count: int, dim: int, *, clusters: int = 1000, spread: float = 0.6, seed: int = 0):
+def clustered_unit_vectors(count: int, dim: int, *, clusters: int = 1000, spread: float = 1.0, seed: int = 0):
     """`count` L2-normalised float32 rows around `clusters` random centres (noise `spread` of a
     centre's norm): the shape of image embeddings (groups of similar images), for index benchmarks
     and tests that need many vectors but no images. Made in blocks: 10^6 x 384 needs no copy."""

@@ -49,8 +49,21 @@ class IndexFolderError(UserError):
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory so far, bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far, bytes: VmHWM of its own address space (getrusage's
+    maxrss also counts the parent's memory at fork, so a build started by a large process read high)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    """This process's resident memory now, bytes (what the interpreter and its libraries hold before a build)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux
+        return 0
 
 
 @dataclass
@@ -64,6 +77,7 @@ class BuildReport:
     index_bytes: int
     build_seconds: float
     peak_rss_bytes: int
+    start_rss_bytes: int  # before the build: the interpreter, PyTorch and FAISS loaded
     recall: float  # recall@RECALL_K against exact search at the tuned parameter
     parameter: str | None = None
     value: int | None = None
@@ -75,7 +89,8 @@ class BuildReport:
         return (
             f"{self.factory} ({self.kind}{tuned}): {self.vectors:,} x {self.dim}-d, "
             f"{format_size(self.index_bytes)}, built in {self.build_seconds:.1f} s, peak RSS "
-            f"{format_size(self.peak_rss_bytes)}, recall@{RECALL_K} {self.recall:.4f}, {self.query_ms:.3f} ms/query"
+            f"{format_size(self.peak_rss_bytes)} ({format_size(self.start_rss_bytes)} before the build), "
+            f"recall@{RECALL_K} {self.recall:.4f}, {self.query_ms:.3f} ms/query"
         )
 
 
@@ -174,7 +189,7 @@ def build_index_folder(
     path: Path, embeddings: EmbeddingFolder, choice: IndexChoice, *, recall_target: float, seed: int = 0
 ) -> BuildReport:
     """Build `choice` over `embeddings`, tune it to `recall_target`, and write the folder `path` whole."""
-    started = time.perf_counter()
+    start_rss, started = current_rss(), time.perf_counter()
     index = train_and_fill(choice, embeddings, seed)
     built = time.perf_counter() - started
     own_ids = sample_ids(embeddings.count, RECALL_QUERIES, seed + 1)
@@ -185,7 +200,7 @@ def build_index_folder(
         truth = exact_neighbours(embeddings, queries, own_ids, min(RECALL_K, embeddings.count - 1))
         value, recall, ms, tried = tune(index, choice, queries, truth, own_ids, recall_target)
     report = BuildReport(
-        choice.kind, choice.factory, embeddings.count, embeddings.dim, 0, built, 0, recall,
+        choice.kind, choice.factory, embeddings.count, embeddings.dim, 0, built, 0, start_rss, recall,
         choice.parameter, value, ms, tried,
     )  # fmt: skip
 
