@@ -787,7 +787,7 @@ def bench_sharded_builds(args: argparse.Namespace, tmp: Path) -> None:
             print(
                 f"| {count:,} | retrieve.py | {format_bytes(budget)} | {report['factory']} "
                 f"{report['parameter'] or ''} {report['value'] or ''} | {format_bytes(report['index_bytes'])} "
-                f"| {report['build_seconds']:.0f} ({seconds:.0f} with tuning) "
+                f"| {report['build_seconds']:.0f} ({report['train_seconds']:.0f} training; {seconds:.0f} with tuning) "
                 f"| {format_bytes(report['peak_rss_bytes'])} ({format_bytes(report['start_rss_bytes'])} before) "
                 f"| {report['recall']:.3f} | {report['query_ms']:.3f} | {serve_load(index, embeddings)} |",
                 flush=True,

@@ -131,7 +131,10 @@ def test_faulty_shards_are_named_in_one_line(shards):
     with pytest.raises(ShardError, match=r"emb_00001.npy: 999 vectors but meta_00001.parquet lists 1000 files"):
         EmbeddingFolder.open(folder)
     (folder / "emb_00001.npy").unlink()
-    with pytest.raises(ShardError, match=r"emb_00001.npy: missing \(shard 1 of 0..2 is not complete\); run the same embed command again"):
+    with pytest.raises(
+        ShardError,
+        match=r"emb_00001.npy: missing \(shard 1 of 0..2 is not complete\); run the same embed command again",
+    ):
         EmbeddingFolder.open(folder)
 
 
@@ -160,6 +163,20 @@ def test_each_kind_builds_from_shards_and_finds_stored_vectors(shards, tmp_path,
     stored = shards.rows_at(np.array([7, 2100]))
     _, rows = opened.search(stored, 1)
     assert kind == "opq-ivf-pq" or rows[:, 0].tolist() == [7, 2100]
+
+
+def test_float16_shards_take_half_the_disk_and_find_the_same_neighbours(tmp_path):
+    vectors = clustered_unit_vectors(3000, 64, clusters=30)
+    halves = write_vector_shards(tmp_path / "f16", vectors, KEY, shard_size=1000, dtype="float16")
+    full = write_vector_shards(tmp_path / "f32", vectors, KEY, shard_size=1000)
+    size = lambda folder: (folder / "emb_00000.npy").stat().st_size  # noqa: E731
+    assert size(halves.folder) < 0.51 * size(full.folder)
+    built = []
+    for number, embeddings in enumerate((halves, full)):
+        build_index_folder(tmp_path / f"index{number}", embeddings, choose_index(3000, 64, 10**9), recall_target=0.9)
+        built.append(IndexFolder.open(tmp_path / f"index{number}"))
+    queries = vectors[:50]
+    assert (built[0].search(queries, 1)[1] == built[1].search(queries, 1)[1]).all()
 
 
 def test_a_failed_build_leaves_the_previous_index(tmp_path):

@@ -75,7 +75,8 @@ class BuildReport:
     vectors: int
     dim: int
     index_bytes: int
-    build_seconds: float
+    build_seconds: float  # training + filling
+    train_seconds: float
     peak_rss_bytes: int
     start_rss_bytes: int  # before the build: the interpreter, PyTorch and FAISS loaded
     recall: float  # recall@RECALL_K against exact search at the tuned parameter
@@ -88,7 +89,8 @@ class BuildReport:
         tuned = f", {self.parameter} {self.value}" if self.parameter else ""
         return (
             f"{self.factory} ({self.kind}{tuned}): {self.vectors:,} x {self.dim}-d, "
-            f"{format_size(self.index_bytes)}, built in {self.build_seconds:.1f} s, peak RSS "
+            f"{format_size(self.index_bytes)}, built in {self.build_seconds:.1f} s "
+            f"({self.train_seconds:.1f} s training), peak RSS "
             f"{format_size(self.peak_rss_bytes)} ({format_size(self.start_rss_bytes)} before the build), "
             f"recall@{RECALL_K} {self.recall:.4f}, {self.query_ms:.3f} ms/query"
         )
@@ -166,8 +168,9 @@ def tune(index, choice: IndexChoice, queries, truth, own_ids, target: float) -> 
     return best["value"], best["recall"], best["ms_per_query"], tried
 
 
-def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int):
-    """The index of `choice`, trained on a sample of the shards and filled batch by batch."""
+def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int) -> tuple[Any, float]:
+    """The index of `choice`, trained on a sample of the shards and filled batch by batch, and the
+    seconds the training took (the rest is filling: what grows with the collection)."""
     faiss = faiss_module()
     index = faiss.index_factory(embeddings.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
     if choice.factory.startswith("HNSW"):
@@ -176,13 +179,15 @@ def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int):
         faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
     if "_HNSW" in choice.factory:
         set_parameter(index, "quantizer_efSearch", QUANTIZER_EF_SEARCH)
+    started = time.perf_counter()
     if not index.is_trained:
         sample = embeddings.rows_at(sample_ids(embeddings.count, choice.train_size, seed))
         index.train(sample)
         del sample
+    trained = time.perf_counter() - started
     for batch in batches(embeddings):
         index.add(batch)
-    return index
+    return index, trained
 
 
 def build_index_folder(
@@ -190,7 +195,7 @@ def build_index_folder(
 ) -> BuildReport:
     """Build `choice` over `embeddings`, tune it to `recall_target`, and write the folder `path` whole."""
     start_rss, started = current_rss(), time.perf_counter()
-    index = train_and_fill(choice, embeddings, seed)
+    index, train_seconds = train_and_fill(choice, embeddings, seed)
     built = time.perf_counter() - started
     own_ids = sample_ids(embeddings.count, RECALL_QUERIES, seed + 1)
     queries = normalised(embeddings.rows_at(own_ids))
@@ -200,7 +205,7 @@ def build_index_folder(
         truth = exact_neighbours(embeddings, queries, own_ids, min(RECALL_K, embeddings.count - 1))
         value, recall, ms, tried = tune(index, choice, queries, truth, own_ids, recall_target)
     report = BuildReport(
-        choice.kind, choice.factory, embeddings.count, embeddings.dim, 0, built, 0, start_rss, recall,
+        choice.kind, choice.factory, embeddings.count, embeddings.dim, 0, built, train_seconds, 0, start_rss, recall,
         choice.parameter, value, ms, tried,
     )  # fmt: skip
 
