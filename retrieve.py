@@ -409,7 +409,7 @@ def embed_shards(args: argparse.Namespace) -> None:
         f"{plan.count - len(done)} to embed by {world_size()} process(es)"
     )
     backbone = build_backbone(key["backbone"], device) if todo else None
-    started, embedded, skipped = time.perf_counter(), 0, 0
+    started, embedded = time.perf_counter(), 0
     for number in todo:
         shard_files = plan.files_of(number)
         vectors, kept, failures = embed_files(
@@ -423,7 +423,7 @@ def embed_shards(args: argparse.Namespace) -> None:
         )
         records = [FileRecord.of(shard_files[i]) for i in kept]
         write_shard(out, number, vectors.reshape(len(kept), -1), records, failures, args.dtype)
-        embedded, skipped = embedded + len(kept), skipped + len(failures)
+        embedded += len(kept)
         rate = embedded / (time.perf_counter() - started)
         note = f", {len(failures)} unreadable (listed in skipped_{number:05d}.csv)" if failures else ""
         print(f"shard {number:05d}: {len(kept)} vectors{note}; {rate:.1f} images/s", flush=True)

@@ -403,3 +403,12 @@ def test_build_faults_are_one_line_and_replace_nothing(reference, tmp_path):
                         "--max-memory", "1KB")  # fmt: skip
     assert result.returncode == 1 and "the smallest (Flat) needs 21.5 KB: give at least" in result.stderr
     assert not (tmp_path / "i").exists()
+
+
+def test_the_bench_extrapolates_filling_linearly_and_training_as_cells_squared():
+    from bench import on_paper
+
+    measured = {"ivf-sq8": {"vectors": 10**6, "build_seconds": 40.0, "train_seconds": 4.0, "cells": 2048}}
+    rows = on_paper(measured)
+    assert rows[2] == "| 1e+08 | IVF16384_HNSW32,SQ8 | 39.25 GB | 0.1 h | 1.0 h |"  # 36 s x 100; 4 s x 8^2
+    assert rows[3].startswith("| 1e+09 | IVF65536_HNSW32,SQ8 |") and rows[3].endswith("| 1.1 h | 10.0 h |")
