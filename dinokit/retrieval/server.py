@@ -171,8 +171,7 @@ def handler_for(service: SearchService) -> type[BaseHTTPRequestHandler]:
 def make_server(service: SearchService, host: str, port: int) -> ThreadingHTTPServer:
     """A threaded server on `host:port` (port 0: one the system picks; read it from server_address).
     Each request's search runs on one core: concurrent requests are the parallelism (FAISS's own
-    threads per query, times the clients, oversubscribe the cores — measured 73 queries/s against
-    exact search of 10^5 vectors with 8 clients, p95 132 ms, bench.py --sharded)."""
+    threads per query, times the clients, would oversubscribe the cores)."""
     faiss_module().omp_set_num_threads(1)
     server = ThreadingHTTPServer((host, port), handler_for(service))
     server.daemon_threads = True
