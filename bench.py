@@ -87,6 +87,7 @@ from cli import (
     backbone_argv,
     backbone_identity,
     backbone_kwargs,
+    byte_size,
     run_cli,
 )
 from datasets import ViewsDataset, build_datasets, make_loader, set_epoch
@@ -110,7 +111,7 @@ from dinokit.retrieval.index_folder import (
     sample_ids,
     timed_search,
 )
-from dinokit.retrieval.index_plan import INDEX_KINDS, candidates, parse_size
+from dinokit.retrieval.index_plan import INDEX_KINDS, candidates
 from dinokit.retrieval.shards import write_vector_shards
 from dinokit.retrieval.vector_index import build_index, faiss_module, normalised, to_bytes
 from dinokit.runs.reports import format_bytes
@@ -219,7 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--sharded-kinds", nargs="+", default=list(INDEX_KINDS), choices=INDEX_KINDS, help="--sharded: index kinds"
     )
     parser.add_argument(
-        "--sharded-budget", type=parse_size, default=None, help="--sharded: one --max-memory for every build"
+        "--sharded-budget", type=byte_size, default=None, help="--sharded: one --max-memory for every build"
     )
     parser.add_argument("--autofaiss-python", default=None, metavar="PYTHON", help="--sharded: a Python with autofaiss")
     parser.add_argument("--autofaiss-timeout", type=at_least(1), default=1800, help="--sharded: seconds, at most")

@@ -22,6 +22,7 @@ from dinokit.backbones.weights_file import is_url, weights_identity
 from dinokit.data.resize import check_imgsz
 from dinokit.errors import UserError, one_line
 from dinokit.prediction.modes import MODES, InferenceMode
+from dinokit.retrieval.index_plan import parse_size
 from dinokit.tasks.task import OutputOptions
 from model_config import BACKBONE_NAMES, HEAD_LAYERS, SOURCES
 from utils import AMP_CHOICES, distributed, rank
@@ -123,6 +124,14 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer in {low}..{high}"
     return parse
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a size in bytes written as 600MB, 1.5GB, 512MiB or a plain number."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive(text: str) -> float:

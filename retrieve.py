@@ -40,6 +40,7 @@ from cli import (
     add_device_args,
     at_least,
     backbone_identity,
+    byte_size,
     int_between,
     output_folder,
     positive,
@@ -63,7 +64,7 @@ from dinokit.retrieval.collection import (
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.duplicates import duplicate_groups
 from dinokit.retrieval.index_folder import IndexFolder, build_index_folder, index_folder_path, is_index_folder
-from dinokit.retrieval.index_plan import INDEX_KINDS, choose_index, parse_size
+from dinokit.retrieval.index_plan import INDEX_KINDS, choose_index
 from dinokit.retrieval.server import SearchService, make_server
 from dinokit.retrieval.shards import (
     DTYPES,
@@ -402,8 +403,8 @@ def embed_shards(args: argparse.Namespace) -> None:
         claim_embedding_folder(out, manifest_for(key, plan, args.dtype), key_differences)
 
     on_main_process(claim)
-    done = [n for n in range(plan.count) if complete_rows(out, n) is not None]
-    todo = [n for n in plan.shards_of_rank(rank(), world_size()) if n not in set(done)]
+    done = {n for n in range(plan.count) if complete_rows(out, n) is not None}
+    todo = [n for n in plan.shards_of_rank(rank(), world_size()) if n not in done]
     print(
         f"{len(files):,} files in {plan.count} shards of {args.shard_size:,}: {len(done)} complete, "
         f"{plan.count - len(done)} to embed by {world_size()} process(es)"
@@ -510,7 +511,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     build_parser.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="the folder `embed` wrote")
     build_parser.add_argument("--index", required=True, metavar="NAME", help="outputs/retrieval/NAME/, or a path")
     build_parser.add_argument(
-        "--max-memory", type=parse_size, required=True, metavar="SIZE", help="the index's size at most: 600MB, 4GB"
+        "--max-memory", type=byte_size, required=True, metavar="SIZE", help="the index's size at most: 600MB, 4GB"
     )
     build_parser.add_argument(
         "--recall-target", type=unit_interval, default=0.9, help="recall@10 against exact search to tune to"

@@ -141,6 +141,7 @@ def test_faulty_shards_are_named_in_one_line(shards):
 def test_exact_neighbours_stream_the_shards_and_leave_each_query_out(shards):
     vectors = np.concatenate([s.vectors for s in shards.shards()])
     own = np.array([0, 999, 1000, 2499])
+    assert np.array_equal(shards.rows_at(own[::-1]), vectors[own[::-1]])  # any order, across shard edges
     found = exact_neighbours(shards, vectors[own], own, 5)
     similarities = vectors[own] @ vectors.T
     similarities[np.arange(4), own] = -np.inf

@@ -127,6 +127,7 @@ class SearchService:
 def handler_for(service: SearchService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client's queries reuse one connection
+        timeout = 60  # seconds a connection may stay silent (a client that never sends its body frees its thread)
 
         def send_json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()

@@ -292,13 +292,18 @@ class EmbeddingFolder:
             yield Shard(number, np.load(emb, mmap_mode="r"), self.folder / shard_name("meta", number))
 
     def rows_at(self, ids: np.ndarray) -> np.ndarray:
-        """The vectors with global ids `ids` (shard order), as float32, reading only their shards' rows."""
+        """The vectors with global ids `ids` (shard order), as float32, opening only the shards that
+        hold some of them and reading only those rows."""
+        ids = np.asarray(ids, dtype=np.int64)
         starts = np.cumsum([0, *self.rows])
+        order = np.argsort(ids, kind="stable")
+        shard_of = np.searchsorted(starts, ids[order], side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.rows) + 1))  # ids[order][bounds[n]:bounds[n+1]] in n
         out = np.empty((len(ids), self.dim), np.float32)
-        for shard in self.shards():
-            inside = (ids >= starts[shard.number]) & (ids < starts[shard.number + 1])
-            if inside.any():
-                out[inside] = shard.vectors[ids[inside] - starts[shard.number]]
+        for number in np.flatnonzero(np.diff(bounds)):
+            chosen = order[bounds[number] : bounds[number + 1]]
+            vectors = np.load(self.folder / shard_name("emb", number), mmap_mode="r")
+            out[chosen] = vectors[ids[chosen] - starts[number]]
         return out
 
     def paths(self) -> Iterator[str]:
