@@ -874,7 +874,7 @@ def autofaiss_row(args: argparse.Namespace, embeddings, budget: int, out: Path) 
     out.mkdir()
     try:
         result = subprocess.run(
-            [args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(embeddings.folder), str(out / "knn.index"),
+            [args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(embeddings.folders[0]), str(out / "knn.index"),
              str(out / "infos.json"), f"{budget // 10**6}MB"],
             capture_output=True, text=True, timeout=args.autofaiss_timeout,
         )  # fmt: skip

@@ -68,7 +68,8 @@ from dinokit.retrieval.index_plan import INDEX_KINDS, choose_index
 from dinokit.retrieval.server import SearchService, make_server
 from dinokit.retrieval.shards import (
     DTYPES,
-    EmbeddingFolder,
+    Embeddings,
+    ShardError,
     ShardPlan,
     claim_embedding_folder,
     complete_rows,
@@ -400,7 +401,7 @@ def embed_shards(args: argparse.Namespace) -> None:
     def claim() -> None:
         for stale in remove_stale_temp_files(out) if out.is_dir() else []:
             print(f"Removed {stale.name}: a shard file of a process that was killed")
-        claim_embedding_folder(out, manifest_for(key, plan, args.dtype), key_differences)
+        claim_embedding_folder(out, manifest_for(key, plan, args.dtype))
 
     on_main_process(claim)
     done = {n for n in range(plan.count) if complete_rows(out, n) is not None}
@@ -430,14 +431,21 @@ def embed_shards(args: argparse.Namespace) -> None:
         print(f"shard {number:05d}: {len(kept)} vectors{note}; {rate:.1f} images/s", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process's shards are written before the total is read
-    total = sum(complete_rows(out, n) or 0 for n in range(plan.count))
+    rows = [complete_rows(out, n) for n in range(plan.count)]
+    missing = [n for n, count in enumerate(rows) if count is None]
+    if missing:  # several machines under torchrun, each writing to its own disk
+        raise ShardError(
+            f"--out {out}: {len(missing)} of {plan.count} shards are not there (e.g. {missing[0]:05d}); under "
+            "torchrun on several machines --out must be a folder they share, or embed a --list part on each"
+        )
+    total = sum(rows)
     print(f"{out}: {total:,} vectors of {len(files):,} files ({len(files) - total:,} unreadable, skipped)")
 
 
 def build_from_shards(args: argparse.Namespace) -> None:
     """`build`: an index for the shards under a memory budget, tuned to a recall target, written as
     a folder (dinokit/retrieval/index_folder.py)."""
-    embeddings = EmbeddingFolder.open(Path(args.embeddings))
+    embeddings = Embeddings.open(*map(Path, args.embeddings))
     path = index_folder_path(args.index)
     if path.exists() and not is_index_folder(path):
         raise UserError(f"--index {path}: exists and is not an index folder of `build`; give another --index")
@@ -508,7 +516,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=DTYPES, help="stored vectors (float16: half the disk)"
     )
     build_parser = commands.add_parser("build", help="an index of embedding shards under a memory budget")
-    build_parser.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="the folder `embed` wrote")
+    build_parser.add_argument(
+        "--embeddings", required=True, nargs="+", metavar="EMB_DIR", help="the folder(s) `embed` wrote, in this order"
+    )
     build_parser.add_argument("--index", required=True, metavar="NAME", help="outputs/retrieval/NAME/, or a path")
     build_parser.add_argument(
         "--max-memory", type=byte_size, required=True, metavar="SIZE", help="the index's size at most: 600MB, 4GB"

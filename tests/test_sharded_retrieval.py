@@ -28,7 +28,7 @@ from dinokit.retrieval.index_folder import (
 )
 from dinokit.retrieval.index_plan import POINTS_PER_CELL, candidates, cell_count, choose_index, parse_size
 from dinokit.retrieval.server import RequestError, SearchService, make_server
-from dinokit.retrieval.shards import EmbeddingFolder, ShardError, ShardPlan, read_file_list, write_vector_shards
+from dinokit.retrieval.shards import Embeddings, ShardError, ShardPlan, read_file_list, write_vector_shards
 from dinokit.writing import atomic_folder
 from tests.conftest import ROOT, run_script
 
@@ -118,24 +118,40 @@ def test_a_file_list_is_text_or_parquet_relative_to_its_folder(tmp_path):
 
 
 @pytest.fixture
-def shards(tmp_path) -> EmbeddingFolder:
+def shards(tmp_path) -> Embeddings:
     return write_vector_shards(tmp_path / "emb", clustered_unit_vectors(2500, 32, clusters=40), KEY, shard_size=1000)
 
 
 def test_faulty_shards_are_named_in_one_line(shards):
-    folder = shards.folder
+    folder = shards.folders[0]
     np.save(folder / "emb_00001.npy", np.zeros((1000, 16), np.float32))  # another run's width
     with pytest.raises(ShardError, match=r"emb_00001.npy: 16-d vectors, the shards before it are 32-d"):
-        EmbeddingFolder.open(folder)
+        Embeddings.open(folder)
     np.save(folder / "emb_00001.npy", np.zeros((999, 32), np.float32))
     with pytest.raises(ShardError, match=r"emb_00001.npy: 999 vectors but meta_00001.parquet lists 1000 files"):
-        EmbeddingFolder.open(folder)
+        Embeddings.open(folder)
     (folder / "emb_00001.npy").unlink()
     with pytest.raises(
         ShardError,
         match=r"emb_00001.npy: missing \(shard 1 of 0..2 is not complete\); run the same embed command again",
     ):
-        EmbeddingFolder.open(folder)
+        Embeddings.open(folder)
+
+
+def test_folders_of_several_machines_build_one_collection(tmp_path):
+    """Machines without a shared disk each embed a part of the list; `build` reads their folders in
+    order: the same rows as one folder, and folders of other settings refused."""
+    vectors = clustered_unit_vectors(900, 16, clusters=9)
+    whole = write_vector_shards(tmp_path / "whole", vectors, KEY, shard_size=200)
+    parts = [write_vector_shards(tmp_path / f"part{i}", vectors[i * 450 : (i + 1) * 450], KEY, shard_size=200)
+             for i in range(2)]  # fmt: skip
+    joined = Embeddings.open(tmp_path / "part0", tmp_path / "part1")
+    assert joined.count == 900 and joined.rows == [200, 200, 50, 200, 200, 50] and len(joined.folders) == 2
+    ids = np.array([0, 449, 450, 899])
+    assert np.array_equal(joined.rows_at(ids), whole.rows_at(ids)) and parts[1].count == 450
+    write_vector_shards(tmp_path / "other", vectors[:10], {**KEY, "features": "gem"}, shard_size=200)
+    with pytest.raises(ShardError, match=r"other: embedded with other settings than .*part0 \(features test -> gem\)"):
+        Embeddings.open(tmp_path / "part0", tmp_path / "other")
 
 
 def test_exact_neighbours_stream_the_shards_and_leave_each_query_out(shards):
@@ -171,7 +187,7 @@ def test_float16_shards_take_half_the_disk_and_find_the_same_neighbours(tmp_path
     halves = write_vector_shards(tmp_path / "f16", vectors, KEY, shard_size=1000, dtype="float16")
     full = write_vector_shards(tmp_path / "f32", vectors, KEY, shard_size=1000)
     size = lambda folder: (folder / "emb_00000.npy").stat().st_size  # noqa: E731
-    assert size(halves.folder) < 0.51 * size(full.folder)
+    assert size(halves.folders[0]) < 0.51 * size(full.folders[0])
     built = []
     for number, embeddings in enumerate((halves, full)):
         build_index_folder(tmp_path / f"index{number}", embeddings, choose_index(3000, 64, 10**9), recall_target=0.9)
@@ -280,7 +296,7 @@ def embed_command(images, out, *flags):
 
 
 def stored(folder: Path) -> tuple[np.ndarray, list[str]]:
-    embeddings = EmbeddingFolder.open(folder)
+    embeddings = Embeddings.open(folder)
     return np.concatenate([s.vectors for s in embeddings.shards()]), list(embeddings.paths())
 
 

@@ -245,6 +245,15 @@ def describe_key(key: dict[str, Any]) -> str:
     return flags + ("" if backbone["pretrained"] else " --no-pretrained")
 
 
+def backbone_name(backbone: dict[str, Any]) -> str:
+    """The canonical name of a key's backbone (`small` is `dinov2_vits14`); vectors made elsewhere
+    (write_vector_shards) keep whatever name their key gives."""
+    try:
+        return canonical_name(backbone.get("backbone", "unknown"), backbone.get("registers", False))
+    except ValueError:
+        return str(backbone.get("backbone", "unknown"))
+
+
 def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     """What differs between two embedding keys, one 'setting: stored -> asked' each; none when they
     make the same embeddings (a weights file is compared by content: a moved copy is the same)."""
@@ -259,14 +268,12 @@ def key_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
             return describe_identity(file)
         if backbone.get("weights"):
             return f"{backbone['weights']} (recorded by size and time only: an index of an older version)"
-        if not backbone["pretrained"]:
+        if not backbone.get("pretrained", True):
             return f"none (random init, seed {backbone.get('seed')})"
         return "none (the source's own)"
 
     differences = []
-    named = [
-        canonical_name(key["backbone"]["backbone"], key["backbone"].get("registers", False)) for key in (stored, asked)
-    ]
+    named = [backbone_name(key["backbone"]) for key in (stored, asked)]
     if named[0] != named[1]:  # `small` and `dinov2_vits14` are one backbone
         differences.append(f"backbone {named[0]} -> {named[1]}")
     for name in ("source", "pretrained"):

@@ -29,7 +29,7 @@ import numpy as np
 from dinokit.errors import UserError
 from dinokit.retrieval.collection import RETRIEVAL_DIR
 from dinokit.retrieval.index_plan import IndexChoice, format_size
-from dinokit.retrieval.shards import EmbeddingFolder
+from dinokit.retrieval.shards import Embeddings
 from dinokit.retrieval.vector_index import faiss_module, normalised
 from dinokit.writing import atomic_folder, write_json
 
@@ -96,7 +96,7 @@ class BuildReport:
         )
 
 
-def batches(embeddings: EmbeddingFolder):
+def batches(embeddings: Embeddings):
     """The stored vectors in shard order as float32 batches of at most ADD_BATCH_BYTES."""
     rows = max(1, ADD_BATCH_BYTES // (4 * embeddings.dim))
     for shard in embeddings.shards():
@@ -109,7 +109,7 @@ def sample_ids(count: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, min(size, count), replace=False))
 
 
-def exact_neighbours(embeddings: EmbeddingFolder, queries: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndarray:
+def exact_neighbours(embeddings: Embeddings, queries: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndarray:
     """[Q, k] ids of each query's k most similar stored vectors, its own id left out; stored vectors
     streamed EXACT_CHUNK at a time (the queries stay, the collection never is in memory)."""
     faiss = faiss_module()
@@ -168,7 +168,7 @@ def tune(index, choice: IndexChoice, queries, truth, own_ids, target: float) -> 
     return best["value"], best["recall"], best["ms_per_query"], tried
 
 
-def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int) -> tuple[Any, float]:
+def train_and_fill(choice: IndexChoice, embeddings: Embeddings, seed: int) -> tuple[Any, float]:
     """The index of `choice`, trained on a sample of the shards and filled batch by batch, and the
     seconds the training took (the rest is filling: what grows with the collection)."""
     faiss = faiss_module()
@@ -191,7 +191,7 @@ def train_and_fill(choice: IndexChoice, embeddings: EmbeddingFolder, seed: int) 
 
 
 def build_index_folder(
-    path: Path, embeddings: EmbeddingFolder, choice: IndexChoice, *, recall_target: float, seed: int = 0
+    path: Path, embeddings: Embeddings, choice: IndexChoice, *, recall_target: float, seed: int = 0
 ) -> BuildReport:
     """Build `choice` over `embeddings`, tune it to `recall_target`, and write the folder `path` whole."""
     start_rss, started = current_rss(), time.perf_counter()
@@ -217,7 +217,7 @@ def build_index_folder(
         settings = {
             "format": FOLDER_FORMAT,
             "key": embeddings.key,
-            "embeddings": str(embeddings.folder.resolve()),
+            "embeddings": [str(folder.resolve()) for folder in embeddings.folders],
             "shards": len(embeddings.rows),
             "recall_target": recall_target,
             **asdict(report),
@@ -228,7 +228,7 @@ def build_index_folder(
     return report
 
 
-def write_path_table(folder: Path, embeddings: EmbeddingFolder) -> None:
+def write_path_table(folder: Path, embeddings: Embeddings) -> None:
     """paths.bin + path_offsets.bin, streamed shard by shard."""
     offset = 0
     with open(folder / PATHS_FILE, "wb") as paths, open(folder / OFFSETS_FILE, "wb") as offsets:
@@ -300,9 +300,10 @@ class IndexFolder:
 
     def refresh_command(self, path: Path) -> str:
         """What brings this index up to date: embed the new files, build again."""
+        folders = " ".join(self.settings["embeddings"])
         return (
-            f"python retrieve.py embed --images DIR --out {self.settings['embeddings']} && python retrieve.py build "
-            f"--embeddings {self.settings['embeddings']} --index {path} --max-memory SIZE"
+            f"python retrieve.py embed --images DIR --out {self.settings['embeddings'][-1]} && python retrieve.py "
+            f"build --embeddings {folders} --index {path} --max-memory SIZE"
         )
 
     def rebuild_command(self, path: Path, flags: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dinokit.errors import UserError
-from dinokit.retrieval.collection import FileRecord
+from dinokit.retrieval.collection import FileRecord, key_differences
 from dinokit.writing import atomic_write, write_json
 
 SHARDS_FORMAT = 1
@@ -108,7 +108,7 @@ def manifest_for(key: dict[str, Any], plan: ShardPlan, dtype: str) -> dict[str, 
     }
 
 
-def manifest_differences(stored: dict[str, Any], asked: dict[str, Any], key_differences) -> list[str]:
+def manifest_differences(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     """'setting: stored -> asked' for each difference between two manifests (the embedding key
     compared by `key_differences`, so a moved copy of the same weights is the same)."""
     differences = list(key_differences(stored["key"], asked["key"]))
@@ -133,7 +133,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def claim_embedding_folder(folder: Path, manifest: dict[str, Any], key_differences) -> None:
+def claim_embedding_folder(folder: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest` into a new or empty `folder`, or accept a folder whose manifest says the
     same; a folder made with other settings, or holding other files, is refused in one line."""
     stored = read_manifest(folder)
@@ -147,7 +147,7 @@ def claim_embedding_folder(folder: Path, manifest: dict[str, Any], key_differenc
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / MANIFEST, manifest)
         return
-    differences = manifest_differences(stored, manifest, key_differences)
+    differences = manifest_differences(stored, manifest)
     if differences:
         raise ShardError(
             f"--out {folder}: embedded with other settings ({'; '.join(differences)}); "
@@ -227,11 +227,13 @@ class Shard:
 
 
 @dataclass
-class EmbeddingFolder:
-    """The shards of an `embed` run, checked whole: every shard present, one width, rows = metadata."""
+class Embeddings:
+    """The shards of one or more `embed` folders, checked whole (every shard present, one width,
+    vectors = metadata rows, one embedding key) and numbered in order: folder by folder, shard by shard."""
 
-    folder: Path
-    manifest: dict[str, Any]
+    folders: list[Path]
+    manifest: dict[str, Any]  # the first folder's
+    files: list[tuple[Path, Path]]  # (vectors, metadata) of each shard
     rows: list[int]  # vectors per shard
     dim: int
 
@@ -244,52 +246,32 @@ class EmbeddingFolder:
         return self.manifest["key"]
 
     @classmethod
-    def open(cls, folder: Path) -> EmbeddingFolder:
-        manifest = read_manifest(folder)
-        if manifest is None:
-            what = "no such folder" if not folder.is_dir() else f"no {MANIFEST} in it"
-            raise ShardError(
-                f"--embeddings {folder}: {what}; make it with: python retrieve.py embed --images DIR --out {folder}"
-            )
-        rows, dims = [], set()
-        for number in range(manifest["shards"]):
-            emb, meta = folder / shard_name("emb", number), folder / shard_name("meta", number)
-            if not meta.is_file() or not emb.is_file():
-                missing = emb.name if not emb.is_file() else meta.name
+    def open(cls, *folders: Path) -> Embeddings:
+        """The shards of `folders` (several: machines that embedded their own parts of a list)."""
+        parts = [open_folder(Path(folder)) for folder in folders]
+        first = parts[0]
+        for part in parts[1:]:
+            differences = key_differences(first.key, part.key)
+            if differences:
                 raise ShardError(
-                    f"{folder / missing}: missing (shard {number} of 0..{manifest['shards'] - 1} is not complete); "
-                    "run the same embed command again to complete the folder"
+                    f"--embeddings {part.folders[0]}: embedded with other settings than {first.folders[0]} "
+                    f"({'; '.join(differences)}); one index holds vectors of one embedding"
                 )
-            try:
-                import pyarrow.parquet as pq
-
-                table_rows = pq.read_metadata(meta).num_rows
-            except Exception as err:
-                raise ShardError(f"{meta}: not a readable parquet file ({type(err).__name__}); embed again") from err
-            try:
-                vectors = np.load(emb, mmap_mode="r")
-            except (OSError, ValueError) as err:
-                raise ShardError(f"{emb}: not a readable .npy file ({err}); delete it and embed again") from err
-            if vectors.ndim != 2 or len(vectors) != table_rows:
+            if part.dim != first.dim:
                 raise ShardError(
-                    f"{emb}: {vectors.shape[0] if vectors.ndim else 0} vectors but {meta.name} lists {table_rows} "
-                    "files; delete both and embed again"
+                    f"--embeddings {part.folders[0]}: {part.dim}-d vectors, {first.folders[0]}: {first.dim}-d"
                 )
-            if dims and vectors.shape[1] not in dims:
-                raise ShardError(
-                    f"{emb}: {vectors.shape[1]}-d vectors, the shards before it are {dims.pop()}-d; "
-                    "shards of another run were copied in: embed into a new folder"
-                )
-            dims.add(vectors.shape[1])
-            rows.append(table_rows)
-        if not sum(rows):
-            raise ShardError(f"--embeddings {folder}: no vectors (every image was unreadable)")
-        return cls(folder, manifest, rows, dims.pop())
+        embeddings = cls(
+            [f for p in parts for f in p.folders], first.manifest, [f for p in parts for f in p.files],
+            [r for p in parts for r in p.rows], first.dim,
+        )  # fmt: skip
+        if not embeddings.count:
+            raise ShardError(f"--embeddings {' '.join(map(str, folders))}: no vectors (every image was unreadable)")
+        return embeddings
 
     def shards(self) -> Iterator[Shard]:
-        for number in range(len(self.rows)):
-            emb = self.folder / shard_name("emb", number)
-            yield Shard(number, np.load(emb, mmap_mode="r"), self.folder / shard_name("meta", number))
+        for number, (emb, meta) in enumerate(self.files):
+            yield Shard(number, np.load(emb, mmap_mode="r"), meta)
 
     def rows_at(self, ids: np.ndarray) -> np.ndarray:
         """The vectors with global ids `ids` (shard order), as float32, opening only the shards that
@@ -302,7 +284,7 @@ class EmbeddingFolder:
         out = np.empty((len(ids), self.dim), np.float32)
         for number in np.flatnonzero(np.diff(bounds)):
             chosen = order[bounds[number] : bounds[number + 1]]
-            vectors = np.load(self.folder / shard_name("emb", number), mmap_mode="r")
+            vectors = np.load(self.files[number][0], mmap_mode="r")
             out[chosen] = vectors[ids[chosen] - starts[number]]
         return out
 
@@ -311,16 +293,59 @@ class EmbeddingFolder:
             yield from shard.paths()
 
 
+def open_folder(folder: Path) -> Embeddings:
+    """One `embed` folder's shards, each checked; a missing or faulty one named in one line."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        what = "no such folder" if not folder.is_dir() else f"no {MANIFEST} in it"
+        raise ShardError(
+            f"--embeddings {folder}: {what}; make it with: python retrieve.py embed --images DIR --out {folder}"
+        )
+    files, rows, dims = [], [], set()
+    for number in range(manifest["shards"]):
+        emb, meta = folder / shard_name("emb", number), folder / shard_name("meta", number)
+        if not meta.is_file() or not emb.is_file():
+            missing = emb.name if not emb.is_file() else meta.name
+            raise ShardError(
+                f"{folder / missing}: missing (shard {number} of 0..{manifest['shards'] - 1} is not complete); "
+                "run the same embed command again to complete the folder"
+            )
+        try:
+            import pyarrow.parquet as pq
+
+            table_rows = pq.read_metadata(meta).num_rows
+        except Exception as err:
+            raise ShardError(f"{meta}: not a readable parquet file ({type(err).__name__}); embed again") from err
+        try:
+            vectors = np.load(emb, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise ShardError(f"{emb}: not a readable .npy file ({err}); delete it and embed again") from err
+        if vectors.ndim != 2 or len(vectors) != table_rows:
+            raise ShardError(
+                f"{emb}: {vectors.shape[0] if vectors.ndim else 0} vectors but {meta.name} lists {table_rows} "
+                "files; delete both and embed again"
+            )
+        if dims and vectors.shape[1] not in dims:
+            raise ShardError(
+                f"{emb}: {vectors.shape[1]}-d vectors, the shards before it are {dims.pop()}-d; "
+                "shards of another run were copied in: embed into a new folder"
+            )
+        dims.add(vectors.shape[1])
+        files.append((emb, meta))
+        rows.append(table_rows)
+    return Embeddings([folder], manifest, files, rows, dims.pop() if dims else 0)
+
+
 def write_vector_shards(
     folder: Path, vectors: np.ndarray, key: dict[str, Any], *, shard_size: int, dtype: str = "float32"
-) -> EmbeddingFolder:
+) -> Embeddings:
     """Vectors made elsewhere (another tool, a benchmark's generated ones) as an embedding folder,
     row i named `vector_<i>` (no file behind it): `build` and `search --vectors` take it like `embed`'s."""
     names = tuple(Path(f"vector_{row:09d}") for row in range(len(vectors)))
     plan = ShardPlan(names, shard_size)
-    claim_embedding_folder(folder, manifest_for(key, plan, dtype), lambda stored, asked: [])
+    claim_embedding_folder(folder, manifest_for(key, plan, dtype))
     for number in range(plan.count):
         rows = slice(number * shard_size, (number + 1) * shard_size)
         records = [FileRecord(str(name), 0, 0) for name in plan.files_of(number)]
         write_shard(folder, number, vectors[rows], records, [], dtype)
-    return EmbeddingFolder.open(folder)
+    return Embeddings.open(folder)
