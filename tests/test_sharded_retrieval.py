@@ -154,6 +154,14 @@ def test_folders_of_several_machines_build_one_collection(tmp_path):
         Embeddings.open(tmp_path / "part0", tmp_path / "other")
 
 
+def test_a_missing_embedding_folder_says_how_to_make_it(tmp_path):
+    with pytest.raises(ShardError, match=r"none: no such folder; make it with: python retrieve.py embed --images DIR"):
+        Embeddings.open(tmp_path / "none")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ShardError, match=r"plain: no manifest.json in it"):
+        Embeddings.open(tmp_path / "plain")
+
+
 def test_exact_neighbours_stream_the_shards_and_leave_each_query_out(shards):
     vectors = np.concatenate([s.vectors for s in shards.shards()])
     own = np.array([0, 999, 1000, 2499])
@@ -413,9 +421,6 @@ def test_build_faults_are_one_line_and_replace_nothing(reference, tmp_path):
     result = run_script("retrieve.py", "build", "--embeddings", reference, "--index", occupied, "--max-memory", "1GB")
     assert result.returncode == 1 and "exists and is not an index folder of `build`" in result.stderr
     assert (occupied / "mine.txt").read_text() == "keep"
-    result = run_script("retrieve.py", "build", "--embeddings", tmp_path / "none", "--index", tmp_path / "i",
-                        "--max-memory", "1GB")  # fmt: skip
-    assert result.returncode == 1 and "no such folder; make it with: python retrieve.py embed" in result.stderr
     result = run_script("retrieve.py", "build", "--embeddings", reference, "--index", tmp_path / "i",
                         "--max-memory", "1KB")  # fmt: skip
     assert result.returncode == 1 and "the smallest (Flat) needs 21.5 KB: give at least" in result.stderr
