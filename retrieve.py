@@ -270,13 +270,14 @@ def stale_warning(collection: Collection | IndexFolder, paths: list[str], args: 
     return missing
 
 
-def query_vectors(args: argparse.Namespace, target: Collection | IndexFolder) -> tuple[list[str], np.ndarray]:
-    """The queries' names and vectors: images embedded as the index was, or the rows of --vectors
-    (named by row number)."""
+def query_vectors(
+    args: argparse.Namespace, target: Collection | IndexFolder, queries: list[Path]
+) -> tuple[list[str], np.ndarray]:
+    """The queries' names and vectors: the `queries` images embedded as the index was, or the rows
+    of --vectors (named by row number)."""
     if args.vectors is not None:
         vectors = read_query_vectors(Path(args.vectors), target.dim)
         return [str(row) for row in range(len(vectors))], vectors
-    queries = collect_images([args.query])
     vectors, kept, failures = embed(target.key, queries, args)
     for path, reason in failures:
         print(f"skipped query {path}: {reason}")
@@ -302,12 +303,13 @@ def read_query_vectors(path: Path, dim: int) -> np.ndarray:
 def find(args: argparse.Namespace) -> None:
     """`search`: the top-k of each query image (or vector), as CSV and a contact sheet."""
     collection = open_index(args, embeds_queries=args.vectors is None)
+    queries = collect_images([args.query]) if args.query else []  # a folder without images is refused first
     total = collection.count - (1 if args.exclude_self else 0)
     if args.k > total:
         raise UserError(f"--k {args.k}: the index holds {collection.count} images")
     inputs = [args.query] if args.query else [args.vectors]
     out_dir = results_folder(args, collection, inputs=inputs)
-    names, vectors = query_vectors(args, collection)
+    names, vectors = query_vectors(args, collection, queries)
     similarities, rows = collection.search(vectors, args.k + (1 if args.exclude_self else 0))
     results = []
     for query, sims, found in zip(names, similarities, rows):
