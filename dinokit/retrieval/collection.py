@@ -37,10 +37,11 @@ FORMAT = 1
 RETRIEVAL_DIR = config.OUTPUT_DIR / "retrieval"
 
 
-def index_path(name: str | Path) -> Path:
-    """--index NAME: outputs/retrieval/NAME.index; a name with a folder or a suffix is a path."""
+def index_path(name: str | Path, suffix: str = ".index") -> Path:
+    """--index NAME: outputs/retrieval/NAME.index (`index`'s file; suffix "" for `build`'s folder);
+    a name with a folder or a suffix is a path."""
     path = Path(name)
-    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / f"{path}.index"
+    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / f"{path}{suffix}"
 
 
 class IndexFileError(UserError):

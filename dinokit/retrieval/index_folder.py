@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dinokit.errors import UserError
-from dinokit.retrieval.collection import RETRIEVAL_DIR
+from dinokit.retrieval.collection import index_path
 from dinokit.retrieval.index_plan import IndexChoice, format_size
 from dinokit.retrieval.shards import Embeddings
 from dinokit.retrieval.vector_index import faiss_module, normalised
@@ -242,9 +242,8 @@ def write_path_table(folder: Path, embeddings: Embeddings) -> None:
 
 
 def index_folder_path(name: str | Path) -> Path:
-    """--index NAME of `build`: outputs/retrieval/NAME/; a name with a folder or a suffix is a path."""
-    path = Path(name)
-    return path if path.suffix or path.parent != Path(".") else RETRIEVAL_DIR / path
+    """--index NAME of `build`: outputs/retrieval/NAME/ (collection.index_path's rule)."""
+    return index_path(name, suffix="")
 
 
 def is_index_folder(path: Path) -> bool:

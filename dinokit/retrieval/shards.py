@@ -15,9 +15,7 @@ killed with SIGKILL loses the shards in flight, no more) and refuses a folder ma
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import numpy as np
 
 from dinokit.errors import UserError
 from dinokit.retrieval.collection import FileRecord, key_differences
+from dinokit.runs.reports import write_csv
 from dinokit.writing import atomic_write, write_json
 
 SHARDS_FORMAT = 1
@@ -155,20 +154,42 @@ def claim_embedding_folder(folder: Path, manifest: dict[str, Any]) -> None:
         )
 
 
-def complete_rows(folder: Path, number: int) -> int | None:
-    """The vector count of shard `number` when it is complete (metadata present and matching its
-    vectors), else None."""
-    meta, emb = folder / shard_name("meta", number), folder / shard_name("emb", number)
+def shard_shape(folder: Path, number: int, shards: int | None = None) -> tuple[int, int]:
+    """(vectors, width) of shard `number` (of `shards`, named in the message), checked: both files
+    present and readable, the metadata's rows = the vectors'; else a one-line ShardError naming the file."""
+    emb, meta = folder / shard_name("emb", number), folder / shard_name("meta", number)
     if not meta.is_file() or not emb.is_file():
-        return None
+        missing = emb.name if not emb.is_file() else meta.name
+        raise ShardError(
+            f"{folder / missing}: missing (shard {number}{'' if shards is None else f' of 0..{shards - 1}'} "
+            "is not complete); "
+            "run the same embed command again to complete the folder"
+        )
     try:
         import pyarrow.parquet as pq
 
-        rows = pq.read_metadata(meta).num_rows
+        table_rows = pq.read_metadata(meta).num_rows
+    except Exception as err:  # pyarrow raises its own kinds for a foreign or cut-short file
+        raise ShardError(f"{meta}: not a readable parquet file ({type(err).__name__}); embed again") from err
+    try:
         vectors = np.load(emb, mmap_mode="r")
-    except Exception:  # a shard cut short by a full disk: embedded again
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{emb}: not a readable .npy file ({err}); delete it and embed again") from err
+    if vectors.ndim != 2 or len(vectors) != table_rows:
+        raise ShardError(
+            f"{emb}: {vectors.shape[0] if vectors.ndim else 0} vectors but {meta.name} lists {table_rows} "
+            "files; delete both and embed again"
+        )
+    return table_rows, vectors.shape[1]
+
+
+def complete_rows(folder: Path, number: int) -> int | None:
+    """The vector count of shard `number` when it is complete, else None (a shard cut short by a
+    kill or a full disk is embedded again)."""
+    try:
+        return shard_shape(folder, number)[0]
+    except ShardError:
         return None
-    return rows if vectors.ndim == 2 and len(vectors) == rows else None
 
 
 def write_shard(
@@ -183,11 +204,7 @@ def write_shard(
     each file written whole or not at all."""
     skipped = folder / shard_name("skipped", number)
     if failures:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(["path", "reason"])
-        writer.writerows([str(path), reason] for path, reason in failures)
-        atomic_write(skipped, lambda tmp: Path(tmp).write_text(text.getvalue()))
+        write_csv([{"path": str(path), "reason": reason} for path, reason in failures], skipped)
     else:
         skipped.unlink(missing_ok=True)
     stored = np.ascontiguousarray(vectors, dtype=dtype)
@@ -303,36 +320,16 @@ def open_folder(folder: Path) -> Embeddings:
         )
     files, rows, dims = [], [], set()
     for number in range(manifest["shards"]):
-        emb, meta = folder / shard_name("emb", number), folder / shard_name("meta", number)
-        if not meta.is_file() or not emb.is_file():
-            missing = emb.name if not emb.is_file() else meta.name
+        count, dim = shard_shape(folder, number, manifest["shards"])
+        emb = folder / shard_name("emb", number)
+        if dims and dim not in dims:
             raise ShardError(
-                f"{folder / missing}: missing (shard {number} of 0..{manifest['shards'] - 1} is not complete); "
-                "run the same embed command again to complete the folder"
-            )
-        try:
-            import pyarrow.parquet as pq
-
-            table_rows = pq.read_metadata(meta).num_rows
-        except Exception as err:
-            raise ShardError(f"{meta}: not a readable parquet file ({type(err).__name__}); embed again") from err
-        try:
-            vectors = np.load(emb, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise ShardError(f"{emb}: not a readable .npy file ({err}); delete it and embed again") from err
-        if vectors.ndim != 2 or len(vectors) != table_rows:
-            raise ShardError(
-                f"{emb}: {vectors.shape[0] if vectors.ndim else 0} vectors but {meta.name} lists {table_rows} "
-                "files; delete both and embed again"
-            )
-        if dims and vectors.shape[1] not in dims:
-            raise ShardError(
-                f"{emb}: {vectors.shape[1]}-d vectors, the shards before it are {dims.pop()}-d; "
+                f"{emb}: {dim}-d vectors, the shards before it are {dims.pop()}-d; "
                 "shards of another run were copied in: embed into a new folder"
             )
-        dims.add(vectors.shape[1])
-        files.append((emb, meta))
-        rows.append(table_rows)
+        dims.add(dim)
+        files.append((emb, folder / shard_name("meta", number)))
+        rows.append(count)
     return Embeddings([folder], manifest, files, rows, dims.pop() if dims else 0)
 
 
