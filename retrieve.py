@@ -426,7 +426,9 @@ def embed_shards(args: argparse.Namespace) -> None:
             backbone=backbone,
         )
         records = [FileRecord.of(shard_files[i]) for i in kept]
-        write_shard(out, number, vectors.reshape(len(kept), -1), records, failures, args.dtype)
+        if not kept:  # every file of the shard unreadable: an empty shard, its width unknown
+            vectors = np.zeros((0, 0), np.float32)
+        write_shard(out, number, vectors, records, failures, args.dtype)
         embedded += len(kept)
         rate = embedded / (time.perf_counter() - started)
         note = f", {len(failures)} unreadable (listed in skipped_{number:05d}.csv)" if failures else ""

@@ -28,7 +28,15 @@ from dinokit.retrieval.index_folder import (
 )
 from dinokit.retrieval.index_plan import POINTS_PER_CELL, candidates, cell_count, choose_index, parse_size
 from dinokit.retrieval.server import RequestError, SearchService, make_server
-from dinokit.retrieval.shards import Embeddings, ShardError, ShardPlan, read_file_list, write_vector_shards
+from dinokit.retrieval.shards import (
+    Embeddings,
+    ShardError,
+    ShardPlan,
+    complete_rows,
+    read_file_list,
+    write_shard,
+    write_vector_shards,
+)
 from dinokit.writing import atomic_folder
 from tests.conftest import ROOT, run_script
 
@@ -152,6 +160,15 @@ def test_folders_of_several_machines_build_one_collection(tmp_path):
     write_vector_shards(tmp_path / "other", vectors[:10], {**KEY, "features": "gem"}, shard_size=200)
     with pytest.raises(ShardError, match=r"other: embedded with other settings than .*part0 \(features test -> gem\)"):
         Embeddings.open(tmp_path / "part0", tmp_path / "other")
+
+
+def test_a_shard_of_unreadable_files_only_is_complete_and_empty(shards):
+    """`embed` writes such a shard with no width; the folder still opens with the others' width."""
+    folder = shards.folders[0]
+    write_shard(folder, 1, np.zeros((0, 0), np.float32), [], [(Path("a.jpg"), "not an image")], "float32")
+    reopened = Embeddings.open(folder)
+    assert reopened.rows == [1000, 0, 500] and reopened.dim == 32 and complete_rows(folder, 1) == 0
+    assert np.array_equal(reopened.rows_at(np.array([1000])), shards.rows_at(np.array([2000])))
 
 
 def test_a_missing_embedding_folder_says_how_to_make_it(tmp_path):

@@ -322,12 +322,12 @@ def open_folder(folder: Path) -> Embeddings:
     for number in range(manifest["shards"]):
         count, dim = shard_shape(folder, number, manifest["shards"])
         emb = folder / shard_name("emb", number)
-        if dims and dim not in dims:
+        if count and dims and dim not in dims:
             raise ShardError(
                 f"{emb}: {dim}-d vectors, the shards before it are {dims.pop()}-d; "
                 "shards of another run were copied in: embed into a new folder"
             )
-        dims.add(dim)
+        dims.update([dim] if count else [])  # an empty shard (every file unreadable) has no width
         files.append((emb, folder / shard_name("meta", number)))
         rows.append(count)
     return Embeddings([folder], manifest, files, rows, dims.pop() if dims else 0)
