@@ -52,6 +52,13 @@
    recall@10 and ms/query at the tuned parameter. With --autofaiss-python (a Python with autofaiss
    installed), autofaiss builds on the same shards and budget, scored on the same queries.
 
+13. Pretraining, with --pretrain (pretrain.py as users run it): images/s of DINOv2 self-distillation
+   (2 global crops at --pretrain-imgsz, 2 local crops, DINO + iBOT + KoLeo, Sinkhorn-Knopp
+   centring, --pretrain-prototypes prototypes, batch --pretrain-batch) of a random-init ViT-S/14 on
+   --pretrain-images generated shape images; the rate from the difference of a 2-epoch and a 1-epoch
+   run, so start-up cancels. With --lightly-python (a Python with PyPI's lightly-train), its DINOv2
+   method on the same images, backbone, crops, prototypes and batch, timed the same way.
+
 `python bench.py --summary [--backbone ...]` prints the segmentation model's layers instead (torchinfo).
 """
 
@@ -98,9 +105,10 @@ from dinokit.classification.image_folders import class_images
 from dinokit.data.image_files import list_image_files, read_image
 from dinokit.data.labels import VOC
 from dinokit.data.resize import normalisation_table, normalise, preprocess, round_to_patch
-from dinokit.data.synthetic import clustered_unit_vectors, make_dataset, make_image_folders
+from dinokit.data.synthetic import clustered_unit_vectors, make_dataset, make_image_folders, make_shape_folders
 from dinokit.prediction.modes import InferenceMode
 from dinokit.prediction.videos import open_video, read_frames, write_video
+from dinokit.pretraining.crops import local_crop_size
 from dinokit.retrieval.collection import collect_images
 from dinokit.retrieval.descriptors import DESCRIPTORS, embed_files
 from dinokit.retrieval.index_folder import (
@@ -224,6 +232,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--autofaiss-python", default=None, metavar="PYTHON", help="--sharded: a Python with autofaiss")
     parser.add_argument("--autofaiss-timeout", type=at_least(1), default=1800, help="--sharded: seconds, at most")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain.py images/s (and lightly-train's)")
+    parser.add_argument("--pretrain-images", type=at_least(8), default=256, help="--pretrain: generated images")
+    parser.add_argument("--pretrain-imgsz", type=at_least(28), default=98, help="--pretrain: global crop side")
+    parser.add_argument("--pretrain-batch", type=at_least(2), default=32)
+    parser.add_argument("--pretrain-prototypes", type=at_least(2), default=1024)
+    parser.add_argument(
+        "--lightly-python", default=None, metavar="PYTHON", help="--pretrain: a Python with lightly-train"
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one config per process
     return parser
 
@@ -754,6 +770,101 @@ def bench_sharded_embed(args: argparse.Namespace, tmp: Path) -> list[str]:
     return rows
 
 
+LIGHTLY_PRETRAIN = """
+import sys, lightly_train
+out, data, epochs, batch, prototypes, imgsz, local = sys.argv[1:]
+lightly_train.train(
+    out=out, data=data, model="dinov2/vits14-noreg-notpretrained", method="dinov2", epochs=int(epochs),
+    batch_size=int(batch), accelerator="cpu", devices=1, num_workers=1, overwrite=True, seed=0, precision="32-true",
+    method_args={"output_dim": int(prototypes), "center_method": "sinkhorn_knopp"},
+    transform_args={"image_size": (int(imgsz), int(imgsz)),
+                    "local_view": {"num_views": 2, "view_size": (int(local), int(local))}},
+)
+"""
+
+
+def bench_pretrain(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """pretrain.py's images/s, and lightly-train's DINOv2 on the same images and settings."""
+    images = (
+        make_shape_folders(tmp / "pretrain_images", args.pretrain_images // 4, 0, size=args.pretrain_imgsz) / "train"
+    )
+    count = args.pretrain_images // 4 * 4
+    local = local_crop_size(args.pretrain_imgsz, 14)
+    ours = [
+        sys.executable,
+        str(config.ROOT / "pretrain.py"),
+        "--images",
+        str(images),
+        "--backbone",
+        "dinov2_vits14",
+        "--source",
+        "timm",
+        "--no-pretrained",
+        "--recipe",
+        "small",
+        "--imgsz",
+        str(args.pretrain_imgsz),
+        "--local-crops",
+        "2",
+        "--batch",
+        str(args.pretrain_batch),
+        "--prototypes",
+        str(args.pretrain_prototypes),
+        "--ibot-prototypes",
+        str(args.pretrain_prototypes),
+        "--head-hidden",
+        "2048",
+        "--workers",
+        "1",
+        "--exist-ok",
+    ]
+    steps = count // args.pretrain_batch
+    rows = ["| implementation | images/s | seconds per epoch |", "|---|---|---|"]
+    seconds = epoch_seconds(lambda epochs: [*ours, "--epochs", str(epochs), "--out-dir", str(tmp / f"ours_{epochs}")])
+    rows.append(f"| pretrain.py | {steps * args.pretrain_batch / seconds:.1f} | {seconds:.1f} |")
+    if args.lightly_python:
+
+        def lightly(epochs: int) -> list[str]:
+            return [
+                args.lightly_python,
+                "-c",
+                LIGHTLY_PRETRAIN,
+                str(tmp / f"lightly_{epochs}"),
+                str(images),
+                str(epochs),
+                str(args.pretrain_batch),
+                str(args.pretrain_prototypes),
+                str(args.pretrain_imgsz),
+                str(local),
+            ]
+
+        try:
+            seconds = epoch_seconds(lightly)
+            rows.append(
+                f"| lightly-train {lightly_version(args.lightly_python)} (DINOv2) | "
+                f"{steps * args.pretrain_batch / seconds:.1f} | {seconds:.1f} |"
+            )
+        except subprocess.CalledProcessError as err:
+            rows.append(f"| lightly-train | failed: {(err.stderr or '').strip().splitlines()[-1:]} | |")
+    return rows
+
+
+def epoch_seconds(command) -> float:
+    """Seconds one epoch adds: a 2-epoch run's time less a 1-epoch run's (start-up cancels)."""
+    times = []
+    for epochs in (1, 2):
+        started = time.perf_counter()
+        subprocess.run(command(epochs), check=True, capture_output=True, text=True)
+        times.append(time.perf_counter() - started)
+    return times[1] - times[0]
+
+
+def lightly_version(python: str) -> str:
+    return subprocess.run(
+        [python, "-c", "import lightly_train; print(lightly_train.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+
+
 AUTOFAISS_BUILD = """
 import json, sys, time
 from autofaiss import build_index
@@ -1167,6 +1278,12 @@ def main(args: argparse.Namespace) -> None:
             print("\n".join(bench_sharded_embed(args, tmp)) + "\n", flush=True)
             print("## Index builds from shards: retrieve.py build (recall target 0.9)\n")
             bench_sharded_builds(args, tmp)
+        if args.pretrain:
+            print(
+                f"## Pretraining: DINOv2 self-distillation of a random-init ViT-S/14, {args.pretrain_images} images, "
+                f"{args.pretrain_imgsz} px, batch {args.pretrain_batch}, {args.pretrain_prototypes} prototypes\n"
+            )
+            print("\n".join(bench_pretrain(args, tmp)) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ SCRIPTS = {
     "app",
     "visualize_features",
     "retrieve",
+    "pretrain",
 }
 CORE = {
     "config",

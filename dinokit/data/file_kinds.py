@@ -28,6 +28,7 @@ TAKES = {
         "--model of infer_image.py / infer_video.py / evaluate.py / export.py / app.py, or train.py --resume"
     ),
     "image classifier": "classify.py --predict --model",
+    "pretraining checkpoint": "pretrain.py --resume (its backbone.pth goes to --weights)",
     "segmentation head": "--head-weights",
     "depth head": "--head-weights of infer_image.py / infer_video.py",
     "backbone weights": "--weights",
@@ -116,6 +117,8 @@ def torch_contents(value: Any) -> str | None:
         return None
     if value.get("kind") == "image-classifier":
         return "image classifier"
+    if value.get("kind") == "pretraining-checkpoint":
+        return "pretraining checkpoint"
     if "model" in value and "model_info" in value:
         return "training checkpoint"
     state = value.get("state_dict", value)

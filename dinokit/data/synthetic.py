@@ -273,3 +273,50 @@ def clustered_unit_vectors(count: int, dim: int, *, clusters: int = 1000, spread
         block = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
         out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
+
+
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw_shape(kind: str, image: np.ndarray, center: tuple[int, int], radius: int, angle: float, color) -> None:
+    """One filled shape on `image` (in place)."""
+    cx, cy = center
+    if kind == "circle":
+        cv2.circle(image, (cx, cy), radius, color, -1, cv2.LINE_AA)
+        return
+    if kind == "cross":
+        arm = max(2, radius // 3)
+        corners = [(-radius, -arm), (radius, -arm), (radius, arm), (-radius, arm)]
+        polygons = [corners, [(y, x) for x, y in corners]]
+    else:
+        count = 4 if kind == "square" else 3
+        polygons = [
+            [(radius * np.cos(2 * np.pi * i / count), radius * np.sin(2 * np.pi * i / count)) for i in range(count)]
+        ]
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    for polygon in polygons:
+        points = (np.array(polygon, dtype=np.float64) @ rotation.T + (cx, cy)).round().astype(np.int32)
+        cv2.fillPoly(image, [points], color, cv2.LINE_AA)
+
+
+def make_shape_folders(
+    root: str | Path, per_class: int = 200, val_per_class: int = 50, size: int = 98, seed: int = 0
+) -> Path:
+    """`train/<shape>/` and `val/<shape>/` under `root`: one shape (SHAPES) per image, in a random
+    colour on a random-colour noisy background, at a random place, size and angle. Colour says
+    nothing of the class, so a random-init backbone's kNN is near chance (pretrain.py's figure)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for kind in SHAPES:
+            folder = root / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                background = rng.integers(0, 256, 3)
+                image = (background + rng.normal(0, 12, (size, size, 3))).clip(0, 255).astype(np.uint8)
+                color = tuple(int(c) for c in rng.integers(0, 256, 3))
+                radius = int(rng.uniform(0.2, 0.38) * size)
+                center = tuple(int(c) for c in rng.integers(radius, size - radius, 2))
+                draw_shape(kind, image, center, radius, float(rng.uniform(0, 2 * np.pi)), color)
+                cv2.imwrite(str(folder / f"{kind}_{i:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return root

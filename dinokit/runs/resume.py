@@ -201,12 +201,12 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
         scaler.load_state_dict(state)
 
 
-def resume_command(argv: Sequence[str], last: Path) -> str:
+def resume_command(argv: Sequence[str], last: Path, script: str = "train.py") -> str:
     """The command that continues an interrupted run: the same flags, --resume its last.pth."""
     command = list(argv)
     if "--resume" in command:
         del command[command.index("--resume") : command.index("--resume") + 2]
-    return f"python train.py {' '.join(command)} --resume {last}"
+    return f"python {script} {' '.join(command)} --resume {last}"
 
 
 def interrupted_message(argv: Sequence[str], last: Path, epochs_done: int) -> str:

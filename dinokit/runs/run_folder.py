@@ -70,10 +70,21 @@ CLASSIFIER_RESULTS = (
     "predictions.csv",
 )
 
+# Everything pretrain.py writes into its run folder.
+PRETRAIN_FILES = ("last.pth", "backbone.pth", "student.pth", "metrics.csv", "loss.png", "knn.png", "tensorboard")
+
 # The runs that own their folder, by the files they write; those both write show only that one of them is there.
-RUN_KINDS = {"training run": RUN_FILES, "classifier": (*CLASSIFIER_RESULTS, *CLASSIFIER_CACHES)}
-SHARED_RUN_FILES = ("metrics.csv", "loss.png", "accuracy.png")
-RUN_NAMES = {"training run": "a training run (train.py)", "classifier": "a classifier (classify.py)"}
+RUN_KINDS = {
+    "training run": RUN_FILES,
+    "classifier": (*CLASSIFIER_RESULTS, *CLASSIFIER_CACHES),
+    "pretraining run": PRETRAIN_FILES,
+}
+SHARED_RUN_FILES = ("metrics.csv", "loss.png", "accuracy.png", "last.pth", "tensorboard")
+RUN_NAMES = {
+    "training run": "a training run (train.py)",
+    "classifier": "a classifier (classify.py)",
+    "pretraining run": "a pretraining run (pretrain.py)",
+}
 
 
 class RunFolderError(UserError):
@@ -191,11 +202,14 @@ class RunLock:
             self.handle = None
 
 
-def claim_run_folder(folder: Path, *, resume: str | Path | None = None, exist_ok: bool = False) -> RunLock:
-    """Lock `folder` for this training run, clean up after killed runs, and refuse another run's files."""
-    lock = lock_run_folder(folder, "training run")
+def claim_run_folder(
+    folder: Path, *, resume: str | Path | None = None, exist_ok: bool = False, kind: str = "training run"
+) -> RunLock:
+    """Lock `folder` for this run (`kind`: a key of RUN_KINDS), clean up after killed runs, and refuse
+    another run's files."""
+    lock = lock_run_folder(folder, kind)
     try:
-        existing = [name for name in RUN_FILES if (folder / name).exists()]
+        existing = [name for name in RUN_KINDS[kind] if (folder / name).exists()]
         continuing = resume is not None and Path(resume).resolve().parent == folder.resolve()
         if existing and not continuing:
             if not exist_ok:
