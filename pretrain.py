@@ -27,7 +27,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +310,24 @@ def run_folder(args: argparse.Namespace) -> Path:
 
 
 @dataclass
+class EpochTally:
+    """The running sums of an epoch's step statistics (saved in last.pth, so an epoch resumed in its
+    middle reports what the uninterrupted one would)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    unreadable: int = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.steps += 1
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        return {name: round(value / max(self.steps, 1), 6) for name, value in self.sums.items()}
+
+
+@dataclass
 class PretrainRun:
     """What the loop works on; `step` counts optimizer steps over the whole run."""
 
@@ -332,6 +350,8 @@ class PretrainRun:
     step: int = 0
     saved_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    tally: EpochTally = field(default_factory=EpochTally)
+    images_record: dict[str, Any] = field(default_factory=dict)  # what last.pth says of --images
     started: float = field(default_factory=time.perf_counter)
     minutes_before: float = 0.0
 
@@ -348,6 +368,7 @@ class PretrainRun:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = self.saved_step = int(checkpoint["step"])
         self.history = list(checkpoint["history"])
+        self.tally = EpochTally(**checkpoint["tally"])
         self.minutes_before = float(checkpoint.get("minutes", 0.0))
         print(f"Resumed {self.args.resume}: step {self.step} of {self.config.epochs * self.steps_per_epoch}.")
 
@@ -374,7 +395,11 @@ def build(
     method.to(device)
     normalization = spec.normalization(config.weights)
     multicrop = MultiCrop(
-        config.imgsz, local_crop_size(config.imgsz, spec.patch_size), config.local_crops, *normalization
+        config.imgsz,
+        local_crop_size(config.imgsz, spec.patch_size),
+        config.local_crops,
+        *normalization,
+        color_jitter=config.color_jitter,
     )
     grid = None if config.distilling else (config.imgsz // spec.patch_size,) * 2
     order = EpochOrder(len(files), config.batch, config.seed, world=config.world, rank=rank())
@@ -415,6 +440,7 @@ def build(
         amp_dtype,
         monitor,
     )
+    run.images_record = {"folders": folders, "count": len(files), "sha256": files_digest(files, folders)}
     describe(run)
     return run
 
@@ -485,9 +511,9 @@ def fit(run: PretrainRun) -> None:
         epoch, start = divmod(run.step, steps_per_epoch)
         update_gram_anchor(run, epoch, start)
         run.order.set_epoch(epoch, start)
-        sums: dict[str, float] = {}
-        steps = images = unreadable = 0
-        began = time.perf_counter()
+        if not start:
+            run.tally = EpochTally()
+        tally, images, began = run.tally, 0, time.perf_counter()
         bar = tqdm(
             run.loader,
             desc=f"Epoch {epoch + 1}/{config.epochs}",
@@ -498,14 +524,13 @@ def fit(run: PretrainRun) -> None:
             total=steps_per_epoch,
         )
         for batch in bar:
-            unreadable += batch.unreadable
+            tally.unreadable += batch.unreadable
             if batch.size < 2:  # nothing (or one image) readable: nothing to compare
                 run.step += 1
                 continue
             stats = train_step(run, batch)
-            steps, images = steps + 1, images + batch.size * config.world
-            for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + value
+            images += batch.size * config.world
+            tally.add(stats)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{images / (time.perf_counter() - began):.1f}")
             if run.board is not None:
                 for name, value in stats.items():
@@ -518,9 +543,9 @@ def fit(run: PretrainRun) -> None:
             "step": run.step,
             "minutes": round(run.minutes(), 3),
             "images_per_s": round(images / max(time.perf_counter() - began, 1e-9), 2),
-            "unreadable": unreadable,
+            "unreadable": tally.unreadable,
+            **tally.means(),
         }
-        row.update({name: round(value / max(steps, 1), 6) for name, value in sums.items()})
         if (
             run.monitor is not None
             and is_main_process()
@@ -656,7 +681,8 @@ def save(run: PretrainRun) -> None:
             "step": run.step,
             "minutes": run.minutes(),
             "history": run.history,
-            "images": {"folders": run.folders, "count": len(run.files), "sha256": files_digest(run.files, run.folders)},
+            "tally": asdict(run.tally),
+            "images": run.images_record,
         }
         for name, backbone in run.method.outputs().items():
             state = backbone.meta_state()
@@ -723,6 +749,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--local-crops", type=at_least(0), default=None, metavar="N", help="local crops per image (paper: 8)"
+    )
+    data.add_argument(
+        "--color-jitter",
+        type=non_negative,
+        default=None,
+        metavar="S",
+        help="multiple of DINOv2's colour-jitter strengths (default 1); higher where colour says nothing of content",
     )
     data.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes")
     add_backbone_args(parser)

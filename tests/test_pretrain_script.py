@@ -1,6 +1,7 @@
 """pretrain.py as users run it: the files it writes and that the other scripts read them, an exact
 resume after kill -9, distillation, and one line for each bad input."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -169,3 +170,37 @@ def test_bad_input_is_one_line_and_writes_nothing(images, tmp_path):
         "--distill-from",
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_what_one_process_trains_on_the_same_global_batch(images, tmp_path):
+    """2 processes x batch 2 against 1 x batch 4: the same batches, the centring over both processes,
+    gradients averaged, one rate. KoLeo is off: like DINOv2's it looks for neighbours in each
+    process's own batch, so it alone differs with the number of processes."""
+    flags = ("--images", images / "train", *TINY, "--epochs", "1", "--koleo-weight", "0", "--workers", "0")
+    one = run_script("pretrain.py", *flags, "--batch", "4", "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "pretrain.py"),
+            *map(str, flags),
+            "--batch",
+            "2",
+            "--out-dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    ours, theirs = (torch.load(tmp_path / name / "backbone.pth", weights_only=True) for name in ("two", "one"))
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-5) for k in ours)
+    assert (tmp_path / "two" / "metrics.csv").read_text().count("\n") == 2  # rank 0 alone writes

@@ -13,6 +13,7 @@ from dinokit.backbones.loading import load_backbone
 from dinokit.backbones.meta_layout import meta_state
 from dinokit.data.synthetic import make_shape_folders
 from dinokit.pretraining.crops import (
+    Batch,
     EpochOrder,
     ImagesError,
     MultiCrop,
@@ -23,7 +24,7 @@ from dinokit.pretraining.crops import (
     local_crop_size,
 )
 from dinokit.pretraining.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, patch_targets, sinkhorn_knopp
-from dinokit.pretraining.methods import SelfDistillation
+from dinokit.pretraining.methods import FeatureDistillation, SelfDistillation
 from dinokit.pretraining.networks import TokenBackbone
 from dinokit.pretraining.recipe import (
     PretrainConfig,
@@ -240,3 +241,53 @@ def test_the_teacher_follows_the_student_by_its_momentum():
     method.after_step(argparse.Namespace(momentum=0.0))
     assert torch.equal(method.teacher.backbone.vit.cls_token, method.student.backbone.vit.cls_token)
     assert all(type(b.drop_path1).__name__ == "Identity" for b in method.teacher.blocks)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        wrapped = TokenBackbone(perturbed("dinov2_vits14")).train()
+        wrapped.grad_checkpointing = checkpointing
+        cls, patches = wrapped(torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1)))
+        (cls.sum() + patches.square().sum()).backward()
+        grads.append(wrapped.backbone.vit.blocks[0].attn.qkv.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_convnext_student_learns_from_a_vit_teacher_at_its_own_grid():
+    config = PretrainConfig(distill_from="dinov2_vits14", head_hidden=16, drop_path=0.0)
+    torch.manual_seed(0)
+    method = FeatureDistillation(
+        load_backbone("dinov3_convnext_tiny", source="timm", pretrained=False),
+        load_backbone("dinov2_vits14", source="timm", pretrained=False),
+        config,
+    ).train()
+    crops = torch.randn(4, 3, 64, 64)
+    batch = Batch(crops, torch.zeros(0), torch.zeros(4, 0, 0, dtype=torch.bool), [0, 1], 0)
+    loss, stats = method(batch, schedule_at(config, 0, 1))
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and {"cls_distance", "patch_distance"} <= set(stats)
+    assert method.student.backbone.convnext.stem[0].weight.grad is not None
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert method.teacher_size(64) == 70  # the nearest size patch 14 divides
+
+
+def test_masked_tokens_match_metas_own_dinov2_code(tmp_path):
+    """iBOT's masking as Meta's `prepare_tokens_with_masks` does it: Meta's ViT-S/14 (the dinov2
+    package) and timm's with its weights give the same tokens for the same masks."""
+    vision_transformer = pytest.importorskip("dinov2.models.vision_transformer")
+    torch.manual_seed(0)
+    meta = vision_transformer.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0).eval()
+    with torch.no_grad():
+        meta.mask_token.normal_()
+    torch.save(meta.state_dict(), tmp_path / "meta.pth")
+    ours = TokenBackbone(load_backbone("dinov2_vits14", source="timm", weights=tmp_path / "meta.pth")).eval()
+    theirs = TokenBackbone(meta).eval()
+    assert theirs.mask_token is None  # Meta's module has its own
+    with torch.no_grad():
+        ours.mask_token.copy_(meta.mask_token)
+        masks = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.4
+        images = torch.randn(2, 3, 56, 56)
+        (our_cls, our_patches), (their_cls, their_patches) = ours(images, masks), theirs(images, masks)
+    assert torch.allclose(our_cls, their_cls, atol=1e-4) and torch.allclose(our_patches, their_patches, atol=1e-4)
+    assert torch.equal(ours.meta_state()["mask_token"], meta.mask_token.detach())

@@ -27,6 +27,7 @@ from dinokit.errors import UserError
 GLOBAL_SCALE = (0.32, 1.0)  # DINOv2's global_crops_scale
 LOCAL_SCALE = (0.05, 0.32)  # local_crops_scale
 LOCAL_FRACTION = 96 / 224  # a local crop's side as a fraction of a global one's (96 px at 224)
+COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (DINOv2's)
 MASK_PROBABILITY = 0.5  # share of global crops that get an iBOT mask
 MASK_RATIO = (0.1, 0.5)  # masked share of a masked crop's patches
 
@@ -72,14 +73,25 @@ class MultiCrop:
     """2 global crops (`size`, GLOBAL_SCALE) and `local_crops` local ones (LOCAL_SCALE), each flipped,
     colour-jittered (0.4, 0.4, 0.2, 0.1; p 0.8), greyed (p 0.2); the first global crop always blurred,
     the second blurred with p 0.1 and solarised with p 0.2, local crops blurred with p 0.5 — DINOv2's
-    recipe. Draws from torch's generator: call it inside `seeded`."""
+    recipe. `color_jitter` scales the jitter's strengths (hue up to 0.5, the others up to 0.9): for
+    images whose colours say nothing of their content. Draws from torch's generator: call it
+    inside `seeded`."""
 
-    def __init__(self, size: int, local_size: int, local_crops: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        size: int,
+        local_size: int,
+        local_crops: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        color_jitter: float = 1.0,
+    ):
         self.local_crops = local_crops
+        strengths = [min(cap, base * color_jitter) for base, cap in zip(COLOR_JITTER, (0.9, 0.9, 0.9, 0.5))]
         flip_and_jitter = transforms.Compose(
             [
                 transforms.RandomHorizontalFlip(p=0.5),
-                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                transforms.RandomApply([transforms.ColorJitter(*strengths)], p=0.8),
                 transforms.RandomGrayscale(p=0.2),
             ]
         )

@@ -38,6 +38,7 @@ class PretrainConfig:
     teacher_weights: str | None = None
     imgsz: int = 224
     local_crops: int = 8
+    color_jitter: float = 1.0  # multiple of DINOv2's colour-jitter strengths
     epochs: int = 100
     batch: int = 64  # per process
     world: int = 1  # processes (torchrun)
