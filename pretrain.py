@@ -792,6 +792,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--prototypes", type=at_least(2), default=None, help="DINO head prototypes (paper: 65536)")
     recipe.add_argument("--ibot-prototypes", type=at_least(2), default=None)
     recipe.add_argument("--head-hidden", type=at_least(1), default=None)
+    recipe.add_argument(
+        "--head-batch-norm",
+        action="store_const",
+        const=True,
+        default=None,
+        help="BatchNorm in the DINO head's hidden layers (DINO's use_bn_in_head)",
+    )
     recipe.add_argument("--ibot-weight", type=non_negative, default=None)
     recipe.add_argument("--koleo-weight", type=non_negative, default=None)
     recipe.add_argument(

@@ -44,7 +44,9 @@ class SelfDistillation(nn.Module):
         width = self.student.embed_dim
         self.student_heads = nn.ModuleDict(
             {
-                "dino": ProjectionHead(width, config.prototypes, config.head_hidden, config.head_bottleneck),
+                "dino": ProjectionHead(
+                    width, config.prototypes, config.head_hidden, config.head_bottleneck, config.head_batch_norm
+                ),
                 "ibot": ProjectionHead(width, config.ibot_prototypes, config.head_hidden, config.head_bottleneck),
             }
         )

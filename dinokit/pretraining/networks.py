@@ -97,12 +97,23 @@ class TokenBackbone(nn.Module):
 class ProjectionHead(nn.Module):
     """DINO / iBOT head (dinov2/layers/dino_head.py): a 3-layer MLP (GELU) to a `bottleneck`-wide
     unit vector, then cosine logits against `prototypes` unit prototypes. The prototypes are
-    DINOv2's weight-normalised last layer with its norm fixed at 1, written as its normalisation."""
+    DINOv2's weight-normalised last layer with its norm fixed at 1, written as its normalisation.
+    `batch_norm`: BatchNorm after each hidden layer (DINO's `use_bn_in_head`), which magnifies the
+    small differences between a random-init backbone's outputs."""
 
-    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256):
+    def __init__(
+        self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256, batch_norm: bool = False
+    ):
         super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden)) if batch_norm else nn.Identity
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+            nn.Linear(in_dim, hidden),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
         )
         self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck))
         for layer in self.mlp:

@@ -61,6 +61,7 @@ class PretrainConfig:
     ibot_prototypes: int = 65536
     head_hidden: int = 2048
     head_bottleneck: int = 256
+    head_batch_norm: bool = False  # BatchNorm in the DINO head's hidden layers (DINO's use_bn_in_head)
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
