@@ -176,7 +176,8 @@ def settle(args: argparse.Namespace, resumed: dict[str, Any] | None) -> Pretrain
     if not args.images:
         raise UserError("--images DIR [DIR ...] is required (or --resume outputs/NAME/last.pth)")
     choice = BackboneChoice.from_flags(args)
-    recipe = args.recipe or ("distill" if args.distill_from else "continue" if choice.pretrained else "scratch")
+    trained_start = choice.pretrained or choice.weights is not None
+    recipe = args.recipe or ("distill" if args.distill_from else "continue" if trained_start else "scratch")
     values: dict[str, Any] = dict(RECIPES[recipe])
     is_dinov3_vit = choice.spec.family == "dinov3" and not choice.spec.is_convnext
     if is_dinov3_vit and not args.distill_from:
