@@ -291,3 +291,15 @@ def test_masked_tokens_match_metas_own_dinov2_code(tmp_path):
         (our_cls, our_patches), (their_cls, their_patches) = ours(images, masks), theirs(images, masks)
     assert torch.allclose(our_cls, their_cls, atol=1e-4) and torch.allclose(our_patches, their_patches, atol=1e-4)
     assert torch.equal(ours.meta_state()["mask_token"], meta.mask_token.detach())
+
+
+def test_a_pretraining_folder_is_told_from_a_training_one(tmp_path):
+    from dinokit.runs.run_folder import folder_run
+
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "train").mkdir()
+    for name in ("backbone.pth", "last.pth", "metrics.csv"):
+        (tmp_path / "pre" / name).write_bytes(b"x")
+    (tmp_path / "train" / "last.pth").write_bytes(b"x")
+    assert folder_run(tmp_path / "pre")[0] == "pretraining run"
+    assert folder_run(tmp_path / "train")[0] == "training run"

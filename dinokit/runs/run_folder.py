@@ -70,21 +70,26 @@ CLASSIFIER_RESULTS = (
     "predictions.csv",
 )
 
-# Everything pretrain.py writes into its run folder.
+# Everything pretrain.py writes into its run folder; a folder holding one of PRETRAIN_MARKS is
+# one (pretrain.py writes backbone.pth before its first last.pth, so last.pth alone is train.py's).
 PRETRAIN_FILES = ("last.pth", "backbone.pth", "student.pth", "metrics.csv", "loss.png", "knn.png", "tensorboard")
+PRETRAIN_MARKS = ("backbone.pth", "student.pth", "knn.png")
 
-# The runs that own their folder, by the files they write; those both write show only that one of them is there.
+# The runs that own their folder, by the files that show them (checked in this order); those
+# every kind writes show only that one of them is there.
 RUN_KINDS = {
+    "pretraining run": PRETRAIN_MARKS,
     "training run": RUN_FILES,
     "classifier": (*CLASSIFIER_RESULTS, *CLASSIFIER_CACHES),
-    "pretraining run": PRETRAIN_FILES,
 }
-SHARED_RUN_FILES = ("metrics.csv", "loss.png", "accuracy.png", "last.pth", "tensorboard")
+SHARED_RUN_FILES = ("metrics.csv", "loss.png", "accuracy.png")
 RUN_NAMES = {
     "training run": "a training run (train.py)",
     "classifier": "a classifier (classify.py)",
     "pretraining run": "a pretraining run (pretrain.py)",
 }
+# What a run deletes with --exist-ok and refuses to mix with.
+OWN_FILES = {"training run": RUN_FILES, "pretraining run": PRETRAIN_FILES}
 
 
 class RunFolderError(UserError):
@@ -205,11 +210,11 @@ class RunLock:
 def claim_run_folder(
     folder: Path, *, resume: str | Path | None = None, exist_ok: bool = False, kind: str = "training run"
 ) -> RunLock:
-    """Lock `folder` for this run (`kind`: a key of RUN_KINDS), clean up after killed runs, and refuse
+    """Lock `folder` for this run (`kind`: a key of OWN_FILES), clean up after killed runs, and refuse
     another run's files."""
     lock = lock_run_folder(folder, kind)
     try:
-        existing = [name for name in RUN_KINDS[kind] if (folder / name).exists()]
+        existing = [name for name in OWN_FILES[kind] if (folder / name).exists()]
         continuing = resume is not None and Path(resume).resolve().parent == folder.resolve()
         if existing and not continuing:
             if not exist_ok:
